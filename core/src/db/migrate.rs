@@ -1,0 +1,153 @@
+//! The schema migration runner.
+//!
+//! Applies `migrations/NNNN_name.sql` in order, each in its own transaction, and records each in
+//! `synap_migrations` with a SHA-256 checksum. An applied file that was edited is refused. Runs
+//! hold a transaction-level advisory lock, so two processes migrating at once apply each file
+//! once.
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+
+use crate::db::config::StorageMode;
+use crate::error::{Error, Result};
+
+/// One migration file, embedded at build time.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// The number in its file name.
+    pub version: i32,
+    /// The rest of its file name, without `.sql`.
+    pub name: &'static str,
+    /// Its SQL.
+    pub sql: &'static str,
+}
+
+/// Every migration, in order. A test checks this list against the `migrations/` folder.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "events_v2",
+    sql: include_str!("../../../migrations/0001_events_v2.sql"),
+}];
+
+/// What a migration run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// Versions applied by this run.
+    pub applied: Vec<i32>,
+    /// Versions that were already applied.
+    pub already_applied: Vec<i32>,
+    /// The storage mode of `events_v2` (`timescaledb` or `native`).
+    pub storage_mode: String,
+}
+
+/// A migration and whether it has run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationStatus {
+    /// The number in its file name.
+    pub version: i32,
+    /// Its name.
+    pub name: String,
+    /// When it ran, if it has.
+    pub applied_at: Option<DateTime<Utc>>,
+    /// False when the applied file has since been edited.
+    pub checksum_ok: bool,
+}
+
+impl Migration {
+    /// SHA-256 of the SQL, hex.
+    pub fn checksum(&self) -> String {
+        Sha256::digest(self.sql.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS synap_migrations (
+    version     integer     PRIMARY KEY,
+    name        text        NOT NULL,
+    checksum    text        NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now(),
+    duration_ms bigint      NOT NULL
+)";
+
+/// Key of the advisory lock: one per schema.
+const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.synap_migrations'))";
+
+pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) -> Result<MigrationReport> {
+    {
+        let tx = client.transaction().await?;
+        tx.batch_execute(LOCK).await?;
+        tx.batch_execute(CREATE_TABLE).await?;
+        tx.commit().await?;
+    }
+    let mut report = MigrationReport {
+        applied: Vec::new(),
+        already_applied: Vec::new(),
+        storage_mode: String::new(),
+    };
+    for migration in MIGRATIONS {
+        let tx = client.transaction().await?;
+        tx.batch_execute(LOCK).await?;
+        let row = tx
+            .query_opt("SELECT checksum FROM synap_migrations WHERE version = $1", &[&migration.version])
+            .await?;
+        let checksum = migration.checksum();
+        if let Some(row) = row {
+            let applied: String = row.get(0);
+            if applied != checksum {
+                return Err(Error::MigrationChecksumMismatch {
+                    version: migration.version,
+                    name: migration.name.to_owned(),
+                    applied,
+                    current: checksum,
+                });
+            }
+            report.already_applied.push(migration.version);
+            continue;
+        }
+        let started = Instant::now();
+        tx.execute("SELECT set_config('synap.storage_mode', $1, true)", &[&mode.as_str()]).await?;
+        tx.batch_execute(migration.sql).await.map_err(|e| Error::MigrationFailed {
+            version: migration.version,
+            name: migration.name.to_owned(),
+            message: e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string()),
+        })?;
+        let duration_ms = started.elapsed().as_millis() as i64;
+        tx.execute(
+            "INSERT INTO synap_migrations (version, name, checksum, duration_ms) VALUES ($1, $2, $3, $4)",
+            &[&migration.version, &migration.name, &checksum, &duration_ms],
+        )
+        .await?;
+        tx.commit().await?;
+        report.applied.push(migration.version);
+    }
+    report.storage_mode = client
+        .query_one("SELECT value FROM synap_settings WHERE key = 'storage_mode'", &[])
+        .await?
+        .get(0);
+    Ok(report)
+}
+
+pub(crate) async fn status(client: &tokio_postgres::Client) -> Result<Vec<MigrationStatus>> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('synap_migrations') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    let rows = if exists {
+        client.query("SELECT version, checksum, applied_at FROM synap_migrations", &[]).await?
+    } else {
+        Vec::new()
+    };
+    Ok(MIGRATIONS
+        .iter()
+        .map(|m| {
+            let row = rows.iter().find(|r| r.get::<_, i32>(0) == m.version);
+            MigrationStatus {
+                version: m.version,
+                name: m.name.to_owned(),
+                applied_at: row.map(|r| r.get(2)),
+                checksum_ok: row.is_none_or(|r| r.get::<_, String>(1) == m.checksum()),
+            }
+        })
+        .collect())
+}

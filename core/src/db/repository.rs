@@ -1,0 +1,763 @@
+//! [`EventRepository`]: appends with optimistic locking and stream reads.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use serde_json::Value;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+use uuid::Uuid;
+
+use crate::db::config::RepositoryConfig;
+use crate::db::migrate::{self, MigrationReport, MigrationStatus};
+use crate::error::{Error, Result};
+use crate::model::{AggregateType, EventRecord, EventSource, NewEvent};
+use crate::validate::{self, IssueCode, Limits};
+
+/// Options of [`EventRepository::get_aggregate_stream`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamOptions {
+    /// First version to return (inclusive). Default: 1.
+    pub from_version: Option<i32>,
+    /// Last version to return (inclusive). Default: the latest.
+    pub to_version: Option<i32>,
+    /// Only these event types. Default: all.
+    pub event_types: Option<Vec<String>>,
+}
+
+/// Options of [`EventRepository::get_user_stream`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserStreamOptions {
+    /// How many days back from now. Default 7.
+    pub days: i64,
+    /// Most events returned. Default 1,000.
+    pub limit: i64,
+    /// Only these event types. Default: all.
+    pub event_types: Option<Vec<String>>,
+    /// Only these aggregate types. Default: all.
+    pub aggregate_types: Option<Vec<AggregateType>>,
+}
+
+impl Default for UserStreamOptions {
+    fn default() -> Self {
+        UserStreamOptions {
+            days: 7,
+            limit: 1000,
+            event_types: None,
+            aggregate_types: None,
+        }
+    }
+}
+
+/// Filters of [`EventRepository::count_events`]; every field is optional and they combine with AND.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CountFilter {
+    /// Only this user's events.
+    pub user_id: Option<String>,
+    /// Only this event type.
+    pub event_type: Option<String>,
+    /// Only this aggregate type.
+    pub aggregate_type: Option<AggregateType>,
+    /// Only events at or after this time.
+    pub from_date: Option<DateTime<Utc>>,
+    /// Only events before this time.
+    pub to_date: Option<DateTime<Utc>>,
+}
+
+/// The event store: a pool of PostgreSQL connections and the queries over `events_v2`.
+///
+/// Cheap to clone; clones share the pool.
+#[derive(Clone)]
+pub struct EventRepository {
+    pool: Pool,
+    config: RepositoryConfig,
+}
+
+impl std::fmt::Debug for EventRepository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventRepository")
+            .field("pool_size", &self.config.pool_size)
+            .field("schema", &self.config.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+const EVENT_COLUMNS: &str = "id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, metadata, \
+                             version, causation_id, correlation_id, source, position";
+
+/// One round trip: the version guard on event_streams and the insert, in one statement. The
+/// insert happens only when the guard row was created (version 1) or advanced from exactly
+/// version - 1; concurrent appends of the same version serialize on the event_streams row and
+/// all but one find the guard false.
+const APPEND_SQL: &str = r#"
+WITH ev AS (
+    SELECT $1::uuid AS id, coalesce($2::timestamptz, now()) AS ts, $3::uuid AS aggregate_id,
+           $4::text AS aggregate_type, $5::text AS event_type, $6::text AS user_id, $7::jsonb AS data,
+           $8::jsonb AS metadata, $9::integer AS version, $10::uuid AS causation_id,
+           $11::uuid AS correlation_id, $12::text AS source
+), created AS (
+    INSERT INTO event_streams (aggregate_id, aggregate_type, user_id, version, first_timestamp, last_timestamp)
+    SELECT aggregate_id, aggregate_type, user_id, version, ts, ts FROM ev WHERE version = 1
+    ON CONFLICT (aggregate_id) DO NOTHING
+    RETURNING aggregate_id
+), advanced AS (
+    UPDATE event_streams s
+       SET version = ev.version,
+           first_timestamp = least(s.first_timestamp, ev.ts),
+           last_timestamp = greatest(s.last_timestamp, ev.ts)
+      FROM ev
+     WHERE s.aggregate_id = ev.aggregate_id
+       AND ev.version > 1
+       AND s.version = ev.version - 1
+       AND s.aggregate_type = ev.aggregate_type
+    RETURNING s.aggregate_id
+), inserted AS (
+    INSERT INTO events_v2 (id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
+                           version, causation_id, correlation_id, source)
+    SELECT id, ts, aggregate_id, aggregate_type, event_type, user_id, data, metadata,
+           version, causation_id, correlation_id, source
+      FROM ev
+     WHERE EXISTS (SELECT 1 FROM created UNION ALL SELECT 1 FROM advanced)
+    RETURNING "timestamp", position
+), dirty AS (
+    INSERT INTO events_daily_dirty (day)
+    SELECT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
+    ON CONFLICT (day) DO NOTHING
+)
+SELECT "timestamp", position FROM inserted
+"#;
+
+/// A whole batch in one statement over arrays (no bind-parameter limit). $1..$12 are the events'
+/// columns, $13..$17 one entry per aggregate: its type, user, and first and last version in the
+/// batch. Inserts happen only if every aggregate's guard passed; the caller rolls back otherwise.
+const APPEND_BATCH_SQL: &str = r#"
+WITH ev AS (
+    SELECT u.ord, u.id, coalesce(u.ts, now()) AS ts, u.aggregate_id, u.aggregate_type, u.event_type, u.user_id,
+           u.data, u.metadata, u.version, u.causation_id, u.correlation_id, u.source
+      FROM unnest($1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::jsonb[],
+                  $8::jsonb[], $9::integer[], $10::uuid[], $11::uuid[], $12::text[])
+           WITH ORDINALITY AS u(id, ts, aggregate_id, aggregate_type, event_type, user_id, data, metadata,
+                                version, causation_id, correlation_id, source, ord)
+), span AS (
+    SELECT aggregate_id, min(ts) AS first_ts, max(ts) AS last_ts FROM ev GROUP BY aggregate_id
+), req AS (
+    SELECT r.aggregate_id, r.aggregate_type, r.user_id, r.first_version, r.last_version, span.first_ts, span.last_ts
+      FROM unnest($13::uuid[], $14::text[], $15::text[], $16::integer[], $17::integer[])
+           AS r(aggregate_id, aggregate_type, user_id, first_version, last_version)
+      JOIN span USING (aggregate_id)
+     ORDER BY r.aggregate_id
+), created AS (
+    INSERT INTO event_streams (aggregate_id, aggregate_type, user_id, version, first_timestamp, last_timestamp)
+    SELECT aggregate_id, aggregate_type, user_id, last_version, first_ts, last_ts FROM req WHERE first_version = 1
+    ON CONFLICT (aggregate_id) DO NOTHING
+    RETURNING aggregate_id
+), advanced AS (
+    UPDATE event_streams s
+       SET version = req.last_version,
+           first_timestamp = least(s.first_timestamp, req.first_ts),
+           last_timestamp = greatest(s.last_timestamp, req.last_ts)
+      FROM req
+     WHERE s.aggregate_id = req.aggregate_id
+       AND req.first_version > 1
+       AND s.version = req.first_version - 1
+       AND s.aggregate_type = req.aggregate_type
+    RETURNING s.aggregate_id
+), passed AS (
+    SELECT (SELECT count(*) FROM created) + (SELECT count(*) FROM advanced) = cardinality($13::uuid[]) AS ok
+), inserted AS (
+    INSERT INTO events_v2 (id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
+                           version, causation_id, correlation_id, source)
+    SELECT id, ts, aggregate_id, aggregate_type, event_type, user_id, data, metadata,
+           version, causation_id, correlation_id, source
+      FROM ev
+     WHERE (SELECT ok FROM passed)
+     ORDER BY ord
+    RETURNING id, "timestamp", position
+), dirty AS (
+    INSERT INTO events_daily_dirty (day)
+    SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
+    ON CONFLICT (day) DO NOTHING
+)
+SELECT id, "timestamp", position FROM inserted
+"#;
+
+/// The stream read, bounded by the stream's first and last timestamps so that only the chunks
+/// or partitions in its time span are scanned.
+const STREAM_SQL: &str = r#"
+SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
+       version, causation_id, correlation_id, source, position
+  FROM events_v2
+ WHERE aggregate_id = $1
+   AND "timestamp" >= $2 AND "timestamp" <= $3
+   AND version >= $4 AND version <= $5
+   AND ($6::text[] IS NULL OR event_type = ANY ($6))
+ ORDER BY version
+"#;
+
+const USER_STREAM_SQL: &str = r#"
+SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
+       version, causation_id, correlation_id, source, position
+  FROM events_v2
+ WHERE user_id = $1
+   AND "timestamp" >= now() - make_interval(days => $2::integer)
+   AND ($3::text[] IS NULL OR event_type = ANY ($3))
+   AND ($4::text[] IS NULL OR aggregate_type = ANY ($4))
+ ORDER BY "timestamp" DESC, position DESC
+ LIMIT $5
+"#;
+
+const CORRELATED_SQL: &str = r#"
+SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
+       version, causation_id, correlation_id, source, position
+  FROM events_v2
+ WHERE correlation_id = $1
+ ORDER BY "timestamp", position
+"#;
+
+const BY_TYPE_SQL: &str = r#"
+SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
+       version, causation_id, correlation_id, source, position
+  FROM events_v2
+ WHERE event_type = $1
+ ORDER BY "timestamp" DESC, position DESC
+ LIMIT $2
+"#;
+
+const COUNT_SQL: &str = r#"
+SELECT count(*)
+  FROM events_v2
+ WHERE ($1::text IS NULL OR user_id = $1)
+   AND ($2::text IS NULL OR event_type = $2)
+   AND ($3::text IS NULL OR aggregate_type = $3)
+   AND ($4::timestamptz IS NULL OR "timestamp" >= $4)
+   AND ($5::timestamptz IS NULL OR "timestamp" < $5)
+"#;
+
+impl EventRepository {
+    /// A repository over a new connection pool. Connections open lazily, on first use.
+    ///
+    /// Fails with [`Error::InvalidConfig`] when the connection string or settings are invalid.
+    pub fn new(config: RepositoryConfig) -> Result<EventRepository> {
+        config.check()?;
+        let mut pg: tokio_postgres::Config = config.database_url.parse().map_err(|e| Error::InvalidConfig {
+            message: format!("cannot parse the connection string: {e}"),
+        })?;
+        pg.connect_timeout(config.connect_timeout);
+        if pg.get_application_name().is_none() {
+            pg.application_name("synap-events");
+        }
+        let mut options = pg.get_options().map(str::to_owned).unwrap_or_default();
+        if let Some(schema) = &config.schema {
+            options.push_str(&format!(" -c search_path={schema}"));
+        }
+        if let Some(timeout) = config.statement_timeout {
+            options.push_str(&format!(" -c statement_timeout={}", timeout.as_millis().max(1)));
+        }
+        if !options.trim().is_empty() {
+            pg.options(options.trim());
+        }
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .wait_timeout(Some(config.acquire_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::InvalidConfig { message: e.to_string() })?;
+        Ok(EventRepository { pool, config })
+    }
+
+    /// A repository configured from the `DATABASE_URL` environment variable.
+    ///
+    /// Fails with [`Error::InvalidConfig`] when the variable is unset or unusable.
+    pub fn from_env() -> Result<EventRepository> {
+        EventRepository::new(RepositoryConfig::from_env()?)
+    }
+
+    /// The settings this repository was built with.
+    pub fn config(&self) -> &RepositoryConfig {
+        &self.config
+    }
+
+    /// Closes the pool: idle connections close now, busy ones when returned; later calls fail
+    /// with `CONNECTION_FAILED`.
+    pub fn close(&self) {
+        self.pool.close();
+    }
+
+    pub(crate) async fn client(&self) -> Result<Object> {
+        self.pool.get().await.map_err(|e| match Error::from(e) {
+            Error::PoolTimeout { .. } => Error::PoolTimeout {
+                timeout_ms: self.config.acquire_timeout.as_millis() as u64,
+            },
+            other => other,
+        })
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    /// Applies the pending schema migrations and creates native partitions ahead.
+    ///
+    /// Safe to run repeatedly and from several processes at once. Fails with
+    /// [`Error::MigrationChecksumMismatch`] when an applied file was edited, and
+    /// [`Error::MigrationFailed`] when a migration's SQL fails (its transaction is rolled back).
+    pub async fn migrate(&self) -> Result<MigrationReport> {
+        let mut client = self.client().await?;
+        let report = migrate::run(&mut client, self.config.storage_mode).await?;
+        drop(client);
+        self.maintain().await?;
+        Ok(report)
+    }
+
+    /// Which migrations have run.
+    pub async fn migration_status(&self) -> Result<Vec<MigrationStatus>> {
+        let client = self.client().await?;
+        migrate::status(&client).await
+    }
+
+    /// `timescaledb` or `native`, as chosen by the first migration.
+    pub async fn storage_mode(&self) -> Result<String> {
+        let client = self.client().await?;
+        Ok(client
+            .query_one("SELECT value FROM synap_settings WHERE key = 'storage_mode'", &[])
+            .await?
+            .get(0))
+    }
+
+    /// Routine upkeep: creates native daily partitions from 7 days back to 30 days ahead.
+    /// Returns how many partitions were created (always 0 on TimescaleDB).
+    pub async fn maintain(&self) -> Result<i32> {
+        let today = Utc::now().date_naive();
+        self.ensure_partitions(today - chrono::Days::new(7), today + chrono::Days::new(30)).await
+    }
+
+    /// Creates the missing native daily partitions for `from..=to` (UTC days), moving rows that
+    /// the default partition holds for those days. A no-op on TimescaleDB.
+    pub async fn ensure_partitions(&self, from: NaiveDate, to: NaiveDate) -> Result<i32> {
+        let client = self.client().await?;
+        Ok(client
+            .query_one("SELECT synap_ensure_partitions($1, $2)", &[&from, &to])
+            .await?
+            .get(0))
+    }
+
+    /// Appends one event. `event.version` must be the aggregate's current version + 1 (1 creates
+    /// the aggregate).
+    ///
+    /// Fails with [`Error::Validation`] for a bad event, [`Error::ConcurrencyConflict`] when the
+    /// aggregate is at another version, and [`Error::AggregateTypeMismatch`] when it exists with
+    /// another type; nothing is written then. When `event.id` is given and that event is already
+    /// stored as this aggregate's event at this version, returns the stored event (a retried
+    /// append is idempotent).
+    pub async fn append(&self, event: NewEvent) -> Result<EventRecord> {
+        event.validate(self.limits())?;
+        let client = self.client().await?;
+        let id = event.id.unwrap_or_else(Uuid::now_v7);
+        let stmt = client.prepare_cached(APPEND_SQL).await?;
+        // Racing writers can move the aggregate to exactly version - 1 between the failed guard
+        // and the diagnosis below; then the append is simply tried again.
+        for _ in 0..3 {
+            let params: [&(dyn ToSql + Sync); 12] = [
+                &id,
+                &event.timestamp,
+                &event.aggregate_id,
+                &event.aggregate_type.as_str(),
+                &event.event_type,
+                &event.user_id,
+                &event.data,
+                &event.metadata,
+                &event.version,
+                &event.causation_id,
+                &event.correlation_id,
+                &event.source.as_str(),
+            ];
+            if let Some(row) = client.query_opt(&stmt, &params).await? {
+                return Ok(record_from_new(event, id, row.get(0), row.get(1)));
+            }
+            let stream = client
+                .query_opt(
+                    "SELECT version, aggregate_type, first_timestamp, last_timestamp FROM event_streams WHERE aggregate_id = $1",
+                    &[&event.aggregate_id],
+                )
+                .await?;
+            let Some(stream) = stream else {
+                return Err(conflict(&event, 0));
+            };
+            let actual: i32 = stream.get(0);
+            let stored_type: String = stream.get(1);
+            if let Some(given_id) = event.id {
+                if actual >= event.version {
+                    let rows = client
+                        .query(
+                            &format!(
+                                "SELECT {EVENT_COLUMNS} FROM events_v2 WHERE aggregate_id = $1 AND version = $2 \
+                                 AND \"timestamp\" >= $3 AND \"timestamp\" <= $4"
+                            ),
+                            &[&event.aggregate_id, &event.version, &stream.get::<_, DateTime<Utc>>(2), &stream.get::<_, DateTime<Utc>>(3)],
+                        )
+                        .await?;
+                    if let Some(row) = rows.iter().find(|r| r.get::<_, Uuid>(0) == given_id) {
+                        return record_from_row(row);
+                    }
+                }
+            }
+            if stored_type != event.aggregate_type.as_str() {
+                return Err(Error::AggregateTypeMismatch {
+                    aggregate_id: event.aggregate_id,
+                    stored: stored_type,
+                    given: event.aggregate_type.as_str().to_owned(),
+                });
+            }
+            if actual != event.version - 1 {
+                return Err(conflict(&event, actual));
+            }
+        }
+        Err(Error::TransactionConflict {
+            message: format!("aggregate {} kept moving while appending; retry", event.aggregate_id),
+        })
+    }
+
+    /// Appends events atomically: all of them or none. Several events of one aggregate must have
+    /// consecutive versions in batch order, the first being the aggregate's current version + 1.
+    /// Any size works (arrays, not one parameter per value).
+    ///
+    /// Fails like [`EventRepository::append`] (field paths are prefixed with `events[i]`);
+    /// nothing is written then.
+    pub async fn append_batch(&self, events: Vec<NewEvent>) -> Result<Vec<EventRecord>> {
+        validate::validate_batch(&events, self.limits())?;
+        let n = events.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut timestamps = Vec::with_capacity(n);
+        let mut aggregate_ids = Vec::with_capacity(n);
+        let mut aggregate_types = Vec::with_capacity(n);
+        let mut event_types = Vec::with_capacity(n);
+        let mut user_ids = Vec::with_capacity(n);
+        let mut datas = Vec::with_capacity(n);
+        let mut metadatas = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut causation_ids = Vec::with_capacity(n);
+        let mut correlation_ids = Vec::with_capacity(n);
+        let mut sources = Vec::with_capacity(n);
+        // One entry per aggregate, in order of first appearance.
+        let mut agg_index: HashMap<Uuid, usize> = HashMap::new();
+        let mut agg_ids = Vec::new();
+        let mut agg_types: Vec<&str> = Vec::new();
+        let mut agg_users = Vec::new();
+        let mut agg_first = Vec::new();
+        let mut agg_last = Vec::new();
+        for event in &events {
+            ids.push(event.id.unwrap_or_else(Uuid::now_v7));
+            timestamps.push(event.timestamp);
+            aggregate_ids.push(event.aggregate_id);
+            aggregate_types.push(event.aggregate_type.as_str());
+            event_types.push(event.event_type.as_str());
+            user_ids.push(event.user_id.as_str());
+            datas.push(&event.data);
+            metadatas.push(event.metadata.as_ref());
+            versions.push(event.version);
+            causation_ids.push(event.causation_id);
+            correlation_ids.push(event.correlation_id);
+            sources.push(event.source.as_str());
+            match agg_index.get(&event.aggregate_id) {
+                Some(&i) => {
+                    if agg_types[i] != event.aggregate_type.as_str() {
+                        return Err(Error::AggregateTypeMismatch {
+                            aggregate_id: event.aggregate_id,
+                            stored: agg_types[i].to_owned(),
+                            given: event.aggregate_type.as_str().to_owned(),
+                        });
+                    }
+                    agg_last[i] = event.version;
+                }
+                None => {
+                    agg_index.insert(event.aggregate_id, agg_ids.len());
+                    agg_ids.push(event.aggregate_id);
+                    agg_types.push(event.aggregate_type.as_str());
+                    agg_users.push(event.user_id.as_str());
+                    agg_first.push(event.version);
+                    agg_last.push(event.version);
+                }
+            }
+        }
+
+        let mut client = self.client().await?;
+        let stmt = client.prepare_cached(APPEND_BATCH_SQL).await?;
+        let tx = client.transaction().await?;
+        let params: [&(dyn ToSql + Sync); 17] = [
+            &ids,
+            &timestamps,
+            &aggregate_ids,
+            &aggregate_types,
+            &event_types,
+            &user_ids,
+            &datas,
+            &metadatas,
+            &versions,
+            &causation_ids,
+            &correlation_ids,
+            &sources,
+            &agg_ids,
+            &agg_types,
+            &agg_users,
+            &agg_first,
+            &agg_last,
+        ];
+        let mut rows = tx.query(&stmt, &params).await?;
+        if rows.len() != n {
+            tx.rollback().await?;
+            return Err(self.diagnose_batch(&client, &events, &agg_ids, &agg_first, &agg_types).await);
+        }
+        tx.commit().await?;
+
+        // Positions are drawn in batch order, so sorting by position restores it.
+        rows.sort_by_key(|r| r.get::<_, i64>(2));
+        drop(datas);
+        drop(metadatas);
+        let mut out = Vec::with_capacity(n);
+        for ((event, row), id) in events.into_iter().zip(&rows).zip(&ids) {
+            if row.get::<_, Uuid>(0) != *id {
+                return Err(Error::Internal {
+                    message: "batch insert returned rows out of order".into(),
+                });
+            }
+            out.push(record_from_new(event, *id, row.get(1), row.get(2)));
+        }
+        Ok(out)
+    }
+
+    /// Names the first aggregate of a failed batch whose guard did not pass.
+    async fn diagnose_batch(&self, client: &Object, events: &[NewEvent], agg_ids: &[Uuid], agg_first: &[i32], agg_types: &[&str]) -> Error {
+        let rows = match client
+            .query("SELECT aggregate_id, version, aggregate_type FROM event_streams WHERE aggregate_id = ANY ($1)", &[&agg_ids])
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => return e.into(),
+        };
+        let current: HashMap<Uuid, (i32, String)> = rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
+        for (i, agg) in agg_ids.iter().enumerate() {
+            let (actual, stored_type) = current.get(agg).cloned().unwrap_or((0, agg_types[i].to_owned()));
+            if stored_type != agg_types[i] {
+                return Error::AggregateTypeMismatch {
+                    aggregate_id: *agg,
+                    stored: stored_type,
+                    given: agg_types[i].to_owned(),
+                };
+            }
+            if actual != agg_first[i] - 1 {
+                let event = events.iter().find(|e| e.aggregate_id == *agg).expect("aggregate comes from the batch");
+                return conflict(event, actual);
+            }
+        }
+        Error::TransactionConflict {
+            message: "a concurrent append moved an aggregate of the batch; retry".into(),
+        }
+    }
+
+    /// The aggregate's events in version order (an empty list for an unknown aggregate).
+    ///
+    /// Reads only the chunks or partitions between the stream's first and last event. Fails with
+    /// [`Error::Validation`] for bad options.
+    pub async fn get_aggregate_stream(&self, aggregate_id: Uuid, options: &StreamOptions) -> Result<Vec<EventRecord>> {
+        let from = options.from_version.unwrap_or(1);
+        let to = options.to_version.unwrap_or(i32::MAX);
+        if from < 1 {
+            return Err(Error::invalid("fromVersion", IssueCode::OutOfRange, format!("fromVersion must be at least 1, not {from}")));
+        }
+        if to < from {
+            return Err(Error::invalid("toVersion", IssueCode::OutOfRange, format!("toVersion {to} is below fromVersion {from}")));
+        }
+        check_event_types("eventTypes", options.event_types.as_deref(), self.limits())?;
+        let client = self.client().await?;
+        let Some(span) = client
+            .query_opt(
+                "SELECT first_timestamp, last_timestamp FROM event_streams WHERE aggregate_id = $1",
+                &[&aggregate_id],
+            )
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
+        let first: DateTime<Utc> = span.get(0);
+        let last: DateTime<Utc> = span.get(1);
+        let stmt = client.prepare_cached(STREAM_SQL).await?;
+        let rows = client
+            .query(&stmt, &[&aggregate_id, &first, &last, &from, &to, &options.event_types])
+            .await?;
+        rows.iter().map(record_from_row).collect()
+    }
+
+    /// The query plan of [`EventRepository::get_aggregate_stream`] for this aggregate, as
+    /// PostgreSQL's text EXPLAIN (to check which chunks or partitions a read touches).
+    pub async fn explain_aggregate_stream(&self, aggregate_id: Uuid) -> Result<String> {
+        let client = self.client().await?;
+        let Some(span) = client
+            .query_opt(
+                "SELECT first_timestamp, last_timestamp FROM event_streams WHERE aggregate_id = $1",
+                &[&aggregate_id],
+            )
+            .await?
+        else {
+            return Ok(String::new());
+        };
+        let first: DateTime<Utc> = span.get(0);
+        let last: DateTime<Utc> = span.get(1);
+        let none: Option<Vec<String>> = None;
+        let rows = client
+            .query(
+                &format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {STREAM_SQL}"),
+                &[&aggregate_id, &first, &last, &1i32, &i32::MAX, &none],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join("\n"))
+    }
+
+    /// The aggregate's current version, or `None` when it has no events.
+    pub async fn get_aggregate_version(&self, aggregate_id: Uuid) -> Result<Option<i32>> {
+        let client = self.client().await?;
+        Ok(client
+            .query_opt("SELECT version FROM event_streams WHERE aggregate_id = $1", &[&aggregate_id])
+            .await?
+            .map(|r| r.get(0)))
+    }
+
+    /// A user's recent events, newest first.
+    ///
+    /// Fails with [`Error::Validation`] for a bad user id or options.
+    pub async fn get_user_stream(&self, user_id: &str, options: &UserStreamOptions) -> Result<Vec<EventRecord>> {
+        let limits = self.limits();
+        validate::check_user_id_arg("userId", user_id, limits)?;
+        let days = validate::check_days("days", options.days, limits)? as i32;
+        let limit = validate::check_limit("limit", options.limit, limits)?;
+        check_event_types("eventTypes", options.event_types.as_deref(), limits)?;
+        let aggregate_types: Option<Vec<&str>> = options
+            .aggregate_types
+            .as_ref()
+            .map(|types| types.iter().map(|t| t.as_str()).collect());
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(USER_STREAM_SQL).await?;
+        let rows = client
+            .query(&stmt, &[&user_id, &days, &options.event_types, &aggregate_types, &limit])
+            .await?;
+        rows.iter().map(record_from_row).collect()
+    }
+
+    /// Every event of a workflow, oldest first.
+    pub async fn get_correlated_events(&self, correlation_id: Uuid) -> Result<Vec<EventRecord>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(CORRELATED_SQL).await?;
+        let rows = client.query(&stmt, &[&correlation_id]).await?;
+        rows.iter().map(record_from_row).collect()
+    }
+
+    /// The latest events of one type, newest first.
+    ///
+    /// Fails with [`Error::Validation`] for a bad type or limit.
+    pub async fn get_events_by_type(&self, event_type: &str, limit: i64) -> Result<Vec<EventRecord>> {
+        validate::check_event_type_arg("eventType", event_type, self.limits())?;
+        let limit = validate::check_limit("limit", limit, self.limits())?;
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(BY_TYPE_SQL).await?;
+        let rows = client.query(&stmt, &[&event_type, &limit]).await?;
+        rows.iter().map(record_from_row).collect()
+    }
+
+    /// How many events match every given filter.
+    ///
+    /// Fails with [`Error::Validation`] for a bad filter value or `from_date` after `to_date`.
+    pub async fn count_events(&self, filter: &CountFilter) -> Result<i64> {
+        let limits = self.limits();
+        if let Some(u) = &filter.user_id {
+            validate::check_user_id_arg("userId", u, limits)?;
+        }
+        if let Some(t) = &filter.event_type {
+            validate::check_event_type_arg("eventType", t, limits)?;
+        }
+        if let (Some(from), Some(to)) = (filter.from_date, filter.to_date) {
+            if from > to {
+                return Err(Error::invalid("toDate", IssueCode::OutOfRange, "toDate is before fromDate"));
+            }
+        }
+        let aggregate_type = filter.aggregate_type.map(|t| t.as_str());
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(COUNT_SQL).await?;
+        Ok(client
+            .query_one(&stmt, &[&filter.user_id, &filter.event_type, &aggregate_type, &filter.from_date, &filter.to_date])
+            .await?
+            .get(0))
+    }
+
+    /// Recomputes `events_daily` for the days that received events since the last refresh
+    /// (every day when `full`). Returns how many days were recomputed. Appends wait while it runs.
+    pub async fn refresh_analytics(&self, full: bool) -> Result<i32> {
+        let client = self.client().await?;
+        Ok(client.query_one("SELECT refresh_events_daily($1)", &[&full]).await?.get(0))
+    }
+}
+
+fn check_event_types(field: &str, types: Option<&[String]>, limits: &Limits) -> Result<()> {
+    for (i, t) in types.unwrap_or_default().iter().enumerate() {
+        validate::check_event_type_arg(&format!("{field}[{i}]"), t, limits)?;
+    }
+    Ok(())
+}
+
+fn conflict(event: &NewEvent, actual: i32) -> Error {
+    Error::ConcurrencyConflict {
+        aggregate_id: event.aggregate_id,
+        expected_version: event.version - 1,
+        actual_version: actual,
+    }
+}
+
+fn record_from_new(event: NewEvent, id: Uuid, timestamp: DateTime<Utc>, position: i64) -> EventRecord {
+    EventRecord {
+        id,
+        timestamp,
+        aggregate_id: event.aggregate_id,
+        aggregate_type: event.aggregate_type,
+        event_type: event.event_type,
+        user_id: event.user_id,
+        data: event.data,
+        metadata: event.metadata,
+        version: event.version,
+        causation_id: event.causation_id,
+        correlation_id: event.correlation_id,
+        source: event.source,
+        position,
+    }
+}
+
+fn record_from_row(row: &Row) -> Result<EventRecord> {
+    let aggregate_type: &str = row.get(3);
+    let source: &str = row.get(11);
+    Ok(EventRecord {
+        id: row.get(0),
+        timestamp: row.get(1),
+        aggregate_id: row.get(2),
+        aggregate_type: AggregateType::from_str(aggregate_type).map_err(|()| Error::Internal {
+            message: format!("stored aggregate_type \"{aggregate_type}\" is unknown"),
+        })?,
+        event_type: row.get(4),
+        user_id: row.get(5),
+        data: row.get::<_, Value>(6),
+        metadata: row.get(7),
+        version: row.get(8),
+        causation_id: row.get(9),
+        correlation_id: row.get(10),
+        source: EventSource::from_str(source).map_err(|()| Error::Internal {
+            message: format!("stored source \"{source}\" is unknown"),
+        })?,
+        position: row.get(12),
+    })
+}

@@ -1,0 +1,226 @@
+use uuid::Uuid;
+
+use crate::validate::{Issue, IssueCode};
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every failure of this crate. [`Error::code`] gives a stable code for each variant.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An input failed validation. Nothing was written.
+    #[error("invalid {field}: {message}")]
+    Validation {
+        /// Path of the offending field, e.g. `data.title` or `events[3].version`.
+        field: String,
+        /// What is wrong, as a stable code.
+        reason: IssueCode,
+        /// A sentence for people.
+        message: String,
+    },
+
+    /// The aggregate was not at the version the append expected (optimistic locking).
+    #[error(
+        "Concurrency conflict: expected version {expected_version}, got {actual_version} \
+         (aggregate {aggregate_id}; reload the aggregate and retry)"
+    )]
+    ConcurrencyConflict {
+        /// The aggregate whose version moved.
+        aggregate_id: Uuid,
+        /// The version the append expected the aggregate to be at (its `version` - 1).
+        expected_version: i32,
+        /// The aggregate's version in the store (0 when it has no events).
+        actual_version: i32,
+    },
+
+    /// The aggregate exists with another aggregate type than the appended event names.
+    #[error("aggregate {aggregate_id} is a {stored}, not a {given}")]
+    AggregateTypeMismatch {
+        /// The aggregate.
+        aggregate_id: Uuid,
+        /// The type it was created with.
+        stored: String,
+        /// The type the new event named.
+        given: String,
+    },
+
+    /// Replayed events were not one aggregate's consecutive versions in order.
+    #[error("cannot fold events[{index}]: {message}")]
+    Fold {
+        /// Which rule was broken.
+        reason: FoldErrorKind,
+        /// Index of the offending event in the input.
+        index: usize,
+        /// A sentence for people.
+        message: String,
+    },
+
+    /// The connection to PostgreSQL failed or was lost. Retryable: nothing of the failed
+    /// operation was committed unless the failure came after COMMIT was sent.
+    #[error("database connection failed: {message}")]
+    ConnectionFailed {
+        /// What the driver said.
+        message: String,
+    },
+
+    /// No pooled connection became free within the configured acquire timeout. Retryable.
+    #[error("no database connection available within {timeout_ms} ms (pool exhausted or database unreachable)")]
+    PoolTimeout {
+        /// The timeout that ran out.
+        timeout_ms: u64,
+    },
+
+    /// The statement ran past the configured statement timeout and was cancelled. Retryable.
+    #[error("statement cancelled: {message}")]
+    StatementTimeout {
+        /// What the server said.
+        message: String,
+    },
+
+    /// The transaction lost a serialization or deadlock check. Retryable.
+    #[error("transaction conflict, retry: {message}")]
+    TransactionConflict {
+        /// What the server said.
+        message: String,
+    },
+
+    /// The schema is missing: run the migrations first.
+    #[error("the event store schema is missing ({message}); run migrate() first")]
+    SchemaNotReady {
+        /// What the server said.
+        message: String,
+    },
+
+    /// An applied migration file was edited after it ran.
+    #[error("migration {version} ({name}) was edited after it was applied: checksum {applied} in the database, {current} on disk")]
+    MigrationChecksumMismatch {
+        /// Migration number.
+        version: i32,
+        /// Migration name.
+        name: String,
+        /// Checksum recorded when it ran.
+        applied: String,
+        /// Checksum of the file now.
+        current: String,
+    },
+
+    /// A migration failed; its transaction was rolled back.
+    #[error("migration {version} ({name}) failed: {message}")]
+    MigrationFailed {
+        /// Migration number.
+        version: i32,
+        /// Migration name.
+        name: String,
+        /// What the server said.
+        message: String,
+    },
+
+    /// The configuration is unusable (bad connection string, schema name, missing variable).
+    #[error("invalid configuration: {message}")]
+    InvalidConfig {
+        /// What is wrong.
+        message: String,
+    },
+
+    /// Any other database error, with its SQLSTATE.
+    #[error("database error {sqlstate}: {message}")]
+    Database {
+        /// The five-character SQLSTATE, or empty when the driver gave none.
+        sqlstate: String,
+        /// What the server or driver said.
+        message: String,
+    },
+
+    /// A bug: an invariant broke or a panic was caught at a language boundary.
+    #[error("internal error: {message}")]
+    Internal {
+        /// What broke.
+        message: String,
+    },
+}
+
+/// The rules a fold input can break; see [`crate::fold`].
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FoldErrorKind {
+    /// A version was skipped.
+    VersionGap,
+    /// The same version appeared twice.
+    DuplicateVersion,
+    /// A version was lower than the one before it.
+    UnorderedEvents,
+    /// The events belong to more than one aggregate.
+    MixedAggregates,
+    /// An event is not a well-formed event record.
+    InvalidEvent,
+}
+
+impl FoldErrorKind {
+    /// The stable code.
+    pub fn code(self) -> &'static str {
+        match self {
+            FoldErrorKind::VersionGap => "VERSION_GAP",
+            FoldErrorKind::DuplicateVersion => "DUPLICATE_VERSION",
+            FoldErrorKind::UnorderedEvents => "UNORDERED_EVENTS",
+            FoldErrorKind::MixedAggregates => "MIXED_AGGREGATES",
+            FoldErrorKind::InvalidEvent => "INVALID_EVENT",
+        }
+    }
+}
+
+impl Error {
+    /// The stable, SCREAMING_SNAKE code of this error. Codes never change meaning.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Validation { .. } => "VALIDATION_FAILED",
+            Error::ConcurrencyConflict { .. } => "CONCURRENCY_CONFLICT",
+            Error::AggregateTypeMismatch { .. } => "AGGREGATE_TYPE_MISMATCH",
+            Error::Fold { reason, .. } => reason.code(),
+            Error::ConnectionFailed { .. } => "CONNECTION_FAILED",
+            Error::PoolTimeout { .. } => "POOL_TIMEOUT",
+            Error::StatementTimeout { .. } => "STATEMENT_TIMEOUT",
+            Error::TransactionConflict { .. } => "TRANSACTION_CONFLICT",
+            Error::SchemaNotReady { .. } => "SCHEMA_NOT_READY",
+            Error::MigrationChecksumMismatch { .. } => "MIGRATION_CHECKSUM_MISMATCH",
+            Error::MigrationFailed { .. } => "MIGRATION_FAILED",
+            Error::InvalidConfig { .. } => "INVALID_CONFIG",
+            Error::Database { .. } => "DATABASE_ERROR",
+            Error::Internal { .. } => "INTERNAL_ERROR",
+        }
+    }
+
+    /// Whether the same call may succeed when simply retried.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::ConnectionFailed { .. }
+                | Error::PoolTimeout { .. }
+                | Error::StatementTimeout { .. }
+                | Error::TransactionConflict { .. }
+        )
+    }
+
+    /// A validation error from the first of `issues`.
+    pub(crate) fn from_issues(mut issues: Vec<Issue>) -> Error {
+        if issues.is_empty() {
+            return Error::Internal {
+                message: "validation failed without an issue".into(),
+            };
+        }
+        let first = issues.swap_remove(0);
+        Error::Validation {
+            field: first.path,
+            reason: first.code,
+            message: first.message,
+        }
+    }
+
+    pub(crate) fn invalid(field: impl Into<String>, reason: IssueCode, message: impl Into<String>) -> Error {
+        Error::Validation {
+            field: field.into(),
+            reason,
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! The Synap event store.
+//!
+//! `events_v2` holds one row per event; [`EventRepository`] appends with optimistic locking and
+//! reads aggregate, user and correlation streams. The pure part of this crate (the types,
+//! [`validate`]) builds without the `postgres` feature, for wasm.
+#![deny(missing_docs)]
+
+mod error;
+
+mod model;
+pub mod validate;
+
+#[cfg(feature = "postgres")]
+mod db;
+
+pub use error::{Error, Result};
+pub use model::{AggregateType, EventRecord, EventSource, NewEvent};
+pub use validate::{Issue, IssueCode, Limits, Report};
+
+#[cfg(feature = "postgres")]
+pub use db::{
+    config::{RepositoryConfig, StorageMode},
+    migrate::{MigrationReport, MigrationStatus, MIGRATIONS},
+    repository::{CountFilter, EventRepository, StreamOptions, UserStreamOptions},
+};

@@ -1,0 +1,676 @@
+//! Validation of events and query inputs: one set of rules for Rust, Node and the browser.
+//!
+//! [`parse_event`] checks untyped JSON (what JavaScript sends) and returns a typed [`NewEvent`]
+//! or every [`Issue`] found; [`NewEvent::validate`] checks a typed event. Both use the same
+//! field checks below.
+
+use std::io;
+use std::str::FromStr;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::model::{AggregateType, EventSource, NewEvent};
+
+/// Size limits applied by validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest `data` (and, separately, `metadata`) as serialized JSON, in bytes. Default 1 MiB.
+    pub max_data_bytes: usize,
+    /// Longest `event_type`, in bytes. Default 128.
+    pub max_event_type_len: usize,
+    /// Longest `user_id`, in bytes. Default 255.
+    pub max_user_id_len: usize,
+    /// Largest `limit` a read accepts. Default 10,000.
+    pub max_read_limit: i64,
+    /// Largest `days` a user-stream read accepts. Default 3,650.
+    pub max_days: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_data_bytes: 1024 * 1024,
+            max_event_type_len: 128,
+            max_user_id_len: 255,
+            max_read_limit: 10_000,
+            max_days: 3_650,
+        }
+    }
+}
+
+/// What is wrong with a field. Serialized as its SCREAMING_SNAKE code.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IssueCode {
+    /// A required field is missing or null.
+    Required,
+    /// A field has the wrong JSON type (e.g. a number where a string belongs).
+    InvalidType,
+    /// Not a UUID.
+    InvalidUuid,
+    /// Not one of entity, relation, user, system.
+    InvalidAggregateType,
+    /// Not one of api, automation, sync, migration, system.
+    InvalidSource,
+    /// Not a dotted lowercase name such as `entity.created`, or too long.
+    InvalidEventType,
+    /// Empty, blank or too long.
+    InvalidUserId,
+    /// `data` is not a JSON object.
+    InvalidData,
+    /// `metadata` is not a JSON object.
+    InvalidMetadata,
+    /// Not an integer in 1..=2147483647, or not consecutive within a batch.
+    InvalidVersion,
+    /// A string or key holds U+0000, which PostgreSQL's jsonb and text cannot store.
+    NulCharacter,
+    /// Larger than the configured limit.
+    TooLarge,
+    /// A number outside its allowed range (limits, days, dates).
+    OutOfRange,
+    /// Not an RFC 3339 date-time or a millisecond timestamp.
+    InvalidTimestamp,
+    /// Two events of one batch share an id.
+    DuplicateEventId,
+    /// A batch with no events.
+    EmptyBatch,
+}
+
+impl IssueCode {
+    /// The stable code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssueCode::Required => "REQUIRED",
+            IssueCode::InvalidType => "INVALID_TYPE",
+            IssueCode::InvalidUuid => "INVALID_UUID",
+            IssueCode::InvalidAggregateType => "INVALID_AGGREGATE_TYPE",
+            IssueCode::InvalidSource => "INVALID_SOURCE",
+            IssueCode::InvalidEventType => "INVALID_EVENT_TYPE",
+            IssueCode::InvalidUserId => "INVALID_USER_ID",
+            IssueCode::InvalidData => "INVALID_DATA",
+            IssueCode::InvalidMetadata => "INVALID_METADATA",
+            IssueCode::InvalidVersion => "INVALID_VERSION",
+            IssueCode::NulCharacter => "NUL_CHARACTER",
+            IssueCode::TooLarge => "TOO_LARGE",
+            IssueCode::OutOfRange => "OUT_OF_RANGE",
+            IssueCode::InvalidTimestamp => "INVALID_TIMESTAMP",
+            IssueCode::DuplicateEventId => "DUPLICATE_EVENT_ID",
+            IssueCode::EmptyBatch => "EMPTY_BATCH",
+        }
+    }
+}
+
+impl std::fmt::Display for IssueCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for IssueCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// One problem found by validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Issue {
+    /// Path of the field, e.g. `aggregateId`, `data.tags[2]`.
+    pub path: String,
+    /// What is wrong.
+    pub code: IssueCode,
+    /// A sentence for people.
+    pub message: String,
+}
+
+impl Issue {
+    fn new(path: impl Into<String>, code: IssueCode, message: impl Into<String>) -> Issue {
+        Issue {
+            path: path.into(),
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// The result of validating an event for display: `{ valid, errors }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// True when `errors` is empty.
+    pub valid: bool,
+    /// Every problem found.
+    pub errors: Vec<Issue>,
+}
+
+/// Validates untyped JSON as an event to append, returning every problem as data.
+pub fn report(value: &Value, limits: &Limits) -> Report {
+    match parse_event(value, limits) {
+        Ok(_) => Report {
+            valid: true,
+            errors: Vec::new(),
+        },
+        Err(errors) => Report { valid: false, errors },
+    }
+}
+
+/// Parses untyped JSON (camelCase keys, as the TypeScript API sends them) into a [`NewEvent`].
+///
+/// Fails with every [`Issue`] found. Unknown keys are ignored.
+pub fn parse_event(value: &Value, limits: &Limits) -> std::result::Result<NewEvent, Vec<Issue>> {
+    let mut issues = Vec::new();
+    let Some(obj) = value.as_object() else {
+        return Err(vec![Issue::new("", IssueCode::InvalidType, "an event must be a JSON object")]);
+    };
+    let id = optional_uuid(obj, "id", &mut issues);
+    let timestamp = optional_timestamp(obj, "timestamp", &mut issues);
+    let aggregate_id = required_str(obj, "aggregateId", &mut issues).and_then(|s| parse_uuid("aggregateId", s, &mut issues));
+    let aggregate_type = required_str(obj, "aggregateType", &mut issues).and_then(|s| {
+        AggregateType::from_str(s)
+            .map_err(|()| {
+                issues.push(Issue::new(
+                    "aggregateType",
+                    IssueCode::InvalidAggregateType,
+                    format!("\"{}\" is not one of entity, relation, user, system", truncate(s)),
+                ))
+            })
+            .ok()
+    });
+    let event_type = required_str(obj, "eventType", &mut issues).map(str::to_owned);
+    let user_id = required_str(obj, "userId", &mut issues).map(str::to_owned);
+    let data = match obj.get("data") {
+        None | Some(Value::Null) => {
+            issues.push(Issue::new("data", IssueCode::Required, "data is required"));
+            None
+        }
+        Some(d) => Some(d.clone()),
+    };
+    let metadata = match obj.get("metadata") {
+        None | Some(Value::Null) => None,
+        Some(m) => Some(m.clone()),
+    };
+    let version = match obj.get("version") {
+        None | Some(Value::Null) => {
+            issues.push(Issue::new("version", IssueCode::Required, "version is required"));
+            None
+        }
+        Some(Value::Number(n)) => match n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 1e18).map(|f| f as i64)) {
+            Some(v) => match check_version(v) {
+                Ok(v) => Some(v),
+                Err(issue) => {
+                    issues.push(issue);
+                    None
+                }
+            },
+            None => {
+                issues.push(Issue::new("version", IssueCode::InvalidVersion, format!("version must be an integer, not {n}")));
+                None
+            }
+        },
+        Some(_) => {
+            issues.push(Issue::new("version", IssueCode::InvalidType, "version must be a number"));
+            None
+        }
+    };
+    let causation_id = optional_uuid(obj, "causationId", &mut issues);
+    let correlation_id = optional_uuid(obj, "correlationId", &mut issues);
+    let source = match obj.get("source") {
+        None | Some(Value::Null) => Some(EventSource::Api),
+        Some(Value::String(s)) => match EventSource::from_str(s) {
+            Ok(src) => Some(src),
+            Err(()) => {
+                issues.push(Issue::new(
+                    "source",
+                    IssueCode::InvalidSource,
+                    format!("\"{}\" is not one of api, automation, sync, migration, system", truncate(s)),
+                ));
+                None
+            }
+        },
+        Some(_) => {
+            issues.push(Issue::new("source", IssueCode::InvalidType, "source must be a string"));
+            None
+        }
+    };
+
+    match (aggregate_id, aggregate_type, event_type, user_id, data, version, source) {
+        (Some(aggregate_id), Some(aggregate_type), Some(event_type), Some(user_id), Some(data), Some(version), Some(source))
+            if issues.is_empty() =>
+        {
+            let event = NewEvent {
+                id: id.flatten(),
+                timestamp: timestamp.flatten(),
+                aggregate_id,
+                aggregate_type,
+                event_type,
+                user_id,
+                data,
+                metadata,
+                version,
+                causation_id: causation_id.flatten(),
+                correlation_id: correlation_id.flatten(),
+                source,
+            };
+            let more = check_fields(&event, limits);
+            if more.is_empty() {
+                Ok(event)
+            } else {
+                Err(more)
+            }
+        }
+        (_, _, event_type, user_id, data, _, _) => {
+            // Report the content problems too, so a form can show them all at once.
+            if let Some(t) = &event_type {
+                issues.extend(check_event_type(t, limits).err());
+            }
+            if let Some(u) = &user_id {
+                issues.extend(check_user_id(u, limits).err());
+            }
+            if let Some(d) = &data {
+                issues.extend(check_data(d, limits));
+            }
+            if let Some(m) = obj.get("metadata").filter(|m| !m.is_null()) {
+                issues.extend(check_metadata(m, limits));
+            }
+            Err(issues)
+        }
+    }
+}
+
+impl NewEvent {
+    /// Checks every rule of a typed event.
+    ///
+    /// Fails with [`Error::Validation`] naming the first offending field.
+    pub fn validate(&self, limits: &Limits) -> Result<()> {
+        let issues = check_fields(self, limits);
+        if issues.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::from_issues(issues))
+        }
+    }
+}
+
+/// Checks a batch: each event, no duplicate ids, and the versions of each aggregate consecutive
+/// in batch order. Paths are prefixed with `events[i]`.
+///
+/// Fails with [`Error::Validation`] naming the first problem.
+pub fn validate_batch(events: &[NewEvent], limits: &Limits) -> Result<()> {
+    if events.is_empty() {
+        return Err(Error::invalid("events", IssueCode::EmptyBatch, "a batch needs at least one event"));
+    }
+    let mut last_version: std::collections::HashMap<Uuid, i32> = std::collections::HashMap::new();
+    let mut ids = std::collections::HashSet::new();
+    for (i, event) in events.iter().enumerate() {
+        if let Some(first) = check_fields(event, limits).into_iter().next() {
+            let path = if first.path.is_empty() {
+                format!("events[{i}]")
+            } else {
+                format!("events[{i}].{}", first.path)
+            };
+            return Err(Error::invalid(path, first.code, first.message));
+        }
+        if let Some(id) = event.id {
+            if !ids.insert(id) {
+                return Err(Error::invalid(
+                    format!("events[{i}].id"),
+                    IssueCode::DuplicateEventId,
+                    format!("event id {id} appears twice in the batch"),
+                ));
+            }
+        }
+        if let Some(prev) = last_version.insert(event.aggregate_id, event.version) {
+            if event.version != prev + 1 {
+                return Err(Error::invalid(
+                    format!("events[{i}].version"),
+                    IssueCode::InvalidVersion,
+                    format!(
+                        "aggregate {} has version {prev} earlier in the batch, so this event must be version {}, not {}",
+                        event.aggregate_id,
+                        prev + 1,
+                        event.version
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_fields(event: &NewEvent, limits: &Limits) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    issues.extend(check_event_type(&event.event_type, limits).err());
+    issues.extend(check_user_id(&event.user_id, limits).err());
+    issues.extend(check_data(&event.data, limits));
+    if let Some(m) = &event.metadata {
+        issues.extend(check_metadata(m, limits));
+    }
+    issues.extend(check_version(i64::from(event.version)).err());
+    issues
+}
+
+/// Checks a version number: an integer in 1..=2147483647.
+pub fn check_version(v: i64) -> std::result::Result<i32, Issue> {
+    if (1..=i64::from(i32::MAX)).contains(&v) {
+        Ok(v as i32)
+    } else {
+        Err(Issue::new(
+            "version",
+            IssueCode::InvalidVersion,
+            format!("version must be between 1 and 2147483647, not {v}"),
+        ))
+    }
+}
+
+/// Checks an event type: dotted lowercase segments (`[a-z][a-z0-9_]*`, at least two, e.g.
+/// `entity.title_changed`), at most [`Limits::max_event_type_len`] bytes.
+pub fn check_event_type(s: &str, limits: &Limits) -> std::result::Result<(), Issue> {
+    let issue = |msg: String| Issue::new("eventType", IssueCode::InvalidEventType, msg);
+    if s.len() > limits.max_event_type_len {
+        return Err(issue(format!("eventType is longer than {} bytes", limits.max_event_type_len)));
+    }
+    let segment_ok = |seg: &str| {
+        let mut chars = seg.chars();
+        matches!(chars.next(), Some('a'..='z')) && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+    };
+    if s.split('.').count() < 2 || !s.split('.').all(segment_ok) {
+        return Err(issue(format!(
+            "\"{}\" is not a dotted lowercase event type such as entity.created",
+            truncate(s)
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a user id: not blank, no U+0000, at most [`Limits::max_user_id_len`] bytes.
+pub fn check_user_id(s: &str, limits: &Limits) -> std::result::Result<(), Issue> {
+    let issue = |code, msg: String| Issue::new("userId", code, msg);
+    if s.trim().is_empty() {
+        return Err(issue(IssueCode::InvalidUserId, "userId must not be empty".into()));
+    }
+    if s.len() > limits.max_user_id_len {
+        return Err(issue(IssueCode::InvalidUserId, format!("userId is longer than {} bytes", limits.max_user_id_len)));
+    }
+    if s.contains('\0') {
+        return Err(issue(IssueCode::NulCharacter, "userId contains U+0000".into()));
+    }
+    Ok(())
+}
+
+fn check_data(data: &Value, limits: &Limits) -> Vec<Issue> {
+    check_json_object("data", data, IssueCode::InvalidData, limits)
+}
+
+fn check_metadata(metadata: &Value, limits: &Limits) -> Vec<Issue> {
+    check_json_object("metadata", metadata, IssueCode::InvalidMetadata, limits)
+}
+
+fn check_json_object(field: &str, value: &Value, not_object: IssueCode, limits: &Limits) -> Vec<Issue> {
+    if !value.is_object() {
+        return vec![Issue::new(field, not_object, format!("{field} must be a JSON object, not {}", json_kind(value)))];
+    }
+    let mut issues = Vec::new();
+    find_nul(value, &mut field.to_owned(), &mut issues);
+    if issues.is_empty() {
+        let size = json_size(value);
+        if size > limits.max_data_bytes {
+            issues.push(Issue::new(
+                field,
+                IssueCode::TooLarge,
+                format!("{field} is {size} bytes as JSON; the limit is {}", limits.max_data_bytes),
+            ));
+        }
+    }
+    issues
+}
+
+/// Reports the first U+0000 in a string or key under `value`.
+fn find_nul(value: &Value, path: &mut String, issues: &mut Vec<Issue>) {
+    if !issues.is_empty() {
+        return;
+    }
+    match value {
+        Value::String(s) if s.contains('\0') => {
+            issues.push(Issue::new(path.clone(), IssueCode::NulCharacter, "string contains U+0000, which PostgreSQL cannot store"));
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                find_nul(item, path, issues);
+                path.truncate(len);
+            }
+        }
+        Value::Object(map) => {
+            for (key, item) in map {
+                let len = path.len();
+                path.push('.');
+                path.push_str(key);
+                if key.contains('\0') {
+                    issues.push(Issue::new(path.clone(), IssueCode::NulCharacter, "key contains U+0000, which PostgreSQL cannot store"));
+                    return;
+                }
+                find_nul(item, path, issues);
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Serialized size of a JSON value, without keeping the bytes.
+pub fn json_size(value: &Value) -> usize {
+    struct Counter(usize);
+    impl io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing a Value to an infallible writer cannot fail.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
+}
+
+/// Checks a read limit: 1..=[`Limits::max_read_limit`].
+pub fn check_limit(field: &str, limit: i64, limits: &Limits) -> Result<i64> {
+    if (1..=limits.max_read_limit).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(Error::invalid(field, IssueCode::OutOfRange, format!("{field} must be between 1 and {}, not {limit}", limits.max_read_limit)))
+    }
+}
+
+/// Checks a day count: 1..=[`Limits::max_days`].
+pub fn check_days(field: &str, days: i64, limits: &Limits) -> Result<i64> {
+    if (1..=limits.max_days).contains(&days) {
+        Ok(days)
+    } else {
+        Err(Error::invalid(field, IssueCode::OutOfRange, format!("{field} must be between 1 and {}, not {days}", limits.max_days)))
+    }
+}
+
+/// Checks a user id given as a query argument.
+pub fn check_user_id_arg(field: &str, user_id: &str, limits: &Limits) -> Result<()> {
+    check_user_id(user_id, limits).map_err(|i| Error::invalid(field, i.code, i.message))
+}
+
+/// Checks an event type given as a query argument.
+pub fn check_event_type_arg(field: &str, event_type: &str, limits: &Limits) -> Result<()> {
+    check_event_type(event_type, limits).map_err(|i| Error::invalid(field, i.code, i.message))
+}
+
+/// Parses a UUID given as a query argument.
+pub fn parse_uuid_arg(field: &str, s: &str) -> Result<Uuid> {
+    Uuid::parse_str(s).map_err(|_| Error::invalid(field, IssueCode::InvalidUuid, format!("\"{}\" is not a UUID", truncate(s))))
+}
+
+/// Parses an aggregate type given as a query argument.
+pub fn parse_aggregate_type_arg(field: &str, s: &str) -> Result<AggregateType> {
+    AggregateType::from_str(s).map_err(|()| {
+        Error::invalid(
+            field,
+            IssueCode::InvalidAggregateType,
+            format!("\"{}\" is not one of entity, relation, user, system", truncate(s)),
+        )
+    })
+}
+
+fn required_str<'a>(obj: &'a Map<String, Value>, key: &str, issues: &mut Vec<Issue>) -> Option<&'a str> {
+    match obj.get(key) {
+        None | Some(Value::Null) => {
+            issues.push(Issue::new(key, IssueCode::Required, format!("{key} is required")));
+            None
+        }
+        Some(Value::String(s)) => Some(s),
+        Some(other) => {
+            issues.push(Issue::new(key, IssueCode::InvalidType, format!("{key} must be a string, not {}", json_kind(other))));
+            None
+        }
+    }
+}
+
+fn parse_uuid(key: &str, s: &str, issues: &mut Vec<Issue>) -> Option<Uuid> {
+    match Uuid::parse_str(s) {
+        Ok(u) => Some(u),
+        Err(_) => {
+            issues.push(Issue::new(key, IssueCode::InvalidUuid, format!("\"{}\" is not a UUID", truncate(s))));
+            None
+        }
+    }
+}
+
+/// `Some(None)`: absent; `Some(Some(_))`: valid; `None`: invalid (issue pushed).
+fn optional_uuid(obj: &Map<String, Value>, key: &str, issues: &mut Vec<Issue>) -> Option<Option<Uuid>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Some(None),
+        Some(Value::String(s)) => parse_uuid(key, s, issues).map(Some),
+        Some(other) => {
+            issues.push(Issue::new(key, IssueCode::InvalidType, format!("{key} must be a UUID string, not {}", json_kind(other))));
+            None
+        }
+    }
+}
+
+fn optional_timestamp(obj: &Map<String, Value>, key: &str, issues: &mut Vec<Issue>) -> Option<Option<DateTime<Utc>>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Some(None),
+        Some(v) => match parse_timestamp(v) {
+            Some(t) => Some(Some(t)),
+            None => {
+                issues.push(Issue::new(key, IssueCode::InvalidTimestamp, format!("{key} must be an RFC 3339 date-time or milliseconds since 1970")));
+                None
+            }
+        },
+    }
+}
+
+/// Reads a timestamp from an RFC 3339 string or a number of milliseconds since 1970.
+pub fn parse_timestamp(v: &Value) -> Option<DateTime<Utc>> {
+    match v {
+        Value::String(s) => DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc)),
+        Value::Number(n) => {
+            let ms = n.as_f64()?;
+            if !ms.is_finite() || ms.fract() != 0.0 || ms.abs() > 8.64e15 {
+                return None;
+            }
+            Utc.timestamp_millis_opt(ms as i64).single()
+        }
+        _ => None,
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// At most 64 characters of user input in a message.
+fn truncate(s: &str) -> String {
+    if s.chars().count() <= 64 {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(64).collect();
+        t.push('…');
+        t
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn valid() -> Value {
+        json!({
+            "aggregateId": "00000000-0000-0000-0000-000000000001",
+            "aggregateType": "entity",
+            "eventType": "entity.created",
+            "userId": "user-1",
+            "data": {"title": "x"},
+            "version": 1,
+            "source": "api"
+        })
+    }
+
+    #[test]
+    fn accepts_the_design_sample() {
+        let e = parse_event(&valid(), &Limits::default()).unwrap();
+        assert_eq!(e.version, 1);
+        assert_eq!(e.aggregate_type, AggregateType::Entity);
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let v = json!({"aggregateId": "nope", "aggregateType": "thing", "eventType": "Bad", "userId": "", "data": [], "version": 0});
+        let codes: Vec<_> = parse_event(&v, &Limits::default()).unwrap_err().into_iter().map(|i| i.code).collect();
+        for code in [IssueCode::InvalidUuid, IssueCode::InvalidAggregateType, IssueCode::InvalidVersion, IssueCode::InvalidEventType, IssueCode::InvalidUserId, IssueCode::InvalidData] {
+            assert!(codes.contains(&code), "{code} missing from {codes:?}");
+        }
+    }
+
+    #[test]
+    fn nul_is_found_with_its_path() {
+        let mut v = valid();
+        v["data"] = json!({"tags": ["a", "b\u{0}"]});
+        let issues = parse_event(&v, &Limits::default()).unwrap_err();
+        assert_eq!(issues[0].path, "data.tags[1]");
+        assert_eq!(issues[0].code, IssueCode::NulCharacter);
+    }
+
+    #[test]
+    fn event_type_shapes() {
+        let l = Limits::default();
+        for ok in ["entity.created", "task.completed", "entity.title_changed", "a.b.c2"] {
+            assert!(check_event_type(ok, &l).is_ok(), "{ok}");
+        }
+        for bad in ["entity", "Entity.created", "entity..created", ".x", "x.", "entity.1x", "entity-created.x", ""] {
+            assert!(check_event_type(bad, &l).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn batch_versions_must_be_consecutive_per_aggregate() {
+        let a = Uuid::from_u128(1);
+        let b = Uuid::from_u128(2);
+        let ev = |agg, v| NewEvent::new(agg, AggregateType::Entity, "entity.updated", "u", json!({}), v);
+        let l = Limits::default();
+        assert!(validate_batch(&[ev(a, 3), ev(b, 1), ev(a, 4)], &l).is_ok());
+        let err = validate_batch(&[ev(a, 3), ev(b, 1), ev(a, 5)], &l).unwrap_err();
+        assert!(matches!(err, Error::Validation { ref field, reason: IssueCode::InvalidVersion, .. } if field == "events[2].version"));
+    }
+}

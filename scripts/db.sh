@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# A private PostgreSQL cluster for development and tests.
+#
+#   scripts/db.sh start    initdb (first time) and start; prints the DATABASE_URL
+#   scripts/db.sh stop     stop the server
+#   scripts/db.sh status   running or not
+#   scripts/db.sh url      print the DATABASE_URL
+#   scripts/db.sh env      print `export DATABASE_URL=...` (for eval)
+#
+# The cluster lives in .local/pg (ignored by git), listens on 127.0.0.1:${SYNAP_PG_PORT:-54329}
+# with trust authentication, and runs as the `postgres` user when started by root (initdb refuses
+# root). The PostgreSQL server is installed with apt when its binaries are missing.
+# SYNAP_PG_FAST=1 turns off fsync and friends: for tests only.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PORT="${SYNAP_PG_PORT:-54329}"
+# postgres must own its data, socket and log directories, all inside one directory of its own.
+BASE="${SYNAP_PG_DIR:-$ROOT/.local/pg}"
+DATA="$BASE/data"
+LOG="$BASE/server.log"
+URL="postgres://postgres@127.0.0.1:$PORT/postgres"
+
+find_bindir() {
+    if command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/initdb" ]; then
+        pg_config --bindir
+        return
+    fi
+    local dir
+    for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+        if [ -x "$dir/initdb" ]; then
+            echo "$dir"
+            return
+        fi
+    done
+}
+
+BINDIR="$(find_bindir)"
+if [ -z "$BINDIR" ] && [ "${1:-}" = start ]; then
+    echo "db.sh: PostgreSQL server binaries not found; installing with apt" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq postgresql postgresql-contrib >/dev/null
+    BINDIR="$(find_bindir)"
+fi
+
+as_pg() {
+    if [ "$(id -u)" = 0 ]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+is_running() {
+    [ -n "$BINDIR" ] && [ -f "$DATA/PG_VERSION" ] && as_pg "$BINDIR/pg_ctl" -D "$DATA" status >/dev/null 2>&1
+}
+
+start() {
+    if [ -z "$BINDIR" ]; then
+        echo "db.sh: cannot find initdb even after installing PostgreSQL" >&2
+        exit 1
+    fi
+    mkdir -p "$BASE"
+    if [ "$(id -u)" = 0 ]; then
+        chown postgres:postgres "$BASE"
+        # postgres must be able to reach $BASE through the project's directories.
+        local dir="$BASE"
+        while [ "$dir" != / ]; do
+            dir="$(dirname "$dir")"
+            chmod o+x "$dir" 2>/dev/null || true
+        done
+    fi
+    chmod 700 "$BASE"
+    if [ ! -f "$DATA/PG_VERSION" ]; then
+        as_pg "$BINDIR/initdb" --no-sync -D "$DATA" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$BASE/initdb.log" 2>&1 || {
+            cat "$BASE/initdb.log" >&2
+            exit 1
+        }
+    fi
+    if is_running; then
+        echo "$URL"
+        return
+    fi
+    local opts="-c listen_addresses=127.0.0.1 -c port=$PORT -c unix_socket_directories=$BASE -c max_connections=200 -c timezone=UTC"
+    if [ "${SYNAP_PG_FAST:-0}" = 1 ]; then
+        opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    fi
+    if ! as_pg "$BINDIR/pg_ctl" -D "$DATA" -l "$LOG" -w -t 60 -o "$opts" start >/dev/null; then
+        tail -n 30 "$LOG" >&2 || true
+        exit 1
+    fi
+    echo "$URL"
+}
+
+stop() {
+    if is_running; then
+        as_pg "$BINDIR/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null
+        echo "stopped"
+    else
+        echo "not running"
+    fi
+}
+
+case "${1:-}" in
+    start) start ;;
+    stop) stop ;;
+    status) if is_running; then echo "running: $URL"; else echo "not running"; exit 3; fi ;;
+    url) echo "$URL" ;;
+    env) echo "export DATABASE_URL=$URL" ;;
+    *)
+        echo "usage: scripts/db.sh start|stop|status|url|env" >&2
+        exit 2
+        ;;
+esac
