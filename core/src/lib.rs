@@ -20,6 +20,6 @@ pub use validate::{Issue, IssueCode, Limits, Report};
 #[cfg(feature = "postgres")]
 pub use db::{
     config::{RepositoryConfig, StorageMode},
-    migrate::{MigrationReport, MigrationStatus, MIGRATIONS},
+    migrate::{Migration, MigrationReport, MigrationStatus, MIGRATIONS},
     repository::{CountFilter, EventRepository, StreamOptions, UserStreamOptions},
 };

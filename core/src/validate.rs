@@ -163,11 +163,16 @@ pub fn report(value: &Value, limits: &Limits) -> Report {
 pub fn parse_event(value: &Value, limits: &Limits) -> std::result::Result<NewEvent, Vec<Issue>> {
     let mut issues = Vec::new();
     let Some(obj) = value.as_object() else {
-        return Err(vec![Issue::new("", IssueCode::InvalidType, "an event must be a JSON object")]);
+        return Err(vec![Issue::new(
+            "",
+            IssueCode::InvalidType,
+            "an event must be a JSON object",
+        )]);
     };
     let id = optional_uuid(obj, "id", &mut issues);
     let timestamp = optional_timestamp(obj, "timestamp", &mut issues);
-    let aggregate_id = required_str(obj, "aggregateId", &mut issues).and_then(|s| parse_uuid("aggregateId", s, &mut issues));
+    let aggregate_id =
+        required_str(obj, "aggregateId", &mut issues).and_then(|s| parse_uuid("aggregateId", s, &mut issues));
     let aggregate_type = required_str(obj, "aggregateType", &mut issues).and_then(|s| {
         AggregateType::from_str(s)
             .map_err(|()| {
@@ -197,7 +202,11 @@ pub fn parse_event(value: &Value, limits: &Limits) -> std::result::Result<NewEve
             issues.push(Issue::new("version", IssueCode::Required, "version is required"));
             None
         }
-        Some(Value::Number(n)) => match n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 1e18).map(|f| f as i64)) {
+        Some(Value::Number(n)) => match n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 1e18)
+                .map(|f| f as i64)
+        }) {
             Some(v) => match check_version(v) {
                 Ok(v) => Some(v),
                 Err(issue) => {
@@ -206,12 +215,20 @@ pub fn parse_event(value: &Value, limits: &Limits) -> std::result::Result<NewEve
                 }
             },
             None => {
-                issues.push(Issue::new("version", IssueCode::InvalidVersion, format!("version must be an integer, not {n}")));
+                issues.push(Issue::new(
+                    "version",
+                    IssueCode::InvalidVersion,
+                    format!("version must be an integer, not {n}"),
+                ));
                 None
             }
         },
         Some(_) => {
-            issues.push(Issue::new("version", IssueCode::InvalidType, "version must be a number"));
+            issues.push(Issue::new(
+                "version",
+                IssueCode::InvalidType,
+                "version must be a number",
+            ));
             None
         }
     };
@@ -225,7 +242,10 @@ pub fn parse_event(value: &Value, limits: &Limits) -> std::result::Result<NewEve
                 issues.push(Issue::new(
                     "source",
                     IssueCode::InvalidSource,
-                    format!("\"{}\" is not one of api, automation, sync, migration, system", truncate(s)),
+                    format!(
+                        "\"{}\" is not one of api, automation, sync, migration, system",
+                        truncate(s)
+                    ),
                 ));
                 None
             }
@@ -237,9 +257,15 @@ pub fn parse_event(value: &Value, limits: &Limits) -> std::result::Result<NewEve
     };
 
     match (aggregate_id, aggregate_type, event_type, user_id, data, version, source) {
-        (Some(aggregate_id), Some(aggregate_type), Some(event_type), Some(user_id), Some(data), Some(version), Some(source))
-            if issues.is_empty() =>
-        {
+        (
+            Some(aggregate_id),
+            Some(aggregate_type),
+            Some(event_type),
+            Some(user_id),
+            Some(data),
+            Some(version),
+            Some(source),
+        ) if issues.is_empty() => {
             let event = NewEvent {
                 id: id.flatten(),
                 timestamp: timestamp.flatten(),
@@ -300,7 +326,11 @@ impl NewEvent {
 /// Fails with [`Error::Validation`] naming the first problem.
 pub fn validate_batch(events: &[NewEvent], limits: &Limits) -> Result<()> {
     if events.is_empty() {
-        return Err(Error::invalid("events", IssueCode::EmptyBatch, "a batch needs at least one event"));
+        return Err(Error::invalid(
+            "events",
+            IssueCode::EmptyBatch,
+            "a batch needs at least one event",
+        ));
     }
     let mut last_version: std::collections::HashMap<Uuid, i32> = std::collections::HashMap::new();
     let mut ids = std::collections::HashSet::new();
@@ -370,7 +400,10 @@ pub fn check_version(v: i64) -> std::result::Result<i32, Issue> {
 pub fn check_event_type(s: &str, limits: &Limits) -> std::result::Result<(), Issue> {
     let issue = |msg: String| Issue::new("eventType", IssueCode::InvalidEventType, msg);
     if s.len() > limits.max_event_type_len {
-        return Err(issue(format!("eventType is longer than {} bytes", limits.max_event_type_len)));
+        return Err(issue(format!(
+            "eventType is longer than {} bytes",
+            limits.max_event_type_len
+        )));
     }
     let segment_ok = |seg: &str| {
         let mut chars = seg.chars();
@@ -392,7 +425,10 @@ pub fn check_user_id(s: &str, limits: &Limits) -> std::result::Result<(), Issue>
         return Err(issue(IssueCode::InvalidUserId, "userId must not be empty".into()));
     }
     if s.len() > limits.max_user_id_len {
-        return Err(issue(IssueCode::InvalidUserId, format!("userId is longer than {} bytes", limits.max_user_id_len)));
+        return Err(issue(
+            IssueCode::InvalidUserId,
+            format!("userId is longer than {} bytes", limits.max_user_id_len),
+        ));
     }
     if s.contains('\0') {
         return Err(issue(IssueCode::NulCharacter, "userId contains U+0000".into()));
@@ -410,7 +446,11 @@ fn check_metadata(metadata: &Value, limits: &Limits) -> Vec<Issue> {
 
 fn check_json_object(field: &str, value: &Value, not_object: IssueCode, limits: &Limits) -> Vec<Issue> {
     if !value.is_object() {
-        return vec![Issue::new(field, not_object, format!("{field} must be a JSON object, not {}", json_kind(value)))];
+        return vec![Issue::new(
+            field,
+            not_object,
+            format!("{field} must be a JSON object, not {}", json_kind(value)),
+        )];
     }
     let mut issues = Vec::new();
     find_nul(value, &mut field.to_owned(), &mut issues);
@@ -420,7 +460,10 @@ fn check_json_object(field: &str, value: &Value, not_object: IssueCode, limits: 
             issues.push(Issue::new(
                 field,
                 IssueCode::TooLarge,
-                format!("{field} is {size} bytes as JSON; the limit is {}", limits.max_data_bytes),
+                format!(
+                    "{field} is {size} bytes as JSON; the limit is {}",
+                    limits.max_data_bytes
+                ),
             ));
         }
     }
@@ -434,7 +477,11 @@ fn find_nul(value: &Value, path: &mut String, issues: &mut Vec<Issue>) {
     }
     match value {
         Value::String(s) if s.contains('\0') => {
-            issues.push(Issue::new(path.clone(), IssueCode::NulCharacter, "string contains U+0000, which PostgreSQL cannot store"));
+            issues.push(Issue::new(
+                path.clone(),
+                IssueCode::NulCharacter,
+                "string contains U+0000, which PostgreSQL cannot store",
+            ));
         }
         Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {
@@ -450,7 +497,11 @@ fn find_nul(value: &Value, path: &mut String, issues: &mut Vec<Issue>) {
                 path.push('.');
                 path.push_str(key);
                 if key.contains('\0') {
-                    issues.push(Issue::new(path.clone(), IssueCode::NulCharacter, "key contains U+0000, which PostgreSQL cannot store"));
+                    issues.push(Issue::new(
+                        path.clone(),
+                        IssueCode::NulCharacter,
+                        "key contains U+0000, which PostgreSQL cannot store",
+                    ));
                     return;
                 }
                 find_nul(item, path, issues);
@@ -484,7 +535,11 @@ pub fn check_limit(field: &str, limit: i64, limits: &Limits) -> Result<i64> {
     if (1..=limits.max_read_limit).contains(&limit) {
         Ok(limit)
     } else {
-        Err(Error::invalid(field, IssueCode::OutOfRange, format!("{field} must be between 1 and {}, not {limit}", limits.max_read_limit)))
+        Err(Error::invalid(
+            field,
+            IssueCode::OutOfRange,
+            format!("{field} must be between 1 and {}, not {limit}", limits.max_read_limit),
+        ))
     }
 }
 
@@ -493,7 +548,11 @@ pub fn check_days(field: &str, days: i64, limits: &Limits) -> Result<i64> {
     if (1..=limits.max_days).contains(&days) {
         Ok(days)
     } else {
-        Err(Error::invalid(field, IssueCode::OutOfRange, format!("{field} must be between 1 and {}, not {days}", limits.max_days)))
+        Err(Error::invalid(
+            field,
+            IssueCode::OutOfRange,
+            format!("{field} must be between 1 and {}, not {days}", limits.max_days),
+        ))
     }
 }
 
@@ -509,7 +568,13 @@ pub fn check_event_type_arg(field: &str, event_type: &str, limits: &Limits) -> R
 
 /// Parses a UUID given as a query argument.
 pub fn parse_uuid_arg(field: &str, s: &str) -> Result<Uuid> {
-    Uuid::parse_str(s).map_err(|_| Error::invalid(field, IssueCode::InvalidUuid, format!("\"{}\" is not a UUID", truncate(s))))
+    Uuid::parse_str(s).map_err(|_| {
+        Error::invalid(
+            field,
+            IssueCode::InvalidUuid,
+            format!("\"{}\" is not a UUID", truncate(s)),
+        )
+    })
 }
 
 /// Parses an aggregate type given as a query argument.
@@ -531,7 +596,11 @@ fn required_str<'a>(obj: &'a Map<String, Value>, key: &str, issues: &mut Vec<Iss
         }
         Some(Value::String(s)) => Some(s),
         Some(other) => {
-            issues.push(Issue::new(key, IssueCode::InvalidType, format!("{key} must be a string, not {}", json_kind(other))));
+            issues.push(Issue::new(
+                key,
+                IssueCode::InvalidType,
+                format!("{key} must be a string, not {}", json_kind(other)),
+            ));
             None
         }
     }
@@ -541,7 +610,11 @@ fn parse_uuid(key: &str, s: &str, issues: &mut Vec<Issue>) -> Option<Uuid> {
     match Uuid::parse_str(s) {
         Ok(u) => Some(u),
         Err(_) => {
-            issues.push(Issue::new(key, IssueCode::InvalidUuid, format!("\"{}\" is not a UUID", truncate(s))));
+            issues.push(Issue::new(
+                key,
+                IssueCode::InvalidUuid,
+                format!("\"{}\" is not a UUID", truncate(s)),
+            ));
             None
         }
     }
@@ -553,7 +626,11 @@ fn optional_uuid(obj: &Map<String, Value>, key: &str, issues: &mut Vec<Issue>) -
         None | Some(Value::Null) => Some(None),
         Some(Value::String(s)) => parse_uuid(key, s, issues).map(Some),
         Some(other) => {
-            issues.push(Issue::new(key, IssueCode::InvalidType, format!("{key} must be a UUID string, not {}", json_kind(other))));
+            issues.push(Issue::new(
+                key,
+                IssueCode::InvalidType,
+                format!("{key} must be a UUID string, not {}", json_kind(other)),
+            ));
             None
         }
     }
@@ -565,7 +642,11 @@ fn optional_timestamp(obj: &Map<String, Value>, key: &str, issues: &mut Vec<Issu
         Some(v) => match parse_timestamp(v) {
             Some(t) => Some(Some(t)),
             None => {
-                issues.push(Issue::new(key, IssueCode::InvalidTimestamp, format!("{key} must be an RFC 3339 date-time or milliseconds since 1970")));
+                issues.push(Issue::new(
+                    key,
+                    IssueCode::InvalidTimestamp,
+                    format!("{key} must be an RFC 3339 date-time or milliseconds since 1970"),
+                ));
                 None
             }
         },
@@ -609,7 +690,6 @@ fn truncate(s: &str) -> String {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -637,8 +717,19 @@ mod tests {
     #[test]
     fn reports_every_problem() {
         let v = json!({"aggregateId": "nope", "aggregateType": "thing", "eventType": "Bad", "userId": "", "data": [], "version": 0});
-        let codes: Vec<_> = parse_event(&v, &Limits::default()).unwrap_err().into_iter().map(|i| i.code).collect();
-        for code in [IssueCode::InvalidUuid, IssueCode::InvalidAggregateType, IssueCode::InvalidVersion, IssueCode::InvalidEventType, IssueCode::InvalidUserId, IssueCode::InvalidData] {
+        let codes: Vec<_> = parse_event(&v, &Limits::default())
+            .unwrap_err()
+            .into_iter()
+            .map(|i| i.code)
+            .collect();
+        for code in [
+            IssueCode::InvalidUuid,
+            IssueCode::InvalidAggregateType,
+            IssueCode::InvalidVersion,
+            IssueCode::InvalidEventType,
+            IssueCode::InvalidUserId,
+            IssueCode::InvalidData,
+        ] {
             assert!(codes.contains(&code), "{code} missing from {codes:?}");
         }
     }
@@ -658,7 +749,16 @@ mod tests {
         for ok in ["entity.created", "task.completed", "entity.title_changed", "a.b.c2"] {
             assert!(check_event_type(ok, &l).is_ok(), "{ok}");
         }
-        for bad in ["entity", "Entity.created", "entity..created", ".x", "x.", "entity.1x", "entity-created.x", ""] {
+        for bad in [
+            "entity",
+            "Entity.created",
+            "entity..created",
+            ".x",
+            "x.",
+            "entity.1x",
+            "entity-created.x",
+            "",
+        ] {
             assert!(check_event_type(bad, &l).is_err(), "{bad}");
         }
     }
@@ -671,6 +771,8 @@ mod tests {
         let l = Limits::default();
         assert!(validate_batch(&[ev(a, 3), ev(b, 1), ev(a, 4)], &l).is_ok());
         let err = validate_batch(&[ev(a, 3), ev(b, 1), ev(a, 5)], &l).unwrap_err();
-        assert!(matches!(err, Error::Validation { ref field, reason: IssueCode::InvalidVersion, .. } if field == "events[2].version"));
+        assert!(
+            matches!(err, Error::Validation { ref field, reason: IssueCode::InvalidVersion, .. } if field == "events[2].version")
+        );
     }
 }

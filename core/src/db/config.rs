@@ -100,7 +100,9 @@ impl RepositoryConfig {
             let ok = !schema.is_empty()
                 && schema.len() <= 63
                 && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-                && schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                && schema
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
             if !ok {
                 return Err(Error::InvalidConfig {
                     message: format!("schema must be lowercase letters, digits and _ (at most 63), not \"{schema}\""),

@@ -58,7 +58,10 @@ pub struct MigrationStatus {
 impl Migration {
     /// SHA-256 of the SQL, hex.
     pub fn checksum(&self) -> String {
-        Sha256::digest(self.sql.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+        Sha256::digest(self.sql.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 
@@ -89,7 +92,10 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) 
         let tx = client.transaction().await?;
         tx.batch_execute(LOCK).await?;
         let row = tx
-            .query_opt("SELECT checksum FROM synap_migrations WHERE version = $1", &[&migration.version])
+            .query_opt(
+                "SELECT checksum FROM synap_migrations WHERE version = $1",
+                &[&migration.version],
+            )
             .await?;
         let checksum = migration.checksum();
         if let Some(row) = row {
@@ -106,12 +112,18 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) 
             continue;
         }
         let started = Instant::now();
-        tx.execute("SELECT set_config('synap.storage_mode', $1, true)", &[&mode.as_str()]).await?;
-        tx.batch_execute(migration.sql).await.map_err(|e| Error::MigrationFailed {
-            version: migration.version,
-            name: migration.name.to_owned(),
-            message: e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string()),
-        })?;
+        tx.execute("SELECT set_config('synap.storage_mode', $1, true)", &[&mode.as_str()])
+            .await?;
+        tx.batch_execute(migration.sql)
+            .await
+            .map_err(|e| Error::MigrationFailed {
+                version: migration.version,
+                name: migration.name.to_owned(),
+                message: e
+                    .as_db_error()
+                    .map(|d| d.message().to_owned())
+                    .unwrap_or_else(|| e.to_string()),
+            })?;
         let duration_ms = started.elapsed().as_millis() as i64;
         tx.execute(
             "INSERT INTO synap_migrations (version, name, checksum, duration_ms) VALUES ($1, $2, $3, $4)",
@@ -134,7 +146,9 @@ pub(crate) async fn status(client: &tokio_postgres::Client) -> Result<Vec<Migrat
         .await?
         .get(0);
     let rows = if exists {
-        client.query("SELECT version, checksum, applied_at FROM synap_migrations", &[]).await?
+        client
+            .query("SELECT version, checksum, applied_at FROM synap_migrations", &[])
+            .await?
     } else {
         Vec::new()
     };

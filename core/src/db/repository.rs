@@ -338,7 +338,8 @@ impl EventRepository {
     /// Returns how many partitions were created (always 0 on TimescaleDB).
     pub async fn maintain(&self) -> Result<i32> {
         let today = Utc::now().date_naive();
-        self.ensure_partitions(today - chrono::Days::new(7), today + chrono::Days::new(30)).await
+        self.ensure_partitions(today - chrono::Days::new(7), today + chrono::Days::new(30))
+            .await
     }
 
     /// Creates the missing native daily partitions for `from..=to` (UTC days), moving rows that
@@ -403,7 +404,12 @@ impl EventRepository {
                                 "SELECT {EVENT_COLUMNS} FROM events_v2 WHERE aggregate_id = $1 AND version = $2 \
                                  AND \"timestamp\" >= $3 AND \"timestamp\" <= $4"
                             ),
-                            &[&event.aggregate_id, &event.version, &stream.get::<_, DateTime<Utc>>(2), &stream.get::<_, DateTime<Utc>>(3)],
+                            &[
+                                &event.aggregate_id,
+                                &event.version,
+                                &stream.get::<_, DateTime<Utc>>(2),
+                                &stream.get::<_, DateTime<Utc>>(3),
+                            ],
                         )
                         .await?;
                     if let Some(row) = rows.iter().find(|r| r.get::<_, Uuid>(0) == given_id) {
@@ -515,7 +521,9 @@ impl EventRepository {
         let mut rows = tx.query(&stmt, &params).await?;
         if rows.len() != n {
             tx.rollback().await?;
-            return Err(self.diagnose_batch(&client, &events, &agg_ids, &agg_first, &agg_types).await);
+            return Err(self
+                .diagnose_batch(&client, &events, &agg_ids, &agg_first, &agg_types)
+                .await);
         }
         tx.commit().await?;
 
@@ -536,9 +544,19 @@ impl EventRepository {
     }
 
     /// Names the first aggregate of a failed batch whose guard did not pass.
-    async fn diagnose_batch(&self, client: &Object, events: &[NewEvent], agg_ids: &[Uuid], agg_first: &[i32], agg_types: &[&str]) -> Error {
+    async fn diagnose_batch(
+        &self,
+        client: &Object,
+        events: &[NewEvent],
+        agg_ids: &[Uuid],
+        agg_first: &[i32],
+        agg_types: &[&str],
+    ) -> Error {
         let rows = match client
-            .query("SELECT aggregate_id, version, aggregate_type FROM event_streams WHERE aggregate_id = ANY ($1)", &[&agg_ids])
+            .query(
+                "SELECT aggregate_id, version, aggregate_type FROM event_streams WHERE aggregate_id = ANY ($1)",
+                &[&agg_ids],
+            )
             .await
         {
             Ok(rows) => rows,
@@ -555,7 +573,10 @@ impl EventRepository {
                 };
             }
             if actual != agg_first[i] - 1 {
-                let event = events.iter().find(|e| e.aggregate_id == *agg).expect("aggregate comes from the batch");
+                let event = events
+                    .iter()
+                    .find(|e| e.aggregate_id == *agg)
+                    .expect("aggregate comes from the batch");
                 return conflict(event, actual);
             }
         }
@@ -572,10 +593,18 @@ impl EventRepository {
         let from = options.from_version.unwrap_or(1);
         let to = options.to_version.unwrap_or(i32::MAX);
         if from < 1 {
-            return Err(Error::invalid("fromVersion", IssueCode::OutOfRange, format!("fromVersion must be at least 1, not {from}")));
+            return Err(Error::invalid(
+                "fromVersion",
+                IssueCode::OutOfRange,
+                format!("fromVersion must be at least 1, not {from}"),
+            ));
         }
         if to < from {
-            return Err(Error::invalid("toVersion", IssueCode::OutOfRange, format!("toVersion {to} is below fromVersion {from}")));
+            return Err(Error::invalid(
+                "toVersion",
+                IssueCode::OutOfRange,
+                format!("toVersion {to} is below fromVersion {from}"),
+            ));
         }
         check_event_types("eventTypes", options.event_types.as_deref(), self.limits())?;
         let client = self.client().await?;
@@ -619,14 +648,21 @@ impl EventRepository {
                 &[&aggregate_id, &first, &last, &1i32, &i32::MAX, &none],
             )
             .await?;
-        Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join("\n"))
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n"))
     }
 
     /// The aggregate's current version, or `None` when it has no events.
     pub async fn get_aggregate_version(&self, aggregate_id: Uuid) -> Result<Option<i32>> {
         let client = self.client().await?;
         Ok(client
-            .query_opt("SELECT version FROM event_streams WHERE aggregate_id = $1", &[&aggregate_id])
+            .query_opt(
+                "SELECT version FROM event_streams WHERE aggregate_id = $1",
+                &[&aggregate_id],
+            )
             .await?
             .map(|r| r.get(0)))
     }
@@ -647,7 +683,10 @@ impl EventRepository {
         let client = self.client().await?;
         let stmt = client.prepare_cached(USER_STREAM_SQL).await?;
         let rows = client
-            .query(&stmt, &[&user_id, &days, &options.event_types, &aggregate_types, &limit])
+            .query(
+                &stmt,
+                &[&user_id, &days, &options.event_types, &aggregate_types, &limit],
+            )
             .await?;
         rows.iter().map(record_from_row).collect()
     }
@@ -685,14 +724,27 @@ impl EventRepository {
         }
         if let (Some(from), Some(to)) = (filter.from_date, filter.to_date) {
             if from > to {
-                return Err(Error::invalid("toDate", IssueCode::OutOfRange, "toDate is before fromDate"));
+                return Err(Error::invalid(
+                    "toDate",
+                    IssueCode::OutOfRange,
+                    "toDate is before fromDate",
+                ));
             }
         }
         let aggregate_type = filter.aggregate_type.map(|t| t.as_str());
         let client = self.client().await?;
         let stmt = client.prepare_cached(COUNT_SQL).await?;
         Ok(client
-            .query_one(&stmt, &[&filter.user_id, &filter.event_type, &aggregate_type, &filter.from_date, &filter.to_date])
+            .query_one(
+                &stmt,
+                &[
+                    &filter.user_id,
+                    &filter.event_type,
+                    &aggregate_type,
+                    &filter.from_date,
+                    &filter.to_date,
+                ],
+            )
             .await?
             .get(0))
     }
@@ -701,7 +753,10 @@ impl EventRepository {
     /// (every day when `full`). Returns how many days were recomputed. Appends wait while it runs.
     pub async fn refresh_analytics(&self, full: bool) -> Result<i32> {
         let client = self.client().await?;
-        Ok(client.query_one("SELECT refresh_events_daily($1)", &[&full]).await?.get(0))
+        Ok(client
+            .query_one("SELECT refresh_events_daily($1)", &[&full])
+            .await?
+            .get(0))
     }
 }
 

@@ -1,0 +1,100 @@
+//! The migration runner against a real PostgreSQL (DATABASE_URL).
+
+mod common;
+
+use synap_events::{EventRepository, MIGRATIONS};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_twice_applies_once() {
+    let schema = common::fresh_schema("mig_twice").await;
+    let repo = EventRepository::new(common::config(&schema)).unwrap();
+    let first = repo.migrate().await.unwrap();
+    assert_eq!(first.applied, MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>());
+    assert_eq!(first.storage_mode, "native", "no timescaledb on the test server");
+    let second = repo.migrate().await.unwrap();
+    assert!(second.applied.is_empty());
+    assert_eq!(second.already_applied, first.applied);
+    let status = repo.migration_status().await.unwrap();
+    assert!(status.iter().all(|s| s.applied_at.is_some() && s.checksum_ok));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_at_once_apply_each_file_once() {
+    let schema = common::fresh_schema("mig_race").await;
+    let a = EventRepository::new(common::config(&schema)).unwrap();
+    let b = EventRepository::new(common::config(&schema)).unwrap();
+    let (ra, rb) = tokio::join!(a.migrate(), b.migrate());
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    let mut applied = ra.applied.clone();
+    applied.extend(&rb.applied);
+    applied.sort();
+    assert_eq!(applied, MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>());
+    let c = common::sql(&a).await;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM synap_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, MIGRATIONS.len() as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_applied_file_is_refused() {
+    let repo = common::repo("mig_edit").await;
+    let c = common::sql(&repo).await;
+    c.execute("UPDATE synap_migrations SET checksum = 'edited' WHERE version = 1", &[])
+        .await
+        .unwrap();
+    let err = repo.migrate().await.unwrap_err();
+    assert_eq!(err.code(), "MIGRATION_CHECKSUM_MISMATCH");
+    assert!(!repo.migration_status().await.unwrap()[0].checksum_ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_storage_mode_fails_the_migration() {
+    let schema = common::fresh_schema("mig_mode").await;
+    let mut config = common::config(&schema);
+    config.storage_mode = synap_events::StorageMode::Timescaledb;
+    let repo = EventRepository::new(config).unwrap();
+    // This server has no TimescaleDB: asking for it explicitly must fail, not fall back.
+    let err = repo.migrate().await.unwrap_err();
+    assert_eq!(err.code(), "MIGRATION_FAILED", "{err:?}");
+    assert!(err.to_string().contains("timescaledb"), "{err}");
+}
+
+#[test]
+fn embedded_list_matches_the_folder() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".sql"))
+        .collect();
+    files.sort();
+    let embedded: Vec<String> = MIGRATIONS
+        .iter()
+        .map(|m| format!("{:04}_{}.sql", m.version, m.name))
+        .collect();
+    assert_eq!(files, embedded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_apply_with_psql_as_they_are() {
+    let schema = common::fresh_schema("mig_psql").await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    for m in MIGRATIONS {
+        let file = dir.join(format!("{:04}_{}.sql", m.version, m.name));
+        let out = std::process::Command::new("psql")
+            .arg(common::database_url())
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+            .env("PGOPTIONS", format!("-c search_path={schema}"))
+            .arg("-f")
+            .arg(&file)
+            .output()
+            .expect("psql runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let repo = EventRepository::new(common::config(&schema)).unwrap();
+    assert_eq!(repo.storage_mode().await.unwrap(), "native");
+    repo.append(common::event(uuid::Uuid::now_v7(), 1)).await.unwrap();
+}
