@@ -154,6 +154,8 @@ pub enum FoldErrorKind {
     MixedAggregates,
     /// An event is not a well-formed event record.
     InvalidEvent,
+    /// The fold options are malformed; `index` is 0.
+    InvalidOptions,
 }
 
 impl FoldErrorKind {
@@ -165,6 +167,7 @@ impl FoldErrorKind {
             FoldErrorKind::UnorderedEvents => "UNORDERED_EVENTS",
             FoldErrorKind::MixedAggregates => "MIXED_AGGREGATES",
             FoldErrorKind::InvalidEvent => "INVALID_EVENT",
+            FoldErrorKind::InvalidOptions => "INVALID_OPTIONS",
         }
     }
 }
@@ -201,8 +204,9 @@ impl Error {
         )
     }
 
-    /// A validation error from the first of `issues`.
-    pub(crate) fn from_issues(mut issues: Vec<Issue>) -> Error {
+    /// A validation error from the first of `issues` (as [`crate::validate::parse_event`]
+    /// returns them).
+    pub fn from_issue_list(mut issues: Vec<Issue>) -> Error {
         if issues.is_empty() {
             return Error::Internal {
                 message: "validation failed without an issue".into(),
@@ -216,11 +220,55 @@ impl Error {
         }
     }
 
+    /// A validation error for input that is not JSON at all (e.g. a function or a cycle).
+    pub fn invalid_input(message: impl Into<String>) -> Error {
+        Error::invalid("", IssueCode::InvalidType, message)
+    }
+
     pub(crate) fn invalid(field: impl Into<String>, reason: IssueCode, message: impl Into<String>) -> Error {
         Error::Validation {
             field: field.into(),
             reason,
             message: message.into(),
         }
+    }
+}
+
+impl Error {
+    /// The error's details as a JSON object with camelCase keys (`aggregateId`,
+    /// `expectedVersion`, `actualVersion`, `field`, `reason`, ...), for language bindings to
+    /// copy onto their error objects. Always holds `retryable`.
+    pub fn details(&self) -> serde_json::Map<String, serde_json::Value> {
+        use serde_json::json;
+        let value = match self {
+            Error::Validation { field, reason, .. } => json!({ "field": field, "path": field, "reason": reason.as_str() }),
+            Error::ConcurrencyConflict {
+                aggregate_id,
+                expected_version,
+                actual_version,
+            } => json!({
+                "aggregateId": aggregate_id.to_string(),
+                "expectedVersion": expected_version,
+                "actualVersion": actual_version,
+            }),
+            Error::AggregateTypeMismatch {
+                aggregate_id,
+                stored,
+                given,
+            } => json!({ "aggregateId": aggregate_id.to_string(), "storedType": stored, "givenType": given }),
+            Error::Fold { index, .. } => json!({ "index": index }),
+            Error::PoolTimeout { timeout_ms } => json!({ "timeoutMs": timeout_ms }),
+            Error::MigrationChecksumMismatch { version, name, .. } | Error::MigrationFailed { version, name, .. } => {
+                json!({ "migrationVersion": version, "migrationName": name })
+            }
+            Error::Database { sqlstate, .. } => json!({ "sqlstate": sqlstate }),
+            _ => json!({}),
+        };
+        let mut map = match value {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        map.insert("retryable".into(), self.is_retryable().into());
+        map
     }
 }

@@ -306,6 +306,30 @@ pub fn parse_event(value: &Value, limits: &Limits) -> std::result::Result<NewEve
     }
 }
 
+/// Parses untyped JSON as a batch: an array of events. Paths are prefixed with `events[i]`.
+///
+/// Fails with [`Error::Validation`] naming the first problem.
+pub fn parse_batch(value: &Value, limits: &Limits) -> Result<Vec<NewEvent>> {
+    let Some(items) = value.as_array() else {
+        return Err(Error::invalid("events", IssueCode::InvalidType, "events must be an array"));
+    };
+    let mut events = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match parse_event(item, limits) {
+            Ok(event) => events.push(event),
+            Err(issues) => {
+                let first = issues.into_iter().next();
+                let (path, code, message) = first
+                    .map(|f| (f.path, f.code, f.message))
+                    .unwrap_or_else(|| (String::new(), IssueCode::InvalidType, "invalid event".into()));
+                let path = if path.is_empty() { format!("events[{i}]") } else { format!("events[{i}].{path}") };
+                return Err(Error::invalid(path, code, message));
+            }
+        }
+    }
+    Ok(events)
+}
+
 impl NewEvent {
     /// Checks every rule of a typed event.
     ///
@@ -315,7 +339,7 @@ impl NewEvent {
         if issues.is_empty() {
             Ok(())
         } else {
-            Err(Error::from_issues(issues))
+            Err(Error::from_issue_list(issues))
         }
     }
 }

@@ -1,0 +1,613 @@
+//! `@synap/database`: the Node.js binding of `synap-events`.
+//!
+//! A thin adapter: JavaScript values in, core calls, JavaScript values and errors out. Every rule
+//! lives in the core crate.
+#![deny(clippy::all)]
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::FutureExt;
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use serde_json::Value;
+use synap_events as core;
+
+/// What an aggregate is.
+#[napi(string_enum)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum AggregateType {
+    /// `entity`: notes, tasks, documents.
+    #[napi(value = "entity")]
+    ENTITY,
+    /// `relation`: a link between entities.
+    #[napi(value = "relation")]
+    RELATION,
+    /// `user`: a user account.
+    #[napi(value = "user")]
+    USER,
+    /// `system`: the system itself.
+    #[napi(value = "system")]
+    SYSTEM,
+}
+
+/// Where an event came from.
+#[napi(string_enum)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum EventSource {
+    /// `api`: a user action through the API.
+    #[napi(value = "api")]
+    API,
+    /// `automation`: a rule or workflow.
+    #[napi(value = "automation")]
+    AUTOMATION,
+    /// `sync`: a device or integration sync.
+    #[napi(value = "sync")]
+    SYNC,
+    /// `migration`: copied from the legacy events table.
+    #[napi(value = "migration")]
+    MIGRATION,
+    /// `system`: the system itself.
+    #[napi(value = "system")]
+    SYSTEM,
+}
+
+impl From<core::AggregateType> for AggregateType {
+    fn from(t: core::AggregateType) -> Self {
+        match t {
+            core::AggregateType::Entity => AggregateType::ENTITY,
+            core::AggregateType::Relation => AggregateType::RELATION,
+            core::AggregateType::User => AggregateType::USER,
+            core::AggregateType::System => AggregateType::SYSTEM,
+        }
+    }
+}
+
+impl From<&AggregateType> for core::AggregateType {
+    fn from(t: &AggregateType) -> Self {
+        match t {
+            AggregateType::ENTITY => core::AggregateType::Entity,
+            AggregateType::RELATION => core::AggregateType::Relation,
+            AggregateType::USER => core::AggregateType::User,
+            AggregateType::SYSTEM => core::AggregateType::System,
+        }
+    }
+}
+
+impl From<core::EventSource> for EventSource {
+    fn from(s: core::EventSource) -> Self {
+        match s {
+            core::EventSource::Api => EventSource::API,
+            core::EventSource::Automation => EventSource::AUTOMATION,
+            core::EventSource::Sync => EventSource::SYNC,
+            core::EventSource::Migration => EventSource::MIGRATION,
+            core::EventSource::System => EventSource::SYSTEM,
+        }
+    }
+}
+
+/// An event to append. Objects with extra keys are accepted; `undefined` members count as absent.
+#[napi(object)]
+pub struct AppendEventData {
+    /// Event id (UUID); generated when absent. Supplying it makes a retried append idempotent.
+    pub id: Option<String>,
+    /// When it happened; the database's clock when absent.
+    pub timestamp: Option<DateTime<Utc>>,
+    /// The aggregate (UUID).
+    pub aggregate_id: String,
+    /// The aggregate's type; fixed by its first event.
+    pub aggregate_type: AggregateType,
+    /// Dotted lowercase name, e.g. `entity.created`.
+    pub event_type: String,
+    /// The acting user.
+    pub user_id: String,
+    /// The change (deltas only), a JSON object.
+    #[napi(ts_type = "Record<string, unknown>")]
+    pub data: Value,
+    /// Optional JSON object about the event.
+    #[napi(ts_type = "Record<string, unknown>")]
+    pub metadata: Option<Value>,
+    /// The aggregate's version after this event: current version + 1 (1 creates it).
+    pub version: u32,
+    /// The event that caused this one (UUID).
+    pub causation_id: Option<String>,
+    /// The workflow this event belongs to (UUID).
+    pub correlation_id: Option<String>,
+    /// Where it came from; `api` when absent.
+    pub source: Option<EventSource>,
+}
+
+/// A stored event.
+#[napi(object)]
+pub struct EventRecord {
+    /// Event id (UUID).
+    pub id: String,
+    /// When it happened.
+    pub timestamp: DateTime<Utc>,
+    /// The aggregate (UUID).
+    pub aggregate_id: String,
+    /// The aggregate's type.
+    pub aggregate_type: AggregateType,
+    /// Dotted lowercase event name.
+    pub event_type: String,
+    /// The acting user.
+    pub user_id: String,
+    /// The delta.
+    #[napi(ts_type = "Record<string, unknown>")]
+    pub data: Value,
+    /// Metadata; absent when none was given.
+    #[napi(ts_type = "Record<string, unknown>")]
+    pub metadata: Option<Value>,
+    /// The aggregate's version after this event.
+    pub version: u32,
+    /// The event that caused this one; absent when none.
+    pub causation_id: Option<String>,
+    /// The workflow; absent when none.
+    pub correlation_id: Option<String>,
+    /// Where it came from.
+    pub source: EventSource,
+    /// Global insert order across aggregates (gaps are possible).
+    pub position: i64,
+}
+
+impl From<core::EventRecord> for EventRecord {
+    fn from(r: core::EventRecord) -> Self {
+        EventRecord {
+            id: r.id.to_string(),
+            timestamp: r.timestamp,
+            aggregate_id: r.aggregate_id.to_string(),
+            aggregate_type: r.aggregate_type.into(),
+            event_type: r.event_type,
+            user_id: r.user_id,
+            data: r.data,
+            metadata: r.metadata,
+            version: r.version as u32,
+            causation_id: r.causation_id.map(|u| u.to_string()),
+            correlation_id: r.correlation_id.map(|u| u.to_string()),
+            source: r.source.into(),
+            position: r.position,
+        }
+    }
+}
+
+/// Options of `getAggregateStream`.
+#[napi(object)]
+pub struct EventStreamOptions {
+    /// First version to return (inclusive); default 1.
+    pub from_version: Option<i32>,
+    /// Last version to return (inclusive); default the latest.
+    pub to_version: Option<i32>,
+    /// Only these event types.
+    pub event_types: Option<Vec<String>>,
+}
+
+/// Options of `getUserStream`.
+#[napi(object)]
+pub struct UserStreamOptions {
+    /// How many days back from now; default 7.
+    pub days: Option<i64>,
+    /// Most events returned; default 1000.
+    pub limit: Option<i64>,
+    /// Only these event types.
+    pub event_types: Option<Vec<String>>,
+    /// Only these aggregate types.
+    pub aggregate_types: Option<Vec<AggregateType>>,
+}
+
+/// Filters of `countEvents`; they combine with AND.
+#[napi(object)]
+pub struct CountEventsOptions {
+    /// Only this user's events.
+    pub user_id: Option<String>,
+    /// Only this event type.
+    pub event_type: Option<String>,
+    /// Only this aggregate type.
+    pub aggregate_type: Option<AggregateType>,
+    /// Only events at or after this time.
+    pub from_date: Option<DateTime<Utc>>,
+    /// Only events before this time.
+    pub to_date: Option<DateTime<Utc>>,
+}
+
+/// Settings of `new EventRepository(options)`.
+#[napi(object)]
+pub struct RepositoryOptions {
+    /// PostgreSQL connection string; default `process.env.DATABASE_URL` at first use.
+    pub connection_string: Option<String>,
+    /// Largest number of pooled connections; default 10.
+    pub pool_size: Option<u32>,
+    /// How long opening a connection may take, in ms; default 10000.
+    pub connect_timeout_ms: Option<u32>,
+    /// How long a call waits for a free connection before `POOL_TIMEOUT`, in ms; default 30000.
+    pub acquire_timeout_ms: Option<u32>,
+    /// Server-side statement timeout in ms; default: the server's.
+    pub statement_timeout_ms: Option<u32>,
+    /// Schema holding the tables (lowercase letters, digits, `_`); default: the server's search_path.
+    pub schema: Option<String>,
+    /// `auto` (default), `timescaledb` or `native`: how `migrate()` creates events_v2.
+    pub storage_mode: Option<String>,
+    /// Largest `data` or `metadata`, in bytes of JSON; default 1 MiB.
+    pub max_data_bytes: Option<u32>,
+}
+
+/// What `migrate()` did.
+#[napi(object)]
+pub struct MigrationReport {
+    /// Versions applied now.
+    pub applied: Vec<i32>,
+    /// Versions that had been applied before.
+    pub already_applied: Vec<i32>,
+    /// `timescaledb` or `native`.
+    pub storage_mode: String,
+}
+
+enum Source {
+    Env,
+    Config(Box<core::RepositoryConfig>),
+}
+
+/// The event store. `new EventRepository()` reads `DATABASE_URL` at first use; pass a connection
+/// string or options to configure it. Connections open lazily and close with `close()`; an open
+/// pool does not keep the process alive.
+#[napi]
+pub struct EventRepository {
+    source: Arc<Source>,
+    inner: Arc<Mutex<Option<core::EventRepository>>>,
+}
+
+#[napi]
+impl EventRepository {
+    /// A repository; nothing connects until the first call.
+    ///
+    /// Throws `INVALID_CONFIG` for unusable options.
+    #[napi(constructor, catch_unwind)]
+    pub fn new(#[napi(ts_arg_type = "RepositoryOptions | string")] options: Option<Either<String, RepositoryOptions>>) -> Result<Self> {
+        let source = match options {
+            None => Source::Env,
+            Some(Either::A(url)) => Source::Config(Box::new(core::RepositoryConfig::new(url))),
+            Some(Either::B(o)) => {
+                let mut config = match o.connection_string {
+                    Some(url) => core::RepositoryConfig::new(url),
+                    None => match core::RepositoryConfig::from_env() {
+                        Ok(c) => c,
+                        // Without a URL yet, keep the options and fail at first use.
+                        Err(_) => core::RepositoryConfig::new(String::new()),
+                    },
+                };
+                if let Some(n) = o.pool_size {
+                    config.pool_size = n as usize;
+                }
+                if let Some(ms) = o.connect_timeout_ms {
+                    config.connect_timeout = Duration::from_millis(ms.into());
+                }
+                if let Some(ms) = o.acquire_timeout_ms {
+                    config.acquire_timeout = Duration::from_millis(ms.into());
+                }
+                if let Some(ms) = o.statement_timeout_ms {
+                    config.statement_timeout = Some(Duration::from_millis(ms.into()));
+                }
+                config.schema = o.schema;
+                if let Some(mode) = o.storage_mode {
+                    config.storage_mode = core::StorageMode::parse(&mode).map_err(plain_error)?;
+                }
+                if let Some(bytes) = o.max_data_bytes {
+                    config.limits.max_data_bytes = bytes as usize;
+                }
+                Source::Config(Box::new(config))
+            }
+        };
+        let repo = EventRepository {
+            source: Arc::new(source),
+            inner: Arc::new(Mutex::new(None)),
+        };
+        if matches!(*repo.source, Source::Config(_)) {
+            // Report bad options now rather than at the first call, unless only the URL is missing.
+            if let Source::Config(c) = &*repo.source {
+                if !c.database_url.is_empty() {
+                    repo.repository().map_err(plain_error)?;
+                }
+            }
+        }
+        Ok(repo)
+    }
+
+    fn repository(&self) -> core::Result<core::EventRepository> {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(repo) = &*guard {
+            return Ok(repo.clone());
+        }
+        let repo = match &*self.source {
+            Source::Env => core::EventRepository::from_env()?,
+            Source::Config(c) if c.database_url.is_empty() => {
+                let mut c = (**c).clone();
+                c.database_url = core::RepositoryConfig::from_env()?.database_url;
+                core::EventRepository::new(c)?
+            }
+            Source::Config(c) => core::EventRepository::new((**c).clone())?,
+        };
+        *guard = Some(repo.clone());
+        Ok(repo)
+    }
+
+    fn run<'env, T, V, F, Fut>(&self, env: &'env Env, work: F) -> Result<PromiseRaw<'env, V>>
+    where
+        T: Send + 'static,
+        V: ToNapiValue + 'static,
+        F: FnOnce(core::EventRepository) -> Fut,
+        Fut: Future<Output = core::Result<T>> + Send + 'static,
+        T: IntoJs<V>,
+    {
+        let fut = match self.repository() {
+            Ok(repo) => futures_util::future::Either::Left(work(repo)),
+            Err(e) => futures_util::future::Either::Right(std::future::ready(Err(e))),
+        };
+        spawn(env, fut)
+    }
+
+    /// Applies pending schema migrations (safe to repeat, and from several processes at once).
+    #[napi(catch_unwind)]
+    pub fn migrate<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, MigrationReport>> {
+        self.run(env, |repo| async move { repo.migrate().await })
+    }
+
+    /// Appends one event with optimistic locking: `version` must be the aggregate's version + 1.
+    ///
+    /// Rejects with `VALIDATION_FAILED` (with `field`), `CONCURRENCY_CONFLICT` (with
+    /// `aggregateId`, `expectedVersion`, `actualVersion`) or `AGGREGATE_TYPE_MISMATCH`; nothing is
+    /// written then.
+    #[napi(catch_unwind, ts_args_type = "event: AppendEventData")]
+    pub fn append<'env>(&self, env: &'env Env, event: Unknown<'env>) -> Result<PromiseRaw<'env, EventRecord>> {
+        let parsed = js_to_json(env, event).and_then(|v| {
+            core::validate::parse_event(&v, &self.limits()).map_err(core::Error::from_issue_list)
+        });
+        self.run(env, move |repo| async move { repo.append(parsed?).await })
+    }
+
+    /// Appends events atomically (all or none), any number of them.
+    ///
+    /// Rejects like `append`, with `field` paths such as `events[3].version`.
+    #[napi(catch_unwind, ts_args_type = "events: AppendEventData[]")]
+    pub fn append_batch<'env>(&self, env: &'env Env, events: Unknown<'env>) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+        let limits = self.limits();
+        let parsed = js_to_json(env, events).and_then(|v| core::validate::parse_batch(&v, &limits));
+        self.run(env, move |repo| async move { repo.append_batch(parsed?).await })
+    }
+
+    /// The aggregate's events in version order; `[]` for an unknown aggregate.
+    #[napi(catch_unwind)]
+    pub fn get_aggregate_stream<'env>(
+        &self,
+        env: &'env Env,
+        aggregate_id: String,
+        options: Option<EventStreamOptions>,
+    ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+        let id = core::validate::parse_uuid_arg("aggregateId", &aggregate_id);
+        let options = options.map(|o| core::StreamOptions {
+            from_version: o.from_version,
+            to_version: o.to_version,
+            event_types: o.event_types,
+        });
+        self.run(env, move |repo| async move {
+            repo.get_aggregate_stream(id?, &options.unwrap_or_default()).await
+        })
+    }
+
+    /// The aggregate's current version, or `null` when it has no events.
+    #[napi(catch_unwind)]
+    pub fn get_aggregate_version<'env>(&self, env: &'env Env, aggregate_id: String) -> Result<PromiseRaw<'env, Option<i32>>> {
+        let id = core::validate::parse_uuid_arg("aggregateId", &aggregate_id);
+        self.run(env, move |repo| async move { repo.get_aggregate_version(id?).await })
+    }
+
+    /// A user's recent events, newest first (`days` 7 and `limit` 1000 by default).
+    #[napi(catch_unwind)]
+    pub fn get_user_stream<'env>(
+        &self,
+        env: &'env Env,
+        user_id: String,
+        options: Option<UserStreamOptions>,
+    ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+        let mut opts = core::UserStreamOptions::default();
+        if let Some(o) = options {
+            opts.days = o.days.unwrap_or(opts.days);
+            opts.limit = o.limit.unwrap_or(opts.limit);
+            opts.event_types = o.event_types;
+            opts.aggregate_types = o.aggregate_types.map(|ts| ts.iter().map(Into::into).collect());
+        }
+        self.run(env, move |repo| async move { repo.get_user_stream(&user_id, &opts).await })
+    }
+
+    /// Every event of a workflow, oldest first.
+    #[napi(catch_unwind)]
+    pub fn get_correlated_events<'env>(&self, env: &'env Env, correlation_id: String) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+        let id = core::validate::parse_uuid_arg("correlationId", &correlation_id);
+        self.run(env, move |repo| async move { repo.get_correlated_events(id?).await })
+    }
+
+    /// The latest events of one type, newest first (`limit` 100 by default).
+    #[napi(catch_unwind)]
+    pub fn get_events_by_type<'env>(
+        &self,
+        env: &'env Env,
+        event_type: String,
+        limit: Option<i64>,
+    ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+        self.run(env, move |repo| async move {
+            repo.get_events_by_type(&event_type, limit.unwrap_or(100)).await
+        })
+    }
+
+    /// How many events match every given filter.
+    #[napi(catch_unwind)]
+    pub fn count_events<'env>(&self, env: &'env Env, options: Option<CountEventsOptions>) -> Result<PromiseRaw<'env, i64>> {
+        let filter = options
+            .map(|o| core::CountFilter {
+                user_id: o.user_id,
+                event_type: o.event_type,
+                aggregate_type: o.aggregate_type.as_ref().map(Into::into),
+                from_date: o.from_date,
+                to_date: o.to_date,
+            })
+            .unwrap_or_default();
+        self.run(env, move |repo| async move { repo.count_events(&filter).await })
+    }
+
+    /// Recomputes the `events_daily` days that received events since the last refresh (all days
+    /// when `full`). Resolves to the number of days recomputed.
+    #[napi(catch_unwind)]
+    pub fn refresh_analytics<'env>(&self, env: &'env Env, full: Option<bool>) -> Result<PromiseRaw<'env, i32>> {
+        self.run(env, move |repo| async move { repo.refresh_analytics(full.unwrap_or(false)).await })
+    }
+
+    /// Closes the connection pool. Later calls reject with `CONNECTION_FAILED`.
+    #[napi(catch_unwind)]
+    pub fn close(&self) {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(repo) = &*guard {
+            repo.close();
+        }
+    }
+
+    fn limits(&self) -> core::Limits {
+        match &*self.source {
+            Source::Config(c) => c.limits,
+            Source::Env => core::Limits::default(),
+        }
+    }
+}
+
+/// Checks an event the way `append` does, returning the problems as data.
+#[napi(catch_unwind, ts_args_type = "event: unknown", ts_return_type = "ValidationReport")]
+pub fn validate_event(env: &Env, event: Unknown) -> Result<Value> {
+    let value = js_to_json(env, event).map_err(|e| to_js_error(env, e))?;
+    let report = core::validate::report(&value, &core::Limits::default());
+    serde_json::to_value(report).map_err(|e| Error::from_reason(e.to_string()))
+}
+
+/// The result of `validateEvent`.
+#[napi(object)]
+pub struct ValidationReport {
+    /// True when `errors` is empty.
+    pub valid: bool,
+    /// Every problem found.
+    pub errors: Vec<ValidationIssue>,
+}
+
+/// One problem found by `validateEvent`.
+#[napi(object)]
+pub struct ValidationIssue {
+    /// Path of the field, e.g. `data.tags[2]`.
+    pub path: String,
+    /// Stable code, e.g. `INVALID_UUID`.
+    pub code: String,
+    /// A sentence for people.
+    pub message: String,
+}
+
+/// Converts a core result into the JavaScript value of a resolved promise.
+trait IntoJs<V> {
+    fn into_js(self) -> V;
+}
+
+impl IntoJs<EventRecord> for core::EventRecord {
+    fn into_js(self) -> EventRecord {
+        self.into()
+    }
+}
+
+impl IntoJs<Vec<EventRecord>> for Vec<core::EventRecord> {
+    fn into_js(self) -> Vec<EventRecord> {
+        self.into_iter().map(Into::into).collect()
+    }
+}
+
+impl IntoJs<MigrationReport> for core::MigrationReport {
+    fn into_js(self) -> MigrationReport {
+        MigrationReport {
+            applied: self.applied,
+            already_applied: self.already_applied,
+            storage_mode: self.storage_mode,
+        }
+    }
+}
+
+macro_rules! into_js_as_is {
+    ($($t:ty),*) => {$(
+        impl IntoJs<$t> for $t {
+            fn into_js(self) -> $t {
+                self
+            }
+        }
+    )*};
+}
+into_js_as_is!(i32, i64, Option<i32>);
+
+/// Runs a core future on the runtime; resolves with its value or rejects with a coded Error.
+/// A panic inside becomes an `INTERNAL_ERROR` rejection.
+fn spawn<'env, T, V, Fut>(env: &'env Env, fut: Fut) -> Result<PromiseRaw<'env, V>>
+where
+    T: IntoJs<V> + Send + 'static,
+    V: ToNapiValue + 'static,
+    Fut: Future<Output = core::Result<T>> + Send + 'static,
+{
+    let guarded = async move {
+        Ok(AssertUnwindSafe(fut).catch_unwind().await.unwrap_or_else(|panic| {
+            Err(core::Error::Internal {
+                message: panic_message(&panic),
+            })
+        }))
+    };
+    env.spawn_future_with_callback(guarded, |env, result: core::Result<T>| match result {
+        Ok(value) => Ok(value.into_js()),
+        Err(e) => Err(to_js_error(env, e)),
+    })
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// A JavaScript `Error` with `code` and the core error's details as properties.
+fn to_js_error(env: &Env, e: core::Error) -> Error {
+    let code = e.code();
+    let build = || -> Result<Error> {
+        let mut obj = env.create_error(Error::new(Status::GenericFailure, e.to_string()))?;
+        obj.set("code", code)?;
+        for (key, value) in e.details() {
+            obj.set(key, value)?;
+        }
+        Ok(Error::from(obj.to_unknown()))
+    };
+    build().unwrap_or_else(|_| Error::new(Status::GenericFailure, format!("{code}: {e}")))
+}
+
+/// An error thrown synchronously (constructor), with the code in `code`.
+fn plain_error(e: core::Error) -> Error {
+    Error::new(Status::InvalidArg, format!("{}: {e}", e.code()))
+}
+
+/// JavaScript value to JSON exactly as `JSON.stringify` (what node-postgres sends) sees it:
+/// `undefined` members dropped, Dates as ISO strings, `toJSON` honoured.
+fn js_to_json(env: &Env, value: Unknown) -> core::Result<Value> {
+    let text = (|| -> Result<Option<String>> {
+        let json: Object = env.get_global()?.get_named_property("JSON")?;
+        let stringify: Function<Unknown, Unknown> = json.get_named_property("stringify")?;
+        let out = stringify.call(value)?;
+        match out.get_type()? {
+            ValueType::String => Ok(Some(unsafe { out.cast::<String>() }?)),
+            _ => Ok(None),
+        }
+    })();
+    match text {
+        Ok(Some(text)) => serde_json::from_str(&text).map_err(|e| core::Error::Internal { message: e.to_string() }),
+        Ok(None) => Ok(Value::Null),
+        Err(e) => Err(core::Error::invalid_input(format!("not JSON-serializable: {}", e.reason))),
+    }
+}
