@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what building and testing need; idempotent, quick when everything is present.
+# Installs what building and testing need and builds the Node module; idempotent, quick when
+# everything is present.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -7,7 +8,16 @@ if ! command -v cargo >/dev/null; then
     echo "setup: cargo not found; install Rust with rustup first" >&2
     exit 1
 fi
+if ! command -v npm >/dev/null; then
+    echo "setup: npm not found; install Node.js 18 or later first" >&2
+    exit 1
+fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
     rustup target add wasm32-unknown-unknown
 fi
+if [ ! -d node_modules/@napi-rs/cli ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    npm ci --no-audit --no-fund
+fi
+# The native module (release build; regenerates index.js and index.d.ts).
+npm run --silent build
