@@ -286,8 +286,13 @@ test('an unreachable database rejects with a retryable code after the timeout', 
 })
 
 test('bad options throw INVALID_CONFIG', () => {
-  assert.throws(() => new EventRepository({ connectionString: DATABASE_URL, schema: 'Bad Schema' }), /INVALID_CONFIG/)
-  assert.throws(() => new EventRepository({ connectionString: DATABASE_URL, storageMode: 'mongo' }), /INVALID_CONFIG/)
+  assert.throws(() => new EventRepository({ connectionString: DATABASE_URL, schema: 'Bad Schema' }), {
+    code: 'INVALID_CONFIG',
+  })
+  assert.throws(() => new EventRepository({ connectionString: DATABASE_URL, storageMode: 'mongo' }), {
+    code: 'INVALID_CONFIG',
+  })
+  assert.throws(() => new EventRepository('not a url ::'), { code: 'INVALID_CONFIG' })
 })
 
 test('close() makes later calls reject', async () => {

@@ -241,7 +241,9 @@ impl Error {
     pub fn details(&self) -> serde_json::Map<String, serde_json::Value> {
         use serde_json::json;
         let value = match self {
-            Error::Validation { field, reason, .. } => json!({ "field": field, "path": field, "reason": reason.as_str() }),
+            Error::Validation { field, reason, .. } => {
+                json!({ "field": field, "path": field, "reason": reason.as_str() })
+            }
             Error::ConcurrencyConflict {
                 aggregate_id,
                 expected_version,

@@ -7,6 +7,7 @@
 
 mod error;
 
+pub mod fold;
 mod model;
 pub mod validate;
 
@@ -14,6 +15,10 @@ pub mod validate;
 mod db;
 
 pub use error::{Error, Result};
+pub use fold::{
+    apply_delta, apply_merge_patch, fold_events, fold_records, format_timestamp, parse_fold_options, Bookkeeping,
+    FoldErrorKind, FoldOptions, FoldResult, HistoryStep, Snapshot,
+};
 pub use model::{AggregateType, EventRecord, EventSource, NewEvent};
 pub use validate::{Issue, IssueCode, Limits, Report};
 

@@ -311,7 +311,11 @@ pub fn parse_event(value: &Value, limits: &Limits) -> std::result::Result<NewEve
 /// Fails with [`Error::Validation`] naming the first problem.
 pub fn parse_batch(value: &Value, limits: &Limits) -> Result<Vec<NewEvent>> {
     let Some(items) = value.as_array() else {
-        return Err(Error::invalid("events", IssueCode::InvalidType, "events must be an array"));
+        return Err(Error::invalid(
+            "events",
+            IssueCode::InvalidType,
+            "events must be an array",
+        ));
     };
     let mut events = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
@@ -322,7 +326,11 @@ pub fn parse_batch(value: &Value, limits: &Limits) -> Result<Vec<NewEvent>> {
                 let (path, code, message) = first
                     .map(|f| (f.path, f.code, f.message))
                     .unwrap_or_else(|| (String::new(), IssueCode::InvalidType, "invalid event".into()));
-                let path = if path.is_empty() { format!("events[{i}]") } else { format!("events[{i}].{path}") };
+                let path = if path.is_empty() {
+                    format!("events[{i}]")
+                } else {
+                    format!("events[{i}].{path}")
+                };
                 return Err(Error::invalid(path, code, message));
             }
         }

@@ -264,7 +264,10 @@ impl EventRepository {
     ///
     /// Throws `INVALID_CONFIG` for unusable options.
     #[napi(constructor, catch_unwind)]
-    pub fn new(#[napi(ts_arg_type = "RepositoryOptions | string")] options: Option<Either<String, RepositoryOptions>>) -> Result<Self> {
+    pub fn new(
+        env: Env,
+        #[napi(ts_arg_type = "RepositoryOptions | string")] options: Option<Either<String, RepositoryOptions>>,
+    ) -> Result<Self> {
         let source = match options {
             None => Source::Env,
             Some(Either::A(url)) => Source::Config(Box::new(core::RepositoryConfig::new(url))),
@@ -291,7 +294,7 @@ impl EventRepository {
                 }
                 config.schema = o.schema;
                 if let Some(mode) = o.storage_mode {
-                    config.storage_mode = core::StorageMode::parse(&mode).map_err(plain_error)?;
+                    config.storage_mode = core::StorageMode::parse(&mode).map_err(|e| to_js_error(&env, e))?;
                 }
                 if let Some(bytes) = o.max_data_bytes {
                     config.limits.max_data_bytes = bytes as usize;
@@ -307,7 +310,7 @@ impl EventRepository {
             // Report bad options now rather than at the first call, unless only the URL is missing.
             if let Source::Config(c) = &*repo.source {
                 if !c.database_url.is_empty() {
-                    repo.repository().map_err(plain_error)?;
+                    repo.repository().map_err(|e| to_js_error(&env, e))?;
                 }
             }
         }
@@ -360,9 +363,8 @@ impl EventRepository {
     /// written then.
     #[napi(catch_unwind, ts_args_type = "event: AppendEventData")]
     pub fn append<'env>(&self, env: &'env Env, event: Unknown<'env>) -> Result<PromiseRaw<'env, EventRecord>> {
-        let parsed = js_to_json(env, event).and_then(|v| {
-            core::validate::parse_event(&v, &self.limits()).map_err(core::Error::from_issue_list)
-        });
+        let parsed = js_to_json(env, event)
+            .and_then(|v| core::validate::parse_event(&v, &self.limits()).map_err(core::Error::from_issue_list));
         self.run(env, move |repo| async move { repo.append(parsed?).await })
     }
 
@@ -370,7 +372,11 @@ impl EventRepository {
     ///
     /// Rejects like `append`, with `field` paths such as `events[3].version`.
     #[napi(catch_unwind, ts_args_type = "events: AppendEventData[]")]
-    pub fn append_batch<'env>(&self, env: &'env Env, events: Unknown<'env>) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+    pub fn append_batch<'env>(
+        &self,
+        env: &'env Env,
+        events: Unknown<'env>,
+    ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
         let limits = self.limits();
         let parsed = js_to_json(env, events).and_then(|v| core::validate::parse_batch(&v, &limits));
         self.run(env, move |repo| async move { repo.append_batch(parsed?).await })
@@ -397,7 +403,11 @@ impl EventRepository {
 
     /// The aggregate's current version, or `null` when it has no events.
     #[napi(catch_unwind)]
-    pub fn get_aggregate_version<'env>(&self, env: &'env Env, aggregate_id: String) -> Result<PromiseRaw<'env, Option<i32>>> {
+    pub fn get_aggregate_version<'env>(
+        &self,
+        env: &'env Env,
+        aggregate_id: String,
+    ) -> Result<PromiseRaw<'env, Option<i32>>> {
         let id = core::validate::parse_uuid_arg("aggregateId", &aggregate_id);
         self.run(env, move |repo| async move { repo.get_aggregate_version(id?).await })
     }
@@ -417,12 +427,19 @@ impl EventRepository {
             opts.event_types = o.event_types;
             opts.aggregate_types = o.aggregate_types.map(|ts| ts.iter().map(Into::into).collect());
         }
-        self.run(env, move |repo| async move { repo.get_user_stream(&user_id, &opts).await })
+        self.run(
+            env,
+            move |repo| async move { repo.get_user_stream(&user_id, &opts).await },
+        )
     }
 
     /// Every event of a workflow, oldest first.
     #[napi(catch_unwind)]
-    pub fn get_correlated_events<'env>(&self, env: &'env Env, correlation_id: String) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+    pub fn get_correlated_events<'env>(
+        &self,
+        env: &'env Env,
+        correlation_id: String,
+    ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
         let id = core::validate::parse_uuid_arg("correlationId", &correlation_id);
         self.run(env, move |repo| async move { repo.get_correlated_events(id?).await })
     }
@@ -442,7 +459,11 @@ impl EventRepository {
 
     /// How many events match every given filter.
     #[napi(catch_unwind)]
-    pub fn count_events<'env>(&self, env: &'env Env, options: Option<CountEventsOptions>) -> Result<PromiseRaw<'env, i64>> {
+    pub fn count_events<'env>(
+        &self,
+        env: &'env Env,
+        options: Option<CountEventsOptions>,
+    ) -> Result<PromiseRaw<'env, i64>> {
         let filter = options
             .map(|o| core::CountFilter {
                 user_id: o.user_id,
@@ -459,7 +480,9 @@ impl EventRepository {
     /// when `full`). Resolves to the number of days recomputed.
     #[napi(catch_unwind)]
     pub fn refresh_analytics<'env>(&self, env: &'env Env, full: Option<bool>) -> Result<PromiseRaw<'env, i32>> {
-        self.run(env, move |repo| async move { repo.refresh_analytics(full.unwrap_or(false)).await })
+        self.run(env, move |repo| async move {
+            repo.refresh_analytics(full.unwrap_or(false)).await
+        })
     }
 
     /// Closes the connection pool. Later calls reject with `CONNECTION_FAILED`.
@@ -588,11 +611,6 @@ fn to_js_error(env: &Env, e: core::Error) -> Error {
     build().unwrap_or_else(|_| Error::new(Status::GenericFailure, format!("{code}: {e}")))
 }
 
-/// An error thrown synchronously (constructor), with the code in `code`.
-fn plain_error(e: core::Error) -> Error {
-    Error::new(Status::InvalidArg, format!("{}: {e}", e.code()))
-}
-
 /// JavaScript value to JSON exactly as `JSON.stringify` (what node-postgres sends) sees it:
 /// `undefined` members dropped, Dates as ISO strings, `toJSON` honoured.
 fn js_to_json(env: &Env, value: Unknown) -> core::Result<Value> {
@@ -608,6 +626,9 @@ fn js_to_json(env: &Env, value: Unknown) -> core::Result<Value> {
     match text {
         Ok(Some(text)) => serde_json::from_str(&text).map_err(|e| core::Error::Internal { message: e.to_string() }),
         Ok(None) => Ok(Value::Null),
-        Err(e) => Err(core::Error::invalid_input(format!("not JSON-serializable: {}", e.reason))),
+        Err(e) => Err(core::Error::invalid_input(format!(
+            "not JSON-serializable: {}",
+            e.reason
+        ))),
     }
 }

@@ -1,0 +1,895 @@
+//! The replay fold: the state of one aggregate, computed from its events.
+//!
+//! [`fold_events`] (untyped JSON, as JavaScript sends it) and [`fold_records`] (typed
+//! [`EventRecord`]s) run the same algorithm and give the same [`FoldResult`].
+//!
+//! # Contract
+//!
+//! The input is the events of **one** aggregate, in version order.
+//!
+//! - The state starts as `null` at version 0, not deleted, unless [`FoldOptions::from`] gives a
+//!   [`Snapshot`] to start from. With no event applied, `lastTimestamp` is `null`.
+//! - Before an event's `data` is applied, its bookkeeping keys are removed (top level only; see
+//!   [`Bookkeeping`]).
+//! - An event type ending in `.created` resets the aggregate: the state becomes `{}` with `data`
+//!   merged in (so `null` members are dropped), and `deleted` becomes false.
+//! - An event type ending in `.deleted` applies `data` as a merge patch, then sets `deleted`.
+//! - Any other event applies `data` as a JSON Merge Patch ([RFC 7396], see
+//!   [`apply_merge_patch`]): `null` removes a key, objects merge recursively, arrays and scalars
+//!   replace. A patch onto a non-object state starts from `{}`. Such events leave `deleted` as it
+//!   was: only a `.created` event revives a deleted aggregate.
+//! - Versions: the first event must be version 1 (or the snapshot's version + 1) and each next
+//!   event the previous version + 1. A repeated version is `DUPLICATE_VERSION`, a lower one
+//!   `UNORDERED_EVENTS`, a higher one (or a wrong first version) `VERSION_GAP`.
+//! - Every event must belong to the aggregate of the first event (`MIXED_AGGREGATES`). In JSON,
+//!   `aggregateId`s are compared as strings (the store writes lowercase hyphenated UUIDs);
+//!   [`fold_records`] compares the UUIDs.
+//! - Each event is checked in this order: well-formed (`INVALID_EVENT`: an object with string
+//!   `aggregateId` and `eventType`, an integer `version` in 1..=2147483647, an object `data`, and
+//!   a `timestamp` that is an RFC 3339 string or integer milliseconds since 1970), then the
+//!   aggregate, then the version rules. Errors carry the index of the offending event.
+//!
+//! Time travel: [`FoldOptions::up_to_version`] stops once the state reaches that version
+//! (inclusive); [`FoldOptions::up_to_timestamp`] includes events whose timestamp is at or before
+//! it and stops at the first event later than it, even if an even later event would have an
+//! earlier timestamp. Events after the stopping point are not validated: the fold never reads
+//! them, except that the first event past a timestamp cut must be well-formed, since its
+//! timestamp has to be read (it is not checked against the aggregate or version rules).
+//!
+//! [`FoldOptions::history`] also returns the state after each applied event, built as the fold
+//! goes (one clone per step, never a re-fold).
+//!
+//! Timestamps serialize as JavaScript's `Date.prototype.toISOString()` does
+//! (`2024-01-02T03:04:05.678Z`, see [`format_timestamp`]).
+//!
+//! [RFC 7396]: https://www.rfc-editor.org/rfc/rfc7396
+
+use std::fmt;
+
+use chrono::{DateTime, Datelike, Timelike, Utc};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Number, Value};
+
+pub use crate::error::FoldErrorKind;
+use crate::error::{Error, Result};
+use crate::model::EventRecord;
+use crate::validate::parse_timestamp;
+
+/// Which top-level keys of an event's `data` are bookkeeping, removed before the data is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bookkeeping {
+    /// Keys always removed. Default `["updatedFields"]`.
+    pub ignore_keys: Vec<String>,
+    /// Remove a key `previousX` when the same `data` also has the key `x` (X with its first
+    /// letter lowercased, e.g. `previousDueDate` beside `dueDate`). X must start with an
+    /// uppercase letter. A `previousX` without its companion is kept as ordinary state.
+    /// Default true.
+    pub drop_previous_companions: bool,
+}
+
+impl Default for Bookkeeping {
+    fn default() -> Self {
+        Bookkeeping {
+            ignore_keys: vec!["updatedFields".to_owned()],
+            drop_previous_companions: true,
+        }
+    }
+}
+
+impl Bookkeeping {
+    /// Whether the top-level `key` of `data` is bookkeeping under this rule.
+    pub fn is_bookkeeping(&self, key: &str, data: &Map<String, Value>) -> bool {
+        self.ignore_keys.iter().any(|k| k == key)
+            || (self.drop_previous_companions && previous_companion(key).is_some_and(|c| data.contains_key(&c)))
+    }
+}
+
+/// `previousDueDate` → `dueDate`; `None` when `key` is not `previous` + an uppercase letter + ....
+fn previous_companion(key: &str) -> Option<String> {
+    let rest = key.strip_prefix("previous")?;
+    let mut chars = rest.chars();
+    let first = chars.next().filter(|c| c.is_uppercase())?;
+    let mut companion: String = first.to_lowercase().collect();
+    companion.push_str(chars.as_str());
+    Some(companion)
+}
+
+/// A known state to start a fold from, instead of `null` at version 0.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// The state at `version`.
+    pub state: Value,
+    /// The version the state is at; the first folded event must be this + 1.
+    pub version: i32,
+    /// Whether the aggregate was deleted at `version`. JSON key `deleted`, optional, default
+    /// false.
+    pub deleted: bool,
+}
+
+/// How to fold. Deserializes from camelCase JSON (see [`parse_fold_options`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FoldOptions {
+    /// Stop once the state reaches this version (inclusive).
+    pub up_to_version: Option<i32>,
+    /// Include events with a timestamp at or before this; stop at the first later event.
+    pub up_to_timestamp: Option<DateTime<Utc>>,
+    /// Also return the state after each applied event.
+    pub history: bool,
+    /// Which keys of `data` are bookkeeping.
+    pub bookkeeping: Bookkeeping,
+    /// Start from this snapshot instead of `null` at version 0.
+    pub from: Option<Snapshot>,
+}
+
+impl<'de> Deserialize<'de> for FoldOptions {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        parse_fold_options(&value).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Reads [`FoldOptions`] from camelCase JSON: `upToVersion` (integer ≥ 0), `upToTimestamp`
+/// (RFC 3339 string or integer milliseconds since 1970), `history` (boolean), `bookkeeping`
+/// (`{ ignoreKeys: string[], dropPreviousCompanions: boolean }`, each optional) and `from`
+/// (`{ state, version, deleted? }`; `version` an integer ≥ 0 is required, `state` defaults to
+/// `null`). `null` or a missing key means the default; unknown keys are ignored; `null` itself
+/// gives the default options.
+///
+/// Fails with [`Error::Fold`] with reason [`FoldErrorKind::InvalidOptions`] (index 0) when
+/// `value` is not an object or null, or a key has the wrong type or range.
+pub fn parse_fold_options(value: &Value) -> Result<FoldOptions> {
+    let obj = match value {
+        Value::Null => return Ok(FoldOptions::default()),
+        Value::Object(obj) => obj,
+        other => {
+            return Err(options_error(format!(
+                "options must be an object, not {}",
+                json_kind(other)
+            )))
+        }
+    };
+    let up_to_version = match present(obj, "upToVersion") {
+        None => None,
+        Some(v) => Some(non_negative_i32(v).ok_or_else(|| {
+            options_error(format!(
+                "upToVersion must be an integer between 0 and 2147483647, not {}",
+                describe(v)
+            ))
+        })?),
+    };
+    let up_to_timestamp = match present(obj, "upToTimestamp") {
+        None => None,
+        Some(v) => Some(parse_timestamp(v).ok_or_else(|| {
+            options_error(format!(
+                "upToTimestamp must be an RFC 3339 date-time or integer milliseconds since 1970, not {}",
+                describe(v)
+            ))
+        })?),
+    };
+    let history = match present(obj, "history") {
+        None => false,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| options_error(format!("history must be a boolean, not {}", describe(v))))?,
+    };
+    let bookkeeping = match present(obj, "bookkeeping") {
+        None => Bookkeeping::default(),
+        Some(v) => parse_bookkeeping(v)?,
+    };
+    let from = match present(obj, "from") {
+        None => None,
+        Some(v) => Some(parse_snapshot(v)?),
+    };
+    Ok(FoldOptions {
+        up_to_version,
+        up_to_timestamp,
+        history,
+        bookkeeping,
+        from,
+    })
+}
+
+fn parse_bookkeeping(value: &Value) -> Result<Bookkeeping> {
+    let Value::Object(obj) = value else {
+        return Err(options_error(format!(
+            "bookkeeping must be an object, not {}",
+            describe(value)
+        )));
+    };
+    let mut rule = Bookkeeping::default();
+    if let Some(v) = present(obj, "ignoreKeys") {
+        let bad = || {
+            options_error(format!(
+                "bookkeeping.ignoreKeys must be an array of strings, not {}",
+                describe(v)
+            ))
+        };
+        let items = v.as_array().ok_or_else(bad)?;
+        rule.ignore_keys = items
+            .iter()
+            .map(|k| k.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(bad)?;
+    }
+    if let Some(v) = present(obj, "dropPreviousCompanions") {
+        rule.drop_previous_companions = v.as_bool().ok_or_else(|| {
+            options_error(format!(
+                "bookkeeping.dropPreviousCompanions must be a boolean, not {}",
+                describe(v)
+            ))
+        })?;
+    }
+    Ok(rule)
+}
+
+fn parse_snapshot(value: &Value) -> Result<Snapshot> {
+    let Value::Object(obj) = value else {
+        return Err(options_error(format!(
+            "from must be an object, not {}",
+            describe(value)
+        )));
+    };
+    let version = match present(obj, "version") {
+        None => return Err(options_error("from.version is required".to_owned())),
+        Some(v) => non_negative_i32(v).ok_or_else(|| {
+            options_error(format!(
+                "from.version must be an integer between 0 and 2147483647, not {}",
+                describe(v)
+            ))
+        })?,
+    };
+    let deleted = match present(obj, "deleted") {
+        None => false,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| options_error(format!("from.deleted must be a boolean, not {}", describe(v))))?,
+    };
+    Ok(Snapshot {
+        state: obj.get("state").cloned().unwrap_or(Value::Null),
+        version,
+        deleted,
+    })
+}
+
+/// The value of `key`, treating `null` as absent.
+fn present<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    obj.get(key).filter(|v| !v.is_null())
+}
+
+fn non_negative_i32(v: &Value) -> Option<i32> {
+    let Value::Number(n) = v else { return None };
+    json_integer(n).and_then(|i| i32::try_from(i).ok()).filter(|i| *i >= 0)
+}
+
+fn options_error(message: String) -> Error {
+    Error::Fold {
+        reason: FoldErrorKind::InvalidOptions,
+        index: 0,
+        message: format!("bad fold options: {message}"),
+    }
+}
+
+/// The outcome of a fold. Serializes with camelCase keys; `history` is omitted when it was not
+/// asked for.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FoldResult {
+    /// The aggregate's state: `null` when nothing was folded, otherwise (normally) an object.
+    pub state: Value,
+    /// The version of the last applied event (the snapshot's version, or 0, when none was).
+    pub version: i32,
+    /// Whether the last `.created`/`.deleted` event applied was a `.deleted` one.
+    pub deleted: bool,
+    /// The timestamp of the last applied event; `None` when none was applied.
+    #[serde(serialize_with = "serialize_optional_timestamp")]
+    pub last_timestamp: Option<DateTime<Utc>>,
+    /// The state after each applied event, when [`FoldOptions::history`] was set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<Vec<HistoryStep>>,
+}
+
+/// The aggregate right after one event was applied.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryStep {
+    /// The event's version.
+    pub version: i32,
+    /// The event's timestamp.
+    #[serde(serialize_with = "serialize_timestamp")]
+    pub timestamp: DateTime<Utc>,
+    /// The event's type.
+    pub event_type: String,
+    /// The state after the event.
+    pub state: Value,
+    /// Whether the aggregate was deleted after the event.
+    pub deleted: bool,
+}
+
+/// Formats a timestamp as JavaScript's `Date.prototype.toISOString()` does: UTC with
+/// milliseconds (truncated), e.g. `2024-01-02T03:04:05.678Z`; years outside 0..=9999 get a sign
+/// and six digits (`+010000-01-01T00:00:00.000Z`).
+pub fn format_timestamp(t: &DateTime<Utc>) -> String {
+    let year = t.year();
+    let year = if (0..=9999).contains(&year) {
+        format!("{year:04}")
+    } else if year < 0 {
+        format!("-{:06}", year.unsigned_abs())
+    } else {
+        format!("+{year:06}")
+    };
+    // A leap second holds nanoseconds >= 1e9; JavaScript has no leap seconds.
+    let millis = t.timestamp_subsec_millis().min(999);
+    format!(
+        "{year}-{:02}-{:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+fn serialize_timestamp<S: Serializer>(t: &DateTime<Utc>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&format_timestamp(t))
+}
+
+fn serialize_optional_timestamp<S: Serializer>(
+    t: &Option<DateTime<Utc>>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => serialize_timestamp(t, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// Applies `patch` to `target` as a JSON Merge Patch, exactly as RFC 7396 says: when `patch` is
+/// an object, `target` becomes an object (`{}` if it was not one), a `null` member removes that
+/// key and any other member is merged in recursively; any other `patch` replaces `target`.
+pub fn apply_merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if let Value::Object(target) = object_target(target) {
+        for (key, value) in patch {
+            patch_member(target, key, value);
+        }
+    }
+}
+
+/// `state` with `delta` applied as a JSON Merge Patch (see [`apply_merge_patch`]). No
+/// bookkeeping keys are removed.
+pub fn apply_delta(state: &Value, delta: &Value) -> Value {
+    let mut next = state.clone();
+    apply_merge_patch(&mut next, delta);
+    next
+}
+
+/// Makes `target` an object (`{}` unless it already is one) and returns it.
+fn object_target(target: &mut Value) -> &mut Value {
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    target
+}
+
+fn patch_member(target: &mut Map<String, Value>, key: &str, value: &Value) {
+    if value.is_null() {
+        target.remove(key);
+    } else if let Some(existing) = target.get_mut(key) {
+        apply_merge_patch(existing, value);
+    } else {
+        let mut fresh = Value::Null;
+        apply_merge_patch(&mut fresh, value);
+        target.insert(key.to_owned(), fresh);
+    }
+}
+
+/// Applies an event's data, without its bookkeeping keys, as a merge patch.
+fn apply_event_data(state: &mut Value, data: &Map<String, Value>, bookkeeping: &Bookkeeping) {
+    if let Value::Object(target) = object_target(state) {
+        for (key, value) in data {
+            if !bookkeeping.is_bookkeeping(key, data) {
+                patch_member(target, key, value);
+            }
+        }
+    }
+}
+
+/// The fields of an event that the fold reads.
+struct FoldEvent<'a, Id> {
+    aggregate_id: Id,
+    event_type: &'a str,
+    /// As given; checked against 1..=i32::MAX by the fold.
+    version: i64,
+    data: &'a Map<String, Value>,
+    timestamp: DateTime<Utc>,
+}
+
+/// Folds events given as JSON in the [`EventRecord`] camelCase shape (`aggregateId`,
+/// `eventType`, `version`, `data`, `timestamp`; other keys are ignored). See the
+/// [module documentation](self) for the rules.
+///
+/// Fails with [`Error::Fold`] at the first offending event: [`FoldErrorKind::InvalidEvent`] when
+/// an event is not an object or a field is missing or has the wrong type,
+/// [`FoldErrorKind::MixedAggregates`] when its `aggregateId` differs from the first event's, and
+/// [`FoldErrorKind::VersionGap`], [`FoldErrorKind::DuplicateVersion`] or
+/// [`FoldErrorKind::UnorderedEvents`] when the versions do not run on by one.
+pub fn fold_events(events: &[Value], options: &FoldOptions) -> Result<FoldResult> {
+    fold(events, options, read_json_event)
+}
+
+/// Folds stored events. Same rules and failures as [`fold_events`]; `aggregate_id`s are
+/// compared as UUIDs, and an event whose `data` is not a JSON object or whose `version` is below
+/// 1 fails with [`FoldErrorKind::InvalidEvent`].
+pub fn fold_records(events: &[EventRecord], options: &FoldOptions) -> Result<FoldResult> {
+    fold(events, options, |index, record: &EventRecord| {
+        Ok(FoldEvent {
+            aggregate_id: record.aggregate_id,
+            event_type: &record.event_type,
+            version: i64::from(record.version),
+            data: record.data.as_object().ok_or_else(|| {
+                invalid_event(
+                    index,
+                    format!("data must be an object, not {}", json_kind(&record.data)),
+                )
+            })?,
+            timestamp: record.timestamp,
+        })
+    })
+}
+
+fn read_json_event(index: usize, value: &Value) -> Result<FoldEvent<'_, &str>> {
+    let Value::Object(obj) = value else {
+        return Err(invalid_event(
+            index,
+            format!("an event must be an object, not {}", json_kind(value)),
+        ));
+    };
+    let field = |key: &str, expected: &str| {
+        let message = match obj.get(key) {
+            None => format!("{key} is missing"),
+            Some(other) => format!("{key} must be {expected}, not {}", describe(other)),
+        };
+        invalid_event(index, message)
+    };
+    let aggregate_id = match obj.get("aggregateId") {
+        Some(Value::String(s)) => s.as_str(),
+        _ => return Err(field("aggregateId", "a string")),
+    };
+    let event_type = match obj.get("eventType") {
+        Some(Value::String(s)) => s.as_str(),
+        _ => return Err(field("eventType", "a string")),
+    };
+    let version = match obj.get("version") {
+        Some(Value::Number(n)) => json_integer(n).ok_or_else(|| field("version", "an integer"))?,
+        _ => return Err(field("version", "an integer")),
+    };
+    let data = match obj.get("data") {
+        Some(Value::Object(d)) => d,
+        _ => return Err(field("data", "an object")),
+    };
+    let timestamp = obj
+        .get("timestamp")
+        .and_then(parse_timestamp)
+        .ok_or_else(|| field("timestamp", "an RFC 3339 date-time or integer milliseconds since 1970"))?;
+    Ok(FoldEvent {
+        aggregate_id,
+        event_type,
+        version,
+        data,
+        timestamp,
+    })
+}
+
+/// The one fold algorithm; `read` turns the event at an index into the fields the fold needs.
+fn fold<'a, T, Id>(
+    events: &'a [T],
+    options: &FoldOptions,
+    read: impl Fn(usize, &'a T) -> Result<FoldEvent<'a, Id>>,
+) -> Result<FoldResult>
+where
+    Id: Copy + PartialEq + fmt::Display,
+{
+    let (mut state, mut version, mut deleted) = match &options.from {
+        Some(s) => (s.state.clone(), s.version, s.deleted),
+        None => (Value::Null, 0, false),
+    };
+    let mut last_timestamp = None;
+    let mut history = options.history.then(Vec::new);
+    let mut first_aggregate: Option<Id> = None;
+
+    for (index, raw) in events.iter().enumerate() {
+        if options.up_to_version.is_some_and(|limit| version >= limit) {
+            break;
+        }
+        let event = read(index, raw)?;
+        let event_version = i32::try_from(event.version).ok().filter(|v| *v >= 1).ok_or_else(|| {
+            invalid_event(
+                index,
+                format!("version must be between 1 and 2147483647, not {}", event.version),
+            )
+        })?;
+        if options.up_to_timestamp.is_some_and(|cut| event.timestamp > cut) {
+            break;
+        }
+        let first = *first_aggregate.get_or_insert(event.aggregate_id);
+        if event.aggregate_id != first {
+            return Err(Error::Fold {
+                reason: FoldErrorKind::MixedAggregates,
+                index,
+                message: format!(
+                    "aggregate {} is not the aggregate of the first event ({first}); fold one aggregate at a time",
+                    event.aggregate_id
+                ),
+            });
+        }
+        check_version(index, version, event_version, options.from.is_some())?;
+
+        if event.event_type.ends_with(".created") {
+            state = Value::Object(Map::new());
+            deleted = false;
+        }
+        apply_event_data(&mut state, event.data, &options.bookkeeping);
+        if event.event_type.ends_with(".deleted") {
+            deleted = true;
+        }
+        version = event_version;
+        last_timestamp = Some(event.timestamp);
+        if let Some(steps) = &mut history {
+            steps.push(HistoryStep {
+                version,
+                timestamp: event.timestamp,
+                event_type: event.event_type.to_owned(),
+                state: state.clone(),
+                deleted,
+            });
+        }
+    }
+    Ok(FoldResult {
+        state,
+        version,
+        deleted,
+        last_timestamp,
+        history,
+    })
+}
+
+/// Checks that the event at `index`, of version `got`, follows version `previous`.
+fn check_version(index: usize, previous: i32, got: i32, from_snapshot: bool) -> Result<()> {
+    let expected = i64::from(previous) + 1;
+    let got_wide = i64::from(got);
+    if got_wide == expected {
+        return Ok(());
+    }
+    let (reason, message) = if index == 0 {
+        let start = if from_snapshot {
+            format!(" (the snapshot is at version {previous})")
+        } else {
+            String::new()
+        };
+        (
+            FoldErrorKind::VersionGap,
+            format!("the first event must be version {expected}{start}, not {got}"),
+        )
+    } else if got == previous {
+        (FoldErrorKind::DuplicateVersion, format!("version {got} appears twice"))
+    } else if got < previous {
+        (
+            FoldErrorKind::UnorderedEvents,
+            format!("version {got} comes after version {previous}; events must be in version order"),
+        )
+    } else {
+        (
+            FoldErrorKind::VersionGap,
+            format!(
+                "version {got} follows version {previous}: versions {expected} to {} are missing",
+                got_wide - 1
+            ),
+        )
+    };
+    Err(Error::Fold { reason, index, message })
+}
+
+fn invalid_event(index: usize, message: String) -> Error {
+    Error::Fold {
+        reason: FoldErrorKind::InvalidEvent,
+        index,
+        message,
+    }
+}
+
+/// An integer JSON number; a float with no fraction counts (JavaScript has only floats).
+fn json_integer(n: &Number) -> Option<i64> {
+    n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+            .map(|f| f as i64)
+    })
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The kind of a value, with the value itself when it is a short scalar.
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Number(n) => format!("{n}"),
+        Value::Bool(b) => format!("{b}"),
+        Value::String(s) if s.chars().count() <= 40 => format!("the string {s:?}"),
+        other => json_kind(other).to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const AGG: &str = "00000000-0000-0000-0000-000000000001";
+
+    fn ev(version: i64, event_type: &str, data: Value) -> Value {
+        json!({
+            "aggregateId": AGG,
+            "eventType": event_type,
+            "version": version,
+            "data": data,
+            "timestamp": format!("2024-01-01T00:00:{:02}Z", version.clamp(0, 59)),
+        })
+    }
+
+    fn code(err: &Error) -> (&'static str, usize) {
+        match err {
+            Error::Fold { index, .. } => (err.code(), *index),
+            other => panic!("not a fold error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_events_is_null_at_version_zero() {
+        let r = fold_events(&[], &FoldOptions::default()).unwrap();
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            json!({"state": null, "version": 0, "deleted": false, "lastTimestamp": null})
+        );
+    }
+
+    #[test]
+    fn created_then_patches() {
+        let events = [
+            ev(1, "task.created", json!({"title": "a", "tags": ["x"], "note": null})),
+            ev(
+                2,
+                "task.updated",
+                json!({"title": "b", "tags": ["y"], "meta": {"k": 1}}),
+            ),
+            ev(3, "task.updated", json!({"meta": {"j": 2, "k": null}})),
+        ];
+        let r = fold_events(&events, &FoldOptions::default()).unwrap();
+        assert_eq!(r.state, json!({"title": "b", "tags": ["y"], "meta": {"j": 2}}));
+        assert_eq!(r.version, 3);
+        assert!(!r.deleted);
+        assert_eq!(
+            serde_json::to_value(&r).unwrap()["lastTimestamp"],
+            json!("2024-01-01T00:00:03.000Z")
+        );
+    }
+
+    #[test]
+    fn deleted_then_created_resets() {
+        let events = [
+            ev(1, "task.created", json!({"title": "a", "done": false})),
+            ev(2, "task.deleted", json!({"reason": "spam"})),
+            ev(3, "task.renamed", json!({"title": "c"})),
+        ];
+        let r = fold_events(&events, &FoldOptions::default()).unwrap();
+        assert_eq!(r.state, json!({"title": "c", "done": false, "reason": "spam"}));
+        assert!(r.deleted);
+        let mut more = events.to_vec();
+        more.push(ev(4, "task.created", json!({"title": "new"})));
+        let r = fold_events(&more, &FoldOptions::default()).unwrap();
+        assert_eq!(r.state, json!({"title": "new"}));
+        assert!(!r.deleted);
+    }
+
+    #[test]
+    fn bookkeeping_rule() {
+        let data = json!({"title": "b", "previousTitle": "a", "previousOwner": "z", "updatedFields": ["title"]});
+        let events = [ev(1, "task.created", json!({})), ev(2, "task.updated", data)];
+        let r = fold_events(&events, &FoldOptions::default()).unwrap();
+        assert_eq!(r.state, json!({"title": "b", "previousOwner": "z"}));
+
+        let options = FoldOptions {
+            bookkeeping: Bookkeeping {
+                ignore_keys: vec![],
+                drop_previous_companions: false,
+            },
+            ..FoldOptions::default()
+        };
+        let r = fold_events(&events, &options).unwrap();
+        assert_eq!(
+            r.state,
+            json!({"title": "b", "previousTitle": "a", "previousOwner": "z", "updatedFields": ["title"]})
+        );
+    }
+
+    #[test]
+    fn previous_companion_names() {
+        assert_eq!(previous_companion("previousDueDate").as_deref(), Some("dueDate"));
+        assert_eq!(previous_companion("previousÉtat").as_deref(), Some("état"));
+        assert_eq!(previous_companion("previous"), None);
+        assert_eq!(previous_companion("previously"), None);
+        assert_eq!(previous_companion("title"), None);
+    }
+
+    #[test]
+    fn version_errors() {
+        let opts = FoldOptions::default();
+        let gap = [ev(1, "a.created", json!({})), ev(3, "a.updated", json!({}))];
+        assert_eq!(code(&fold_events(&gap, &opts).unwrap_err()), ("VERSION_GAP", 1));
+        let first = [ev(2, "a.created", json!({}))];
+        assert_eq!(code(&fold_events(&first, &opts).unwrap_err()), ("VERSION_GAP", 0));
+        let dup = [ev(1, "a.created", json!({})), ev(1, "a.updated", json!({}))];
+        assert_eq!(code(&fold_events(&dup, &opts).unwrap_err()), ("DUPLICATE_VERSION", 1));
+        let unordered = [
+            ev(1, "a.created", json!({})),
+            ev(2, "a.updated", json!({})),
+            ev(1, "a.updated", json!({})),
+        ];
+        assert_eq!(
+            code(&fold_events(&unordered, &opts).unwrap_err()),
+            ("UNORDERED_EVENTS", 2)
+        );
+    }
+
+    #[test]
+    fn mixed_aggregates_checked_before_versions() {
+        let mut other = ev(5, "a.updated", json!({}));
+        other["aggregateId"] = json!("00000000-0000-0000-0000-000000000002");
+        let events = [ev(1, "a.created", json!({})), other];
+        assert_eq!(
+            code(&fold_events(&events, &FoldOptions::default()).unwrap_err()),
+            ("MIXED_AGGREGATES", 1)
+        );
+    }
+
+    #[test]
+    fn invalid_events() {
+        let opts = FoldOptions::default();
+        for bad in [
+            json!(null),
+            json!([]),
+            json!({"eventType": "a.b", "version": 1, "data": {}, "timestamp": 0}),
+            json!({"aggregateId": AGG, "eventType": "a.b", "version": "1", "data": {}, "timestamp": 0}),
+            json!({"aggregateId": AGG, "eventType": "a.b", "version": 1.5, "data": {}, "timestamp": 0}),
+            json!({"aggregateId": AGG, "eventType": "a.b", "version": 0, "data": {}, "timestamp": 0}),
+            json!({"aggregateId": AGG, "eventType": "a.b", "version": 1, "data": [], "timestamp": 0}),
+            json!({"aggregateId": AGG, "eventType": "a.b", "version": 1, "data": {}, "timestamp": "yesterday"}),
+            json!({"aggregateId": AGG, "eventType": "a.b", "version": 1, "data": {}, "timestamp": 1.5}),
+        ] {
+            let err = fold_events(std::slice::from_ref(&bad), &opts).unwrap_err();
+            assert_eq!(code(&err), ("INVALID_EVENT", 0), "{bad}");
+        }
+    }
+
+    #[test]
+    fn time_travel_and_history() {
+        let events = [
+            ev(1, "a.created", json!({"n": 1})),
+            ev(2, "a.updated", json!({"n": 2})),
+            ev(3, "a.updated", json!({"n": 3})),
+            json!("not even an event"),
+        ];
+        let opts = FoldOptions {
+            up_to_version: Some(2),
+            history: true,
+            ..FoldOptions::default()
+        };
+        let r = fold_events(&events, &opts).unwrap();
+        assert_eq!((r.state.clone(), r.version), (json!({"n": 2}), 2));
+        let steps = r.history.unwrap();
+        assert_eq!(steps.len(), 2);
+        assert_eq!(steps[0].state, json!({"n": 1}));
+
+        let opts = parse_fold_options(&json!({"upToTimestamp": "2024-01-01T00:00:02Z"})).unwrap();
+        let r = fold_events(&events[..3], &opts).unwrap();
+        assert_eq!(r.version, 2);
+        assert!(r.history.is_none());
+    }
+
+    #[test]
+    fn from_snapshot() {
+        let opts = parse_fold_options(&json!({"from": {"state": {"n": 5}, "version": 5}})).unwrap();
+        let r = fold_events(&[ev(6, "a.updated", json!({"m": 1}))], &opts).unwrap();
+        assert_eq!((r.state, r.version), (json!({"n": 5, "m": 1}), 6));
+        let err = fold_events(&[ev(1, "a.created", json!({}))], &opts).unwrap_err();
+        assert_eq!(code(&err), ("VERSION_GAP", 0));
+    }
+
+    #[test]
+    fn records_and_json_agree() {
+        let events = [
+            ev(1, "a.created", json!({"n": 1, "previousN": 0})),
+            ev(2, "a.deleted", json!({})),
+        ];
+        let records: Vec<EventRecord> = events
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                e["id"] = json!(AGG);
+                e["aggregateType"] = json!("entity");
+                e["userId"] = json!("u");
+                e["source"] = json!("api");
+                serde_json::from_value(e).unwrap()
+            })
+            .collect();
+        let opts = FoldOptions {
+            history: true,
+            ..FoldOptions::default()
+        };
+        assert_eq!(
+            fold_records(&records, &opts).unwrap(),
+            fold_events(&events, &opts).unwrap()
+        );
+    }
+
+    #[test]
+    fn options_parse_and_reject() {
+        let o: FoldOptions = serde_json::from_value(json!({
+            "upToVersion": 3, "upToTimestamp": 1000, "history": true, "unknown": 1,
+            "bookkeeping": {"ignoreKeys": ["x"]}, "from": {"version": 2}
+        }))
+        .unwrap();
+        assert_eq!(o.up_to_version, Some(3));
+        assert_eq!(o.up_to_timestamp.map(|t| t.timestamp_millis()), Some(1000));
+        assert!(o.history && o.bookkeeping.drop_previous_companions);
+        assert_eq!(o.bookkeeping.ignore_keys, vec!["x".to_owned()]);
+        assert_eq!(o.from.map(|f| (f.state, f.version)), Some((Value::Null, 2)));
+        assert_eq!(parse_fold_options(&Value::Null).unwrap(), FoldOptions::default());
+        for bad in [
+            json!([]),
+            json!({"upToVersion": "3"}),
+            json!({"upToVersion": -1}),
+            json!({"upToTimestamp": "soon"}),
+            json!({"history": 1}),
+            json!({"bookkeeping": {"ignoreKeys": [1]}}),
+            json!({"bookkeeping": {"dropPreviousCompanions": "no"}}),
+            json!({"from": {"state": {}}}),
+        ] {
+            let err = parse_fold_options(&bad).unwrap_err();
+            assert_eq!(code(&err), ("INVALID_OPTIONS", 0), "{bad}");
+        }
+    }
+
+    #[test]
+    fn merge_patch_rfc_examples() {
+        assert_eq!(
+            apply_delta(&json!({}), &json!({"a": {"bb": {"ccc": null}}})),
+            json!({"a": {"bb": {}}})
+        );
+        assert_eq!(
+            apply_delta(&json!([1, 2]), &json!({"a": "b", "c": null})),
+            json!({"a": "b"})
+        );
+        assert_eq!(apply_delta(&json!({"a": "foo"}), &json!(null)), json!(null));
+    }
+
+    #[test]
+    fn iso_format_matches_javascript() {
+        let t = parse_timestamp(&json!("2024-02-03T04:05:06.789123+02:00")).unwrap();
+        assert_eq!(format_timestamp(&t), "2024-02-03T02:05:06.789Z");
+        let t = parse_timestamp(&json!(253402300800000_i64)).unwrap();
+        assert_eq!(format_timestamp(&t), "+010000-01-01T00:00:00.000Z");
+        let t = parse_timestamp(&json!(-62198755200000_i64)).unwrap();
+        assert_eq!(format_timestamp(&t), "-000001-01-01T00:00:00.000Z");
+    }
+}
