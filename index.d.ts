@@ -98,6 +98,17 @@ export interface AppendEventData {
   source?: EventSource
 }
 
+/** Applies `delta` to `state` as a JSON Merge Patch (RFC 7396). */
+export declare function applyDelta(state: unknown, delta: unknown): unknown
+
+/** Which keys of an event's data are left out of the state. */
+export interface BookkeepingRule {
+  /** Keys always left out; default `["updatedFields"]`. */
+  ignoreKeys?: Array<string>
+  /** Leave out `previousX` when the same data has `x`; default true. */
+  dropPreviousCompanions?: boolean
+}
+
 /** Filters of `countEvents`; they combine with AND. */
 export interface CountEventsOptions {
   /** Only this user's events. */
@@ -164,6 +175,67 @@ export interface EventStreamOptions {
   toVersion?: number
   /** Only these event types. */
   eventTypes?: Array<string>
+}
+
+/**
+ * Replays one aggregate's events (in version order) into `{ state, version, deleted,
+ * lastTimestamp }` — the same fold the wasm build runs in browsers.
+ *
+ * Throws an Error with `code` (`VERSION_GAP`, `DUPLICATE_VERSION`, `UNORDERED_EVENTS`,
+ * `MIXED_AGGREGATES`, `INVALID_EVENT`, `INVALID_OPTIONS`) and `index` for bad input.
+ */
+export declare function foldEvents(events: Array<EventRecord | Record<string, unknown>>, options?: FoldOptions): FoldResult
+
+/** The aggregate right after one event. */
+export interface FoldHistoryStep {
+  /** The event's version. */
+  version: number
+  /** The event's ISO timestamp. */
+  timestamp: string
+  /** The event's type. */
+  eventType: string
+  /** The state after the event. */
+  state: Record<string, unknown> | null
+  /** Whether the aggregate was deleted after it. */
+  deleted: boolean
+}
+
+/** Options of `foldEvents`. */
+export interface FoldOptions {
+  /** Stop after this version (inclusive). */
+  upToVersion?: number
+  /** Include only events at or before this time (a Date, an ISO string or ms). */
+  upToTimestamp?: Date | string | number
+  /** Also return the state after each event. */
+  history?: boolean
+  /** Which data keys are bookkeeping rather than state. */
+  bookkeeping?: BookkeepingRule
+  /** Start from a snapshot instead of from nothing. */
+  from?: FoldSnapshot
+}
+
+/** The folded aggregate. */
+export interface FoldResult {
+  /** The state; `null` when no event was applied. */
+  state: Record<string, unknown> | null
+  /** Version of the last applied event (0 when none). */
+  version: number
+  /** Whether the aggregate is deleted. */
+  deleted: boolean
+  /** ISO timestamp of the last applied event, or null. */
+  lastTimestamp?: string
+  /** The state after each event, when `history` was requested. */
+  history?: Array<FoldHistoryStep>
+}
+
+/** A state to continue folding from. */
+export interface FoldSnapshot {
+  /** The state at `version`. */
+  state: unknown
+  /** Its version. */
+  version: number
+  /** Whether it was deleted. */
+  deleted?: boolean
 }
 
 /** What `migrate()` did. */

@@ -837,5 +837,7 @@ module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __n
 module.exports = nativeBinding
 module.exports.EventRepository = nativeBinding.EventRepository
 module.exports.AggregateType = nativeBinding.AggregateType
+module.exports.applyDelta = nativeBinding.applyDelta
 module.exports.EventSource = nativeBinding.EventSource
+module.exports.foldEvents = nativeBinding.foldEvents
 module.exports.validateEvent = nativeBinding.validateEvent

@@ -19,5 +19,16 @@ fi
 if [ ! -d node_modules/@napi-rs/cli ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
     npm ci --no-audit --no-fund
 fi
+# Headless Chromium for the browser test (Debian's package; nothing downloads its own browser).
+if [ ! -x /usr/bin/chromium ] && [ -z "${CHROMIUM_PATH:-}" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+    else
+        echo "setup: install Debian's chromium (or set CHROMIUM_PATH) for the browser test" >&2
+    fi
+fi
 # The native module (release build; regenerates index.js and index.d.ts).
 npm run --silent build
+# The wasm package (wasm/pkg/web and wasm/pkg/node).
+scripts/build-wasm.sh

@@ -8,6 +8,7 @@
 mod error;
 
 pub mod fold;
+pub mod interop;
 mod model;
 pub mod validate;
 
