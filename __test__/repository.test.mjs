@@ -264,10 +264,11 @@ test('the default instance names DATABASE_URL when it is unset, and importing ne
 test('a script that never calls close() still exits', () => {
   const script = `
     const { EventRepository } = require('@synap/database');
-    const repo = new EventRepository(process.env.DATABASE_URL);
+    const repo = new EventRepository({ connectionString: process.env.DATABASE_URL, schema: process.env.SCHEMA });
     repo.countEvents().then((n) => console.log('count', typeof n));
   `
-  const out = execFileSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 20_000 })
+  const env = { ...process.env, SCHEMA: db.schema }
+  const out = execFileSync(process.execPath, ['-e', script], { env, encoding: 'utf8', timeout: 20_000 })
   assert.match(out, /count number/)
 })
 
