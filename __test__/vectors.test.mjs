@@ -37,6 +37,27 @@ for (const [buildName, impl] of Object.entries(builds)) {
     }
   })
 
+  test(`${buildName}: fold vectors through foldEventsJson (JSON text in)`, () => {
+    for (const c of load('fold')) {
+      let got
+      try {
+        got = { ok: impl.foldEventsJson(JSON.stringify(c.events), c.options) }
+      } catch (err) {
+        if (typeof err.code !== 'string') throw err
+        got = { error: { code: err.code, index: err.index } }
+      }
+      if (c.expectError) assert.deepEqual(got, { error: c.expectError }, c.name)
+      else assert.deepEqual(JSON.parse(JSON.stringify(got)), { ok: c.expect }, c.name)
+    }
+    assert.throws(() => impl.foldEventsJson('[{"not json'), { code: 'VALIDATION_FAILED' })
+  })
+
+  test(`${buildName}: input nested deeper than JSON allows is a validation error, not a crash`, () => {
+    let deep = {}
+    for (let i = 0; i < 200; i++) deep = { d: deep }
+    assert.throws(() => impl.applyDelta({}, deep), { code: 'VALIDATION_FAILED' })
+  })
+
   test(`${buildName}: merge patch vectors`, () => {
     const cases = load('merge_patch')
     assert.ok(cases.length >= 10)

@@ -30,6 +30,16 @@ pub fn fold_events_json(events: &Value, options: &Value) -> Result<Value> {
     serde_json::to_value(result).map_err(|e| Error::Internal { message: e.to_string() })
 }
 
+/// Like [`fold_events_json`], for events that arrive as JSON text (a fetched stream): parsing the
+/// text here skips building JavaScript objects only to serialize them again.
+///
+/// Fails with [`Error::Validation`] when the text is not JSON, and like [`fold_events_json`].
+pub fn fold_events_json_text(events: &str, options: &Value) -> Result<Value> {
+    let events: Value =
+        serde_json::from_str(events).map_err(|e| Error::invalid_input(format!("events are not JSON: {e}")))?;
+    fold_events_json(&events, options)
+}
+
 /// Applies `delta` to `state` as a JSON Merge Patch (RFC 7396) and returns the new state.
 pub fn apply_delta_json(state: &Value, delta: &Value) -> Value {
     crate::fold::apply_delta(state, delta)

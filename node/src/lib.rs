@@ -529,6 +529,18 @@ pub fn fold_events(env: &Env, events: Unknown, options: Option<Unknown>) -> Resu
     core::interop::fold_events_json(&events, &options).map_err(|e| to_js_error(env, e))
 }
 
+/// `foldEvents` for events given as JSON text: skips building and re-serializing JS objects.
+///
+/// Throws like `foldEvents`, and `VALIDATION_FAILED` when the text is not JSON.
+#[napi(catch_unwind, ts_args_type = "eventsJson: string, options?: FoldOptions", ts_return_type = "FoldResult")]
+pub fn fold_events_json(env: &Env, events_json: String, options: Option<Unknown>) -> Result<Value> {
+    let options = match options {
+        Some(o) => js_to_json(env, o).map_err(|e| to_js_error(env, e))?,
+        None => Value::Null,
+    };
+    core::interop::fold_events_json_text(&events_json, &options).map_err(|e| to_js_error(env, e))
+}
+
 /// Applies `delta` to `state` as a JSON Merge Patch (RFC 7396).
 #[napi(
     catch_unwind,
@@ -724,7 +736,8 @@ fn js_to_json(env: &Env, value: Unknown) -> core::Result<Value> {
         }
     })();
     match text {
-        Ok(Some(text)) => serde_json::from_str(&text).map_err(|e| core::Error::Internal { message: e.to_string() }),
+        // serde_json refuses nesting deeper than 128 levels: bad input, not a bug.
+        Ok(Some(text)) => serde_json::from_str(&text).map_err(|e| core::Error::invalid_input(format!("unreadable input: {e}"))),
         Ok(None) => Ok(Value::Null),
         Err(e) => Err(core::Error::invalid_input(format!(
             "not JSON-serializable: {}",

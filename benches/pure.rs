@@ -1,0 +1,48 @@
+//! Pure benchmarks: validation of one event, the fold, merge patch. `cargo bench --bench pure`.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use serde_json::json;
+use std::hint::black_box;
+use synap_events::validate::{parse_event, report};
+use synap_events::{apply_merge_patch, fold_events, FoldOptions, Limits};
+use synap_events_benches::{delta_stream, sample_event_json};
+
+fn validation(c: &mut Criterion) {
+    let event = sample_event_json();
+    let limits = Limits::default();
+    c.bench_function("validate/parse_event", |b| b.iter(|| parse_event(black_box(&event), &limits).unwrap()));
+    let mut bad = event.clone();
+    bad["aggregateId"] = json!("entity-123");
+    bad["eventType"] = json!("Bad Type");
+    c.bench_function("validate/report_invalid", |b| b.iter(|| report(black_box(&bad), &limits)));
+}
+
+fn fold(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fold");
+    group.sample_size(20);
+    for n in [10_000usize, 100_000] {
+        let events = delta_stream(n);
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_with_input(BenchmarkId::new("deltas", n), &events, |b, events| {
+            b.iter(|| fold_events(black_box(events), &FoldOptions::default()).unwrap())
+        });
+    }
+    group.finish();
+}
+
+fn merge_patch(c: &mut Criterion) {
+    let target = json!({ "title": "Goodbye!", "author": { "givenName": "John", "familyName": "Doe" },
+                         "tags": ["example", "sample"], "content": "This will be unchanged" });
+    let patch = json!({ "title": "Hello!", "phoneNumber": "+01-123-456-7890",
+                        "author": { "familyName": null }, "tags": ["example"] });
+    c.bench_function("merge_patch/rfc7396_example", |b| {
+        b.iter(|| {
+            let mut t = target.clone();
+            apply_merge_patch(&mut t, black_box(&patch));
+            t
+        })
+    });
+}
+
+criterion_group!(benches, validation, fold, merge_patch);
+criterion_main!(benches);
