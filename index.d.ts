@@ -186,6 +186,13 @@ export interface EventStreamOptions {
  */
 export declare function foldEvents(events: Array<EventRecord | Record<string, unknown>>, options?: FoldOptions): FoldResult
 
+/**
+ * `foldEvents` for events given as JSON text: skips building and re-serializing JS objects.
+ *
+ * Throws like `foldEvents`, and `VALIDATION_FAILED` when the text is not JSON.
+ */
+export declare function foldEventsJson(eventsJson: string, options?: FoldOptions): FoldResult
+
 /** The aggregate right after one event. */
 export interface FoldHistoryStep {
   /** The event's version. */

@@ -840,4 +840,5 @@ module.exports.AggregateType = nativeBinding.AggregateType
 module.exports.applyDelta = nativeBinding.applyDelta
 module.exports.EventSource = nativeBinding.EventSource
 module.exports.foldEvents = nativeBinding.foldEvents
+module.exports.foldEventsJson = nativeBinding.foldEventsJson
 module.exports.validateEvent = nativeBinding.validateEvent
