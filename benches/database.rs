@@ -15,10 +15,14 @@ fn setup(rt: &Runtime) -> EventRepository {
     let url = std::env::var("DATABASE_URL").expect("DATABASE_URL: run scripts/db.sh start");
     let schema = format!("bench_{}", std::process::id());
     rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
         tokio::spawn(conn);
         client
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"))
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+            ))
             .await
             .expect("schema");
         let mut config = RepositoryConfig::new(url);
@@ -33,7 +37,11 @@ fn event(aggregate: Uuid, version: i32, user: &str) -> NewEvent {
     NewEvent::new(
         aggregate,
         AggregateType::Entity,
-        if version == 1 { "entity.created" } else { "entity.updated" },
+        if version == 1 {
+            "entity.created"
+        } else {
+            "entity.updated"
+        },
         user,
         json!({ "title": format!("v{version}"), "updatedFields": ["title"] }),
         version,
@@ -72,14 +80,25 @@ fn database(c: &mut Criterion) {
     let events: Vec<NewEvent> = (1..=1000).map(|v| event(stream, v, "reader")).collect();
     rt.block_on(repo.append_batch(events)).unwrap();
     c.bench_function("db/aggregate_stream_1000", |b| {
-        b.iter(|| rt.block_on(repo.get_aggregate_stream(stream, &StreamOptions::default())).unwrap())
+        b.iter(|| {
+            rt.block_on(repo.get_aggregate_stream(stream, &StreamOptions::default()))
+                .unwrap()
+        })
     });
-    let options = UserStreamOptions { limit: 100, ..Default::default() };
+    let options = UserStreamOptions {
+        limit: 100,
+        ..Default::default()
+    };
     c.bench_function("db/user_stream_100", |b| {
         b.iter(|| rt.block_on(repo.get_user_stream("reader", &options)).unwrap())
     });
-    let filter = CountFilter { user_id: Some("reader".into()), ..Default::default() };
-    c.bench_function("db/count_user", |b| b.iter(|| rt.block_on(repo.count_events(&filter)).unwrap()));
+    let filter = CountFilter {
+        user_id: Some("reader".into()),
+        ..Default::default()
+    };
+    c.bench_function("db/count_user", |b| {
+        b.iter(|| rt.block_on(repo.count_events(&filter)).unwrap())
+    });
 }
 
 criterion_group!(benches, database);

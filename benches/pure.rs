@@ -10,11 +10,15 @@ use synap_events_benches::{delta_stream, sample_event_json};
 fn validation(c: &mut Criterion) {
     let event = sample_event_json();
     let limits = Limits::default();
-    c.bench_function("validate/parse_event", |b| b.iter(|| parse_event(black_box(&event), &limits).unwrap()));
+    c.bench_function("validate/parse_event", |b| {
+        b.iter(|| parse_event(black_box(&event), &limits).unwrap())
+    });
     let mut bad = event.clone();
     bad["aggregateId"] = json!("entity-123");
     bad["eventType"] = json!("Bad Type");
-    c.bench_function("validate/report_invalid", |b| b.iter(|| report(black_box(&bad), &limits)));
+    c.bench_function("validate/report_invalid", |b| {
+        b.iter(|| report(black_box(&bad), &limits))
+    });
 }
 
 fn fold(c: &mut Criterion) {

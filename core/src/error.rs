@@ -132,6 +132,61 @@ pub enum Error {
         message: String,
     },
 
+    /// The legacy events table named for a migration, verify or drop does not exist.
+    #[error("legacy events table \"{table}\" not found")]
+    LegacyTableNotFound {
+        /// The table name as given.
+        table: String,
+    },
+
+    /// Another process is migrating the same legacy table right now.
+    #[error("another process is migrating legacy table \"{table}\"; wait for it to finish")]
+    LegacyMigrationBusy {
+        /// The legacy table.
+        table: String,
+    },
+
+    /// A migration of this legacy table already ran (fully or in part) and the call did not ask
+    /// to resume it.
+    #[error("legacy table \"{table}\" was already (partly) migrated ({migrated} rows); pass resume to continue")]
+    LegacyMigrationStarted {
+        /// The legacy table.
+        table: String,
+        /// Rows migrated so far.
+        migrated: i64,
+    },
+
+    /// `verify` found differences between the legacy table and events_v2, so the legacy table
+    /// was not dropped.
+    #[error("verify found differences between \"{table}\" and events_v2: {summary}")]
+    VerifyFailed {
+        /// The legacy table.
+        table: String,
+        /// What differs, in one line.
+        summary: String,
+    },
+
+    /// A destructive operation was called without its explicit confirmation.
+    #[error("{action} needs an explicit confirmation")]
+    ConfirmationRequired {
+        /// What was refused.
+        action: String,
+    },
+
+    /// A retention cut-off would cut through live aggregates' streams and was not forced.
+    #[error(
+        "retention refused: the cut-off {cutoff} cuts through {aggregates} aggregate stream(s) with events on both \
+         sides (e.g. {sample:?}); choose an older cut-off or force it"
+    )]
+    RetentionRefused {
+        /// The effective cut-off (a UTC midnight), RFC 3339.
+        cutoff: String,
+        /// How many aggregates have events both before and after the cut-off.
+        aggregates: i64,
+        /// Some of them.
+        sample: Vec<Uuid>,
+    },
+
     /// A bug: an invariant broke or a panic was caught at a language boundary.
     #[error("internal error: {message}")]
     Internal {
@@ -189,6 +244,12 @@ impl Error {
             Error::MigrationFailed { .. } => "MIGRATION_FAILED",
             Error::InvalidConfig { .. } => "INVALID_CONFIG",
             Error::Database { .. } => "DATABASE_ERROR",
+            Error::LegacyTableNotFound { .. } => "LEGACY_TABLE_NOT_FOUND",
+            Error::LegacyMigrationBusy { .. } => "LEGACY_MIGRATION_BUSY",
+            Error::LegacyMigrationStarted { .. } => "LEGACY_MIGRATION_STARTED",
+            Error::VerifyFailed { .. } => "VERIFY_FAILED",
+            Error::ConfirmationRequired { .. } => "CONFIRMATION_REQUIRED",
+            Error::RetentionRefused { .. } => "RETENTION_REFUSED",
             Error::Internal { .. } => "INTERNAL_ERROR",
         }
     }
@@ -264,6 +325,19 @@ impl Error {
                 json!({ "migrationVersion": version, "migrationName": name })
             }
             Error::Database { sqlstate, .. } => json!({ "sqlstate": sqlstate }),
+            Error::LegacyTableNotFound { table }
+            | Error::LegacyMigrationBusy { table }
+            | Error::VerifyFailed { table, .. } => json!({ "table": table }),
+            Error::LegacyMigrationStarted { table, migrated } => json!({ "table": table, "migrated": migrated }),
+            Error::RetentionRefused {
+                cutoff,
+                aggregates,
+                sample,
+            } => json!({
+                "cutoff": cutoff,
+                "aggregates": aggregates,
+                "sample": sample.iter().map(Uuid::to_string).collect::<Vec<_>>(),
+            }),
             _ => json!({}),
         };
         let mut map = match value {

@@ -532,7 +532,11 @@ pub fn fold_events(env: &Env, events: Unknown, options: Option<Unknown>) -> Resu
 /// `foldEvents` for events given as JSON text: skips building and re-serializing JS objects.
 ///
 /// Throws like `foldEvents`, and `VALIDATION_FAILED` when the text is not JSON.
-#[napi(catch_unwind, ts_args_type = "eventsJson: string, options?: FoldOptions", ts_return_type = "FoldResult")]
+#[napi(
+    catch_unwind,
+    ts_args_type = "eventsJson: string, options?: FoldOptions",
+    ts_return_type = "FoldResult"
+)]
 pub fn fold_events_json(env: &Env, events_json: String, options: Option<Unknown>) -> Result<Value> {
     let options = match options {
         Some(o) => js_to_json(env, o).map_err(|e| to_js_error(env, e))?,
@@ -737,7 +741,9 @@ fn js_to_json(env: &Env, value: Unknown) -> core::Result<Value> {
     })();
     match text {
         // serde_json refuses nesting deeper than 128 levels: bad input, not a bug.
-        Ok(Some(text)) => serde_json::from_str(&text).map_err(|e| core::Error::invalid_input(format!("unreadable input: {e}"))),
+        Ok(Some(text)) => {
+            serde_json::from_str(&text).map_err(|e| core::Error::invalid_input(format!("unreadable input: {e}")))
+        }
         Ok(None) => Ok(Value::Null),
         Err(e) => Err(core::Error::invalid_input(format!(
             "not JSON-serializable: {}",

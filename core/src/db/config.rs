@@ -61,6 +61,11 @@ pub struct RepositoryConfig {
     pub storage_mode: StorageMode,
     /// Validation limits.
     pub limits: Limits,
+    /// During the switch-over from the legacy events table: also write every appended event
+    /// into this table (`id, user_id, timestamp, type, data, source, correlation_id`) in the same
+    /// statement, so old readers keep working. A lowercase identifier, optionally
+    /// schema-qualified (`events`, `public.events`). `None` (the default) turns it off.
+    pub dual_write_legacy_table: Option<String>,
 }
 
 impl RepositoryConfig {
@@ -75,6 +80,7 @@ impl RepositoryConfig {
             schema: None,
             storage_mode: StorageMode::Auto,
             limits: Limits::default(),
+            dual_write_legacy_table: None,
         }
     }
 
@@ -108,6 +114,9 @@ impl RepositoryConfig {
                     message: format!("schema must be lowercase letters, digits and _ (at most 63), not \"{schema}\""),
                 });
             }
+        }
+        if let Some(table) = &self.dual_write_legacy_table {
+            crate::db::legacy::quote_table(table)?;
         }
         Ok(())
     }

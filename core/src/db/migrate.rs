@@ -25,11 +25,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order. A test checks this list against the `migrations/` folder.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "events_v2",
-    sql: include_str!("../../../migrations/0001_events_v2.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "events_v2",
+        sql: include_str!("../../../migrations/0001_events_v2.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "legacy_migration",
+        sql: include_str!("../../../migrations/0002_legacy_migration.sql"),
+    },
+];
 
 /// What a migration run did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,6 +1,8 @@
 //! The PostgreSQL layer.
 
 pub mod config;
+pub mod legacy;
 pub mod migrate;
 pub mod repository;
+pub mod retention;
 mod translate;

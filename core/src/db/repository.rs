@@ -73,6 +73,8 @@ pub struct CountFilter {
 pub struct EventRepository {
     pool: Pool,
     config: RepositoryConfig,
+    append_sql: std::sync::Arc<str>,
+    append_batch_sql: std::sync::Arc<str>,
 }
 
 impl std::fmt::Debug for EventRepository {
@@ -120,12 +122,12 @@ WITH ev AS (
            version, causation_id, correlation_id, source
       FROM ev
      WHERE EXISTS (SELECT 1 FROM created UNION ALL SELECT 1 FROM advanced)
-    RETURNING "timestamp", position
+    RETURNING "timestamp", position/*DUAL_RETURNING*/
 ), dirty AS (
     INSERT INTO events_daily_dirty (day)
     SELECT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
     ON CONFLICT (day) DO NOTHING
-)
+)/*DUAL_WRITE*/
 SELECT "timestamp", position FROM inserted
 "#;
 
@@ -174,14 +176,42 @@ WITH ev AS (
       FROM ev
      WHERE (SELECT ok FROM passed)
      ORDER BY ord
-    RETURNING id, "timestamp", position
+    RETURNING id, "timestamp", position/*DUAL_RETURNING*/
 ), dirty AS (
     INSERT INTO events_daily_dirty (day)
     SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
     ON CONFLICT (day) DO NOTHING
-)
+)/*DUAL_WRITE*/
 SELECT id, "timestamp", position FROM inserted
 "#;
+
+/// The append statements, with the dual-write CTEs spliced in when a legacy table is configured:
+/// the legacy row and its `legacy_migration_map` row are written by the same statement as the
+/// event, so they commit or roll back together.
+fn with_dual_write(sql: &str, legacy_table: Option<&str>) -> Result<String> {
+    let Some(name) = legacy_table else {
+        return Ok(sql.replace("/*DUAL_RETURNING*/", "").replace("/*DUAL_WRITE*/", ""));
+    };
+    let quoted = crate::db::legacy::quote_table(name)?;
+    let returning = if sql.contains("RETURNING id,") {
+        ", aggregate_id, version, event_type, user_id, data, source, correlation_id"
+    } else {
+        ", id, aggregate_id, version, event_type, user_id, data, source, correlation_id"
+    };
+    // `name` passed quote_table, so it holds only [a-z0-9_.] and is safe inside a literal.
+    let dual = format!(
+        r#", legacy AS (
+    INSERT INTO {quoted} (id, user_id, "timestamp", type, data, source, correlation_id)
+    SELECT id, user_id, "timestamp", event_type, data, source, correlation_id FROM inserted
+), legacy_map AS (
+    INSERT INTO legacy_migration_map (legacy_table, legacy_id, event_id, aggregate_id, version, origin)
+    SELECT '{name}', id, id, aggregate_id, version, 'dual_write' FROM inserted
+)"#
+    );
+    Ok(sql
+        .replace("/*DUAL_RETURNING*/", returning)
+        .replace("/*DUAL_WRITE*/", &dual))
+}
 
 /// The stream read, bounded by the stream's first and last timestamps so that only the chunks
 /// or partitions in its time span are scanned.
@@ -272,7 +302,15 @@ impl EventRepository {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| Error::InvalidConfig { message: e.to_string() })?;
-        Ok(EventRepository { pool, config })
+        let dual = config.dual_write_legacy_table.as_deref();
+        let append_sql = with_dual_write(APPEND_SQL, dual)?.into();
+        let append_batch_sql = with_dual_write(APPEND_BATCH_SQL, dual)?.into();
+        Ok(EventRepository {
+            pool,
+            config,
+            append_sql,
+            append_batch_sql,
+        })
     }
 
     /// A repository configured from the `DATABASE_URL` environment variable.
@@ -364,7 +402,7 @@ impl EventRepository {
         event.validate(self.limits())?;
         let client = self.client().await?;
         let id = event.id.unwrap_or_else(Uuid::now_v7);
-        let stmt = client.prepare_cached(APPEND_SQL).await?;
+        let stmt = client.prepare_cached(&self.append_sql).await?;
         // Racing writers can move the aggregate to exactly version - 1 between the failed guard
         // and the diagnosis below; then the append is simply tried again.
         for _ in 0..3 {
@@ -497,7 +535,7 @@ impl EventRepository {
         }
 
         let mut client = self.client().await?;
-        let stmt = client.prepare_cached(APPEND_BATCH_SQL).await?;
+        let stmt = client.prepare_cached(&self.append_batch_sql).await?;
         let tx = client.transaction().await?;
         let params: [&(dyn ToSql + Sync); 17] = [
             &ids,

@@ -1,0 +1,435 @@
+//! `synap-events`: operations on the event store from a shell. The work happens in the
+//! `synap_events` core; this binary parses arguments, shows progress and prints reports.
+//!
+//! Exit codes: 0 success; 1 an error (its core code is printed); 2 bad arguments; 3 the command
+//! ran but found problems (rows that failed to migrate, a verify with differences, a retention
+//! dry run that would be refused).
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use synap_events::{
+    Error, EventRepository, LegacyMigrationOptions, LegacyMigrationProgress, OnInvalid, RepositoryConfig, RetentionAge,
+    RetentionOptions, DEFAULT_LEGACY_TABLE,
+};
+
+#[derive(Parser)]
+#[command(name = "synap-events", version, about = "Operate a Synap event store")]
+struct Cli {
+    /// PostgreSQL connection string.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
+    /// Schema holding the event store tables (default: the server's search_path).
+    #[arg(long, global = true)]
+    schema: Option<String>,
+    /// Print one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the pending schema migrations (or list them with --status).
+    Migrate {
+        /// List the migrations and whether they ran; apply nothing.
+        #[arg(long)]
+        status: bool,
+    },
+    /// Copy the legacy events table into events_v2, exactly once, in batches.
+    MigrateEvents {
+        /// Check the rows and report; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Process at most N rows in this run.
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+        /// Rows per transaction.
+        #[arg(long, value_name = "N", default_value_t = 5000)]
+        batch_size: usize,
+        /// Continue a migration that already ran (fully or in part).
+        #[arg(long)]
+        resume: bool,
+        /// The legacy table.
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_LEGACY_TABLE)]
+        legacy_table: String,
+        /// Skip rows that cannot be migrated (recorded and reported) or stop at the first one.
+        #[arg(long, value_name = "skip|fail", default_value = "skip")]
+        on_invalid: String,
+        /// Pause after each batch (throttling; tests).
+        #[arg(long, hide = true, value_name = "MS")]
+        batch_delay_ms: Option<u64>,
+    },
+    /// Compare the legacy table with events_v2 and say exactly what differs.
+    Verify {
+        /// The legacy table.
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_LEGACY_TABLE)]
+        legacy_table: String,
+    },
+    /// Verify, then drop the legacy table (only with --confirm and a clean verify).
+    DropLegacy {
+        /// The legacy table.
+        #[arg(long, value_name = "NAME", default_value = DEFAULT_LEGACY_TABLE)]
+        legacy_table: String,
+        /// Really drop it.
+        #[arg(long)]
+        confirm: bool,
+    },
+    /// Remove events older than an age by dropping whole partitions or chunks.
+    Retention {
+        /// Age such as 90d, 12w or 2y; the cut-off is rounded down to a UTC midnight.
+        #[arg(long, value_name = "AGE")]
+        older_than: String,
+        /// List what would go; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Go ahead even when the cut-off cuts through aggregates' streams.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Recompute events_daily for the days that changed (every day with --full).
+    RefreshAnalytics {
+        /// Rebuild every day.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Store-wide numbers.
+    Stats,
+}
+
+/// What a command produced: the JSON document, its text form, and whether it found problems.
+struct Outcome {
+    json: Value,
+    text: String,
+    problems: bool,
+}
+
+impl Outcome {
+    fn ok(json: Value, text: String) -> Outcome {
+        Outcome {
+            json,
+            text,
+            problems: false,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error [INTERNAL_ERROR]: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let json_mode = cli.json;
+    match runtime.block_on(run(cli)) {
+        Ok(outcome) => {
+            if json_mode {
+                println!("{}", outcome.json);
+            } else {
+                println!("{}", outcome.text);
+            }
+            ExitCode::from(if outcome.problems { 3 } else { 0 })
+        }
+        Err(e) => {
+            if json_mode {
+                println!(
+                    "{}",
+                    json!({ "error": { "code": e.code(), "message": e.to_string(), "details": e.details() } })
+                );
+            } else {
+                eprintln!("error [{}]: {e}", e.code());
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn repository(cli: &Cli) -> Result<EventRepository, Error> {
+    let url = cli
+        .database_url
+        .clone()
+        .filter(|u| !u.trim().is_empty())
+        .ok_or_else(|| Error::InvalidConfig {
+            message: "no database: pass --database-url or set DATABASE_URL".into(),
+        })?;
+    let mut config = RepositoryConfig::new(url);
+    config.schema = cli.schema.clone();
+    config.pool_size = 4;
+    EventRepository::new(config)
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+async fn run(cli: Cli) -> Result<Outcome, Error> {
+    let repo = repository(&cli)?;
+    let show_progress = !cli.json && std::io::stderr().is_terminal();
+    match cli.command {
+        Command::Migrate { status } => {
+            if status {
+                let list = repo.migration_status().await?;
+                let text = list
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{:04} {:<20} {}{}",
+                            m.version,
+                            m.name,
+                            m.applied_at.map_or("pending".to_owned(), |t| format!("applied {t}")),
+                            if m.checksum_ok { "" } else { "  EDITED AFTER APPLY" }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let json = json!({ "migrations": list.iter().map(|m| json!({
+                    "version": m.version, "name": m.name, "appliedAt": m.applied_at, "checksumOk": m.checksum_ok,
+                })).collect::<Vec<_>>() });
+                let problems = list.iter().any(|m| !m.checksum_ok);
+                return Ok(Outcome { json, text, problems });
+            }
+            let report = repo.migrate().await?;
+            let text = format!(
+                "applied {:?}, already applied {:?}; storage mode {}",
+                report.applied, report.already_applied, report.storage_mode
+            );
+            Ok(Outcome::ok(
+                json!({ "applied": report.applied, "alreadyApplied": report.already_applied, "storageMode": report.storage_mode }),
+                text,
+            ))
+        }
+        Command::MigrateEvents {
+            dry_run,
+            limit,
+            batch_size,
+            resume,
+            legacy_table,
+            on_invalid,
+            batch_delay_ms,
+        } => {
+            let options = LegacyMigrationOptions {
+                legacy_table,
+                batch_size,
+                limit,
+                dry_run,
+                resume,
+                on_invalid: OnInvalid::parse(&on_invalid)?,
+                batch_delay: batch_delay_ms.map(Duration::from_millis),
+            };
+            let bar = if show_progress {
+                let bar = ProgressBar::new(0);
+                bar.set_style(
+                    ProgressStyle::with_template("{bar:40} {pos}/{len} rows  {per_sec}  ETA {eta}  {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                bar
+            } else {
+                ProgressBar::hidden()
+            };
+            let mut on_progress = |p: &LegacyMigrationProgress| {
+                bar.set_length(p.total);
+                bar.set_position(p.processed);
+                bar.set_message(format!("migrated {}, failed {}", p.migrated, p.failed));
+            };
+            let result = repo.migrate_legacy_events(&options, &mut on_progress).await;
+            bar.finish_and_clear();
+            let report = result?;
+            let mut text = format!(
+                "{}legacy table {}: migrated {}, skipped {} (already migrated or failed before), failed {}, \
+                 success rate {:.2}%\n{} rows in {:.1} s ({:.0} rows/s), {} left",
+                if report.dry_run {
+                    "DRY RUN (nothing written) "
+                } else {
+                    ""
+                },
+                report.legacy_table,
+                report.migrated,
+                report.previously_migrated + report.previously_failed,
+                report.failed,
+                report.success_rate,
+                report.processed,
+                report.elapsed_ms as f64 / 1000.0,
+                report.events_per_second,
+                report.remaining,
+            );
+            for f in &report.failures {
+                text.push_str(&format!("\n  failed {} [{}] {}", f.legacy_id, f.reason_code, f.reason));
+            }
+            if report.failed as usize > report.failures.len() {
+                text.push_str(&format!(
+                    "\n  ... and {} more",
+                    report.failed as usize - report.failures.len()
+                ));
+            }
+            if report.stopped_on_invalid {
+                text.push_str(
+                    "\nstopped at the first invalid row (--on-invalid=fail); fix it and run again with --resume",
+                );
+            }
+            let problems = report.failed > 0 || report.stopped_on_invalid;
+            Ok(Outcome {
+                json: to_json(&report),
+                text,
+                problems,
+            })
+        }
+        Command::Verify { legacy_table } => {
+            let report = repo.verify_legacy(&legacy_table).await?;
+            Ok(Outcome {
+                text: verify_text(&report),
+                problems: !report.ok,
+                json: to_json(&report),
+            })
+        }
+        Command::DropLegacy { legacy_table, confirm } => {
+            let report = repo.verify_legacy(&legacy_table).await?;
+            if !cli.json {
+                eprintln!("{}", verify_text(&report));
+            }
+            if !confirm {
+                return Err(Error::ConfirmationRequired {
+                    action: format!("dropping the legacy table \"{legacy_table}\" (pass --confirm)"),
+                });
+            }
+            let dropped = repo.drop_legacy_table(&legacy_table, true).await?;
+            Ok(Outcome::ok(
+                to_json(&dropped),
+                format!("dropped legacy table {legacy_table}"),
+            ))
+        }
+        Command::Retention {
+            older_than,
+            dry_run,
+            force,
+        } => {
+            let cutoff = RetentionAge::parse(&older_than)?.cutoff(chrono::Utc::now())?;
+            let report = repo
+                .apply_retention(&RetentionOptions { cutoff, dry_run, force })
+                .await?;
+            let mut text = format!(
+                "{}cut-off {} ({}): {} rows in {} {}",
+                if dry_run { "DRY RUN (nothing changed) " } else { "" },
+                report.cutoff.to_rfc3339(),
+                report.storage_mode,
+                report.rows,
+                report.targets.len(),
+                if report.storage_mode == "timescaledb" {
+                    "chunks"
+                } else {
+                    "partitions"
+                },
+            );
+            for t in &report.targets {
+                text.push_str(&format!(
+                    "\n  {} {} rows {} .. {}",
+                    t.name,
+                    t.rows,
+                    t.from.map_or("-".into(), |d| d.to_rfc3339()),
+                    t.to.map_or("-".into(), |d| d.to_rfc3339())
+                ));
+            }
+            text.push_str(&format!(
+                "\nstreams deleted {}, trimmed {}, events_daily rows deleted {}",
+                report.streams_deleted, report.streams_trimmed, report.daily_rows_deleted
+            ));
+            let refused = dry_run && report.cut_through_count > 0 && !force;
+            if report.cut_through_count > 0 {
+                text.push_str(&format!(
+                    "\n{} aggregate(s) have events on both sides of the cut-off (e.g. {:?}){}",
+                    report.cut_through_count,
+                    report.cut_through_sample,
+                    if refused {
+                        "; a real run would be refused without --force"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            Ok(Outcome {
+                json: to_json(&report),
+                text,
+                problems: refused,
+            })
+        }
+        Command::RefreshAnalytics { full } => {
+            let days = repo.refresh_analytics(full).await?;
+            Ok(Outcome::ok(
+                json!({ "daysRefreshed": days, "full": full }),
+                format!("refreshed {days} day(s) of events_daily"),
+            ))
+        }
+        Command::Stats => {
+            let stats = repo.stats().await?;
+            let mut text = format!(
+                "storage mode {}\nevents {}\nstreams {}\noldest {}\nnewest {}\npartitions/chunks {}\n\
+                 default partition rows {}\nanalytics days pending {}",
+                stats.storage_mode,
+                stats.events,
+                stats.streams,
+                stats.oldest.map_or("-".into(), |d| d.to_rfc3339()),
+                stats.newest.map_or("-".into(), |d| d.to_rfc3339()),
+                stats.partitions,
+                stats.default_partition_rows,
+                stats.dirty_days,
+            );
+            for m in &stats.legacy_migrations {
+                text.push_str(&format!(
+                    "\nlegacy {}: migrated {}, failed {}, {}",
+                    m.legacy_table,
+                    m.migrated,
+                    m.failed,
+                    m.finished_at
+                        .map_or("not finished".into(), |t| format!("finished {}", t.to_rfc3339()))
+                ));
+            }
+            Ok(Outcome::ok(to_json(&stats), text))
+        }
+    }
+}
+
+fn verify_text(r: &synap_events::VerifyReport) -> String {
+    let mut text = format!(
+        "verify {}: {}\n  legacy rows {}, migrated {}, dual-written {}, failed {}, missing {}, mismatched {}, \
+         count differences {}\n  checksums legacy {} / events_v2 {}",
+        r.legacy_table,
+        if r.ok { "OK" } else { "DIFFERENCES" },
+        r.legacy_rows,
+        r.migrated_rows,
+        r.dual_written_rows,
+        r.failed_count,
+        r.missing_count,
+        r.mismatched_count,
+        r.count_differences_count,
+        r.legacy_checksum,
+        r.events_checksum,
+    );
+    for f in &r.failed {
+        text.push_str(&format!("\n  failed {} [{}] {}", f.legacy_id, f.reason_code, f.reason));
+    }
+    for id in &r.missing {
+        text.push_str(&format!("\n  missing {id}"));
+    }
+    for m in &r.mismatched {
+        text.push_str(&format!(
+            "\n  mismatch {} (event {}): {}",
+            m.legacy_id,
+            m.event_id,
+            m.fields.join(", ")
+        ));
+    }
+    for d in &r.count_differences {
+        text.push_str(&format!(
+            "\n  count user {} type {}: legacy {}, events_v2 {}",
+            d.user_id, d.event_type, d.legacy, d.events_v2
+        ));
+    }
+    text
+}

@@ -1,0 +1,277 @@
+//! The `synap-events` binary against a real PostgreSQL (DATABASE_URL): exit codes, `--json`,
+//! and a migration killed mid-run and resumed.
+
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_synap-events");
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL").expect("DATABASE_URL must point at a PostgreSQL server (scripts/db.sh start)")
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh schema and a client whose search_path is it.
+async fn fresh(tag: &str) -> (String, tokio_postgres::Client) {
+    let schema = format!(
+        "t_cli_{tag}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    );
+    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; SET search_path = {schema}"
+        ))
+        .await
+        .unwrap();
+    (schema, client)
+}
+
+fn cli(schema: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env("DATABASE_URL", database_url())
+        .arg("--schema")
+        .arg(schema)
+        .args(args);
+    cmd
+}
+
+fn run(schema: &str, args: &[&str]) -> Output {
+    cli(schema, args).output().expect("run synap-events")
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().expect("exited normally")
+}
+
+/// The one JSON document printed on stdout.
+fn json(out: &Output) -> Value {
+    let text = String::from_utf8(out.stdout.clone()).unwrap();
+    assert_eq!(text.trim().lines().count(), 1, "one document: {text}");
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+const LEGACY_DDL: &str = "CREATE TABLE events (
+    id uuid PRIMARY KEY, user_id text NOT NULL, \"timestamp\" timestamptz NOT NULL, type text NOT NULL,
+    data jsonb NOT NULL, source text DEFAULT 'api', correlation_id uuid)";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_and_json_reports() {
+    let (schema, c) = fresh("codes").await;
+    let s = schema.as_str();
+
+    let out = run(s, &["--json", "migrate"]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(json(&out)["applied"], serde_json::json!([1, 2]));
+    assert_eq!(json(&out)["storageMode"], "native");
+
+    // Bad arguments: clap's usage error.
+    assert_eq!(code(&run(s, &["retention"])), 2);
+    assert_eq!(code(&run(s, &["migrate-events", "--batch-size", "many"])), 2);
+    // Bad values: the core's error code, in text on stderr or as JSON on stdout.
+    let out = run(s, &["retention", "--older-than", "5x"]);
+    assert_eq!(code(&out), 1);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error [INVALID_CONFIG]"));
+    let out = run(s, &["--json", "migrate-events"]);
+    assert_eq!(code(&out), 1);
+    assert_eq!(json(&out)["error"]["code"], "LEGACY_TABLE_NOT_FOUND");
+    let out = run(s, &["--json", "migrate-events", "--on-invalid", "maybe"]);
+    assert_eq!(json(&out)["error"]["code"], "INVALID_CONFIG");
+    let out = Command::new(BIN)
+        .env_remove("DATABASE_URL")
+        .args(["stats"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 1);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("[INVALID_CONFIG]"));
+
+    c.batch_execute(LEGACY_DDL).await.unwrap();
+    c.batch_execute(
+        "INSERT INTO events (id, user_id, \"timestamp\", type, data)
+         SELECT gen_random_uuid(), 'u' || (g % 3), timestamptz '2024-05-01' + make_interval(mins => g),
+                CASE WHEN g IN (7, 8) THEN 'Not A Type' ELSE 'entity.updated' END, jsonb_build_object('g', g)
+           FROM generate_series(1, 50) g",
+    )
+    .await
+    .unwrap();
+
+    let out = run(s, &["--json", "migrate-events", "--dry-run"]);
+    assert_eq!(code(&out), 3, "a dry run that finds bad rows says so");
+    let dry = json(&out);
+    assert_eq!(
+        (dry["dryRun"].as_bool(), dry["migrated"].as_u64()),
+        (Some(true), Some(48))
+    );
+
+    let out = run(s, &["--json", "migrate-events", "--batch-size", "10"]);
+    assert_eq!(code(&out), 3, "failed rows give exit 3");
+    let report = json(&out);
+    assert_eq!(report["migrated"], 48);
+    assert_eq!(report["failed"], 2);
+    assert_eq!(report["batches"], 5);
+    assert_eq!(report["failures"][0]["reasonCode"], "INVALID_EVENT_TYPE");
+    assert_eq!(report["successRate"].as_f64(), Some(96.0));
+
+    let out = run(s, &["migrate-events", "--resume"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("migrated 0, skipped 50"), "{text}");
+
+    let out = run(s, &["--json", "verify"]);
+    assert_eq!(code(&out), 3);
+    assert_eq!(json(&out)["ok"], false);
+    assert_eq!(json(&out)["failedCount"], 2);
+
+    let out = run(s, &["--json", "drop-legacy", "--confirm"]);
+    assert_eq!(code(&out), 1);
+    assert_eq!(json(&out)["error"]["code"], "VERIFY_FAILED");
+
+    c.batch_execute("DELETE FROM events WHERE type = 'Not A Type'")
+        .await
+        .unwrap();
+    assert_eq!(code(&run(s, &["verify"])), 0);
+    let out = run(s, &["drop-legacy"]);
+    assert_eq!(code(&out), 1);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("[CONFIRMATION_REQUIRED]"));
+    let out = run(s, &["--json", "drop-legacy", "--confirm"]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(json(&out)["dropped"], true);
+
+    let out = run(s, &["--json", "stats"]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(json(&out)["events"], 48);
+    assert_eq!(json(&out)["legacyMigrations"][0]["migrated"], 48);
+    let out = run(s, &["--json", "refresh-analytics"]);
+    assert_eq!(json(&out)["daysRefreshed"], 1);
+
+    // Retention: everything is from May 2024, so a one-day age drops that partition.
+    let out = run(s, &["--json", "retention", "--older-than", "1d", "--dry-run"]);
+    assert_eq!(code(&out), 0);
+    let dry = json(&out);
+    assert_eq!(dry["rows"], 48);
+    assert_eq!(dry["targets"][0]["name"], "events_v2_p20240501");
+    let out = run(s, &["--json", "retention", "--older-than", "1d"]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(json(&out)["streamsDeleted"], 48);
+    let out = run(s, &["--json", "stats"]);
+    assert_eq!(json(&out)["events"], 0);
+}
+
+async fn scalar(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_migration_resumes_without_duplicates_or_gaps() {
+    let (schema, c) = fresh("kill").await;
+    let s = schema.as_str();
+    assert_eq!(code(&run(s, &["migrate"])), 0);
+    c.batch_execute(LEGACY_DDL).await.unwrap();
+    // 3000 rows over 120 aggregates, inserted in random timestamp order, some timestamps shared.
+    c.batch_execute(
+        "INSERT INTO events (id, user_id, \"timestamp\", type, data)
+         SELECT gen_random_uuid(), 'u' || (g % 7),
+                timestamptz '2024-06-01' + make_interval(mins => (g * 7919) % 2000),
+                'entity.updated', jsonb_build_object('entityId', md5((g % 120)::text)::uuid, 'g', g)
+           FROM generate_series(1, 3000) g ORDER BY random()",
+    )
+    .await
+    .unwrap();
+    let migrated = "SELECT count(*) FROM legacy_migration_map";
+
+    // Kill it twice, each time after some batches have committed.
+    for stop_after in [400, 1500] {
+        let mut child = cli(
+            s,
+            &[
+                "migrate-events",
+                "--resume",
+                "--batch-size",
+                "50",
+                "--batch-delay-ms",
+                "15",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        let started = Instant::now();
+        while scalar(&c, migrated).await < stop_after {
+            assert!(started.elapsed() < Duration::from_secs(60), "no progress");
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "finished before it could be killed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+        let n = scalar(&c, migrated).await;
+        assert!(n < 3000, "killed mid-run, {n}");
+        assert_eq!(
+            scalar(&c, "SELECT count(*) FROM events_v2").await,
+            n,
+            "events and map commit together"
+        );
+    }
+
+    // Without --resume a started migration is refused.
+    let out = run(s, &["--json", "migrate-events"]);
+    assert_eq!(code(&out), 1);
+    assert_eq!(json(&out)["error"]["code"], "LEGACY_MIGRATION_STARTED");
+
+    let out = run(s, &["--json", "migrate-events", "--resume", "--batch-size", "50"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
+    let report = json(&out);
+    assert_eq!(
+        report["migrated"].as_u64().unwrap() + report["previouslyMigrated"].as_u64().unwrap(),
+        3000
+    );
+    assert_eq!(report["remaining"], 0);
+
+    // Every legacy id exactly once.
+    assert_eq!(scalar(&c, "SELECT count(*) FROM events_v2").await, 3000);
+    assert_eq!(
+        scalar(&c, "SELECT count(DISTINCT metadata->>'legacyId') FROM events_v2").await,
+        3000
+    );
+    assert_eq!(
+        scalar(&c, "SELECT count(*) FROM events l WHERE NOT EXISTS (SELECT 1 FROM events_v2 e WHERE e.metadata->>'legacyId' = l.id::text)").await,
+        0
+    );
+    // Versions 1..n per aggregate, in (timestamp, legacy id) order, matching event_streams.
+    assert_eq!(
+        scalar(
+            &c,
+            "SELECT count(*) FROM (
+                 SELECT version, row_number() OVER (PARTITION BY aggregate_id
+                                                    ORDER BY \"timestamp\", (metadata->>'legacyId')::uuid) AS rn
+                   FROM events_v2) x
+              WHERE version <> rn"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar(
+            &c,
+            "SELECT count(*) FROM event_streams s
+              WHERE s.version <> (SELECT count(*) FROM events_v2 e WHERE e.aggregate_id = s.aggregate_id)"
+        )
+        .await,
+        0
+    );
+    assert_eq!(scalar(&c, "SELECT count(*) FROM event_streams").await, 120);
+    let out = run(s, &["--json", "verify"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
+}

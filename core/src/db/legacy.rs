@@ -1,0 +1,1321 @@
+//! The switch-over from the legacy `events` table: copying its rows into events_v2 exactly once,
+//! verifying both tables agree, and dropping the legacy table.
+//!
+//! The legacy table has `id uuid primary key, user_id text, timestamp timestamptz, type text,
+//! data jsonb, source text, correlation_id uuid`. Each copied row gets a `legacy_migration_map`
+//! row in the same transaction as its event, which is what makes a re-run or a resume after a
+//! crash copy nothing twice.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+use crate::db::repository::EventRepository;
+use crate::error::{Error, Result};
+use crate::model::AggregateType;
+use crate::validate::{self, Limits};
+
+/// The legacy table's default name.
+pub const DEFAULT_LEGACY_TABLE: &str = "events";
+
+/// At most this many failed rows, missing ids or mismatches are listed in a report (all are
+/// counted).
+pub const MAX_LISTED: usize = 100;
+
+/// Checks a table name (a lowercase identifier, optionally `schema.table`) and returns it quoted
+/// for SQL. Only `[a-z_][a-z0-9_]*` parts of at most 63 bytes pass, so nothing can be injected.
+///
+/// Fails with [`Error::InvalidConfig`] for anything else.
+pub fn quote_table(name: &str) -> Result<String> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && p.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    if parts.len() > 2 || !parts.iter().all(|p| part_ok(p)) {
+        return Err(Error::InvalidConfig {
+            message: format!(
+                "table name must be lowercase letters, digits and _ (optionally schema.table), not \"{name}\""
+            ),
+        });
+    }
+    Ok(parts.iter().map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join("."))
+}
+
+/// What to do with a legacy row that cannot become an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnInvalid {
+    /// Record it in `legacy_migration_failures`, report it, and go on (the default).
+    #[default]
+    Skip,
+    /// Stop before it: the rows before it are migrated, it and the rows after it are not, and it
+    /// is not recorded, so a resume after fixing it migrates it in order.
+    Fail,
+}
+
+impl OnInvalid {
+    /// Parses `skip` or `fail`.
+    ///
+    /// Fails with [`Error::InvalidConfig`] for anything else.
+    pub fn parse(s: &str) -> Result<OnInvalid> {
+        match s {
+            "skip" => Ok(OnInvalid::Skip),
+            "fail" => Ok(OnInvalid::Fail),
+            other => Err(Error::InvalidConfig {
+                message: format!("on-invalid must be skip or fail, not \"{other}\""),
+            }),
+        }
+    }
+}
+
+/// Options of [`EventRepository::migrate_legacy_events`].
+#[derive(Debug, Clone)]
+pub struct LegacyMigrationOptions {
+    /// The legacy table. Default `events`.
+    pub legacy_table: String,
+    /// Rows per transaction. Default 5,000.
+    pub batch_size: usize,
+    /// Process at most this many rows in this run. Default: all.
+    pub limit: Option<u64>,
+    /// Read and check the rows, write nothing.
+    pub dry_run: bool,
+    /// Continue a migration of this table that already ran (fully or in part). Without it such
+    /// a run fails with [`Error::LegacyMigrationStarted`].
+    pub resume: bool,
+    /// Skip (default) or stop at rows that cannot be migrated.
+    pub on_invalid: OnInvalid,
+    /// A pause after each batch, to throttle a migration on a busy database (and for tests).
+    pub batch_delay: Option<Duration>,
+}
+
+impl Default for LegacyMigrationOptions {
+    fn default() -> Self {
+        LegacyMigrationOptions {
+            legacy_table: DEFAULT_LEGACY_TABLE.to_owned(),
+            batch_size: 5000,
+            limit: None,
+            dry_run: false,
+            resume: false,
+            on_invalid: OnInvalid::Skip,
+            batch_delay: None,
+        }
+    }
+}
+
+/// Where a running migration is, passed to the progress callback after every batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LegacyMigrationProgress {
+    /// Rows this run will look at (pending rows, capped by the limit).
+    pub total: u64,
+    /// Rows looked at so far.
+    pub processed: u64,
+    /// Rows migrated so far (would be, in a dry run).
+    pub migrated: u64,
+    /// Rows that could not be migrated so far.
+    pub failed: u64,
+}
+
+/// A legacy row that could not be migrated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LegacyRowFailure {
+    /// The legacy row's id.
+    pub legacy_id: Uuid,
+    /// A stable code: a validation code (`INVALID_EVENT_TYPE`, `INVALID_DATA`, `REQUIRED`, ...)
+    /// or `AGGREGATE_TYPE_MISMATCH`.
+    pub reason_code: String,
+    /// A sentence for people.
+    pub reason: String,
+}
+
+/// What [`EventRepository::migrate_legacy_events`] did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LegacyMigrationReport {
+    /// The legacy table.
+    pub legacy_table: String,
+    /// Whether this was a dry run (nothing written).
+    pub dry_run: bool,
+    /// Rows neither migrated nor recorded as failed when the run started.
+    pub pending_at_start: u64,
+    /// Rows migrated by earlier runs (and dual-written rows) when this run started.
+    pub previously_migrated: u64,
+    /// Rows recorded as failed by earlier runs; they are not retried.
+    pub previously_failed: u64,
+    /// Rows this run looked at.
+    pub processed: u64,
+    /// Rows this run migrated (would migrate, in a dry run).
+    pub migrated: u64,
+    /// Rows this run could not migrate.
+    pub failed: u64,
+    /// Transactions committed.
+    pub batches: u64,
+    /// The failed rows (at most [`MAX_LISTED`]; `failed` counts all).
+    pub failures: Vec<LegacyRowFailure>,
+    /// True when `on_invalid` was `fail` and the run stopped at an invalid row (the first of
+    /// `failures`).
+    pub stopped_on_invalid: bool,
+    /// Rows left after this run (pending at start minus processed, plus a stopped-on row).
+    pub remaining: u64,
+    /// Wall time of the run.
+    pub elapsed_ms: u64,
+    /// Processed rows per second.
+    pub events_per_second: f64,
+    /// migrated / (migrated + failed), in percent; 100 when nothing was processed.
+    pub success_rate: f64,
+}
+
+/// One legacy row as read by the migration (everything but `data`, which stays on the server).
+struct LegacyRow {
+    id: Uuid,
+    timestamp: Option<DateTime<Utc>>,
+    user_id: Option<String>,
+    event_type: Option<String>,
+    entity_id: Option<String>,
+    data: Option<RawJsonb>,
+    source: Option<String>,
+    correlation_id: Option<Uuid>,
+}
+
+/// A jsonb value passed through as its text, never parsed: the migration copies `data` as is.
+#[derive(Debug)]
+struct RawJsonb(Vec<u8>);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for RawJsonb {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        // Binary jsonb is a version byte (1) and the JSON text.
+        match raw.split_first() {
+            Some((1, text)) => Ok(RawJsonb(text.to_vec())),
+            _ => Err("unsupported jsonb version".into()),
+        }
+    }
+    tokio_postgres::types::accepts!(JSONB);
+}
+
+impl tokio_postgres::types::ToSql for RawJsonb {
+    fn to_sql(
+        &self,
+        _: &tokio_postgres::types::Type,
+        out: &mut tokio_postgres::types::private::BytesMut,
+    ) -> std::result::Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&[1]);
+        out.extend_from_slice(&self.0);
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+    tokio_postgres::types::accepts!(JSONB);
+    tokio_postgres::types::to_sql_checked!();
+}
+
+impl RawJsonb {
+    /// What kind of JSON value it is, from its first character.
+    fn kind(&self) -> &'static str {
+        match self.0.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => "object",
+            Some(b'[') => "array",
+            Some(b'"') => "string",
+            Some(b'n') => "null",
+            Some(b't' | b'f') => "boolean",
+            _ => "number",
+        }
+    }
+}
+
+/// A row that passed the static checks.
+struct Candidate {
+    aggregate_id: Uuid,
+    aggregate_type: AggregateType,
+}
+
+const LEGACY_COLUMNS: [(&str, &[&str]); 7] = [
+    ("id", &["uuid"]),
+    ("user_id", &["text", "character varying"]),
+    ("timestamp", &["timestamp with time zone"]),
+    ("type", &["text", "character varying"]),
+    ("data", &["jsonb"]),
+    ("source", &["text", "character varying"]),
+    ("correlation_id", &["uuid"]),
+];
+
+/// Fails with [`Error::LegacyTableNotFound`] or, for missing or mistyped columns,
+/// [`Error::InvalidConfig`].
+async fn check_legacy_table<C: GenericClient>(client: &C, name: &str) -> Result<()> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+        .await?
+        .get(0);
+    if !exists {
+        return Err(Error::LegacyTableNotFound { table: name.to_owned() });
+    }
+    let rows = client
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+             WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+            &[&name],
+        )
+        .await?;
+    let columns: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    for (column, types) in LEGACY_COLUMNS {
+        match columns.get(column) {
+            None => {
+                return Err(Error::InvalidConfig {
+                    message: format!("legacy table \"{name}\" has no column {column}"),
+                })
+            }
+            Some(t) if !types.iter().any(|ok| t.starts_with(ok)) => {
+                return Err(Error::InvalidConfig {
+                    message: format!("legacy table \"{name}\": column {column} is {t}, expected {}", types[0]),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The aggregate type a legacy event type implies: its first segment when that is relation,
+/// user or system, else entity.
+pub fn infer_aggregate_type(event_type: &str) -> AggregateType {
+    match event_type.split('.').next() {
+        Some("relation") => AggregateType::Relation,
+        Some("user") => AggregateType::User,
+        Some("system") => AggregateType::System,
+        _ => AggregateType::Entity,
+    }
+}
+
+fn failure(row: &LegacyRow, code: &str, reason: impl Into<String>) -> LegacyRowFailure {
+    LegacyRowFailure {
+        legacy_id: row.id,
+        reason_code: code.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// The checks that need nothing but the row itself.
+fn check_row(row: &LegacyRow, limits: &Limits) -> std::result::Result<Candidate, LegacyRowFailure> {
+    let issue = |i: validate::Issue| failure(row, i.code.as_str(), i.message);
+    if row.timestamp.is_none() {
+        return Err(failure(row, "REQUIRED", "timestamp is null"));
+    }
+    let Some(event_type) = &row.event_type else {
+        return Err(failure(row, "REQUIRED", "type is null"));
+    };
+    validate::check_event_type(event_type, limits).map_err(issue)?;
+    let Some(user_id) = &row.user_id else {
+        return Err(failure(row, "REQUIRED", "user_id is null"));
+    };
+    validate::check_user_id(user_id, limits).map_err(issue)?;
+    let Some(data) = &row.data else {
+        return Err(failure(row, "REQUIRED", "data is null"));
+    };
+    match data.kind() {
+        "object" => {}
+        kind => {
+            return Err(failure(
+                row,
+                "INVALID_DATA",
+                format!("data must be a JSON object, not {kind}"),
+            ))
+        }
+    }
+    let bytes = data.0.len();
+    if bytes > limits.max_data_bytes {
+        return Err(failure(
+            row,
+            "TOO_LARGE",
+            format!("data is {bytes} bytes as JSON; the limit is {}", limits.max_data_bytes),
+        ));
+    }
+    if row.source.as_deref().is_some_and(|s| s.contains('\0')) {
+        return Err(failure(row, "NUL_CHARACTER", "source contains U+0000"));
+    }
+    let aggregate_id = row
+        .entity_id
+        .as_deref()
+        .and_then(|s| Uuid::try_parse(s).ok())
+        .unwrap_or(row.id);
+    Ok(Candidate {
+        aggregate_id,
+        aggregate_type: infer_aggregate_type(event_type),
+    })
+}
+
+const PENDING_FILTER: &str =
+    "NOT EXISTS (SELECT 1 FROM legacy_migration_map m WHERE m.legacy_table = $1 AND m.legacy_id = l.id)
+   AND NOT EXISTS (SELECT 1 FROM legacy_migration_failures f WHERE f.legacy_table = $1 AND f.legacy_id = l.id)";
+
+/// One batch in one statement over arrays: the stream guards (created for new aggregates,
+/// advanced from exactly first_version - 1 for known ones, as in the repository's batch
+/// append), the events, the dirty days and the map rows. Nothing is inserted unless every guard
+/// passed.
+const BATCH_SQL: &str = r#"
+WITH src AS (
+    SELECT u.* FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::uuid[], $5::text[], $6::text[], $7::text[],
+                           $8::integer[], $9::uuid[], $10::text[], $17::jsonb[])
+           WITH ORDINALITY AS u(legacy_id, event_id, ts, aggregate_id, aggregate_type, event_type, user_id,
+                                version, correlation_id, legacy_source, data, ord)
+), req AS (
+    SELECT * FROM unnest($11::uuid[], $12::text[], $13::text[], $14::integer[], $15::integer[], $18::timestamptz[],
+                         $19::timestamptz[])
+           AS r(aggregate_id, aggregate_type, user_id, first_version, last_version, first_ts, last_ts)
+), created AS (
+    INSERT INTO event_streams (aggregate_id, aggregate_type, user_id, version, first_timestamp, last_timestamp)
+    SELECT aggregate_id, aggregate_type, user_id, last_version, first_ts, last_ts FROM req WHERE first_version = 1
+    ON CONFLICT (aggregate_id) DO NOTHING
+    RETURNING aggregate_id
+), advanced AS (
+    UPDATE event_streams s
+       SET version = req.last_version,
+           first_timestamp = least(s.first_timestamp, req.first_ts),
+           last_timestamp = greatest(s.last_timestamp, req.last_ts)
+      FROM req
+     WHERE s.aggregate_id = req.aggregate_id
+       AND req.first_version > 1
+       AND s.version = req.first_version - 1
+       AND s.aggregate_type = req.aggregate_type
+    RETURNING s.aggregate_id
+), passed AS (
+    SELECT (SELECT count(*) FROM created) + (SELECT count(*) FROM advanced) = cardinality($11::uuid[]) AS ok
+), inserted AS (
+    INSERT INTO events_v2 (id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
+                           version, causation_id, correlation_id, source)
+    SELECT event_id, ts, aggregate_id, aggregate_type, event_type, user_id, data,
+           jsonb_build_object('legacyId', legacy_id, 'legacySource', legacy_source),
+           version, NULL, correlation_id, 'migration'
+      FROM src
+     WHERE (SELECT ok FROM passed)
+     ORDER BY ord
+    RETURNING "timestamp"
+), dirty AS (
+    INSERT INTO events_daily_dirty (day)
+    SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
+    ON CONFLICT (day) DO NOTHING
+), mapped AS (
+    INSERT INTO legacy_migration_map (legacy_table, legacy_id, event_id, aggregate_id, version, origin)
+    SELECT $16, legacy_id, event_id, aggregate_id, version, 'migration' FROM src WHERE (SELECT ok FROM passed)
+)
+SELECT (SELECT ok FROM passed), (SELECT count(*) FROM inserted)
+"#;
+
+const LOCK_SQL: &str =
+    "SELECT pg_try_advisory_lock(hashtext('synap.legacy_migration'), hashtext(current_schema() || '.' || $1))";
+const UNLOCK_SQL: &str =
+    "SELECT pg_advisory_unlock(hashtext('synap.legacy_migration'), hashtext(current_schema() || '.' || $1))";
+
+const RECORD_FAILURES_SQL: &str = "INSERT INTO legacy_migration_failures (legacy_table, legacy_id, reason_code, reason)
+SELECT $1, * FROM unnest($2::uuid[], $3::text[], $4::text[])
+ON CONFLICT (legacy_table, legacy_id) DO NOTHING";
+
+const RECORD_PROGRESS_SQL: &str =
+    "INSERT INTO legacy_migration_runs (legacy_table, migrated, failed, last_timestamp, last_id)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (legacy_table) DO UPDATE
+   SET migrated = legacy_migration_runs.migrated + EXCLUDED.migrated,
+       failed = legacy_migration_runs.failed + EXCLUDED.failed,
+       last_timestamp = coalesce(EXCLUDED.last_timestamp, legacy_migration_runs.last_timestamp),
+       last_id = coalesce(EXCLUDED.last_id, legacy_migration_runs.last_id),
+       updated_at = now(),
+       finished_at = NULL";
+
+/// What one batch wrote.
+struct BatchOutcome {
+    migrated: u64,
+    failures: Vec<LegacyRowFailure>,
+    stopped: bool,
+}
+
+impl EventRepository {
+    /// Copies the legacy table's rows into events_v2, in batches of one transaction each, in
+    /// (timestamp, id) order. Each row becomes an event of aggregate `data.entityId` (when that
+    /// is a UUID, else the row's id) whose version continues after the aggregate's version in
+    /// `event_streams`; timestamp, user id, type, data and correlation id are kept, source becomes
+    /// `migration` and metadata holds `{"legacyId", "legacySource"}`. Rows already copied (or
+    /// dual-written) and rows recorded as failed are passed over, so the call can be repeated or
+    /// resumed after a crash without copying anything twice. `progress` is called after every
+    /// batch.
+    ///
+    /// Fails with [`Error::LegacyTableNotFound`], [`Error::InvalidConfig`] (bad table name or
+    /// columns, batch size 0), [`Error::LegacyMigrationBusy`] when another process migrates the
+    /// same table, [`Error::LegacyMigrationStarted`] when an earlier run exists and
+    /// `options.resume` is false, and database errors; batches committed before an error stay.
+    pub async fn migrate_legacy_events(
+        &self,
+        options: &LegacyMigrationOptions,
+        progress: &mut (dyn FnMut(&LegacyMigrationProgress) + Send),
+    ) -> Result<LegacyMigrationReport> {
+        let legacy = quote_table(&options.legacy_table)?;
+        if options.batch_size == 0 || options.batch_size > 100_000 {
+            return Err(Error::InvalidConfig {
+                message: format!("batch size must be between 1 and 100000, not {}", options.batch_size),
+            });
+        }
+        let started = Instant::now();
+        // Both connections leave the pool: they close when the run ends, which also releases the
+        // session advisory lock even when the run fails half way.
+        let mut reader = deadpool_postgres::Object::take(self.client().await?);
+        let mut writer = deadpool_postgres::Object::take(self.client().await?);
+        check_legacy_table(&*reader, &options.legacy_table).await?;
+
+        let table = options.legacy_table.as_str();
+        if options.dry_run {
+            return self
+                .run_migration(&mut reader, &mut writer, &legacy, options, progress, started)
+                .await;
+        }
+        // A killed run's backend may take a moment to notice and free the lock: wait a little.
+        let mut locked = false;
+        for _ in 0..20 {
+            locked = writer.query_one(LOCK_SQL, &[&table]).await?.get(0);
+            if locked {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !locked {
+            return Err(Error::LegacyMigrationBusy {
+                table: table.to_owned(),
+            });
+        }
+        let result = match options.resume {
+            false => match writer
+                .query_opt(
+                    "SELECT migrated + failed FROM legacy_migration_runs WHERE legacy_table = $1",
+                    &[&table],
+                )
+                .await
+            {
+                Ok(Some(row)) => Err(Error::LegacyMigrationStarted {
+                    table: table.to_owned(),
+                    migrated: row.get(0),
+                }),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e.into()),
+            },
+            true => Ok(()),
+        };
+        let result = match result {
+            Ok(()) => {
+                self.run_migration(&mut reader, &mut writer, &legacy, options, progress, started)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        // Released explicitly: the connection's close is noticed by the server asynchronously.
+        let _ = writer.execute(UNLOCK_SQL, &[&table]).await;
+        result
+    }
+
+    async fn run_migration(
+        &self,
+        reader: &mut tokio_postgres::Client,
+        writer: &mut tokio_postgres::Client,
+        legacy: &str,
+        options: &LegacyMigrationOptions,
+        progress: &mut (dyn FnMut(&LegacyMigrationProgress) + Send),
+        started: Instant,
+    ) -> Result<LegacyMigrationReport> {
+        let table = options.legacy_table.as_str();
+        let counts = writer
+            .query_one(
+                "SELECT (SELECT count(*) FROM legacy_migration_map WHERE legacy_table = $1),
+                        (SELECT count(*) FROM legacy_migration_failures WHERE legacy_table = $1)",
+                &[&table],
+            )
+            .await?;
+        let previously_migrated = counts.get::<_, i64>(0) as u64;
+        let previously_failed = counts.get::<_, i64>(1) as u64;
+
+        // One snapshot and one sort for the whole run, read through a portal batch by batch.
+        let read_tx = reader
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        // The run's one sort (of the pending rows, data included) stays in memory when it fits.
+        read_tx.batch_execute("SET LOCAL work_mem = '256MB'").await?;
+        let pending: i64 = read_tx
+            .query_one(
+                &format!("SELECT count(*) FROM {legacy} l WHERE {PENDING_FILTER}"),
+                &[&table],
+            )
+            .await?
+            .get(0);
+        let pending = pending as u64;
+        let total = options.limit.map_or(pending, |l| l.min(pending));
+        let select = format!(
+            "SELECT l.id, l.\"timestamp\", l.user_id::text, l.type::text, l.data->>'entityId', l.data,
+                    l.source::text, l.correlation_id
+               FROM {legacy} l
+              WHERE {PENDING_FILTER}
+              ORDER BY l.\"timestamp\", l.id"
+        );
+        let select = read_tx.prepare(&select).await?;
+        let portal = read_tx.bind(&select, &[&table]).await?;
+
+        if !options.dry_run && total > 0 {
+            // Historical days get their native daily partitions before any row goes in, rather
+            // than piling up in the default partition (a no-op on TimescaleDB).
+            writer
+                .execute(
+                    &format!(
+                        "SELECT synap_ensure_partitions(d, d) FROM (
+                             SELECT DISTINCT (l.\"timestamp\" AT TIME ZONE 'UTC')::date AS d
+                               FROM {legacy} l WHERE {PENDING_FILTER} AND l.\"timestamp\" IS NOT NULL) days"
+                    ),
+                    &[&table],
+                )
+                .await?;
+        }
+        let batch_stmt = if options.dry_run {
+            None
+        } else {
+            Some(writer.prepare(BATCH_SQL).await?)
+        };
+        let mut report = LegacyMigrationReport {
+            legacy_table: table.to_owned(),
+            dry_run: options.dry_run,
+            pending_at_start: pending,
+            previously_migrated,
+            previously_failed,
+            processed: 0,
+            migrated: 0,
+            failed: 0,
+            batches: 0,
+            failures: Vec::new(),
+            stopped_on_invalid: false,
+            remaining: pending,
+            elapsed_ms: 0,
+            events_per_second: 0.0,
+            success_rate: 100.0,
+        };
+        // Dry runs write no streams, so they remember the types of aggregates they "created".
+        let mut dry_types: HashMap<Uuid, AggregateType> = HashMap::new();
+        progress(&LegacyMigrationProgress {
+            total,
+            processed: 0,
+            migrated: 0,
+            failed: 0,
+        });
+        let mut exhausted = false;
+        let to_rows = |rows: Vec<tokio_postgres::Row>| -> Vec<LegacyRow> {
+            rows.iter()
+                .map(|r| LegacyRow {
+                    id: r.get(0),
+                    timestamp: r.get(1),
+                    user_id: r.get(2),
+                    event_type: r.get(3),
+                    entity_id: r.get(4),
+                    data: r.get(5),
+                    source: r.get(6),
+                    correlation_id: r.get(7),
+                })
+                .collect()
+        };
+        let batch = |fetched: u64| (total - fetched).min(options.batch_size as u64) as i32;
+        let mut fetched = 0u64;
+        let mut next = if total > 0 {
+            read_tx.query_portal(&portal, batch(0)).await?
+        } else {
+            Vec::new()
+        };
+        while report.processed < total {
+            if next.is_empty() {
+                exhausted = true;
+                break;
+            }
+            let rows = to_rows(std::mem::take(&mut next));
+            fetched += rows.len() as u64;
+            // The next batch is read while this one is written (two connections).
+            let want = batch(fetched);
+            let prefetch = async {
+                if want > 0 {
+                    read_tx.query_portal(&portal, want).await
+                } else {
+                    Ok(Vec::new())
+                }
+            };
+            let (outcome, prefetched) = match &batch_stmt {
+                Some(stmt) => {
+                    let write = async {
+                        let mut attempt = 0;
+                        loop {
+                            attempt += 1;
+                            match self.write_batch(writer, stmt, table, &rows, options.on_invalid).await {
+                                Err(e)
+                                    if attempt < 5
+                                        && e.is_retryable()
+                                        && !matches!(e, Error::ConnectionFailed { .. }) =>
+                                {
+                                    continue
+                                }
+                                other => break other,
+                            }
+                        }
+                    };
+                    let (written, prefetched) = futures_util::future::join(write, prefetch).await;
+                    (written?, prefetched)
+                }
+                None => {
+                    let outcome = self
+                        .dry_run_batch(writer, &rows, options.on_invalid, &mut dry_types)
+                        .await?;
+                    (outcome, prefetch.await)
+                }
+            };
+            next = prefetched?;
+            let processed = if outcome.stopped {
+                // The stopped-on row and everything after it stay pending.
+                outcome.migrated + outcome.failures.len() as u64 - 1
+            } else {
+                rows.len() as u64
+            };
+            report.processed += processed;
+            report.migrated += outcome.migrated;
+            report.failed += outcome.failures.len() as u64;
+            report.batches += u64::from(!options.dry_run);
+            let room = MAX_LISTED.saturating_sub(report.failures.len());
+            report.failures.extend(outcome.failures.into_iter().take(room));
+            progress(&LegacyMigrationProgress {
+                total,
+                processed: report.processed,
+                migrated: report.migrated,
+                failed: report.failed,
+            });
+            if outcome.stopped {
+                report.stopped_on_invalid = true;
+                break;
+            }
+            if let Some(delay) = options.batch_delay {
+                tokio::time::sleep(delay).await;
+            }
+        }
+        read_tx.rollback().await?;
+        if !options.dry_run && !report.stopped_on_invalid && (exhausted || report.processed == pending) {
+            writer
+                .execute(
+                    "INSERT INTO legacy_migration_runs (legacy_table, finished_at) VALUES ($1, now())
+                     ON CONFLICT (legacy_table) DO UPDATE SET finished_at = now(), updated_at = now()",
+                    &[&table],
+                )
+                .await?;
+        }
+        report.remaining = pending - report.processed;
+        let elapsed = started.elapsed();
+        report.elapsed_ms = elapsed.as_millis() as u64;
+        report.events_per_second = report.processed as f64 / elapsed.as_secs_f64().max(1e-9);
+        let done = report.migrated + report.failed;
+        report.success_rate = if done == 0 {
+            100.0
+        } else {
+            report.migrated as f64 * 100.0 / done as f64
+        };
+        Ok(report)
+    }
+
+    /// One batch in one transaction: lock the known streams, check and number the rows, insert
+    /// events, guards, dirty days and map rows, record failures and progress.
+    async fn write_batch(
+        &self,
+        writer: &mut tokio_postgres::Client,
+        stmt: &tokio_postgres::Statement,
+        table: &str,
+        rows: &[LegacyRow],
+        on_invalid: OnInvalid,
+    ) -> Result<BatchOutcome> {
+        let limits = self.config().limits;
+        let checked: Vec<_> = rows.iter().map(|r| check_row(r, &limits)).collect();
+        let mut agg_ids: Vec<Uuid> = checked
+            .iter()
+            .filter_map(|c| c.as_ref().ok().map(|c| c.aggregate_id))
+            .collect();
+        agg_ids.sort_unstable();
+        agg_ids.dedup();
+
+        let tx = writer.transaction().await?;
+        // event_streams is the source of truth for versions: lock the known streams of this
+        // batch (in a fixed order) so no append moves them before this batch commits.
+        let known = tx
+            .query(
+                "SELECT aggregate_id, version, aggregate_type FROM event_streams WHERE aggregate_id = ANY ($1)
+                 ORDER BY aggregate_id FOR UPDATE",
+                &[&agg_ids],
+            )
+            .await?;
+        let mut streams: HashMap<Uuid, (i32, String)> =
+            known.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
+
+        let n = rows.len();
+        let mut legacy_ids = Vec::with_capacity(n);
+        let mut event_ids = Vec::with_capacity(n);
+        let mut timestamps = Vec::with_capacity(n);
+        let mut aggregate_ids = Vec::with_capacity(n);
+        let mut aggregate_types = Vec::with_capacity(n);
+        let mut event_types = Vec::with_capacity(n);
+        let mut user_ids = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut correlation_ids = Vec::with_capacity(n);
+        let mut legacy_sources = Vec::with_capacity(n);
+        let mut datas = Vec::with_capacity(n);
+        // Per aggregate of the batch: index into the agg_* arrays.
+        let mut agg_index: HashMap<Uuid, usize> = HashMap::new();
+        let mut batch_aggs = Vec::new();
+        let mut batch_types = Vec::new();
+        let mut batch_users = Vec::new();
+        let mut batch_first = Vec::new();
+        let mut batch_last = Vec::new();
+        let mut batch_first_ts = Vec::new();
+        let mut batch_last_ts = Vec::new();
+        let mut failures = Vec::new();
+        let mut stopped = false;
+        let mut last_processed: Option<&LegacyRow> = None;
+        for (row, checked) in rows.iter().zip(checked) {
+            let candidate = checked.and_then(|c| match streams.get(&c.aggregate_id) {
+                Some((_, stored)) if stored != c.aggregate_type.as_str() => Err(failure(
+                    row,
+                    "AGGREGATE_TYPE_MISMATCH",
+                    format!(
+                        "aggregate {} is a {stored}, but type {} makes this event a {}",
+                        c.aggregate_id,
+                        row.event_type.as_deref().unwrap_or_default(),
+                        c.aggregate_type
+                    ),
+                )),
+                _ => Ok(c),
+            });
+            let c = match candidate {
+                Ok(c) => c,
+                Err(f) => {
+                    failures.push(f);
+                    if on_invalid == OnInvalid::Fail {
+                        stopped = true;
+                        break;
+                    }
+                    last_processed = Some(row);
+                    continue;
+                }
+            };
+            last_processed = Some(row);
+            let entry = streams
+                .entry(c.aggregate_id)
+                .or_insert_with(|| (0, c.aggregate_type.as_str().to_owned()));
+            entry.0 += 1;
+            let version = entry.0;
+            let ts = row.timestamp.expect("checked by check_row");
+            match agg_index.get(&c.aggregate_id) {
+                Some(&i) => {
+                    batch_last[i] = version;
+                    batch_first_ts[i] = ts.min(batch_first_ts[i]);
+                    batch_last_ts[i] = ts.max(batch_last_ts[i]);
+                }
+                None => {
+                    agg_index.insert(c.aggregate_id, batch_aggs.len());
+                    batch_aggs.push(c.aggregate_id);
+                    batch_types.push(c.aggregate_type.as_str());
+                    batch_users.push(row.user_id.as_deref().unwrap_or_default());
+                    batch_first.push(version);
+                    batch_last.push(version);
+                    batch_first_ts.push(ts);
+                    batch_last_ts.push(ts);
+                }
+            }
+            legacy_ids.push(row.id);
+            event_ids.push(Uuid::now_v7());
+            timestamps.push(row.timestamp);
+            aggregate_ids.push(c.aggregate_id);
+            aggregate_types.push(c.aggregate_type.as_str());
+            event_types.push(row.event_type.as_deref());
+            user_ids.push(row.user_id.as_deref());
+            versions.push(version);
+            correlation_ids.push(row.correlation_id);
+            legacy_sources.push(row.source.as_deref());
+            datas.push(row.data.as_ref());
+        }
+
+        let migrated = legacy_ids.len() as u64;
+        if migrated > 0 {
+            let params: [&(dyn ToSql + Sync); 19] = [
+                &legacy_ids,
+                &event_ids,
+                &timestamps,
+                &aggregate_ids,
+                &aggregate_types,
+                &event_types,
+                &user_ids,
+                &versions,
+                &correlation_ids,
+                &legacy_sources,
+                &batch_aggs,
+                &batch_types,
+                &batch_users,
+                &batch_first,
+                &batch_last,
+                &table,
+                &datas,
+                &batch_first_ts,
+                &batch_last_ts,
+            ];
+            let row = tx.query_one(stmt, &params).await?;
+            let ok: bool = row.get(0);
+            if !ok {
+                tx.rollback().await?;
+                // A concurrent append created one of the batch's new aggregates, or a legacy
+                // row vanished: the caller retries with fresh stream versions.
+                return Err(Error::TransactionConflict {
+                    message: "an aggregate of the migration batch moved or a legacy row vanished; retry".into(),
+                });
+            }
+        }
+        // In fail mode the stopped-on row is not recorded, so a resume meets it again in order.
+        let recorded: &[LegacyRowFailure] = if stopped {
+            &failures[..failures.len() - 1]
+        } else {
+            &failures
+        };
+        if !recorded.is_empty() {
+            let ids: Vec<Uuid> = recorded.iter().map(|f| f.legacy_id).collect();
+            let codes: Vec<&str> = recorded.iter().map(|f| f.reason_code.as_str()).collect();
+            let reasons: Vec<&str> = recorded.iter().map(|f| f.reason.as_str()).collect();
+            tx.execute(RECORD_FAILURES_SQL, &[&table, &ids, &codes, &reasons])
+                .await?;
+        }
+        let failed = recorded.len() as i64;
+        let last_ts = last_processed.and_then(|r| r.timestamp);
+        let last_id = last_processed.map(|r| r.id);
+        tx.execute(
+            RECORD_PROGRESS_SQL,
+            &[&table, &(migrated as i64), &failed, &last_ts, &last_id],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(BatchOutcome {
+            migrated,
+            failures,
+            stopped,
+        })
+    }
+
+    /// The checks of [`EventRepository::write_batch`] without writing.
+    async fn dry_run_batch(
+        &self,
+        client: &tokio_postgres::Client,
+        rows: &[LegacyRow],
+        on_invalid: OnInvalid,
+        known: &mut HashMap<Uuid, AggregateType>,
+    ) -> Result<BatchOutcome> {
+        let limits = self.config().limits;
+        let checked: Vec<_> = rows.iter().map(|r| check_row(r, &limits)).collect();
+        let ids: Vec<Uuid> = checked
+            .iter()
+            .filter_map(|c| c.as_ref().ok().map(|c| c.aggregate_id))
+            .filter(|id| !known.contains_key(id))
+            .collect();
+        let stored = client
+            .query(
+                "SELECT aggregate_id, aggregate_type FROM event_streams WHERE aggregate_id = ANY ($1)",
+                &[&ids],
+            )
+            .await?;
+        let stored: HashMap<Uuid, String> = stored.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut outcome = BatchOutcome {
+            migrated: 0,
+            failures: Vec::new(),
+            stopped: false,
+        };
+        for (row, checked) in rows.iter().zip(checked) {
+            let result = checked.and_then(|c| {
+                let existing = known
+                    .get(&c.aggregate_id)
+                    .map(|t| t.as_str().to_owned())
+                    .or_else(|| stored.get(&c.aggregate_id).cloned());
+                match existing {
+                    Some(t) if t != c.aggregate_type.as_str() => Err(failure(
+                        row,
+                        "AGGREGATE_TYPE_MISMATCH",
+                        format!("aggregate {} is a {t}, not a {}", c.aggregate_id, c.aggregate_type),
+                    )),
+                    _ => {
+                        known.entry(c.aggregate_id).or_insert(c.aggregate_type);
+                        Ok(())
+                    }
+                }
+            });
+            match result {
+                Ok(()) => outcome.migrated += 1,
+                Err(f) => {
+                    outcome.failures.push(f);
+                    if on_invalid == OnInvalid::Fail {
+                        outcome.stopped = true;
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+/// Legacy rows whose (user, type) counts differ between the two tables.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CountDifference {
+    /// The user.
+    pub user_id: String,
+    /// The event type.
+    pub event_type: String,
+    /// Rows in the legacy table (failed rows excluded).
+    pub legacy: i64,
+    /// Their events in events_v2.
+    pub events_v2: i64,
+}
+
+/// A legacy row whose event differs from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Mismatch {
+    /// The legacy row.
+    pub legacy_id: Uuid,
+    /// Its event in events_v2.
+    pub event_id: Uuid,
+    /// What differs: `missing_event` (the event is gone from events_v2), `type`, `timestamp`,
+    /// `data`, `user_id`, `correlation_id`.
+    pub fields: Vec<String>,
+}
+
+/// What [`EventRepository::verify_legacy`] found. Lists hold at most [`MAX_LISTED`] entries;
+/// the `*_count` fields count all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyReport {
+    /// The legacy table.
+    pub legacy_table: String,
+    /// True when every legacy row has an identical event and no row failed.
+    pub ok: bool,
+    /// Rows in the legacy table.
+    pub legacy_rows: i64,
+    /// Legacy rows copied by the migration.
+    pub migrated_rows: i64,
+    /// Legacy rows written by dual-write (same id in both tables).
+    pub dual_written_rows: i64,
+    /// Legacy rows recorded as failed (that still exist).
+    pub failed_count: i64,
+    /// Some of them, with why.
+    pub failed: Vec<LegacyRowFailure>,
+    /// Legacy rows neither migrated nor failed.
+    pub missing_count: i64,
+    /// Some of their ids.
+    pub missing: Vec<Uuid>,
+    /// Legacy rows whose event differs or is gone.
+    pub mismatched_count: i64,
+    /// Some of them.
+    pub mismatched: Vec<Mismatch>,
+    /// (user, type) pairs whose counts differ.
+    pub count_differences_count: i64,
+    /// Some of them.
+    pub count_differences: Vec<CountDifference>,
+    /// `count:sum` of a hash of (legacy id, type, timestamp, user, data) over the legacy rows
+    /// (failed rows excluded).
+    pub legacy_checksum: String,
+    /// The same over their events in events_v2, keyed by the legacy id.
+    pub events_checksum: String,
+}
+
+impl VerifyReport {
+    /// One line saying what differs.
+    pub fn summary(&self) -> String {
+        if self.ok {
+            return format!("{} legacy rows, all in events_v2", self.legacy_rows);
+        }
+        format!(
+            "{} missing, {} mismatched, {} failed, {} (user, type) count differences, checksums {}",
+            self.missing_count,
+            self.mismatched_count,
+            self.failed_count,
+            self.count_differences_count,
+            if self.legacy_checksum == self.events_checksum {
+                "equal"
+            } else {
+                "differ"
+            }
+        )
+    }
+}
+
+/// Comparison of the legacy table and events_v2; runs on `client`, so a caller can hold locks.
+async fn verify_on<C: GenericClient>(client: &C, table: &str) -> Result<VerifyReport> {
+    let legacy = quote_table(table)?;
+    check_legacy_table(client, table).await?;
+    // Whole-table hash joins and aggregates: give them memory rather than spill files.
+    client.batch_execute("SET LOCAL work_mem = '256MB'").await?;
+    let limit = MAX_LISTED as i64;
+    let totals = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM {legacy}),
+                        (SELECT count(*) FROM legacy_migration_map m JOIN {legacy} l ON l.id = m.legacy_id
+                          WHERE m.legacy_table = $1 AND m.origin = 'migration'),
+                        (SELECT count(*) FROM legacy_migration_map m JOIN {legacy} l ON l.id = m.legacy_id
+                          WHERE m.legacy_table = $1 AND m.origin = 'dual_write')"
+            ),
+            &[&table],
+        )
+        .await?;
+    let failed_rows = client
+        .query(
+            &format!(
+                "SELECT f.legacy_id, f.reason_code, f.reason, count(*) OVER ()
+                   FROM legacy_migration_failures f JOIN {legacy} l ON l.id = f.legacy_id
+                  WHERE f.legacy_table = $1 ORDER BY f.legacy_id LIMIT $2"
+            ),
+            &[&table, &limit],
+        )
+        .await?;
+    let missing_rows = client
+        .query(
+            &format!("SELECT l.id, count(*) OVER () FROM {legacy} l WHERE {PENDING_FILTER} ORDER BY l.id LIMIT $2"),
+            &[&table, &limit],
+        )
+        .await?;
+    let mismatch_rows = client
+        .query(
+            &format!(
+                "SELECT m.legacy_id, m.event_id, e.id IS NULL,
+                        e.event_type IS DISTINCT FROM l.type, e.\"timestamp\" IS DISTINCT FROM l.\"timestamp\",
+                        e.data IS DISTINCT FROM l.data, e.user_id IS DISTINCT FROM l.user_id,
+                        e.correlation_id IS DISTINCT FROM l.correlation_id, count(*) OVER ()
+                   FROM {legacy} l
+                   JOIN legacy_migration_map m ON m.legacy_table = $1 AND m.legacy_id = l.id
+                   LEFT JOIN events_v2 e ON e.id = m.event_id
+                  WHERE e.id IS NULL OR e.event_type IS DISTINCT FROM l.type
+                     OR e.\"timestamp\" IS DISTINCT FROM l.\"timestamp\" OR e.data IS DISTINCT FROM l.data
+                     OR e.user_id IS DISTINCT FROM l.user_id OR e.correlation_id IS DISTINCT FROM l.correlation_id
+                  ORDER BY m.legacy_id LIMIT $2"
+            ),
+            &[&table, &limit],
+        )
+        .await?;
+    let count_rows = client
+        .query(
+            &format!(
+                "WITH lc AS (
+                     SELECT l.user_id::text AS user_id, l.type::text AS event_type, count(*) AS n FROM {legacy} l
+                      WHERE NOT EXISTS (SELECT 1 FROM legacy_migration_failures f
+                                         WHERE f.legacy_table = $1 AND f.legacy_id = l.id)
+                      GROUP BY 1, 2
+                 ), ec AS (
+                     SELECT e.user_id, e.event_type, count(*) AS n
+                       FROM legacy_migration_map m JOIN events_v2 e ON e.id = m.event_id
+                      WHERE m.legacy_table = $1 GROUP BY 1, 2
+                 )
+                 SELECT coalesce(lc.user_id, ec.user_id), coalesce(lc.event_type, ec.event_type),
+                        coalesce(lc.n, 0), coalesce(ec.n, 0), count(*) OVER ()
+                   FROM lc FULL JOIN ec ON lc.user_id = ec.user_id AND lc.event_type = ec.event_type
+                  WHERE coalesce(lc.n, 0) <> coalesce(ec.n, 0)
+                  ORDER BY 1, 2 LIMIT $2"
+            ),
+            &[&table, &limit],
+        )
+        .await?;
+    let row_hash = |alias: &str, id: &str, ty: &str| {
+        format!(
+            "hashtextextended({id}::text || '|' || {alias}.{ty} || '|' || \
+             to_char({alias}.\"timestamp\" AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '|' || \
+             {alias}.user_id || '|' || {alias}.data::text, 0)::numeric"
+        )
+    };
+    let checksums = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) || ':' || coalesce(sum({lh}), 0) FROM {legacy} l
+                          WHERE NOT EXISTS (SELECT 1 FROM legacy_migration_failures f
+                                             WHERE f.legacy_table = $1 AND f.legacy_id = l.id)),
+                        (SELECT count(*) || ':' || coalesce(sum({eh}), 0)
+                           FROM legacy_migration_map m JOIN events_v2 e ON e.id = m.event_id
+                          WHERE m.legacy_table = $1)",
+                lh = row_hash("l", "l.id", "type"),
+                eh = row_hash("e", "m.legacy_id", "event_type"),
+            ),
+            &[&table],
+        )
+        .await?;
+    let count_of = |rows: &[tokio_postgres::Row], col: usize| rows.first().map_or(0, |r| r.get::<_, i64>(col));
+    let mut report = VerifyReport {
+        legacy_table: table.to_owned(),
+        ok: false,
+        legacy_rows: totals.get(0),
+        migrated_rows: totals.get(1),
+        dual_written_rows: totals.get(2),
+        failed_count: count_of(&failed_rows, 3),
+        failed: failed_rows
+            .iter()
+            .map(|r| LegacyRowFailure {
+                legacy_id: r.get(0),
+                reason_code: r.get(1),
+                reason: r.get(2),
+            })
+            .collect(),
+        missing_count: count_of(&missing_rows, 1),
+        missing: missing_rows.iter().map(|r| r.get(0)).collect(),
+        mismatched_count: count_of(&mismatch_rows, 8),
+        mismatched: mismatch_rows
+            .iter()
+            .map(|r| {
+                let names = [
+                    "missing_event",
+                    "type",
+                    "timestamp",
+                    "data",
+                    "user_id",
+                    "correlation_id",
+                ];
+                let fields = names
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| r.get::<_, Option<bool>>(i + 2).unwrap_or(false))
+                    .map(|(_, n)| (*n).to_owned())
+                    .collect();
+                Mismatch {
+                    legacy_id: r.get(0),
+                    event_id: r.get(1),
+                    fields,
+                }
+            })
+            .collect(),
+        count_differences_count: count_of(&count_rows, 4),
+        count_differences: count_rows
+            .iter()
+            .map(|r| CountDifference {
+                user_id: r.get(0),
+                event_type: r.get(1),
+                legacy: r.get(2),
+                events_v2: r.get(3),
+            })
+            .collect(),
+        legacy_checksum: checksums.get(0),
+        events_checksum: checksums.get(1),
+    };
+    report.ok = report.failed_count == 0
+        && report.missing_count == 0
+        && report.mismatched_count == 0
+        && report.count_differences_count == 0
+        && report.legacy_checksum == report.events_checksum;
+    Ok(report)
+}
+
+/// What [`EventRepository::drop_legacy_table`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DropLegacyReport {
+    /// The verify run under the lock, just before the drop.
+    pub verify: VerifyReport,
+    /// Whether the table was dropped.
+    pub dropped: bool,
+}
+
+impl EventRepository {
+    /// Compares the legacy table with events_v2: every legacy row must have an event (through
+    /// `legacy_migration_map`) with the same type, timestamp, user, data and correlation id;
+    /// counts per (user, type) and a checksum over both sides must agree; no row may have
+    /// failed. Read-only, in one snapshot.
+    ///
+    /// Fails with [`Error::LegacyTableNotFound`] or [`Error::InvalidConfig`] for a bad table.
+    pub async fn verify_legacy(&self, legacy_table: &str) -> Result<VerifyReport> {
+        quote_table(legacy_table)?;
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let report = verify_on(&*tx, legacy_table).await?;
+        tx.rollback().await?;
+        Ok(report)
+    }
+
+    /// Drops the legacy table after verifying, in one transaction that blocks writes to it, that
+    /// events_v2 holds all of it. Turn dual-write off first: appends that still write to the
+    /// table fail once it is gone. The map and failure tables are kept, for the record.
+    ///
+    /// Fails with [`Error::ConfirmationRequired`] unless `confirm`, with [`Error::VerifyFailed`]
+    /// when verify finds any difference (nothing is dropped then), and like
+    /// [`EventRepository::verify_legacy`].
+    pub async fn drop_legacy_table(&self, legacy_table: &str, confirm: bool) -> Result<DropLegacyReport> {
+        let legacy = quote_table(legacy_table)?;
+        if !confirm {
+            return Err(Error::ConfirmationRequired {
+                action: format!("dropping the legacy table \"{legacy_table}\""),
+            });
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let exists: bool = tx
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&legacy_table])
+            .await?
+            .get(0);
+        if !exists {
+            return Err(Error::LegacyTableNotFound {
+                table: legacy_table.to_owned(),
+            });
+        }
+        // Readers go on; writers wait, so nothing lands between the verify and the drop.
+        tx.batch_execute(&format!("LOCK TABLE {legacy} IN EXCLUSIVE MODE"))
+            .await?;
+        let verify = verify_on(&*tx, legacy_table).await?;
+        if !verify.ok {
+            tx.rollback().await?;
+            return Err(Error::VerifyFailed {
+                table: legacy_table.to_owned(),
+                summary: verify.summary(),
+            });
+        }
+        tx.batch_execute(&format!("DROP TABLE {legacy}")).await?;
+        tx.commit().await?;
+        Ok(DropLegacyReport { verify, dropped: true })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_checked_and_quoted() {
+        assert_eq!(quote_table("events").unwrap(), "\"events\"");
+        assert_eq!(quote_table("public.events_old").unwrap(), "\"public\".\"events_old\"");
+        for bad in [
+            "",
+            "Events",
+            "events;drop table x",
+            "a.b.c",
+            "e\"x",
+            "1events",
+            "a b",
+            ".events",
+        ] {
+            assert_eq!(quote_table(bad).unwrap_err().code(), "INVALID_CONFIG", "{bad}");
+        }
+    }
+
+    #[test]
+    fn aggregate_type_comes_from_the_first_segment() {
+        assert_eq!(infer_aggregate_type("relation.created"), AggregateType::Relation);
+        assert_eq!(infer_aggregate_type("user.renamed"), AggregateType::User);
+        assert_eq!(infer_aggregate_type("system.booted"), AggregateType::System);
+        assert_eq!(infer_aggregate_type("task.done"), AggregateType::Entity);
+        assert_eq!(infer_aggregate_type("entity.created"), AggregateType::Entity);
+    }
+}

@@ -1,0 +1,441 @@
+//! Retention: removing events older than a cut-off by dropping whole TimescaleDB chunks or whole
+//! native daily partitions, never by deleting rows of events_v2; plus [`EventRepository::stats`].
+
+use chrono::{DateTime, Days, Months, NaiveDate, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::db::repository::EventRepository;
+use crate::error::{Error, Result};
+
+/// An age such as `90d`, `12w` or `2y`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetentionAge {
+    /// Whole days.
+    Days(u32),
+    /// Whole weeks.
+    Weeks(u32),
+    /// Calendar years.
+    Years(u32),
+}
+
+impl RetentionAge {
+    /// Parses `<n>d`, `<n>w` or `<n>y` with n ≥ 1.
+    ///
+    /// Fails with [`Error::InvalidConfig`] for anything else.
+    pub fn parse(s: &str) -> Result<RetentionAge> {
+        let bad = || Error::InvalidConfig {
+            message: format!("an age must look like 90d, 12w or 2y, not \"{s}\""),
+        };
+        let s = s.trim();
+        let (number, unit) = s.split_at(s.len().saturating_sub(1));
+        let n: u32 = number.parse().map_err(|_| bad())?;
+        if n == 0 || n > 100_000 {
+            return Err(bad());
+        }
+        match unit {
+            "d" => Ok(RetentionAge::Days(n)),
+            "w" => Ok(RetentionAge::Weeks(n)),
+            "y" => Ok(RetentionAge::Years(n)),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The cut-off for this age at `now`: the UTC midnight at or before `now` minus the age, so
+    /// that it falls on a partition or chunk boundary.
+    ///
+    /// Fails with [`Error::InvalidConfig`] when the age reaches before year 1.
+    pub fn cutoff(self, now: DateTime<Utc>) -> Result<DateTime<Utc>> {
+        let today = now.date_naive();
+        let day = match self {
+            RetentionAge::Days(n) => today.checked_sub_days(Days::new(n.into())),
+            RetentionAge::Weeks(n) => today.checked_sub_days(Days::new(u64::from(n) * 7)),
+            RetentionAge::Years(n) => today.checked_sub_months(Months::new(n.saturating_mul(12))),
+        };
+        day.map(midnight).ok_or_else(|| Error::InvalidConfig {
+            message: format!("the age {self:?} reaches too far back"),
+        })
+    }
+}
+
+fn midnight(day: NaiveDate) -> DateTime<Utc> {
+    day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc()
+}
+
+/// Options of [`EventRepository::apply_retention`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionOptions {
+    /// Events before this instant go. Rounded down to a UTC midnight.
+    pub cutoff: DateTime<Utc>,
+    /// List what would go; change nothing.
+    pub dry_run: bool,
+    /// Go ahead even when the cut-off cuts through aggregate streams.
+    pub force: bool,
+}
+
+/// One chunk, partition or set of default-partition rows that goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionTarget {
+    /// The chunk or partition.
+    pub name: String,
+    /// `chunk`, `partition`, or `default_rows` (rows of `events_v2_default`, moved into their
+    /// day's partition and dropped with it).
+    pub kind: String,
+    /// Its rows.
+    pub rows: i64,
+    /// Its oldest event.
+    pub from: Option<DateTime<Utc>>,
+    /// Its newest event.
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// What [`EventRepository::apply_retention`] did, or would do in a dry run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionReport {
+    /// `timescaledb` or `native`.
+    pub storage_mode: String,
+    /// The effective cut-off (a UTC midnight).
+    pub cutoff: DateTime<Utc>,
+    /// Whether nothing was changed.
+    pub dry_run: bool,
+    /// What goes.
+    pub targets: Vec<RetentionTarget>,
+    /// Events that go.
+    pub rows: i64,
+    /// Aggregates with events both before and after the cut-off.
+    pub cut_through_count: i64,
+    /// Some of them.
+    pub cut_through_sample: Vec<Uuid>,
+    /// event_streams rows whose events all go (deleted).
+    pub streams_deleted: i64,
+    /// Cut-through streams whose first_timestamp moves to their oldest remaining event (forced).
+    pub streams_trimmed: i64,
+    /// events_daily rows deleted (days before the cut-off).
+    pub daily_rows_deleted: i64,
+}
+
+/// Store-wide numbers for `stats`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreStats {
+    /// `timescaledb` or `native`.
+    pub storage_mode: String,
+    /// Events in events_v2.
+    pub events: i64,
+    /// Aggregates (event_streams rows).
+    pub streams: i64,
+    /// Oldest event (per event_streams).
+    pub oldest: Option<DateTime<Utc>>,
+    /// Newest event (per event_streams).
+    pub newest: Option<DateTime<Utc>>,
+    /// Native daily partitions, or TimescaleDB chunks.
+    pub partitions: i64,
+    /// Rows in the native default partition (0 on TimescaleDB).
+    pub default_partition_rows: i64,
+    /// Days waiting for the incremental analytics refresh.
+    pub dirty_days: i64,
+    /// Legacy migrations, one per legacy table.
+    pub legacy_migrations: Vec<LegacyMigrationStatus>,
+}
+
+/// The bookkeeping of one legacy table's migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LegacyMigrationStatus {
+    /// The legacy table.
+    pub legacy_table: String,
+    /// Rows migrated.
+    pub migrated: i64,
+    /// Rows that failed.
+    pub failed: i64,
+    /// Last batch.
+    pub updated_at: DateTime<Utc>,
+    /// When a run last reached the end of the table.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+const CUT_THROUGH_SQL: &str = "SELECT count(*), coalesce((array_agg(aggregate_id ORDER BY aggregate_id))[1:10], '{}')
+  FROM event_streams WHERE first_timestamp < $1 AND last_timestamp >= $1";
+
+/// Native partitions named `events_v2_pYYYYMMDD` and their days.
+const PARTITIONS_SQL: &str = "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+ WHERE i.inhparent = to_regclass('events_v2') AND c.relname ~ '^events_v2_p[0-9]{8}$' ORDER BY 1";
+
+fn partition_day(name: &str) -> Option<NaiveDate> {
+    NaiveDate::parse_from_str(name.strip_prefix("events_v2_p")?, "%Y%m%d").ok()
+}
+
+async fn span<C: tokio_postgres::GenericClient>(
+    client: &C,
+    relation: &str,
+    filter: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<(i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> {
+    let row = client
+        .query_one(
+            &format!("SELECT count(*), min(\"timestamp\"), max(\"timestamp\") FROM {relation} {filter}"),
+            params,
+        )
+        .await?;
+    Ok((row.get(0), row.get(1), row.get(2)))
+}
+
+impl EventRepository {
+    /// Removes the events before `options.cutoff` (rounded down to a UTC midnight) by dropping
+    /// whole chunks (TimescaleDB `drop_chunks`) or whole native daily partitions (DETACH + DROP).
+    /// Rows of the native default partition before the cut-off are first moved into their days'
+    /// partitions (`synap_ensure_partitions`), which are then dropped too. In the same
+    /// transaction, which holds back appends while it runs: event_streams rows whose events all
+    /// went are deleted, cut-through streams (forced) get their oldest remaining event's
+    /// timestamp as first_timestamp (their version stays), and events_daily and
+    /// events_daily_dirty lose the days before the cut-off.
+    ///
+    /// Fails with [`Error::RetentionRefused`] when the cut-off cuts through aggregates' streams
+    /// and `options.force` is false (a dry run reports them instead); nothing changes then.
+    pub async fn apply_retention(&self, options: &RetentionOptions) -> Result<RetentionReport> {
+        let cutoff = midnight(options.cutoff.date_naive());
+        let cutoff_day = cutoff.date_naive();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let mode: String = tx
+            .query_one("SELECT value FROM synap_settings WHERE key = 'storage_mode'", &[])
+            .await?
+            .get(0);
+        if !options.dry_run {
+            // Appends wait, so no stream moves between the check and the drop. Native mode takes
+            // the parent's ACCESS EXCLUSIVE (which DETACH needs anyway) first, so an append can
+            // never hold one of the two locks while waiting for the other.
+            if mode != "timescaledb" {
+                tx.batch_execute("LOCK TABLE events_v2 IN ACCESS EXCLUSIVE MODE")
+                    .await?;
+            }
+            tx.batch_execute("LOCK TABLE event_streams IN EXCLUSIVE MODE").await?;
+        }
+        let cut = tx.query_one(CUT_THROUGH_SQL, &[&cutoff]).await?;
+        let mut report = RetentionReport {
+            storage_mode: mode.clone(),
+            cutoff,
+            dry_run: options.dry_run,
+            targets: Vec::new(),
+            rows: 0,
+            cut_through_count: cut.get(0),
+            cut_through_sample: cut.get(1),
+            streams_deleted: 0,
+            streams_trimmed: 0,
+            daily_rows_deleted: 0,
+        };
+        if report.cut_through_count > 0 && !options.force && !options.dry_run {
+            tx.rollback().await?;
+            return Err(Error::RetentionRefused {
+                cutoff: cutoff.to_rfc3339(),
+                aggregates: report.cut_through_count,
+                sample: report.cut_through_sample,
+            });
+        }
+
+        if mode == "timescaledb" {
+            let chunks = tx
+                .query(
+                    "SELECT c::text FROM show_chunks('events_v2', older_than => $1) c",
+                    &[&cutoff],
+                )
+                .await?;
+            for chunk in &chunks {
+                // The name comes from the catalog, already quoted as regclass text.
+                let name: String = chunk.get(0);
+                let (rows, from, to) = span(&*tx, &name, "", &[]).await?;
+                report.targets.push(RetentionTarget {
+                    name,
+                    kind: "chunk".into(),
+                    rows,
+                    from,
+                    to,
+                });
+            }
+            if !options.dry_run && !chunks.is_empty() {
+                tx.execute("SELECT drop_chunks('events_v2', older_than => $1)", &[&cutoff])
+                    .await?;
+            }
+        } else {
+            let (default_rows, from, to) =
+                span(&*tx, "events_v2_default", "WHERE \"timestamp\" < $1", &[&cutoff]).await?;
+            if default_rows > 0 {
+                if options.dry_run {
+                    report.targets.push(RetentionTarget {
+                        name: "events_v2_default".into(),
+                        kind: "default_rows".into(),
+                        rows: default_rows,
+                        from,
+                        to,
+                    });
+                } else {
+                    // Give each old day of the default partition its own partition (moving the
+                    // rows), so it goes with a DROP like every other day.
+                    tx.execute(
+                        "SELECT synap_ensure_partitions(d, d) FROM (
+                             SELECT DISTINCT (\"timestamp\" AT TIME ZONE 'UTC')::date AS d
+                               FROM events_v2_default WHERE \"timestamp\" < $1) days",
+                        &[&cutoff],
+                    )
+                    .await?;
+                }
+            }
+            for row in tx.query(PARTITIONS_SQL, &[]).await? {
+                let name: String = row.get(0);
+                let Some(day) = partition_day(&name) else { continue };
+                if day >= cutoff_day {
+                    continue;
+                }
+                // `name` matched ^events_v2_p[0-9]{8}$, so it needs no quoting.
+                let (rows, from, to) = span(&*tx, &name, "", &[]).await?;
+                if !options.dry_run {
+                    tx.batch_execute(&format!(
+                        "ALTER TABLE events_v2 DETACH PARTITION {name}; DROP TABLE {name}"
+                    ))
+                    .await?;
+                }
+                report.targets.push(RetentionTarget {
+                    name,
+                    kind: "partition".into(),
+                    rows,
+                    from,
+                    to,
+                });
+            }
+        }
+        report.rows = report.targets.iter().map(|t| t.rows).sum();
+
+        if options.dry_run {
+            report.streams_deleted = tx
+                .query_one(
+                    "SELECT count(*) FROM event_streams WHERE last_timestamp < $1",
+                    &[&cutoff],
+                )
+                .await?
+                .get(0);
+            report.streams_trimmed = if options.force { report.cut_through_count } else { 0 };
+            report.daily_rows_deleted = tx
+                .query_one("SELECT count(*) FROM events_daily WHERE day < $1", &[&cutoff_day])
+                .await?
+                .get(0);
+            tx.rollback().await?;
+            return Ok(report);
+        }
+        report.streams_deleted = tx
+            .execute("DELETE FROM event_streams WHERE last_timestamp < $1", &[&cutoff])
+            .await? as i64;
+        report.streams_trimmed = tx
+            .execute(
+                "UPDATE event_streams s
+                    SET first_timestamp = coalesce(
+                        (SELECT min(e.\"timestamp\") FROM events_v2 e
+                          WHERE e.aggregate_id = s.aggregate_id
+                            AND e.\"timestamp\" >= $1 AND e.\"timestamp\" <= s.last_timestamp), $1)
+                  WHERE s.first_timestamp < $1",
+                &[&cutoff],
+            )
+            .await? as i64;
+        report.daily_rows_deleted = tx
+            .execute("DELETE FROM events_daily WHERE day < $1", &[&cutoff_day])
+            .await? as i64;
+        tx.execute("DELETE FROM events_daily_dirty WHERE day < $1", &[&cutoff_day])
+            .await?;
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    /// Store-wide numbers: events, streams, time span, partitions or chunks, analytics backlog
+    /// and legacy migration bookkeeping. Counts are exact (they scan).
+    pub async fn stats(&self) -> Result<StoreStats> {
+        let client = self.client().await?;
+        let mode: String = client
+            .query_one("SELECT value FROM synap_settings WHERE key = 'storage_mode'", &[])
+            .await?
+            .get(0);
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM events_v2), (SELECT count(*) FROM event_streams),
+                        (SELECT min(first_timestamp) FROM event_streams), (SELECT max(last_timestamp) FROM event_streams),
+                        (SELECT count(*) FROM events_daily_dirty)",
+                &[],
+            )
+            .await?;
+        let (partitions, default_rows): (i64, i64) = if mode == "timescaledb" {
+            let n: i64 = client
+                .query_one("SELECT count(*) FROM show_chunks('events_v2')", &[])
+                .await?
+                .get(0);
+            (n, 0)
+        } else {
+            let n = client.query(PARTITIONS_SQL, &[]).await?.len() as i64;
+            let d: i64 = client
+                .query_one("SELECT count(*) FROM events_v2_default", &[])
+                .await?
+                .get(0);
+            (n, d)
+        };
+        let legacy = client
+            .query(
+                "SELECT legacy_table, migrated, failed, updated_at, finished_at FROM legacy_migration_runs ORDER BY 1",
+                &[],
+            )
+            .await?;
+        Ok(StoreStats {
+            storage_mode: mode,
+            events: row.get(0),
+            streams: row.get(1),
+            oldest: row.get(2),
+            newest: row.get(3),
+            partitions,
+            default_partition_rows: default_rows,
+            dirty_days: row.get(4),
+            legacy_migrations: legacy
+                .iter()
+                .map(|r| LegacyMigrationStatus {
+                    legacy_table: r.get(0),
+                    migrated: r.get(1),
+                    failed: r.get(2),
+                    updated_at: r.get(3),
+                    finished_at: r.get(4),
+                })
+                .collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn ages_parse_and_cut_at_midnight() {
+        let now = Utc.with_ymd_and_hms(2024, 3, 10, 15, 30, 0).unwrap();
+        assert_eq!(
+            RetentionAge::parse("90d").unwrap().cutoff(now).unwrap(),
+            Utc.with_ymd_and_hms(2023, 12, 11, 0, 0, 0).unwrap()
+        );
+        assert_eq!(
+            RetentionAge::parse("2w").unwrap().cutoff(now).unwrap(),
+            Utc.with_ymd_and_hms(2024, 2, 25, 0, 0, 0).unwrap()
+        );
+        assert_eq!(
+            RetentionAge::parse("2y").unwrap().cutoff(now).unwrap(),
+            Utc.with_ymd_and_hms(2022, 3, 10, 0, 0, 0).unwrap()
+        );
+        for bad in ["", "d", "0d", "-3d", "12", "3m", "1.5y", "10 d"] {
+            assert_eq!(RetentionAge::parse(bad).unwrap_err().code(), "INVALID_CONFIG", "{bad}");
+        }
+    }
+
+    #[test]
+    fn partition_names_give_their_day() {
+        assert_eq!(
+            partition_day("events_v2_p20240301"),
+            NaiveDate::from_ymd_opt(2024, 3, 1)
+        );
+        assert_eq!(partition_day("events_v2_default"), None);
+    }
+}

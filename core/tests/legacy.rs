@@ -1,0 +1,495 @@
+//! Legacy `events` → events_v2: migration, resume, verify, drop and dual-write, against a real
+//! PostgreSQL (DATABASE_URL).
+
+mod common;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::{json, Value};
+use synap_events::{
+    AggregateType, EventRepository, LegacyMigrationOptions, LegacyMigrationProgress, NewEvent, OnInvalid, StreamOptions,
+};
+use uuid::Uuid;
+
+const LEGACY_DDL: &str = "CREATE TABLE events (
+    id uuid PRIMARY KEY, user_id text NOT NULL, \"timestamp\" timestamptz NOT NULL, type text NOT NULL,
+    data jsonb NOT NULL, source text DEFAULT 'api', correlation_id uuid)";
+
+fn at(day: u32, second: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2024, 3, day, 10, 0, second).unwrap()
+}
+
+async fn insert_legacy(
+    c: &tokio_postgres::Client,
+    id: Uuid,
+    user: &str,
+    ts: DateTime<Utc>,
+    event_type: &str,
+    data: Value,
+) {
+    c.execute(
+        "INSERT INTO events (id, user_id, \"timestamp\", type, data, source, correlation_id) \
+         VALUES ($1, $2, $3, $4, $5, 'web', $6)",
+        &[&id, &user, &ts, &event_type, &data, &Uuid::from_u128(7)],
+    )
+    .await
+    .unwrap();
+}
+
+fn opts(batch_size: usize) -> LegacyMigrationOptions {
+    LegacyMigrationOptions {
+        batch_size,
+        ..Default::default()
+    }
+}
+
+async fn migrate(repo: &EventRepository, options: &LegacyMigrationOptions) -> synap_events::LegacyMigrationReport {
+    let mut seen = Vec::new();
+    let report = repo
+        .migrate_legacy_events(options, &mut |p: &LegacyMigrationProgress| seen.push(*p))
+        .await
+        .unwrap();
+    assert_eq!(seen.first().map(|p| p.processed), Some(0), "progress starts at 0");
+    assert_eq!(seen.last().unwrap().processed, report.processed);
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrates_in_order_continues_versions_and_reports_bad_rows() {
+    let repo = common::repo("legacy_mig").await;
+    let c = common::sql(&repo).await;
+    c.batch_execute(LEGACY_DDL).await.unwrap();
+
+    // Aggregate A already has two events in events_v2.
+    let a = Uuid::from_u128(0xA);
+    for v in 1..=2 {
+        let mut e = NewEvent::new(a, AggregateType::Entity, "entity.updated", "u1", json!({"v": v}), v);
+        e.timestamp = Some(at(1, v as u32));
+        repo.append(e).await.unwrap();
+    }
+    // A's legacy rows, inserted out of timestamp order, two with the same timestamp (ties by id).
+    let (a3, a4, a5, a6) = (
+        Uuid::from_u128(0x300),
+        Uuid::from_u128(0x101),
+        Uuid::from_u128(0x102),
+        Uuid::from_u128(0x400),
+    );
+    insert_legacy(&c, a6, "u1", at(5, 0), "entity.updated", json!({"entityId": a, "n": 6})).await;
+    insert_legacy(&c, a5, "u1", at(4, 0), "entity.updated", json!({"entityId": a, "n": 5})).await;
+    insert_legacy(&c, a3, "u1", at(2, 0), "entity.updated", json!({"entityId": a, "n": 3})).await;
+    insert_legacy(&c, a4, "u1", at(4, 0), "entity.updated", json!({"entityId": a, "n": 4})).await;
+    // B: a new aggregate shared by two rows; C: no entityId, so its own id is the aggregate.
+    let b = Uuid::from_u128(0xB);
+    insert_legacy(
+        &c,
+        Uuid::from_u128(0x501),
+        "u2",
+        at(3, 1),
+        "relation.linked",
+        json!({"entityId": b.to_string()}),
+    )
+    .await;
+    insert_legacy(
+        &c,
+        Uuid::from_u128(0x500),
+        "u2",
+        at(3, 0),
+        "relation.created",
+        json!({"entityId": b}),
+    )
+    .await;
+    let own = Uuid::from_u128(0x600);
+    insert_legacy(&c, own, "u3", at(3, 5), "task.done", json!({"entityId": "not-a-uuid"})).await;
+    // Bad rows.
+    let bad_data = Uuid::from_u128(0x701);
+    let bad_type = Uuid::from_u128(0x702);
+    let bad_user = Uuid::from_u128(0x703);
+    let mismatch = Uuid::from_u128(0x704);
+    insert_legacy(&c, bad_data, "u1", at(2, 30), "entity.updated", json!([1, 2])).await;
+    insert_legacy(&c, bad_type, "u1", at(2, 31), "Entity Updated", json!({})).await;
+    insert_legacy(&c, bad_user, "   ", at(2, 32), "entity.updated", json!({})).await;
+    insert_legacy(&c, mismatch, "u1", at(2, 33), "user.renamed", json!({"entityId": a})).await;
+
+    // A dry run counts and writes nothing.
+    let dry = migrate(
+        &repo,
+        &LegacyMigrationOptions {
+            dry_run: true,
+            ..opts(3)
+        },
+    )
+    .await;
+    assert_eq!((dry.pending_at_start, dry.migrated, dry.failed), (11, 7, 4));
+    assert_eq!(common::count_rows(&repo).await, (2, 1));
+
+    // Batches of 2: A's rows land in different batches and must continue from event_streams.
+    let report = migrate(&repo, &opts(2)).await;
+    assert_eq!(report.pending_at_start, 11);
+    assert_eq!((report.processed, report.migrated, report.failed), (11, 7, 4));
+    assert_eq!(report.batches, 6);
+    assert!((report.success_rate - 700.0 / 11.0).abs() < 1e-9);
+    let mut codes: Vec<(Uuid, &str)> = report
+        .failures
+        .iter()
+        .map(|f| (f.legacy_id, f.reason_code.as_str()))
+        .collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        vec![
+            (bad_data, "INVALID_DATA"),
+            (bad_type, "INVALID_EVENT_TYPE"),
+            (bad_user, "INVALID_USER_ID"),
+            (mismatch, "AGGREGATE_TYPE_MISMATCH"),
+        ]
+    );
+
+    let stream = repo.get_aggregate_stream(a, &StreamOptions::default()).await.unwrap();
+    let versions: Vec<i32> = stream.iter().map(|e| e.version).collect();
+    assert_eq!(versions, vec![1, 2, 3, 4, 5, 6]);
+    let legacy_ids: Vec<Value> = stream[2..]
+        .iter()
+        .map(|e| e.metadata.as_ref().unwrap()["legacyId"].clone())
+        .collect();
+    assert_eq!(legacy_ids, vec![json!(a3), json!(a4), json!(a5), json!(a6)]);
+    let e3 = &stream[2];
+    assert_eq!(e3.timestamp, at(2, 0));
+    assert_eq!(e3.user_id, "u1");
+    assert_eq!(e3.source.as_str(), "migration");
+    assert_eq!(e3.correlation_id, Some(Uuid::from_u128(7)));
+    assert_eq!(e3.data, json!({"entityId": a, "n": 3}));
+    assert_eq!(e3.metadata.as_ref().unwrap()["legacySource"], json!("web"));
+    assert_eq!(repo.get_aggregate_version(a).await.unwrap(), Some(6));
+
+    let b_stream = repo.get_aggregate_stream(b, &StreamOptions::default()).await.unwrap();
+    assert_eq!(
+        b_stream
+            .iter()
+            .map(|e| (e.version, e.event_type.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(1, "relation.created"), (2, "relation.linked")]
+    );
+    assert_eq!(b_stream[0].aggregate_type, AggregateType::Relation);
+    let own_stream = repo.get_aggregate_stream(own, &StreamOptions::default()).await.unwrap();
+    assert_eq!(own_stream.len(), 1);
+    assert_eq!(own_stream[0].aggregate_type, AggregateType::Entity);
+
+    // Historical days got their own partitions instead of the default one.
+    let in_default: i64 = c
+        .query_one("SELECT count(*) FROM events_v2_default WHERE source = 'migration'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(in_default, 0);
+
+    // Dirty days are marked as the repository does, so the incremental refresh sees them.
+    let days = repo.refresh_analytics(false).await.unwrap();
+    assert_eq!(days, 5, "Mar 1-5");
+
+    // A second run without resume refuses; with resume it copies nothing again.
+    let err = repo.migrate_legacy_events(&opts(2), &mut |_| {}).await.unwrap_err();
+    assert_eq!(err.code(), "LEGACY_MIGRATION_STARTED");
+    let again = migrate(
+        &repo,
+        &LegacyMigrationOptions {
+            resume: true,
+            ..opts(2)
+        },
+    )
+    .await;
+    assert_eq!((again.pending_at_start, again.migrated, again.failed), (0, 0, 0));
+    assert_eq!((again.previously_migrated, again.previously_failed), (7, 4));
+    assert_eq!(common::count_rows(&repo).await.0, 9);
+
+    // Verify names the failed rows; once they are deleted from the legacy table it passes.
+    let v = repo.verify_legacy("events").await.unwrap();
+    assert!(!v.ok);
+    assert_eq!(v.failed_count, 4);
+    assert_eq!((v.missing_count, v.mismatched_count), (0, 0));
+    assert_eq!(v.count_differences_count, 0);
+    c.execute(
+        "DELETE FROM events WHERE id = ANY ($1)",
+        &[&vec![bad_data, bad_type, bad_user, mismatch]],
+    )
+    .await
+    .unwrap();
+    let v = repo.verify_legacy("events").await.unwrap();
+    assert!(v.ok, "{v:#?}");
+    assert_eq!((v.legacy_rows, v.migrated_rows), (7, 7));
+    assert_eq!(v.legacy_checksum, v.events_checksum);
+
+    // A changed event and a legacy row that never went over are both named.
+    c.execute(
+        "UPDATE events_v2 SET data = '{\"n\": 99}' WHERE metadata->>'legacyId' = $1",
+        &[&a5.to_string()],
+    )
+    .await
+    .unwrap();
+    let late = Uuid::from_u128(0x999);
+    insert_legacy(&c, late, "u9", at(6, 0), "entity.created", json!({})).await;
+    let v = repo.verify_legacy("events").await.unwrap();
+    assert!(!v.ok);
+    assert_eq!(v.missing, vec![late]);
+    assert_eq!(v.mismatched.len(), 1);
+    assert_eq!(v.mismatched[0].legacy_id, a5);
+    assert_eq!(v.mismatched[0].fields, vec!["data".to_owned()]);
+    assert_ne!(v.legacy_checksum, v.events_checksum);
+    let diffs: Vec<(&str, &str, i64, i64)> = v
+        .count_differences
+        .iter()
+        .map(|d| (d.user_id.as_str(), d.event_type.as_str(), d.legacy, d.events_v2))
+        .collect();
+    assert_eq!(diffs, vec![("u9", "entity.created", 1, 0)]);
+
+    // Dropping needs the confirmation and a clean verify.
+    assert_eq!(
+        repo.drop_legacy_table("events", false).await.unwrap_err().code(),
+        "CONFIRMATION_REQUIRED"
+    );
+    assert_eq!(
+        repo.drop_legacy_table("events", true).await.unwrap_err().code(),
+        "VERIFY_FAILED"
+    );
+    c.execute(
+        "UPDATE events_v2 SET data = '{\"entityId\": \"00000000-0000-0000-0000-00000000000a\", \"n\": 5}' \
+         WHERE metadata->>'legacyId' = $1",
+        &[&a5.to_string()],
+    )
+    .await
+    .unwrap();
+    migrate(
+        &repo,
+        &LegacyMigrationOptions {
+            resume: true,
+            ..opts(2)
+        },
+    )
+    .await;
+    let dropped = repo.drop_legacy_table("events", true).await.unwrap();
+    assert!(dropped.dropped && dropped.verify.ok);
+    let gone: bool = c
+        .query_one("SELECT to_regclass('events') IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(gone);
+    assert_eq!(
+        repo.verify_legacy("events").await.unwrap_err().code(),
+        "LEGACY_TABLE_NOT_FOUND"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_invalid_fail_stops_before_the_bad_row_and_resume_goes_on_in_order() {
+    let repo = common::repo("legacy_fail").await;
+    let c = common::sql(&repo).await;
+    c.batch_execute(&LEGACY_DDL.replace("CREATE TABLE events", "CREATE TABLE old_events"))
+        .await
+        .unwrap();
+    let agg = Uuid::from_u128(0xCC);
+    for i in 0..6u32 {
+        let ty = if i == 3 { "BROKEN" } else { "entity.updated" };
+        c.execute(
+            "INSERT INTO old_events (id, user_id, \"timestamp\", type, data) VALUES ($1, 'u', $2, $3, $4)",
+            &[
+                &Uuid::from_u128(100 + u128::from(i)),
+                &at(1, i),
+                &ty,
+                &json!({"entityId": agg, "i": i}),
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    let options = LegacyMigrationOptions {
+        legacy_table: "old_events".into(),
+        on_invalid: OnInvalid::Fail,
+        ..opts(2)
+    };
+    let report = migrate(&repo, &options).await;
+    assert!(report.stopped_on_invalid);
+    assert_eq!((report.migrated, report.failed, report.remaining), (3, 1, 3));
+    assert_eq!(report.failures[0].legacy_id, Uuid::from_u128(103));
+    assert_eq!(repo.get_aggregate_version(agg).await.unwrap(), Some(3));
+
+    c.execute(
+        "UPDATE old_events SET type = 'entity.fixed' WHERE id = $1",
+        &[&Uuid::from_u128(103)],
+    )
+    .await
+    .unwrap();
+    let resumed = migrate(
+        &repo,
+        &LegacyMigrationOptions {
+            resume: true,
+            ..options.clone()
+        },
+    )
+    .await;
+    assert_eq!((resumed.migrated, resumed.failed, resumed.remaining), (3, 0, 0));
+    let stream = repo.get_aggregate_stream(agg, &StreamOptions::default()).await.unwrap();
+    let order: Vec<(i32, i64)> = stream
+        .iter()
+        .map(|e| (e.version, e.data["i"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(order, (1..=6).map(|v| (v, i64::from(v) - 1)).collect::<Vec<_>>());
+    assert!(repo.verify_legacy("old_events").await.unwrap().ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_table_names_and_missing_tables_are_refused() {
+    let repo = common::repo("legacy_names").await;
+    let err = repo
+        .migrate_legacy_events(
+            &LegacyMigrationOptions {
+                legacy_table: "events; DROP TABLE events_v2".into(),
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "INVALID_CONFIG");
+    let err = repo
+        .migrate_legacy_events(&LegacyMigrationOptions::default(), &mut |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "LEGACY_TABLE_NOT_FOUND");
+
+    let mut config = common::config(repo.config().schema.as_deref().unwrap());
+    config.dual_write_legacy_table = Some("events\"; DROP TABLE x; --".into());
+    assert_eq!(EventRepository::new(config).unwrap_err().code(), "INVALID_CONFIG");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_write_writes_both_tables_atomically() {
+    let base = common::repo("legacy_dual").await;
+    let c = common::sql(&base).await;
+    // The CHECK lets the legacy insert fail after the event insert in the same statement.
+    c.batch_execute(&LEGACY_DDL.replace(
+        "correlation_id uuid)",
+        "correlation_id uuid, CHECK (type <> 'entity.rejected'))",
+    ))
+    .await
+    .unwrap();
+    let mut config = base.config().clone();
+    config.dual_write_legacy_table = Some("events".into());
+    let repo = EventRepository::new(config).unwrap();
+
+    let a = Uuid::now_v7();
+    let mut first = NewEvent::new(a, AggregateType::Entity, "entity.created", "u1", json!({"t": 1}), 1);
+    first.correlation_id = Some(Uuid::from_u128(5));
+    let stored = repo.append(first).await.unwrap();
+    let batch = repo
+        .append_batch(vec![
+            NewEvent::new(a, AggregateType::Entity, "entity.updated", "u1", json!({"t": 2}), 2),
+            NewEvent::new(a, AggregateType::Entity, "entity.updated", "u1", json!({"t": 3}), 3),
+        ])
+        .await
+        .unwrap();
+    let row = c
+        .query_one(
+            "SELECT user_id, \"timestamp\", type, data, source, correlation_id FROM events WHERE id = $1",
+            &[&stored.id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "u1");
+    assert_eq!(row.get::<_, DateTime<Utc>>(1), stored.timestamp);
+    assert_eq!(row.get::<_, String>(2), "entity.created");
+    assert_eq!(row.get::<_, Value>(3), json!({"t": 1}));
+    assert_eq!(row.get::<_, String>(4), "api");
+    assert_eq!(row.get::<_, Option<Uuid>>(5), Some(Uuid::from_u128(5)));
+    for e in &batch {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM events WHERE id = $1", &[&e.id])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1);
+    }
+    let v = repo.verify_legacy("events").await.unwrap();
+    assert!(v.ok, "{v:#?}");
+    assert_eq!(v.dual_written_rows, 3);
+    // The migration passes over dual-written rows.
+    let report = repo
+        .migrate_legacy_events(&LegacyMigrationOptions::default(), &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.pending_at_start, 0);
+
+    // The legacy insert fails: neither table, nor the stream, nor the map gets anything.
+    let before = common::count_rows(&repo).await;
+    let bad = NewEvent::new(a, AggregateType::Entity, "entity.rejected", "u1", json!({}), 4);
+    assert_eq!(repo.append(bad.clone()).await.unwrap_err().code(), "DATABASE_ERROR");
+    let other = NewEvent::new(
+        Uuid::now_v7(),
+        AggregateType::Entity,
+        "entity.created",
+        "u1",
+        json!({}),
+        1,
+    );
+    assert_eq!(
+        repo.append_batch(vec![other, bad]).await.unwrap_err().code(),
+        "DATABASE_ERROR"
+    );
+    assert_eq!(common::count_rows(&repo).await, before);
+    let legacy: i64 = c.query_one("SELECT count(*) FROM events", &[]).await.unwrap().get(0);
+    let mapped: i64 = c
+        .query_one("SELECT count(*) FROM legacy_migration_map", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((legacy, mapped), (3, 3));
+    assert_eq!(repo.get_aggregate_version(a).await.unwrap(), Some(3));
+    // A repository without dual-write leaves the legacy table alone.
+    base.append(NewEvent::new(
+        a,
+        AggregateType::Entity,
+        "entity.updated",
+        "u1",
+        json!({}),
+        4,
+    ))
+    .await
+    .unwrap();
+    let legacy: i64 = c.query_one("SELECT count(*) FROM events", &[]).await.unwrap().get(0);
+    assert_eq!(legacy, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_concurrent_migration_is_refused() {
+    let repo = common::repo("legacy_busy").await;
+    let c = common::sql(&repo).await;
+    c.batch_execute(LEGACY_DDL).await.unwrap();
+    c.batch_execute(
+        "INSERT INTO events (id, user_id, \"timestamp\", type, data)
+         SELECT gen_random_uuid(), 'u', now() - make_interval(secs => g), 'entity.created', '{}'
+           FROM generate_series(1, 40) g",
+    )
+    .await
+    .unwrap();
+    let slow = LegacyMigrationOptions {
+        // 20 batches of 200 ms: longer than the 2 s a second run waits for the lock.
+        batch_delay: Some(std::time::Duration::from_millis(200)),
+        ..opts(2)
+    };
+    let first = {
+        let repo = repo.clone();
+        tokio::spawn(async move { repo.migrate_legacy_events(&slow, &mut |_| {}).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    let err = repo
+        .migrate_legacy_events(
+            &LegacyMigrationOptions {
+                resume: true,
+                ..opts(5)
+            },
+            &mut |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "LEGACY_MIGRATION_BUSY");
+    let report = first.await.unwrap().unwrap();
+    assert_eq!(report.migrated, 40);
+}
