@@ -123,6 +123,14 @@ pub enum Error {
         message: String,
     },
 
+    /// The database refused the operation for this role: a row-level security policy (a scoped
+    /// handle writing another user's event) or a missing privilege. Nothing was written.
+    #[error("permission denied: {message}")]
+    PermissionDenied {
+        /// What the server said.
+        message: String,
+    },
+
     /// Any other database error, with its SQLSTATE.
     #[error("database error {sqlstate}: {message}")]
     Database {
@@ -243,6 +251,7 @@ impl Error {
             Error::MigrationChecksumMismatch { .. } => "MIGRATION_CHECKSUM_MISMATCH",
             Error::MigrationFailed { .. } => "MIGRATION_FAILED",
             Error::InvalidConfig { .. } => "INVALID_CONFIG",
+            Error::PermissionDenied { .. } => "PERMISSION_DENIED",
             Error::Database { .. } => "DATABASE_ERROR",
             Error::LegacyTableNotFound { .. } => "LEGACY_TABLE_NOT_FOUND",
             Error::LegacyMigrationBusy { .. } => "LEGACY_MIGRATION_BUSY",

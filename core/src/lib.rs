@@ -36,6 +36,7 @@ pub use db::retention::{
 #[cfg(feature = "postgres")]
 pub use db::{
     config::{RepositoryConfig, StorageMode},
+    feed::{Checkpoint, Page, SubscribeOptions, Subscription},
     migrate::{Migration, MigrationReport, MigrationStatus, MIGRATIONS},
     repository::{CountFilter, EventRepository, StreamOptions, UserStreamOptions},
 };

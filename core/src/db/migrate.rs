@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "legacy_migration",
         sql: include_str!("../../../migrations/0002_legacy_migration.sql"),
     },
+    Migration {
+        version: 3,
+        name: "isolation_and_global_order",
+        sql: include_str!("../../../migrations/0003_isolation_and_global_order.sql"),
+    },
 ];
 
 /// What a migration run did.

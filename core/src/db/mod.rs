@@ -1,6 +1,7 @@
 //! The PostgreSQL layer.
 
 pub mod config;
+pub mod feed;
 pub mod legacy;
 pub mod migrate;
 pub mod repository;

@@ -75,7 +75,99 @@ pub struct EventRepository {
     config: RepositoryConfig,
     append_sql: std::sync::Arc<str>,
     append_batch_sql: std::sync::Arc<str>,
+    /// Set by [`EventRepository::for_user`]: every call runs in a transaction that first sets
+    /// `app.current_user_id` with `SET LOCAL` semantics, which the row-level security policies read.
+    pub(crate) scope: Option<std::sync::Arc<str>>,
+    /// The connection settings, for the subscription's LISTEN connection outside the pool.
+    pub(crate) pg_config: std::sync::Arc<tokio_postgres::Config>,
 }
+
+/// Sets the user for row-level security until the end of the current transaction only, so a
+/// pooled connection never carries it into another caller's query.
+pub(crate) const SET_USER_SQL: &str = "SELECT set_config('app.current_user_id', $1, true)";
+
+/// A pooled connection, or a transaction on one: the same queries run on either.
+pub(crate) enum Session<'a, 'b> {
+    Client(&'a deadpool_postgres::ClientWrapper),
+    Tx(&'a deadpool_postgres::Transaction<'b>),
+}
+
+impl Session<'_, '_> {
+    pub(crate) async fn prepare_cached(&self, sql: &str) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        match self {
+            Session::Client(c) => c.prepare_cached(sql).await,
+            Session::Tx(t) => t.prepare_cached(sql).await,
+        }
+    }
+
+    pub(crate) async fn query<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error>
+    where
+        T: ?Sized + tokio_postgres::ToStatement,
+    {
+        match self {
+            Session::Client(c) => c.query(statement, params).await,
+            Session::Tx(t) => t.query(statement, params).await,
+        }
+    }
+
+    pub(crate) async fn query_opt<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, tokio_postgres::Error>
+    where
+        T: ?Sized + tokio_postgres::ToStatement,
+    {
+        match self {
+            Session::Client(c) => c.query_opt(statement, params).await,
+            Session::Tx(t) => t.query_opt(statement, params).await,
+        }
+    }
+
+    pub(crate) async fn query_one<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, tokio_postgres::Error>
+    where
+        T: ?Sized + tokio_postgres::ToStatement,
+    {
+        match self {
+            Session::Client(c) => c.query_one(statement, params).await,
+            Session::Tx(t) => t.query_one(statement, params).await,
+        }
+    }
+}
+
+/// Runs `$body` with `$s` bound to a connection, or, for a user-scoped repository, to a
+/// transaction that has set `app.current_user_id` (committed when `$body` succeeds, rolled back
+/// when it fails). `$body` evaluates to a `Result`.
+macro_rules! in_session {
+    ($repo:expr, |$s:ident| $body:block) => {{
+        let mut client = $repo.client().await?;
+        match $repo.scope.clone() {
+            None => {
+                let $s = Session::Client(&client);
+                async { $body }.await
+            }
+            Some(user) => {
+                let tx = client.transaction().await?;
+                tx.execute(SET_USER_SQL, &[&&*user]).await?;
+                let $s = Session::Tx(&tx);
+                let out: Result<_> = async { $body }.await;
+                if out.is_ok() {
+                    tx.commit().await?;
+                }
+                out
+            }
+        }
+    }};
+}
+pub(crate) use in_session;
 
 impl std::fmt::Debug for EventRepository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -86,7 +178,8 @@ impl std::fmt::Debug for EventRepository {
     }
 }
 
-const EVENT_COLUMNS: &str = "id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, metadata, \
+pub(crate) const EVENT_COLUMNS: &str =
+    "id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, metadata, \
                              version, causation_id, correlation_id, source, position";
 
 /// One round trip: the version guard on event_streams and the insert, in one statement. The
@@ -226,12 +319,14 @@ SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data,
  ORDER BY version
 "#;
 
+/// `$2` is computed by the caller (now - days): a constant lets the planner prune partitions
+/// before planning them, where `now() - interval` is only pruned after planning every one.
 const USER_STREAM_SQL: &str = r#"
 SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
        version, causation_id, correlation_id, source, position
   FROM events_v2
  WHERE user_id = $1
-   AND "timestamp" >= now() - make_interval(days => $2::integer)
+   AND "timestamp" >= $2
    AND ($3::text[] IS NULL OR event_type = ANY ($3))
    AND ($4::text[] IS NULL OR aggregate_type = ANY ($4))
  ORDER BY "timestamp" DESC, position DESC
@@ -288,6 +383,7 @@ impl EventRepository {
         if !options.trim().is_empty() {
             pg.options(options.trim());
         }
+        let pg_config = std::sync::Arc::new(pg.clone());
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -310,7 +406,28 @@ impl EventRepository {
             config,
             append_sql,
             append_batch_sql,
+            scope: None,
+            pg_config,
         })
+    }
+
+    /// A handle whose every call is limited to `user_id`'s rows by the row-level security
+    /// policies on `events_v2` and `event_streams`: each call runs in a transaction that sets
+    /// `app.current_user_id` locally. Shares this repository's pool.
+    ///
+    /// The policies bind roles that are not the tables' owner (owners bypass RLS unless it is
+    /// forced), so connect as the application's role. Schema, legacy and retention operations
+    /// are not scoped. Fails with [`Error::Validation`] for a blank or oversized user id.
+    pub fn for_user(&self, user_id: &str) -> Result<EventRepository> {
+        validate::check_user_id_arg("userId", user_id, self.limits())?;
+        let mut scoped = self.clone();
+        scoped.scope = Some(user_id.into());
+        Ok(scoped)
+    }
+
+    /// The user this handle is scoped to, if any.
+    pub fn scoped_user(&self) -> Option<&str> {
+        self.scope.as_deref()
     }
 
     /// A repository configured from the `DATABASE_URL` environment variable.
@@ -400,8 +517,11 @@ impl EventRepository {
     /// append is idempotent).
     pub async fn append(&self, event: NewEvent) -> Result<EventRecord> {
         event.validate(self.limits())?;
-        let client = self.client().await?;
         let id = event.id.unwrap_or_else(Uuid::now_v7);
+        in_session!(self, |client| { self.append_in(&client, event, id).await })
+    }
+
+    async fn append_in(&self, client: &Session<'_, '_>, event: NewEvent, id: Uuid) -> Result<EventRecord> {
         let stmt = client.prepare_cached(&self.append_sql).await?;
         // Racing writers can move the aggregate to exactly version - 1 between the failed guard
         // and the diagnosis below; then the append is simply tried again.
@@ -537,6 +657,9 @@ impl EventRepository {
         let mut client = self.client().await?;
         let stmt = client.prepare_cached(&self.append_batch_sql).await?;
         let tx = client.transaction().await?;
+        if let Some(user) = &self.scope {
+            tx.execute(SET_USER_SQL, &[&&**user]).await?;
+        }
         let params: [&(dyn ToSql + Sync); 17] = [
             &ids,
             &timestamps,
@@ -558,10 +681,18 @@ impl EventRepository {
         ];
         let mut rows = tx.query(&stmt, &params).await?;
         if rows.len() != n {
+            // The guard may have moved some stream rows before failing: undo, then look at the
+            // committed state (in a transaction of its own, which carries a scoped user).
             tx.rollback().await?;
-            return Err(self
-                .diagnose_batch(&client, &events, &agg_ids, &agg_first, &agg_types)
-                .await);
+            let tx = client.transaction().await?;
+            if let Some(user) = &self.scope {
+                tx.execute(SET_USER_SQL, &[&&**user]).await?;
+            }
+            let error = self
+                .diagnose_batch(&Session::Tx(&tx), &events, &agg_ids, &agg_first, &agg_types)
+                .await;
+            tx.rollback().await?;
+            return Err(error);
         }
         tx.commit().await?;
 
@@ -584,7 +715,7 @@ impl EventRepository {
     /// Names the first aggregate of a failed batch whose guard did not pass.
     async fn diagnose_batch(
         &self,
-        client: &Object,
+        client: &Session<'_, '_>,
         events: &[NewEvent],
         agg_ids: &[Uuid],
         agg_first: &[i32],
@@ -645,23 +776,24 @@ impl EventRepository {
             ));
         }
         check_event_types("eventTypes", options.event_types.as_deref(), self.limits())?;
-        let client = self.client().await?;
-        let Some(span) = client
-            .query_opt(
-                "SELECT first_timestamp, last_timestamp FROM event_streams WHERE aggregate_id = $1",
-                &[&aggregate_id],
-            )
-            .await?
-        else {
-            return Ok(Vec::new());
-        };
-        let first: DateTime<Utc> = span.get(0);
-        let last: DateTime<Utc> = span.get(1);
-        let stmt = client.prepare_cached(STREAM_SQL).await?;
-        let rows = client
-            .query(&stmt, &[&aggregate_id, &first, &last, &from, &to, &options.event_types])
-            .await?;
-        rows.iter().map(record_from_row).collect()
+        in_session!(self, |client| {
+            let Some(span) = client
+                .query_opt(
+                    "SELECT first_timestamp, last_timestamp FROM event_streams WHERE aggregate_id = $1",
+                    &[&aggregate_id],
+                )
+                .await?
+            else {
+                return Ok(Vec::new());
+            };
+            let first: DateTime<Utc> = span.get(0);
+            let last: DateTime<Utc> = span.get(1);
+            let stmt = client.prepare_cached(STREAM_SQL).await?;
+            let rows = client
+                .query(&stmt, &[&aggregate_id, &first, &last, &from, &to, &options.event_types])
+                .await?;
+            rows.iter().map(record_from_row).collect::<Result<Vec<_>>>()
+        })
     }
 
     /// The query plan of [`EventRepository::get_aggregate_stream`] for this aggregate, as
@@ -695,14 +827,15 @@ impl EventRepository {
 
     /// The aggregate's current version, or `None` when it has no events.
     pub async fn get_aggregate_version(&self, aggregate_id: Uuid) -> Result<Option<i32>> {
-        let client = self.client().await?;
-        Ok(client
-            .query_opt(
-                "SELECT version FROM event_streams WHERE aggregate_id = $1",
-                &[&aggregate_id],
-            )
-            .await?
-            .map(|r| r.get(0)))
+        in_session!(self, |client| {
+            Ok(client
+                .query_opt(
+                    "SELECT version FROM event_streams WHERE aggregate_id = $1",
+                    &[&aggregate_id],
+                )
+                .await?
+                .map(|r| r.get(0)))
+        })
     }
 
     /// A user's recent events, newest first.
@@ -711,30 +844,33 @@ impl EventRepository {
     pub async fn get_user_stream(&self, user_id: &str, options: &UserStreamOptions) -> Result<Vec<EventRecord>> {
         let limits = self.limits();
         validate::check_user_id_arg("userId", user_id, limits)?;
-        let days = validate::check_days("days", options.days, limits)? as i32;
+        let days = validate::check_days("days", options.days, limits)?;
+        let since = Utc::now() - chrono::Duration::days(days);
         let limit = validate::check_limit("limit", options.limit, limits)?;
         check_event_types("eventTypes", options.event_types.as_deref(), limits)?;
         let aggregate_types: Option<Vec<&str>> = options
             .aggregate_types
             .as_ref()
             .map(|types| types.iter().map(|t| t.as_str()).collect());
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(USER_STREAM_SQL).await?;
-        let rows = client
-            .query(
-                &stmt,
-                &[&user_id, &days, &options.event_types, &aggregate_types, &limit],
-            )
-            .await?;
-        rows.iter().map(record_from_row).collect()
+        in_session!(self, |client| {
+            let stmt = client.prepare_cached(USER_STREAM_SQL).await?;
+            let rows = client
+                .query(
+                    &stmt,
+                    &[&user_id, &since, &options.event_types, &aggregate_types, &limit],
+                )
+                .await?;
+            rows.iter().map(record_from_row).collect::<Result<Vec<_>>>()
+        })
     }
 
     /// Every event of a workflow, oldest first.
     pub async fn get_correlated_events(&self, correlation_id: Uuid) -> Result<Vec<EventRecord>> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(CORRELATED_SQL).await?;
-        let rows = client.query(&stmt, &[&correlation_id]).await?;
-        rows.iter().map(record_from_row).collect()
+        in_session!(self, |client| {
+            let stmt = client.prepare_cached(CORRELATED_SQL).await?;
+            let rows = client.query(&stmt, &[&correlation_id]).await?;
+            rows.iter().map(record_from_row).collect::<Result<Vec<_>>>()
+        })
     }
 
     /// The latest events of one type, newest first.
@@ -743,10 +879,11 @@ impl EventRepository {
     pub async fn get_events_by_type(&self, event_type: &str, limit: i64) -> Result<Vec<EventRecord>> {
         validate::check_event_type_arg("eventType", event_type, self.limits())?;
         let limit = validate::check_limit("limit", limit, self.limits())?;
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(BY_TYPE_SQL).await?;
-        let rows = client.query(&stmt, &[&event_type, &limit]).await?;
-        rows.iter().map(record_from_row).collect()
+        in_session!(self, |client| {
+            let stmt = client.prepare_cached(BY_TYPE_SQL).await?;
+            let rows = client.query(&stmt, &[&event_type, &limit]).await?;
+            rows.iter().map(record_from_row).collect::<Result<Vec<_>>>()
+        })
     }
 
     /// How many events match every given filter.
@@ -770,21 +907,22 @@ impl EventRepository {
             }
         }
         let aggregate_type = filter.aggregate_type.map(|t| t.as_str());
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(COUNT_SQL).await?;
-        Ok(client
-            .query_one(
-                &stmt,
-                &[
-                    &filter.user_id,
-                    &filter.event_type,
-                    &aggregate_type,
-                    &filter.from_date,
-                    &filter.to_date,
-                ],
-            )
-            .await?
-            .get(0))
+        in_session!(self, |client| {
+            let stmt = client.prepare_cached(COUNT_SQL).await?;
+            Ok(client
+                .query_one(
+                    &stmt,
+                    &[
+                        &filter.user_id,
+                        &filter.event_type,
+                        &aggregate_type,
+                        &filter.from_date,
+                        &filter.to_date,
+                    ],
+                )
+                .await?
+                .get(0))
+        })
     }
 
     /// Recomputes `events_daily` for the days that received events since the last refresh
@@ -831,7 +969,7 @@ fn record_from_new(event: NewEvent, id: Uuid, timestamp: DateTime<Utc>, position
     }
 }
 
-fn record_from_row(row: &Row) -> Result<EventRecord> {
+pub(crate) fn record_from_row(row: &Row) -> Result<EventRecord> {
     let aggregate_type: &str = row.get(3);
     let source: &str = row.get(11);
     Ok(EventRecord {

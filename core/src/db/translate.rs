@@ -20,6 +20,8 @@ impl From<tokio_postgres::Error> for Error {
             Error::TransactionConflict { message }
         } else if *code == SqlState::UNDEFINED_TABLE || *code == SqlState::UNDEFINED_FUNCTION {
             Error::SchemaNotReady { message }
+        } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+            Error::PermissionDenied { message }
         } else if code.code().starts_with("08")
             || *code == SqlState::ADMIN_SHUTDOWN
             || *code == SqlState::CRASH_SHUTDOWN
