@@ -9,6 +9,15 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
+declare global {
+  interface __NapiRsAsyncGenerator<TOwner, T, TReturn, TNext> {
+    next(...[value]: [] | [TNext]): globalThis.Promise<globalThis.IteratorResult<T, TReturn | undefined>>
+    return(...[value]: [] | [TReturn]): globalThis.Promise<globalThis.IteratorResult<T, TReturn | undefined>>
+    throw(exception?: unknown): globalThis.Promise<globalThis.IteratorResult<T, TReturn | undefined>>
+    [globalThis.Symbol.asyncIterator](): this
+  }
+}
+
 /**
  * The event store. `new EventRepository()` reads `DATABASE_URL` at first use; pass a connection
  * string or options to configure it. Connections open lazily and close with `close()`; an open
@@ -54,8 +63,44 @@ export declare class EventRepository {
    * when `full`). Resolves to the number of days recomputed.
    */
   refreshAnalytics(full?: boolean | undefined | null): Promise<number>
+  /**
+   * A handle limited to `userId`'s events and streams by the database's row-level security:
+   * each call runs in a transaction that sets `app.current_user_id` locally. Shares the pool.
+   *
+   * Throws `VALIDATION_FAILED` for a blank user id and `INVALID_CONFIG` when no connection
+   * string is known yet.
+   */
+  forUser(userId: string): EventRepository
+  /**
+   * Events of every aggregate in global order, after `after` (from the start without it).
+   * Never skips an event whose transaction commits late: pass the returned `checkpoint` to
+   * the next call.
+   */
+  readAll(options?: ReadAllOptions | undefined | null): Promise<ReadAllPage>
+  /**
+   * An async iterator over every event in global order: catches up, then follows new events
+   * (woken by LISTEN/NOTIFY, polling as a fallback). With `consumer`, resumes from that
+   * consumer's stored checkpoint and stores progress as it goes: at-least-once, a batch is
+   * acknowledged when the loop asks for the event after it.
+   *
+   * `for await (const event of repo.subscribe({ consumer: 'search-index' })) { ... }`
+   */
+  subscribe(options?: SubscribeOptions | undefined | null): EventSubscription
   /** Closes the connection pool. Later calls reject with `CONNECTION_FAILED`. */
   close(): void
+}
+
+/**
+ * The async iterator returned by `subscribe`. Breaking out of the loop closes it.
+ *
+ * This type implements JavaScript's async iterable protocol.
+ * It can be used with `for await...of` loops.
+ *
+ * @see https://developer.mozilla.org/en-US/docs/Web/JavaScript/Reference/Iteration_protocols#the_async_iterator_and_async_iterable_protocols
+ */
+export declare class EventSubscription {
+
+  [globalThis.Symbol.asyncIterator](): globalThis.__NapiRsAsyncGenerator<EventSubscription, EventRecord, void, undefined>
 }
 
 /** What an aggregate is. */
@@ -107,6 +152,14 @@ export interface BookkeepingRule {
   ignoreKeys?: Array<string>
   /** Leave out `previousX` when the same data has `x`; default true. */
   dropPreviousCompanions?: boolean
+}
+
+/** A place in the global order (from `readAll`): pass it back to continue after it. */
+export interface Checkpoint {
+  /** The writing transaction of the last event read (a 64-bit number, as a string). */
+  txid: string
+  /** The position of the last event read. */
+  position: number
 }
 
 /** Filters of `countEvents`; they combine with AND. */
@@ -255,6 +308,22 @@ export interface MigrationReport {
   storageMode: string
 }
 
+/** Options of `readAll`. */
+export interface ReadAllOptions {
+  /** Continue after this checkpoint; from the start when absent. */
+  after?: Checkpoint
+  /** Most events returned; default 1000. */
+  limit?: number
+}
+
+/** A page of `readAll`. */
+export interface ReadAllPage {
+  /** Events in global order. */
+  events: Array<EventRecord>
+  /** Where the next read continues. */
+  checkpoint: Checkpoint
+}
+
 /** Settings of `new EventRepository(options)`. */
 export interface RepositoryOptions {
   /** PostgreSQL connection string; default `process.env.DATABASE_URL` at first use. */
@@ -273,6 +342,18 @@ export interface RepositoryOptions {
   storageMode?: string
   /** Largest `data` or `metadata`, in bytes of JSON; default 1 MiB. */
   maxDataBytes?: number
+}
+
+/** Options of `subscribe`. */
+export interface SubscribeOptions {
+  /** A named consumer resumes from its stored checkpoint and stores progress. */
+  consumer?: string
+  /** Where to start when the consumer has no stored checkpoint; default the beginning. */
+  from?: Checkpoint
+  /** Events fetched per round trip; default 100. */
+  batchSize?: number
+  /** How often to poll when no notification arrives, in ms; default 1000. */
+  pollIntervalMs?: number
 }
 
 /** Options of `getUserStream`. */

@@ -836,6 +836,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.EventRepository = nativeBinding.EventRepository
+module.exports.EventSubscription = nativeBinding.EventSubscription
 module.exports.AggregateType = nativeBinding.AggregateType
 module.exports.applyDelta = nativeBinding.applyDelta
 module.exports.EventSource = nativeBinding.EventSource

@@ -485,6 +485,76 @@ impl EventRepository {
         })
     }
 
+    /// A handle limited to `userId`'s events and streams by the database's row-level security:
+    /// each call runs in a transaction that sets `app.current_user_id` locally. Shares the pool.
+    ///
+    /// Throws `VALIDATION_FAILED` for a blank user id and `INVALID_CONFIG` when no connection
+    /// string is known yet.
+    #[napi(catch_unwind)]
+    pub fn for_user(&self, env: Env, user_id: String) -> Result<EventRepository> {
+        let scoped = self
+            .repository()
+            .and_then(|repo| repo.for_user(&user_id))
+            .map_err(|e| to_js_error(&env, e))?;
+        Ok(EventRepository {
+            source: self.source.clone(),
+            inner: Arc::new(Mutex::new(Some(scoped))),
+        })
+    }
+
+    /// Events of every aggregate in global order, after `after` (from the start without it).
+    /// Never skips an event whose transaction commits late: pass the returned `checkpoint` to
+    /// the next call.
+    #[napi(catch_unwind)]
+    pub fn read_all<'env>(
+        &self,
+        env: &'env Env,
+        options: Option<ReadAllOptions>,
+    ) -> Result<PromiseRaw<'env, ReadAllPage>> {
+        let (after, limit) = match options {
+            Some(o) => (o.after.map(|c| c.parse()).transpose(), o.limit.unwrap_or(1000)),
+            None => (Ok(None), 1000),
+        };
+        self.run(
+            env,
+            move |repo| async move { repo.read_all(after?.as_ref(), limit).await },
+        )
+    }
+
+    /// An async iterator over every event in global order: catches up, then follows new events
+    /// (woken by LISTEN/NOTIFY, polling as a fallback). With `consumer`, resumes from that
+    /// consumer's stored checkpoint and stores progress as it goes: at-least-once, a batch is
+    /// acknowledged when the loop asks for the event after it.
+    ///
+    /// `for await (const event of repo.subscribe({ consumer: 'search-index' })) { ... }`
+    #[napi(catch_unwind)]
+    pub fn subscribe(&self, env: Env, options: Option<SubscribeOptions>) -> Result<EventSubscription> {
+        let repo = self.repository().map_err(|e| to_js_error(&env, e))?;
+        let mut core_options = core::SubscribeOptions::default();
+        if let Some(o) = options {
+            core_options.consumer = o.consumer;
+            core_options.from = o
+                .from
+                .map(|c| c.parse())
+                .transpose()
+                .map_err(|e| to_js_error(&env, e))?;
+            if let Some(n) = o.batch_size {
+                core_options.batch_size = n;
+            }
+            if let Some(ms) = o.poll_interval_ms {
+                core_options.poll_interval = Duration::from_millis(ms.into());
+            }
+        }
+        Ok(EventSubscription {
+            state: Arc::new(tokio::sync::Mutex::new(SubscriptionState {
+                repo,
+                options: Some(core_options),
+                subscription: None,
+                buffer: std::collections::VecDeque::new(),
+            })),
+        })
+    }
+
     /// Closes the connection pool. Later calls reject with `CONNECTION_FAILED`.
     #[napi(catch_unwind)]
     pub fn close(&self) {
@@ -500,6 +570,145 @@ impl EventRepository {
             Source::Env => core::Limits::default(),
         }
     }
+}
+
+/// A place in the global order (from `readAll`): pass it back to continue after it.
+#[napi(object)]
+#[derive(Clone)]
+pub struct Checkpoint {
+    /// The writing transaction of the last event read (a 64-bit number, as a string).
+    pub txid: String,
+    /// The position of the last event read.
+    pub position: i64,
+}
+
+impl Checkpoint {
+    fn parse(&self) -> core::Result<core::Checkpoint> {
+        let txid = self.txid.parse().map_err(|_| {
+            core::Error::from_issue_list(vec![core::Issue {
+                path: "after.txid".into(),
+                code: core::IssueCode::InvalidType,
+                message: format!("\"{}\" is not a transaction id", self.txid),
+            }])
+        })?;
+        Ok(core::Checkpoint {
+            txid,
+            position: self.position,
+        })
+    }
+}
+
+/// Options of `readAll`.
+#[napi(object)]
+pub struct ReadAllOptions {
+    /// Continue after this checkpoint; from the start when absent.
+    pub after: Option<Checkpoint>,
+    /// Most events returned; default 1000.
+    pub limit: Option<i64>,
+}
+
+/// A page of `readAll`.
+#[napi(object)]
+pub struct ReadAllPage {
+    /// Events in global order.
+    pub events: Vec<EventRecord>,
+    /// Where the next read continues.
+    pub checkpoint: Checkpoint,
+}
+
+impl IntoJs<ReadAllPage> for core::Page {
+    fn into_js(self) -> ReadAllPage {
+        ReadAllPage {
+            events: self.events.into_iter().map(Into::into).collect(),
+            checkpoint: Checkpoint {
+                txid: self.checkpoint.txid.to_string(),
+                position: self.checkpoint.position,
+            },
+        }
+    }
+}
+
+/// Options of `subscribe`.
+#[napi(object)]
+pub struct SubscribeOptions {
+    /// A named consumer resumes from its stored checkpoint and stores progress.
+    pub consumer: Option<String>,
+    /// Where to start when the consumer has no stored checkpoint; default the beginning.
+    pub from: Option<Checkpoint>,
+    /// Events fetched per round trip; default 100.
+    pub batch_size: Option<i64>,
+    /// How often to poll when no notification arrives, in ms; default 1000.
+    pub poll_interval_ms: Option<u32>,
+}
+
+struct SubscriptionState {
+    repo: core::EventRepository,
+    options: Option<core::SubscribeOptions>,
+    subscription: Option<core::Subscription>,
+    buffer: std::collections::VecDeque<core::EventRecord>,
+}
+
+/// The async iterator returned by `subscribe`. Breaking out of the loop closes it.
+#[napi(async_iterator)]
+pub struct EventSubscription {
+    state: Arc<tokio::sync::Mutex<SubscriptionState>>,
+}
+
+#[napi]
+impl AsyncGenerator for EventSubscription {
+    type Yield = EventRecord;
+    type Next = ();
+    type Return = ();
+
+    fn next(&mut self, _value: Option<()>) -> impl Future<Output = Result<Option<EventRecord>>> + Send + 'static {
+        let state = self.state.clone();
+        async move {
+            let step = AssertUnwindSafe(async move {
+                let mut state = state.lock().await;
+                if state.subscription.is_none() {
+                    let Some(options) = state.options.take() else {
+                        return Ok(None); // closed
+                    };
+                    let subscription = state.repo.subscribe(options).await?;
+                    state.subscription = Some(subscription);
+                }
+                while state.buffer.is_empty() {
+                    let Some(subscription) = state.subscription.as_mut() else {
+                        return Ok(None);
+                    };
+                    let batch = subscription.next_batch().await?;
+                    state.buffer.extend(batch);
+                }
+                Ok(state.buffer.pop_front())
+            })
+            .catch_unwind()
+            .await;
+            match step {
+                Ok(Ok(event)) => Ok(event.map(Into::into)),
+                Ok(Err(e)) => Err(coded_reason(e)),
+                Err(panic) => Err(coded_reason(core::Error::Internal {
+                    message: panic_message(&panic),
+                })),
+            }
+        }
+    }
+
+    fn complete(&mut self, _value: Option<()>) -> impl Future<Output = Result<Option<EventRecord>>> + Send + 'static {
+        let state = self.state.clone();
+        async move {
+            let mut state = state.lock().await;
+            state.subscription = None;
+            state.options = None;
+            state.buffer.clear();
+            Ok(None)
+        }
+    }
+}
+
+/// An error raised outside a JavaScript call frame (the iterator's promise): the code leads
+/// the message and is the error's `code`.
+fn coded_reason(e: core::Error) -> Error {
+    Error::new(Status::GenericFailure, format!("{}: {e}", e.code()))
 }
 
 /// Checks an event the way `append` does, returning the problems as data.
