@@ -5,7 +5,12 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 export SYNAP_PG_FAST="${SYNAP_PG_FAST:-1}"
-export DATABASE_URL="${DATABASE_URL:-$(scripts/db.sh start)}"
+if [ -z "${DATABASE_URL:-}" ]; then
+    DATABASE_URL="$(scripts/db.sh start)"
+    # The suite owns this cluster: the restart test may stop and start it.
+    export SYNAP_PG_CONTROL=1
+fi
+export DATABASE_URL
 echo "== tests against $DATABASE_URL"
 
 echo "== Rust: core (unit, vectors, PostgreSQL integration)"

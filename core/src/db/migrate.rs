@@ -124,6 +124,8 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) 
             continue;
         }
         let started = Instant::now();
+        // A configured statement timeout is for the application's queries, not schema changes.
+        tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
         tx.execute("SELECT set_config('synap.storage_mode', $1, true)", &[&mode.as_str()])
             .await?;
         tx.batch_execute(migration.sql)

@@ -500,11 +500,16 @@ impl EventRepository {
     /// Creates the missing native daily partitions for `from..=to` (UTC days), moving rows that
     /// the default partition holds for those days. A no-op on TimescaleDB.
     pub async fn ensure_partitions(&self, from: NaiveDate, to: NaiveDate) -> Result<i32> {
-        let client = self.client().await?;
-        Ok(client
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // Upkeep, not an application query: the configured statement timeout does not apply.
+        tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
+        let created: i32 = tx
             .query_one("SELECT synap_ensure_partitions($1, $2)", &[&from, &to])
             .await?
-            .get(0))
+            .get(0);
+        tx.commit().await?;
+        Ok(created)
     }
 
     /// Appends one event. `event.version` must be the aggregate's current version + 1 (1 creates
