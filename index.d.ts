@@ -86,6 +86,28 @@ export declare class EventRepository {
    * `for await (const event of repo.subscribe({ consumer: 'search-index' })) { ... }`
    */
   subscribe(options?: SubscribeOptions | undefined | null): EventSubscription
+  /**
+   * Copies the legacy `events` table into events_v2 exactly once (see docs/migration.md);
+   * safe to interrupt and resume. Resolves to the report (migrated, skipped, failed rows).
+   */
+  migrateLegacyEvents(options?: LegacyMigrationOptions | undefined | null): Promise<Record<string, unknown>>
+  /**
+   * Compares the legacy table with events_v2 (counts per user and type, checksums of ids,
+   * types, timestamps and data) and resolves to what differs.
+   */
+  verifyLegacy(legacyTable?: string | undefined | null): Promise<Record<string, unknown>>
+  /**
+   * Verifies, then drops the legacy table; refuses without `confirm: true` or when verify
+   * finds a difference.
+   */
+  dropLegacyTable(legacyTable?: string | undefined | null, confirm?: boolean | undefined | null): Promise<Record<string, unknown>>
+  /**
+   * Removes events older than `olderThan` by dropping whole partitions or chunks; refuses to
+   * cut through a live aggregate unless `force`.
+   */
+  applyRetention(options: RetentionOptions): Promise<Record<string, unknown>>
+  /** Store-wide numbers: events, aggregates, partitions, storage mode. */
+  stats(): Promise<Record<string, unknown>>
   /** Closes the connection pool. Later calls reject with `CONNECTION_FAILED`. */
   close(): void
 }
@@ -298,6 +320,22 @@ export interface FoldSnapshot {
   deleted?: boolean
 }
 
+/** Options of `migrateLegacyEvents`. */
+export interface LegacyMigrationOptions {
+  /** The legacy table; default `events`. */
+  legacyTable?: string
+  /** Rows per transaction; default 5000. */
+  batchSize?: number
+  /** Migrate at most this many rows in this call. */
+  limit?: number
+  /** Check every row and report, writing nothing. */
+  dryRun?: boolean
+  /** Continue a run that was interrupted (required once a run has started). */
+  resume?: boolean
+  /** `skip` (default: record bad rows and go on) or `fail` (stop before the first bad row). */
+  onInvalid?: string
+}
+
 /** What `migrate()` did. */
 export interface MigrationReport {
   /** Versions applied now. */
@@ -342,6 +380,21 @@ export interface RepositoryOptions {
   storageMode?: string
   /** Largest `data` or `metadata`, in bytes of JSON; default 1 MiB. */
   maxDataBytes?: number
+  /**
+   * During the switch-over: also write every appended event into this legacy table (e.g.
+   * `events`), in the same statement, so old readers keep working.
+   */
+  dualWriteLegacyTable?: string
+}
+
+/** Options of `applyRetention`. */
+export interface RetentionOptions {
+  /** Age such as `90d`, `12w` or `2y`: events older than now minus it go. */
+  olderThan: string
+  /** List what would go, remove nothing. */
+  dryRun?: boolean
+  /** Cut through aggregates that have events on both sides of the cut-off. */
+  force?: boolean
 }
 
 /** Options of `subscribe`. */

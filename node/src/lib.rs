@@ -231,6 +231,37 @@ pub struct RepositoryOptions {
     pub storage_mode: Option<String>,
     /// Largest `data` or `metadata`, in bytes of JSON; default 1 MiB.
     pub max_data_bytes: Option<u32>,
+    /// During the switch-over: also write every appended event into this legacy table (e.g.
+    /// `events`), in the same statement, so old readers keep working.
+    pub dual_write_legacy_table: Option<String>,
+}
+
+/// Options of `migrateLegacyEvents`.
+#[napi(object)]
+pub struct LegacyMigrationOptions {
+    /// The legacy table; default `events`.
+    pub legacy_table: Option<String>,
+    /// Rows per transaction; default 5000.
+    pub batch_size: Option<u32>,
+    /// Migrate at most this many rows in this call.
+    pub limit: Option<i64>,
+    /// Check every row and report, writing nothing.
+    pub dry_run: Option<bool>,
+    /// Continue a run that was interrupted (required once a run has started).
+    pub resume: Option<bool>,
+    /// `skip` (default: record bad rows and go on) or `fail` (stop before the first bad row).
+    pub on_invalid: Option<String>,
+}
+
+/// Options of `applyRetention`.
+#[napi(object)]
+pub struct RetentionOptions {
+    /// Age such as `90d`, `12w` or `2y`: events older than now minus it go.
+    pub older_than: String,
+    /// List what would go, remove nothing.
+    pub dry_run: Option<bool>,
+    /// Cut through aggregates that have events on both sides of the cut-off.
+    pub force: Option<bool>,
 }
 
 /// What `migrate()` did.
@@ -299,6 +330,7 @@ impl EventRepository {
                 if let Some(bytes) = o.max_data_bytes {
                     config.limits.max_data_bytes = bytes as usize;
                 }
+                config.dual_write_legacy_table = o.dual_write_legacy_table;
                 Source::Config(Box::new(config))
             }
         };
@@ -553,6 +585,86 @@ impl EventRepository {
                 buffer: std::collections::VecDeque::new(),
             })),
         })
+    }
+
+    /// Copies the legacy `events` table into events_v2 exactly once (see docs/migration.md);
+    /// safe to interrupt and resume. Resolves to the report (migrated, skipped, failed rows).
+    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    pub fn migrate_legacy_events<'env>(
+        &self,
+        env: &'env Env,
+        options: Option<LegacyMigrationOptions>,
+    ) -> Result<PromiseRaw<'env, Value>> {
+        let mut opts = core::LegacyMigrationOptions::default();
+        let mut on_invalid = Ok(core::OnInvalid::Skip);
+        if let Some(o) = options {
+            if let Some(t) = o.legacy_table {
+                opts.legacy_table = t;
+            }
+            if let Some(n) = o.batch_size {
+                opts.batch_size = n as usize;
+            }
+            opts.limit = o.limit.map(|n| n.max(0) as u64);
+            opts.dry_run = o.dry_run.unwrap_or(false);
+            opts.resume = o.resume.unwrap_or(false);
+            if let Some(mode) = o.on_invalid {
+                on_invalid = core::OnInvalid::parse(&mode);
+            }
+        }
+        self.run(env, move |repo| async move {
+            opts.on_invalid = on_invalid?;
+            let report = repo.migrate_legacy_events(&opts, &mut |_| {}).await?;
+            to_json_value(&report)
+        })
+    }
+
+    /// Compares the legacy table with events_v2 (counts per user and type, checksums of ids,
+    /// types, timestamps and data) and resolves to what differs.
+    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    pub fn verify_legacy<'env>(&self, env: &'env Env, legacy_table: Option<String>) -> Result<PromiseRaw<'env, Value>> {
+        let table = legacy_table.unwrap_or_else(|| core::DEFAULT_LEGACY_TABLE.to_owned());
+        self.run(env, move |repo| async move {
+            to_json_value(&repo.verify_legacy(&table).await?)
+        })
+    }
+
+    /// Verifies, then drops the legacy table; refuses without `confirm: true` or when verify
+    /// finds a difference.
+    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    pub fn drop_legacy_table<'env>(
+        &self,
+        env: &'env Env,
+        legacy_table: Option<String>,
+        confirm: Option<bool>,
+    ) -> Result<PromiseRaw<'env, Value>> {
+        let table = legacy_table.unwrap_or_else(|| core::DEFAULT_LEGACY_TABLE.to_owned());
+        let confirm = confirm.unwrap_or(false);
+        self.run(env, move |repo| async move {
+            to_json_value(&repo.drop_legacy_table(&table, confirm).await?)
+        })
+    }
+
+    /// Removes events older than `olderThan` by dropping whole partitions or chunks; refuses to
+    /// cut through a live aggregate unless `force`.
+    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    pub fn apply_retention<'env>(&self, env: &'env Env, options: RetentionOptions) -> Result<PromiseRaw<'env, Value>> {
+        let cutoff = core::RetentionAge::parse(&options.older_than).and_then(|age| age.cutoff(Utc::now()));
+        let dry_run = options.dry_run.unwrap_or(false);
+        let force = options.force.unwrap_or(false);
+        self.run(env, move |repo| async move {
+            let opts = core::RetentionOptions {
+                cutoff: cutoff?,
+                dry_run,
+                force,
+            };
+            to_json_value(&repo.apply_retention(&opts).await?)
+        })
+    }
+
+    /// Store-wide numbers: events, aggregates, partitions, storage mode.
+    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    pub fn stats<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, Value>> {
+        self.run(env, |repo| async move { to_json_value(&repo.stats().await?) })
     }
 
     /// Closes the connection pool. Later calls reject with `CONNECTION_FAILED`.
@@ -891,7 +1003,11 @@ macro_rules! into_js_as_is {
         }
     )*};
 }
-into_js_as_is!(i32, i64, Option<i32>);
+into_js_as_is!(i32, i64, Option<i32>, Value);
+
+fn to_json_value(report: &impl serde::Serialize) -> core::Result<Value> {
+    serde_json::to_value(report).map_err(|e| core::Error::Internal { message: e.to_string() })
+}
 
 /// Runs a core future on the runtime; resolves with its value or rejects with a coded Error.
 /// A panic inside becomes an `INTERNAL_ERROR` rejection.

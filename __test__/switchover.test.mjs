@@ -1,0 +1,70 @@
+// The legacy switch-over from Node: dual-write, migrateLegacyEvents, verifyLegacy, stats,
+// retention (dry run) and dropLegacyTable's confirmation.
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import { randomUUID } from 'node:crypto'
+import { AggregateType, EventRepository } from '@synap/database'
+import { freshRepository, DATABASE_URL } from './db.mjs'
+
+test('legacy events migrate exactly once; dual-write keeps old readers working', async () => {
+  const db = await freshRepository('switchover')
+  try {
+    await db.sql.query(`CREATE TABLE events (
+      id uuid PRIMARY KEY, user_id text NOT NULL, timestamp timestamptz NOT NULL, type text NOT NULL,
+      data jsonb NOT NULL, source text DEFAULT 'api', correlation_id uuid)`)
+    const entity = randomUUID()
+    const rows = [
+      [randomUUID(), 'u1', '2026-01-02T00:00:00Z', 'entity.updated', { entityId: entity, title: 'b' }],
+      [randomUUID(), 'u1', '2026-01-01T00:00:00Z', 'entity.created', { entityId: entity, title: 'a' }],
+      [randomUUID(), 'u2', '2026-01-03T00:00:00Z', 'relation.created', { from: 'x' }],
+      [randomUUID(), 'u2', '2026-01-04T00:00:00Z', 'Not A Type', {}],
+    ]
+    for (const [id, user, ts, type, data] of rows) {
+      await db.sql.query('INSERT INTO events (id, user_id, timestamp, type, data) VALUES ($1, $2, $3, $4, $5)', [id, user, ts, type, data])
+    }
+
+    const dry = await db.repo.migrateLegacyEvents({ dryRun: true })
+    assert.equal(dry.dryRun, true)
+    assert.equal((await db.rows()).events, 0)
+
+    const report = await db.repo.migrateLegacyEvents({ batchSize: 2 })
+    assert.equal(report.migrated, 3)
+    assert.equal(report.failed, 1)
+    assert.equal(report.failures[0].legacyId, rows[3][0])
+    const stream = await db.repo.getAggregateStream(entity)
+    assert.deepEqual(stream.map((e) => [e.version, e.data.title, e.source]), [[1, 'a', 'migration'], [2, 'b', 'migration']])
+    await assert.rejects(db.repo.migrateLegacyEvents(), { code: 'LEGACY_MIGRATION_STARTED' })
+    const again = await db.repo.migrateLegacyEvents({ resume: true })
+    assert.equal(again.migrated, 0, 'nothing twice')
+
+    // Dual-write: an append also lands in the legacy table, in the same statement.
+    const dual = new EventRepository({ connectionString: DATABASE_URL, schema: db.schema, dualWriteLegacyTable: 'events' })
+    const appended = await dual.append({
+      aggregateId: entity, aggregateType: AggregateType.ENTITY, eventType: 'entity.updated',
+      userId: 'u1', data: { title: 'c' }, version: 3,
+    })
+    const legacy = await db.sql.query('SELECT type, data FROM events WHERE id = $1', [appended.id])
+    assert.deepEqual(legacy.rows, [{ type: 'entity.updated', data: { title: 'c' } }])
+    await assert.rejects(dual.append({
+      aggregateId: entity, aggregateType: AggregateType.ENTITY, eventType: 'entity.updated',
+      userId: 'u1', data: {}, version: 3,
+    }), { code: 'CONCURRENCY_CONFLICT' })
+    assert.equal((await db.sql.query('SELECT count(*)::int AS n FROM events')).rows[0].n, 5)
+    dual.close()
+
+    const verify = await db.repo.verifyLegacy()
+    assert.equal(verify.ok, false, 'the failed row is a difference')
+    assert.equal(verify.failedCount, 1)
+    await assert.rejects(db.repo.dropLegacyTable('events', true), (err) => err.code === 'VERIFY_FAILED')
+    await assert.rejects(db.repo.dropLegacyTable('events'), (err) => ['CONFIRMATION_REQUIRED', 'VERIFY_FAILED'].includes(err.code))
+
+    const stats = await db.repo.stats()
+    assert.equal(typeof stats, 'object')
+    const retention = await db.repo.applyRetention({ olderThan: '3650d', dryRun: true })
+    assert.equal(retention.dryRun, true)
+    await assert.rejects(db.repo.applyRetention({ olderThan: 'soon' }), (err) => typeof err.code === 'string')
+    await assert.rejects(db.repo.migrateLegacyEvents({ legacyTable: 'events; drop table events_v2' }), { code: 'INVALID_CONFIG' })
+  } finally {
+    await db.close()
+  }
+})
