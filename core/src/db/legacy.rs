@@ -15,7 +15,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use crate::db::repository::EventRepository;
+use crate::db::repository::{stream_guard_ctes, EventRepository};
 use crate::error::{Error, Result};
 use crate::model::AggregateType;
 use crate::validate::{self, Limits};
@@ -361,7 +361,8 @@ const PENDING_FILTER: &str =
 /// advanced from exactly first_version - 1 for known ones, as in the repository's batch
 /// append), the events, the dirty days and the map rows. Nothing is inserted unless every guard
 /// passed.
-const BATCH_SQL: &str = r#"
+const BATCH_SQL: &str = concat!(
+    r#"
 WITH src AS (
     SELECT u.* FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::uuid[], $5::text[], $6::text[], $7::text[],
                            $8::integer[], $9::uuid[], $10::text[], $17::jsonb[])
@@ -371,23 +372,9 @@ WITH src AS (
     SELECT * FROM unnest($11::uuid[], $12::text[], $13::text[], $14::integer[], $15::integer[], $18::timestamptz[],
                          $19::timestamptz[])
            AS r(aggregate_id, aggregate_type, user_id, first_version, last_version, first_ts, last_ts)
-), created AS (
-    INSERT INTO event_streams (aggregate_id, aggregate_type, user_id, version, first_timestamp, last_timestamp)
-    SELECT aggregate_id, aggregate_type, user_id, last_version, first_ts, last_ts FROM req WHERE first_version = 1
-    ON CONFLICT (aggregate_id) DO NOTHING
-    RETURNING aggregate_id
-), advanced AS (
-    UPDATE event_streams s
-       SET version = req.last_version,
-           first_timestamp = least(s.first_timestamp, req.first_ts),
-           last_timestamp = greatest(s.last_timestamp, req.last_ts)
-      FROM req
-     WHERE s.aggregate_id = req.aggregate_id
-       AND req.first_version > 1
-       AND s.version = req.first_version - 1
-       AND s.aggregate_type = req.aggregate_type
-    RETURNING s.aggregate_id
-), passed AS (
+), "#,
+    stream_guard_ctes!(),
+    r#", passed AS (
     SELECT (SELECT count(*) FROM created) + (SELECT count(*) FROM advanced) = cardinality($11::uuid[]) AS ok
 ), inserted AS (
     INSERT INTO events_v2 (id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
@@ -408,7 +395,8 @@ WITH src AS (
     SELECT $16, legacy_id, event_id, aggregate_id, version, 'migration' FROM src WHERE (SELECT ok FROM passed)
 )
 SELECT (SELECT ok FROM passed), (SELECT count(*) FROM inserted)
-"#;
+"#
+);
 
 const LOCK_SQL: &str =
     "SELECT pg_try_advisory_lock(hashtext('synap.legacy_migration'), hashtext(current_schema() || '.' || $1))";

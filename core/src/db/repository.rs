@@ -224,26 +224,14 @@ WITH ev AS (
 SELECT "timestamp", position FROM inserted
 "#;
 
-/// A whole batch in one statement over arrays (no bind-parameter limit). $1..$12 are the events'
-/// columns, $13..$17 one entry per aggregate: its type, user, and first and last version in the
-/// batch. Inserts happen only if every aggregate's guard passed; the caller rolls back otherwise.
-const APPEND_BATCH_SQL: &str = r#"
-WITH ev AS (
-    SELECT u.ord, u.id, coalesce(u.ts, now()) AS ts, u.aggregate_id, u.aggregate_type, u.event_type, u.user_id,
-           u.data, u.metadata, u.version, u.causation_id, u.correlation_id, u.source
-      FROM unnest($1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::jsonb[],
-                  $8::jsonb[], $9::integer[], $10::uuid[], $11::uuid[], $12::text[])
-           WITH ORDINALITY AS u(id, ts, aggregate_id, aggregate_type, event_type, user_id, data, metadata,
-                                version, causation_id, correlation_id, source, ord)
-), span AS (
-    SELECT aggregate_id, min(ts) AS first_ts, max(ts) AS last_ts FROM ev GROUP BY aggregate_id
-), req AS (
-    SELECT r.aggregate_id, r.aggregate_type, r.user_id, r.first_version, r.last_version, span.first_ts, span.last_ts
-      FROM unnest($13::uuid[], $14::text[], $15::text[], $16::integer[], $17::integer[])
-           AS r(aggregate_id, aggregate_type, user_id, first_version, last_version)
-      JOIN span USING (aggregate_id)
-     ORDER BY r.aggregate_id
-), created AS (
+/// The version guard of a multi-aggregate write, shared by batch appends and the legacy
+/// migration. It expects a CTE `req(aggregate_id, aggregate_type, user_id, first_version,
+/// last_version, first_ts, last_ts)`, one row per aggregate, and defines `created` (new streams,
+/// first version 1) and `advanced` (streams moved from exactly first_version - 1): the write may go
+/// ahead only when together they returned one row per aggregate.
+macro_rules! stream_guard_ctes {
+    () => {
+        r#"created AS (
     INSERT INTO event_streams (aggregate_id, aggregate_type, user_id, version, first_timestamp, last_timestamp)
     SELECT aggregate_id, aggregate_type, user_id, last_version, first_ts, last_ts FROM req WHERE first_version = 1
     ON CONFLICT (aggregate_id) DO NOTHING
@@ -259,7 +247,34 @@ WITH ev AS (
        AND s.version = req.first_version - 1
        AND s.aggregate_type = req.aggregate_type
     RETURNING s.aggregate_id
-), passed AS (
+)"#
+    };
+}
+pub(crate) use stream_guard_ctes;
+
+/// A whole batch in one statement over arrays (no bind-parameter limit). $1..$12 are the events'
+/// columns, $13..$17 one entry per aggregate: its type, user, and first and last version in the
+/// batch. Inserts happen only if every aggregate's guard passed; the caller rolls back otherwise.
+const APPEND_BATCH_SQL: &str = concat!(
+    r#"
+WITH ev AS (
+    SELECT u.ord, u.id, coalesce(u.ts, now()) AS ts, u.aggregate_id, u.aggregate_type, u.event_type, u.user_id,
+           u.data, u.metadata, u.version, u.causation_id, u.correlation_id, u.source
+      FROM unnest($1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::jsonb[],
+                  $8::jsonb[], $9::integer[], $10::uuid[], $11::uuid[], $12::text[])
+           WITH ORDINALITY AS u(id, ts, aggregate_id, aggregate_type, event_type, user_id, data, metadata,
+                                version, causation_id, correlation_id, source, ord)
+), span AS (
+    SELECT aggregate_id, min(ts) AS first_ts, max(ts) AS last_ts FROM ev GROUP BY aggregate_id
+), req AS (
+    SELECT r.aggregate_id, r.aggregate_type, r.user_id, r.first_version, r.last_version, span.first_ts, span.last_ts
+      FROM unnest($13::uuid[], $14::text[], $15::text[], $16::integer[], $17::integer[])
+           AS r(aggregate_id, aggregate_type, user_id, first_version, last_version)
+      JOIN span USING (aggregate_id)
+     ORDER BY r.aggregate_id
+), "#,
+    stream_guard_ctes!(),
+    r#", passed AS (
     SELECT (SELECT count(*) FROM created) + (SELECT count(*) FROM advanced) = cardinality($13::uuid[]) AS ok
 ), inserted AS (
     INSERT INTO events_v2 (id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
@@ -276,7 +291,8 @@ WITH ev AS (
     ON CONFLICT (day) DO NOTHING
 )/*DUAL_WRITE*/
 SELECT id, "timestamp", position FROM inserted
-"#;
+"#
+);
 
 /// The append statements, with the dual-write CTEs spliced in when a legacy table is configured:
 /// the legacy row and its `legacy_migration_map` row are written by the same statement as the
