@@ -296,6 +296,12 @@ test('bad options throw INVALID_CONFIG', () => {
   assert.throws(() => new EventRepository('not a url ::'), { code: 'INVALID_CONFIG' })
 })
 
+test('close() before any call also makes later calls reject', async () => {
+  const repo = new EventRepository()
+  repo.close()
+  await assert.rejects(repo.countEvents(), { code: 'CONNECTION_FAILED' })
+})
+
 test('close() makes later calls reject', async () => {
   const repo = new EventRepository(DATABASE_URL)
   repo.close()

@@ -139,6 +139,29 @@ async fn a_scoped_handle_reaches_only_its_users_rows() {
         .unwrap_err();
     assert_eq!(err.code(), "CONCURRENCY_CONFLICT", "{err:?}");
 
+    // Creating an aggregate that exists for another user: refused as such, not as a conflict
+    // that a reload-and-retry loop could never resolve.
+    let err = alice.append(owned_by("alice", b_agg, 1, workflow)).await.unwrap_err();
+    assert_eq!(err.code(), "PERMISSION_DENIED", "{err:?}");
+    let err = alice
+        .append_batch(vec![
+            owned_by("alice", Uuid::now_v7(), 1, workflow),
+            owned_by("alice", b_agg, 1, workflow),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "PERMISSION_DENIED", "{err:?}");
+    // A scoped handle cannot be re-scoped, nor drive a store-wide named consumer.
+    assert_eq!(alice.for_user("bob").unwrap_err().code(), "VALIDATION_FAILED");
+    let err = alice
+        .subscribe(synap_events::SubscribeOptions {
+            consumer: Some("search".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "VALIDATION_FAILED", "{err:?}");
+
     // Its own writes work.
     alice.append(owned_by("alice", a_agg, 3, workflow)).await.unwrap();
 

@@ -98,3 +98,17 @@ async fn files_apply_with_psql_as_they_are() {
     assert_eq!(repo.storage_mode().await.unwrap(), "native");
     repo.append(common::event(uuid::Uuid::now_v7(), 1)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upkeep_and_analytics_refresh_run_concurrently() {
+    let repo = common::repo("upkeep_race").await;
+    let far = chrono::NaiveDate::from_ymd_opt(2032, 3, 1).unwrap();
+    let (a, b) = tokio::join!(
+        repo.ensure_partitions(far, far + chrono::Days::new(20)),
+        repo.ensure_partitions(far, far + chrono::Days::new(20))
+    );
+    assert_eq!(a.unwrap() + b.unwrap(), 21, "each day created once, by one of the two");
+    repo.append(common::event(uuid::Uuid::now_v7(), 1)).await.unwrap();
+    let (a, b) = tokio::join!(repo.refresh_analytics(false), repo.refresh_analytics(false));
+    assert_eq!(a.unwrap() + b.unwrap(), 1, "the dirty day recomputed once, no deadlock");
+}

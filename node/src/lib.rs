@@ -287,6 +287,8 @@ enum Source {
 pub struct EventRepository {
     source: Arc<Source>,
     inner: Arc<Mutex<Option<core::EventRepository>>>,
+    /// Set by `close()`, also before the first call opened anything.
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[napi]
@@ -337,6 +339,7 @@ impl EventRepository {
         let repo = EventRepository {
             source: Arc::new(source),
             inner: Arc::new(Mutex::new(None)),
+            closed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         if matches!(*repo.source, Source::Config(_)) {
             // Report bad options now rather than at the first call, unless only the URL is missing.
@@ -350,6 +353,11 @@ impl EventRepository {
     }
 
     fn repository(&self) -> core::Result<core::EventRepository> {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(core::Error::ConnectionFailed {
+                message: "the repository was closed".into(),
+            });
+        }
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(repo) = &*guard {
             return Ok(repo.clone());
@@ -531,6 +539,7 @@ impl EventRepository {
         Ok(EventRepository {
             source: self.source.clone(),
             inner: Arc::new(Mutex::new(Some(scoped))),
+            closed: self.closed.clone(),
         })
     }
 
@@ -670,6 +679,7 @@ impl EventRepository {
     /// Closes the connection pool. Later calls reject with `CONNECTION_FAILED`.
     #[napi(catch_unwind)]
     pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(repo) = &*guard {
             repo.close();

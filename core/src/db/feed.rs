@@ -104,6 +104,7 @@ impl EventRepository {
     /// The stored checkpoint of a named consumer, if it has one.
     pub async fn consumer_checkpoint(&self, consumer: &str) -> Result<Option<Checkpoint>> {
         check_consumer(consumer)?;
+        self.refuse_scoped_consumer()?;
         in_session!(self, |client| {
             let row = client
                 .query_opt(
@@ -118,6 +119,7 @@ impl EventRepository {
     /// Stores a named consumer's checkpoint.
     pub async fn save_consumer_checkpoint(&self, consumer: &str, checkpoint: &Checkpoint) -> Result<()> {
         check_consumer(consumer)?;
+        self.refuse_scoped_consumer()?;
         in_session!(self, |client| {
             client
                 .query(
@@ -183,6 +185,19 @@ impl EventRepository {
         });
         client.batch_execute("LISTEN synap_events").await?;
         Ok(client)
+    }
+}
+
+impl EventRepository {
+    fn refuse_scoped_consumer(&self) -> Result<()> {
+        match self.scoped_user() {
+            Some(_) => Err(Error::invalid(
+                "consumer",
+                IssueCode::OutOfRange,
+                "named consumers belong to unscoped handles: a user-scoped one sees only that user's events",
+            )),
+            None => Ok(()),
+        }
     }
 }
 
@@ -252,6 +267,8 @@ fn parse_checkpoint(txid: String, position: i64) -> Result<Checkpoint> {
 }
 
 fn check_consumer(name: &str) -> Result<()> {
+    // Named consumers are projections over the whole store; a user-scoped handle sees only part
+    // of it and would move a shared checkpoint past events it cannot see.
     if name.trim().is_empty() || name.len() > 200 || name.contains('\0') {
         return Err(Error::invalid(
             "consumer",

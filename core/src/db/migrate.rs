@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "isolation_and_global_order",
         sql: include_str!("../../../migrations/0003_isolation_and_global_order.sql"),
     },
+    Migration {
+        version: 4,
+        name: "concurrent_upkeep",
+        sql: include_str!("../../../migrations/0004_concurrent_upkeep.sql"),
+    },
 ];
 
 /// What a migration run did.

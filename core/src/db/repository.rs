@@ -436,6 +436,13 @@ impl EventRepository {
     /// are not scoped. Fails with [`Error::Validation`] for a blank or oversized user id.
     pub fn for_user(&self, user_id: &str) -> Result<EventRepository> {
         validate::check_user_id_arg("userId", user_id, self.limits())?;
+        if let Some(current) = &self.scope {
+            return Err(Error::invalid(
+                "userId",
+                IssueCode::OutOfRange,
+                format!("this handle is already scoped to user \"{current}\""),
+            ));
+        }
         let mut scoped = self.clone();
         scoped.scope = Some(user_id.into());
         Ok(scoped)
@@ -571,6 +578,11 @@ impl EventRepository {
                 )
                 .await?;
             let Some(stream) = stream else {
+                if event.version == 1 {
+                    // The guard refused to create the stream, yet no stream is visible: it exists
+                    // but row-level security hides it (another user's aggregate).
+                    return Err(hidden_aggregate(event.aggregate_id));
+                }
                 return Err(conflict(&event, 0));
             };
             let actual: i32 = stream.get(0);
@@ -753,7 +765,15 @@ impl EventRepository {
             Err(e) => return e.into(),
         };
         let current: HashMap<Uuid, (i32, String)> = rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
+        // A new aggregate that is still not visible either never existed (the batch failed on
+        // another one) or exists behind row-level security; it is the answer only when no visible
+        // aggregate explains the failure.
+        let mut invisible_new = None;
         for (i, agg) in agg_ids.iter().enumerate() {
+            if agg_first[i] == 1 && !current.contains_key(agg) {
+                invisible_new.get_or_insert(*agg);
+                continue;
+            }
             let (actual, stored_type) = current.get(agg).cloned().unwrap_or((0, agg_types[i].to_owned()));
             if stored_type != agg_types[i] {
                 return Error::AggregateTypeMismatch {
@@ -769,6 +789,9 @@ impl EventRepository {
                     .expect("aggregate comes from the batch");
                 return conflict(event, actual);
             }
+        }
+        if let Some(agg) = invisible_new {
+            return hidden_aggregate(agg);
         }
         Error::TransactionConflict {
             message: "a concurrent append moved an aggregate of the batch; retry".into(),
@@ -962,6 +985,12 @@ fn check_event_types(field: &str, types: Option<&[String]>, limits: &Limits) -> 
         validate::check_event_type_arg(&format!("{field}[{i}]"), t, limits)?;
     }
     Ok(())
+}
+
+fn hidden_aggregate(aggregate_id: Uuid) -> Error {
+    Error::PermissionDenied {
+        message: format!("aggregate {aggregate_id} exists but belongs to another user"),
+    }
 }
 
 fn conflict(event: &NewEvent, actual: i32) -> Error {
