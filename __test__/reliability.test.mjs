@@ -116,3 +116,17 @@ test('subscribe: a named consumer that stops mid-stream resumes with at-least-on
   assert.deepEqual(second, [6, 7, 8, 9, 10, 11, 12, 13])
   await fresh.close()
 })
+
+test('subscribe: return() stops an idle iterator whose next() is waiting', { timeout: 20_000 }, async () => {
+  const fresh = await freshRepository('subscribe_stop')
+  try {
+    // Polling every hour: only return() can end the pending next() within the test's timeout.
+    const iterator = fresh.repo.subscribe({ batchSize: 5, pollIntervalMs: 3_600_000 })[Symbol.asyncIterator]()
+    const pending = iterator.next()
+    await new Promise((r) => setTimeout(r, 300))
+    await iterator.return()
+    assert.deepEqual(await pending, { value: undefined, done: true })
+  } finally {
+    await fresh.close()
+  }
+})

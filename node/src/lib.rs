@@ -587,6 +587,8 @@ impl EventRepository {
             }
         }
         Ok(EventSubscription {
+            stop: Arc::new(tokio::sync::Notify::new()),
+            stopped: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             state: Arc::new(tokio::sync::Mutex::new(SubscriptionState {
                 repo,
                 options: Some(core_options),
@@ -774,6 +776,9 @@ struct SubscriptionState {
 #[napi(async_iterator)]
 pub struct EventSubscription {
     state: Arc<tokio::sync::Mutex<SubscriptionState>>,
+    /// Set and signalled by `return()`: a `next()` waiting for new events gives up at once.
+    stop: Arc<tokio::sync::Notify>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[napi]
@@ -784,9 +789,14 @@ impl AsyncGenerator for EventSubscription {
 
     fn next(&mut self, _value: Option<()>) -> impl Future<Output = Result<Option<EventRecord>>> + Send + 'static {
         let state = self.state.clone();
+        let stop = self.stop.clone();
+        let stopped = self.stopped.clone();
         async move {
             let step = AssertUnwindSafe(async move {
                 let mut state = state.lock().await;
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Ok(None);
+                }
                 if state.subscription.is_none() {
                     let Some(options) = state.options.take() else {
                         return Ok(None); // closed
@@ -798,8 +808,21 @@ impl AsyncGenerator for EventSubscription {
                     let Some(subscription) = state.subscription.as_mut() else {
                         return Ok(None);
                     };
-                    let batch = subscription.next_batch().await?;
-                    state.buffer.extend(batch);
+                    let outcome = {
+                        let batch = std::pin::pin!(subscription.next_batch());
+                        let stopping = std::pin::pin!(stop.notified());
+                        match futures_util::future::select(batch, stopping).await {
+                            futures_util::future::Either::Left((batch, _)) => Some(batch),
+                            futures_util::future::Either::Right(_) => None,
+                        }
+                    };
+                    match outcome {
+                        Some(batch) => state.buffer.extend(batch?),
+                        None => {
+                            state.subscription = None;
+                            return Ok(None);
+                        }
+                    }
                 }
                 Ok(state.buffer.pop_front())
             })
@@ -817,6 +840,9 @@ impl AsyncGenerator for EventSubscription {
 
     fn complete(&mut self, _value: Option<()>) -> impl Future<Output = Result<Option<EventRecord>>> + Send + 'static {
         let state = self.state.clone();
+        // Wake a `next()` that waits for events (a stored permit covers one about to wait).
+        self.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop.notify_one();
         async move {
             let mut state = state.lock().await;
             state.subscription = None;
