@@ -35,7 +35,7 @@ async fn a_backend_terminated_during_a_batch_writes_nothing_and_the_pool_recover
     let batch = tokio::spawn(async move { writer.append_batch(events).await });
     // Wait until the batch statement runs, then kill its backend.
     let mut killed = false;
-    for _ in 0..400 {
+    for _ in 0..3000 {
         let n: i64 = admin
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
