@@ -219,12 +219,10 @@ test('each bad input rejects with its code and writes nothing', async () => {
     ['bad correlationId', { ...base, correlationId: 'workflow-789' }, 'INVALID_UUID', 'correlationId'],
     ['bad causationId', { ...base, causationId: 'nope' }, 'INVALID_UUID', 'causationId'],
     ['bad timestamp', { ...base, timestamp: 'yesterday' }, 'INVALID_TIMESTAMP', 'timestamp'],
-    ['invalid Date', { ...base, timestamp: new Date('nope') }, 'REQUIRED', 'timestamp'],
   ]
   assert.ok(cases.length >= 20)
   const before = await db.rows()
   for (const [name, input, reason, field] of cases) {
-    if (name === 'invalid Date') continue // JSON.stringify turns an invalid Date into null: absent
     await assert.rejects(db.repo.append(input), (err) => {
       assert.equal(err.code, 'VALIDATION_FAILED', name)
       assert.equal(err.reason, reason, name)

@@ -357,6 +357,16 @@ impl NewEvent {
 ///
 /// Fails with [`Error::Validation`] naming the first problem.
 pub fn validate_batch(events: &[NewEvent], limits: &Limits) -> Result<()> {
+    check_batch(events, Some(limits))
+}
+
+/// The batch rules alone (not empty, no duplicate ids, consecutive versions per aggregate), for
+/// events whose fields were already checked by [`parse_batch`].
+pub(crate) fn validate_batch_shape(events: &[NewEvent]) -> Result<()> {
+    check_batch(events, None)
+}
+
+fn check_batch(events: &[NewEvent], field_limits: Option<&Limits>) -> Result<()> {
     if events.is_empty() {
         return Err(Error::invalid(
             "events",
@@ -367,7 +377,7 @@ pub fn validate_batch(events: &[NewEvent], limits: &Limits) -> Result<()> {
     let mut last_version: std::collections::HashMap<Uuid, i32> = std::collections::HashMap::new();
     let mut ids = std::collections::HashSet::new();
     for (i, event) in events.iter().enumerate() {
-        if let Some(first) = check_fields(event, limits).into_iter().next() {
+        if let Some(first) = field_limits.and_then(|limits| check_fields(event, limits).into_iter().next()) {
             let path = if first.path.is_empty() {
                 format!("events[{i}]")
             } else {

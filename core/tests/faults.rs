@@ -19,6 +19,20 @@ async fn repo_with(tag: &str, tune: impl FnOnce(&mut synap_events::RepositoryCon
     repo
 }
 
+/// Another session holding the aggregate's stream row, as a transaction left open would.
+async fn lock_stream(repo: &EventRepository, aggregate: Uuid) -> tokio_postgres::Client {
+    let locker = sql(repo).await;
+    locker.batch_execute("BEGIN").await.unwrap();
+    locker
+        .execute(
+            "SELECT 1 FROM event_streams WHERE aggregate_id = $1 FOR UPDATE",
+            &[&aggregate],
+        )
+        .await
+        .unwrap();
+    locker
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_terminated_during_a_batch_writes_nothing_and_the_pool_recovers() {
     let app = format!("fault_terminate_{}", std::process::id());
@@ -73,12 +87,7 @@ async fn an_exhausted_pool_fails_with_a_code_after_the_timeout() {
 
     // Another session locks the stream row: the next append waits on it, holding the only
     // pooled connection.
-    let locker = sql(&repo).await;
-    locker.batch_execute("BEGIN").await.unwrap();
-    locker
-        .execute("SELECT 1 FROM event_streams WHERE aggregate_id = $1 FOR UPDATE", &[&a])
-        .await
-        .unwrap();
+    let locker = lock_stream(&repo, a).await;
     let blocked = {
         let repo = repo.clone();
         tokio::spawn(async move { repo.append(event(a, 2)).await })
@@ -101,12 +110,7 @@ async fn a_statement_timeout_cancels_and_writes_nothing() {
     .await;
     let a = Uuid::now_v7();
     repo.append(event(a, 1)).await.unwrap();
-    let locker = sql(&repo).await;
-    locker.batch_execute("BEGIN").await.unwrap();
-    locker
-        .execute("SELECT 1 FROM event_streams WHERE aggregate_id = $1 FOR UPDATE", &[&a])
-        .await
-        .unwrap();
+    let locker = lock_stream(&repo, a).await;
     let err = repo.append(event(a, 2)).await.unwrap_err();
     assert_eq!(err.code(), "STATEMENT_TIMEOUT", "{err:?}");
     assert!(err.is_retryable());

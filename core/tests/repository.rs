@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use chrono::{Duration, TimeZone, Utc};
 use common::{count_rows, event, repo, sql};
 use serde_json::{json, Value};
@@ -977,5 +975,4 @@ async fn closed_repository_refuses_calls() {
     repo.close();
     let err = repo.get_aggregate_version(Uuid::now_v7()).await.unwrap_err();
     assert_eq!(err.code(), "CONNECTION_FAILED");
-    let _ = Arc::new(repo);
 }

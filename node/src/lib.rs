@@ -403,9 +403,8 @@ impl EventRepository {
     /// written then.
     #[napi(catch_unwind, ts_args_type = "event: AppendEventData")]
     pub fn append<'env>(&self, env: &'env Env, event: Unknown<'env>) -> Result<PromiseRaw<'env, EventRecord>> {
-        let parsed = js_to_json(env, event)
-            .and_then(|v| core::validate::parse_event(&v, &self.limits()).map_err(core::Error::from_issue_list));
-        self.run(env, move |repo| async move { repo.append(parsed?).await })
+        let event = js_to_json(env, event);
+        self.run(env, move |repo| async move { repo.append_json(&event?).await })
     }
 
     /// Appends events atomically (all or none), any number of them.
@@ -417,9 +416,8 @@ impl EventRepository {
         env: &'env Env,
         events: Unknown<'env>,
     ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
-        let limits = self.limits();
-        let parsed = js_to_json(env, events).and_then(|v| core::validate::parse_batch(&v, &limits));
-        self.run(env, move |repo| async move { repo.append_batch(parsed?).await })
+        let events = js_to_json(env, events);
+        self.run(env, move |repo| async move { repo.append_batch_json(&events?).await })
     }
 
     /// The aggregate's events in version order; `[]` for an unknown aggregate.
@@ -687,13 +685,6 @@ impl EventRepository {
             repo.close();
         }
     }
-
-    fn limits(&self) -> core::Limits {
-        match &*self.source {
-            Source::Config(c) => c.limits,
-            Source::Env => core::Limits::default(),
-        }
-    }
 }
 
 /// A place in the global order (from `readAll`): pass it back to continue after it.
@@ -708,17 +699,7 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     fn parse(&self) -> core::Result<core::Checkpoint> {
-        let txid = self.txid.parse().map_err(|_| {
-            core::Error::from_issue_list(vec![core::Issue {
-                path: "after.txid".into(),
-                code: core::IssueCode::InvalidType,
-                message: format!("\"{}\" is not a transaction id", self.txid),
-            }])
-        })?;
-        Ok(core::Checkpoint {
-            txid,
-            position: self.position,
-        })
+        core::Checkpoint::parse(&self.txid, self.position)
     }
 }
 

@@ -31,6 +31,21 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Before the first event.
     pub const START: Checkpoint = Checkpoint { txid: 0, position: 0 };
+
+    /// A checkpoint from its parts as text carries them (`txid` is a 64-bit number, as a
+    /// string in JavaScript).
+    ///
+    /// Fails with [`Error::Validation`] (field `after.txid`) when `txid` is not a number.
+    pub fn parse(txid: &str, position: i64) -> Result<Checkpoint> {
+        let txid = txid.parse().map_err(|_| {
+            Error::invalid(
+                "after.txid",
+                IssueCode::InvalidType,
+                format!("\"{txid}\" is not a transaction id"),
+            )
+        })?;
+        Ok(Checkpoint { txid, position })
+    }
 }
 
 /// One page of [`EventRepository::read_all`].
@@ -88,13 +103,7 @@ impl EventRepository {
             let mut checkpoint = after;
             let mut events = Vec::with_capacity(rows.len());
             for row in &rows {
-                let txid: String = row.get(13);
-                checkpoint = Checkpoint {
-                    txid: txid.parse().map_err(|_| Error::Internal {
-                        message: format!("txid {txid} is not a number"),
-                    })?,
-                    position: row.get(12),
-                };
+                checkpoint = parse_checkpoint(row.get(13), row.get(12))?;
                 events.push(record_from_row(row)?);
             }
             Ok(Page { events, checkpoint })
@@ -258,11 +267,9 @@ impl Subscription {
 }
 
 fn parse_checkpoint(txid: String, position: i64) -> Result<Checkpoint> {
-    Ok(Checkpoint {
-        txid: txid.parse().map_err(|_| Error::Internal {
-            message: format!("txid {txid} is not a number"),
-        })?,
-        position,
+    // The database wrote it: a bad value is a bug, not bad input.
+    Checkpoint::parse(&txid, position).map_err(|_| Error::Internal {
+        message: format!("txid {txid} is not a number"),
     })
 }
 

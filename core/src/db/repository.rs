@@ -545,6 +545,20 @@ impl EventRepository {
     /// append is idempotent).
     pub async fn append(&self, event: NewEvent) -> Result<EventRecord> {
         event.validate(self.limits())?;
+        self.append_valid(event).await
+    }
+
+    /// [`EventRepository::append`] for an event given as JSON in the TypeScript API's shape
+    /// (camelCase keys): parsed and checked once, by [`validate::parse_event`].
+    ///
+    /// Fails like [`EventRepository::append`], with the first problem [`validate::parse_event`]
+    /// reports.
+    pub async fn append_json(&self, event: &Value) -> Result<EventRecord> {
+        let event = validate::parse_event(event, self.limits()).map_err(Error::from_issue_list)?;
+        self.append_valid(event).await
+    }
+
+    async fn append_valid(&self, event: NewEvent) -> Result<EventRecord> {
         let id = event.id.unwrap_or_else(Uuid::now_v7);
         in_session!(self, |client| { self.append_in(&client, event, id).await })
     }
@@ -632,6 +646,20 @@ impl EventRepository {
     /// nothing is written then.
     pub async fn append_batch(&self, events: Vec<NewEvent>) -> Result<Vec<EventRecord>> {
         validate::validate_batch(&events, self.limits())?;
+        self.append_batch_valid(events).await
+    }
+
+    /// [`EventRepository::append_batch`] for a JSON array of events in the TypeScript API's
+    /// shape: each event parsed and checked once, by [`validate::parse_batch`].
+    ///
+    /// Fails like [`EventRepository::append_batch`].
+    pub async fn append_batch_json(&self, events: &Value) -> Result<Vec<EventRecord>> {
+        let events = validate::parse_batch(events, self.limits())?;
+        validate::validate_batch_shape(&events)?;
+        self.append_batch_valid(events).await
+    }
+
+    async fn append_batch_valid(&self, events: Vec<NewEvent>) -> Result<Vec<EventRecord>> {
         let n = events.len();
         let mut ids = Vec::with_capacity(n);
         let mut timestamps = Vec::with_capacity(n);
