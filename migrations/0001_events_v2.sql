@@ -9,8 +9,8 @@
 --   native:      declarative range partitioning by day, partitions created ahead by
 --                synap_ensure_partitions(), plus a default partition so that an insert
 --                never fails for lack of a partition.
---   auto:        timescaledb when the extension can be created, otherwise native; when the
---                extension is installed but cannot be created (not preloaded), a NOTICE says so.
+--   auto:        timescaledb when the database has the extension or it can be created (installed
+--                and in shared_preload_libraries), otherwise native, with a NOTICE saying why.
 
 CREATE TABLE IF NOT EXISTS synap_settings (
     key   text PRIMARY KEY,
@@ -23,6 +23,7 @@ DO $storage$
 DECLARE
     requested text := lower(coalesce(nullif(current_setting('synap.storage_mode', true), ''), 'auto'));
     chosen    text;
+    ts_schema text;
     columns   text := $cols$
         id             uuid        NOT NULL DEFAULT gen_random_uuid(),
         "timestamp"    timestamptz NOT NULL DEFAULT now(),
@@ -54,27 +55,48 @@ BEGIN
 
     chosen := 'native';
     IF requested <> 'native' THEN
-        IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') THEN
-            BEGIN
-                CREATE EXTENSION IF NOT EXISTS timescaledb;
-                chosen := 'timescaledb';
-            EXCEPTION WHEN OTHERS THEN
+        -- Where the extension lives, when a database already has it (its functions are called
+        -- qualified with that schema, whatever search_path says).
+        SELECT extnamespace::regnamespace::text INTO ts_schema FROM pg_extension WHERE extname = 'timescaledb';
+        IF ts_schema IS NULL AND EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') THEN
+            -- CREATE EXTENSION on a server that does not preload the library ends the session
+            -- with FATAL, which no EXCEPTION block can catch: look before trying.
+            IF 'timescaledb' <> ALL (string_to_array(
+                    replace(replace(current_setting('shared_preload_libraries'), ' ', ''), '"', ''), ',')) THEN
                 IF requested = 'timescaledb' THEN
-                    RAISE;
+                    RAISE EXCEPTION 'synap.storage_mode is timescaledb but the server does not preload it: add timescaledb to shared_preload_libraries and restart the server';
                 END IF;
-                RAISE NOTICE 'timescaledb is installed but could not be created (%); using native partitioning', SQLERRM;
-            END;
-        ELSIF requested = 'timescaledb' THEN
+                RAISE NOTICE 'timescaledb is installed but not in shared_preload_libraries; using native partitioning';
+            ELSE
+                BEGIN
+                    -- In public, where a database's extensions usually live, so that dropping one
+                    -- application schema never drops the extension under the others.
+                    IF to_regnamespace('public') IS NOT NULL THEN
+                        CREATE EXTENSION IF NOT EXISTS timescaledb WITH SCHEMA public;
+                    ELSE
+                        CREATE EXTENSION IF NOT EXISTS timescaledb;
+                    END IF;
+                    SELECT extnamespace::regnamespace::text INTO ts_schema FROM pg_extension WHERE extname = 'timescaledb';
+                EXCEPTION WHEN OTHERS THEN
+                    IF requested = 'timescaledb' THEN
+                        RAISE;
+                    END IF;
+                    RAISE NOTICE 'timescaledb is installed but could not be created (%); using native partitioning', SQLERRM;
+                END;
+            END IF;
+        ELSIF ts_schema IS NULL AND requested = 'timescaledb' THEN
             RAISE EXCEPTION 'synap.storage_mode is timescaledb but the timescaledb extension is not available on this server';
+        END IF;
+        IF ts_schema IS NOT NULL THEN
+            chosen := 'timescaledb';
         END IF;
     END IF;
 
     IF chosen = 'timescaledb' THEN
         EXECUTE format('CREATE TABLE events_v2 (%s)', columns);
         -- Default indexes are off: the indexes below are the ones our queries use.
-        PERFORM create_hypertable('events_v2', 'timestamp',
-                                  chunk_time_interval => INTERVAL '1 day',
-                                  create_default_indexes => false);
+        EXECUTE format('SELECT %I.create_hypertable(%L::regclass, %L, chunk_time_interval => INTERVAL %L, create_default_indexes => false)',
+                       ts_schema, 'events_v2', 'timestamp', '1 day');
     ELSE
         EXECUTE format('CREATE TABLE events_v2 (%s) PARTITION BY RANGE ("timestamp")', columns);
         CREATE TABLE events_v2_default PARTITION OF events_v2 DEFAULT;

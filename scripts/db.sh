@@ -1,22 +1,37 @@
 #!/usr/bin/env bash
-# A private PostgreSQL cluster for development and tests.
+# Private PostgreSQL clusters for development and tests, one per storage mode.
 #
-#   scripts/db.sh start    initdb (first time) and start; prints the DATABASE_URL
-#   scripts/db.sh stop     stop the server
-#   scripts/db.sh status   running or not
-#   scripts/db.sh url      print the DATABASE_URL
-#   scripts/db.sh env      print `export DATABASE_URL=...` (for eval)
+#   scripts/db.sh start [--timescaledb]    initdb (first time) and start; prints the DATABASE_URL
+#   scripts/db.sh stop [--timescaledb]     stop the server
+#   scripts/db.sh status [--timescaledb]   running or not
+#   scripts/db.sh url [--timescaledb]      print the DATABASE_URL
+#   scripts/db.sh env [--timescaledb]      print `export DATABASE_URL=...` (for eval)
 #
-# The cluster lives in .local/pg (ignored by git), listens on 127.0.0.1:${SYNAP_PG_PORT:-54329}
-# with trust authentication, and runs as the `postgres` user when started by root (initdb refuses
-# root). The PostgreSQL server is installed with apt when its binaries are missing.
+# Without a flag: plain PostgreSQL in .local/pg on 127.0.0.1:${SYNAP_PG_PORT:-54329}, where
+# `migrate()` picks native partitioning. With --timescaledb: a cluster in .local/pg-timescaledb on
+# port ${SYNAP_PG_PORT:-54330} that preloads TimescaleDB (installed from ../shared/timescaledb
+# when missing and possible), where `migrate()` makes a hypertable.
+# Trust authentication; run as the `postgres` user when started by root (initdb refuses root).
+# The PostgreSQL server is installed with apt when its binaries are missing.
 # SYNAP_PG_FAST=1 turns off fsync and friends: for tests only.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PORT="${SYNAP_PG_PORT:-54329}"
-# postgres must own its data, socket and log directories, all inside one directory of its own.
-BASE="${SYNAP_PG_DIR:-$ROOT/.local/pg}"
+COMMAND="${1:-}"
+MODE=native
+case "${2:-}" in
+    "") ;;
+    --timescaledb) MODE=timescaledb ;;
+    *) echo "db.sh: unknown option ${2}" >&2; exit 2 ;;
+esac
+if [ "$MODE" = timescaledb ]; then
+    PORT="${SYNAP_PG_PORT:-54330}"
+    BASE="${SYNAP_PG_DIR:-$ROOT/.local/pg-timescaledb}"
+else
+    PORT="${SYNAP_PG_PORT:-54329}"
+    # postgres must own its data, socket and log directories, all inside one directory of its own.
+    BASE="${SYNAP_PG_DIR:-$ROOT/.local/pg}"
+fi
 DATA="$BASE/data"
 LOG="$BASE/server.log"
 URL="postgres://postgres@127.0.0.1:$PORT/postgres"
@@ -36,7 +51,7 @@ find_bindir() {
 }
 
 BINDIR="$(find_bindir)"
-if [ -z "$BINDIR" ] && [ "${1:-}" = start ]; then
+if [ -z "$BINDIR" ] && [ "$COMMAND" = start ]; then
     echo "db.sh: PostgreSQL server binaries not found; installing with apt" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq postgresql postgresql-contrib >/dev/null
@@ -53,6 +68,23 @@ as_pg() {
 
 is_running() {
     [ -n "$BINDIR" ] && [ -f "$DATA/PG_VERSION" ] && as_pg "$BINDIR/pg_ctl" -D "$DATA" status >/dev/null 2>&1
+}
+
+# TimescaleDB for the hypertable pass: the library must be in PostgreSQL's lib directory. The
+# build in ../shared/timescaledb is installed when it is there and we may write (root).
+timescaledb_installed() {
+    local libdir
+    libdir="$("$BINDIR/pg_config" --pkglibdir 2>/dev/null || echo "$(dirname "$BINDIR")/lib")"
+    if ls "$libdir"/timescaledb-*.so >/dev/null 2>&1; then
+        return 0
+    fi
+    local shared="$ROOT/../shared/timescaledb/install.sh"
+    if [ -x "$shared" ] && [ "$(id -u)" = 0 ]; then
+        PG_BINDIR="$BINDIR" "$shared" >&2 || return 1
+        ls "$libdir"/timescaledb-*.so >/dev/null 2>&1
+    else
+        return 1
+    fi
 }
 
 start() {
@@ -82,6 +114,13 @@ start() {
         return
     fi
     local opts="-c listen_addresses=127.0.0.1 -c port=$PORT -c unix_socket_directories=$BASE -c max_connections=200 -c timezone=UTC"
+    if [ "$MODE" = timescaledb ]; then
+        if ! timescaledb_installed; then
+            echo "db.sh: TimescaleDB is not installed for $("$BINDIR/postgres" --version) and cannot be installed here" >&2
+            exit 4
+        fi
+        opts="$opts -c shared_preload_libraries=timescaledb -c timescaledb.telemetry_level=off"
+    fi
     if [ "${SYNAP_PG_FAST:-0}" = 1 ]; then
         opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
     fi
@@ -101,14 +140,14 @@ stop() {
     fi
 }
 
-case "${1:-}" in
+case "$COMMAND" in
     start) start ;;
     stop) stop ;;
     status) if is_running; then echo "running: $URL"; else echo "not running"; exit 3; fi ;;
     url) echo "$URL" ;;
     env) echo "export DATABASE_URL=$URL" ;;
     *)
-        echo "usage: scripts/db.sh start|stop|status|url|env" >&2
+        echo "usage: scripts/db.sh start|stop|status|url|env [--timescaledb]" >&2
         exit 2
         ;;
 esac

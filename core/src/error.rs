@@ -116,6 +116,16 @@ pub enum Error {
         message: String,
     },
 
+    /// The storage mode asked for cannot be had on this server (e.g. `timescaledb` where the
+    /// extension is not installed or not in `shared_preload_libraries`). Nothing was created.
+    #[error("storage mode {requested} is not available: {message}")]
+    StorageModeUnavailable {
+        /// The mode asked for.
+        requested: String,
+        /// Why, and what to change on the server.
+        message: String,
+    },
+
     /// The configuration is unusable (bad connection string, schema name, missing variable).
     #[error("invalid configuration: {message}")]
     InvalidConfig {
@@ -250,6 +260,7 @@ impl Error {
             Error::SchemaNotReady { .. } => "SCHEMA_NOT_READY",
             Error::MigrationChecksumMismatch { .. } => "MIGRATION_CHECKSUM_MISMATCH",
             Error::MigrationFailed { .. } => "MIGRATION_FAILED",
+            Error::StorageModeUnavailable { .. } => "STORAGE_MODE_UNAVAILABLE",
             Error::InvalidConfig { .. } => "INVALID_CONFIG",
             Error::PermissionDenied { .. } => "PERMISSION_DENIED",
             Error::Database { .. } => "DATABASE_ERROR",
@@ -334,6 +345,7 @@ impl Error {
                 json!({ "migrationVersion": version, "migrationName": name })
             }
             Error::Database { sqlstate, .. } => json!({ "sqlstate": sqlstate }),
+            Error::StorageModeUnavailable { requested, .. } => json!({ "storageMode": requested }),
             Error::LegacyTableNotFound { table }
             | Error::LegacyMigrationBusy { table }
             | Error::VerifyFailed { table, .. } => json!({ "table": table }),

@@ -25,14 +25,15 @@ pub use validate::{Issue, IssueCode, Limits, Report};
 
 #[cfg(feature = "postgres")]
 pub use db::legacy::{
-    infer_aggregate_type, quote_table, CountDifference, DropLegacyReport, LegacyMigrationOptions,
-    LegacyMigrationProgress, LegacyMigrationReport, LegacyRowFailure, Mismatch, OnInvalid, VerifyReport,
-    DEFAULT_LEGACY_TABLE, MAX_LISTED,
+    infer_aggregate_type, CountDifference, DropLegacyReport, LegacyMigrationOptions, LegacyMigrationProgress,
+    LegacyMigrationReport, LegacyRowFailure, Mismatch, OnInvalid, VerifyReport, DEFAULT_LEGACY_TABLE, MAX_LISTED,
 };
 #[cfg(feature = "postgres")]
 pub use db::retention::{
     LegacyMigrationStatus, RetentionAge, RetentionOptions, RetentionReport, RetentionTarget, StoreStats,
 };
+#[cfg(feature = "postgres")]
+pub use db::sql::quote_table;
 #[cfg(feature = "postgres")]
 pub use db::{
     config::{RepositoryConfig, StorageMode},

@@ -22,6 +22,7 @@ async fn app_role(owner: &EventRepository, tag: &str) -> (EventRepository, Strin
          GRANT SELECT, INSERT ON events_v2 TO {role};
          GRANT SELECT, INSERT, UPDATE ON event_streams TO {role};
          GRANT SELECT, INSERT ON events_daily_dirty TO {role};
+         GRANT SELECT, INSERT ON events_v2_feed_days TO {role};
          GRANT SELECT, INSERT, UPDATE ON event_consumers TO {role};
          GRANT USAGE ON SEQUENCE events_v2_position_seq TO {role};"
     ))

@@ -51,15 +51,30 @@ async fn an_edited_applied_file_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_storage_mode_fails_the_migration() {
+async fn timescaledb_mode_is_had_or_refused_with_a_code() {
     let schema = common::fresh_schema("mig_mode").await;
     let mut config = common::config(&schema);
     config.storage_mode = synap_events::StorageMode::Timescaledb;
     let repo = EventRepository::new(config).unwrap();
-    // This server has no TimescaleDB: asking for it explicitly must fail, not fall back.
+    if common::timescaledb() {
+        assert_eq!(repo.migrate().await.unwrap().storage_mode, "timescaledb");
+        return;
+    }
+    // This server does not preload TimescaleDB: asking for it explicitly must fail with a code
+    // that says what to change, not fall back, and create nothing.
     let err = repo.migrate().await.unwrap_err();
-    assert_eq!(err.code(), "MIGRATION_FAILED", "{err:?}");
-    assert!(err.to_string().contains("timescaledb"), "{err}");
+    assert_eq!(err.code(), "STORAGE_MODE_UNAVAILABLE", "{err:?}");
+    assert!(
+        err.to_string().contains("shared_preload_libraries") || err.to_string().contains("not installed"),
+        "{err}"
+    );
+    let c = common::sql(&repo).await;
+    let exists: bool = c
+        .query_one("SELECT to_regclass('events_v2') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exists);
 }
 
 #[test]

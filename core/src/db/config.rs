@@ -116,7 +116,7 @@ impl RepositoryConfig {
             }
         }
         if let Some(table) = &self.dual_write_legacy_table {
-            crate::db::legacy::quote_table(table)?;
+            crate::db::sql::quote_table(table)?;
         }
         Ok(())
     }

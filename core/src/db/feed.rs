@@ -11,10 +11,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Days, NaiveDate, NaiveTime, Utc};
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::db::repository::{in_session, record_from_row, EventRepository, Session, EVENT_COLUMNS, SET_USER_SQL};
+use crate::db::repository::{in_session, record_from_row, EventRepository, Session, SET_USER_SQL};
 use crate::error::{Error, Result};
 use crate::model::EventRecord;
 use crate::validate::{self, IssueCode};
@@ -82,9 +83,135 @@ impl Default for SubscribeOptions {
     }
 }
 
-const READ_ALL_SQL: &str = "WHERE (txid, position) > ($1::text::xid8, $2) \
-     AND txid < pg_snapshot_xmin(pg_current_snapshot()) \
-     ORDER BY txid, position LIMIT $3";
+/// The feed's day index (migration 0005) groups transaction ids in buckets of 2^16.
+const BUCKET_SHIFT: u32 = 16;
+
+/// Day-index rows read per plan; a reader far behind plans again when it has read them.
+const PLAN_ROWS: i64 = 2000;
+
+/// A window spanning more days than this is split, so that a page plans and opens few
+/// partitions or chunks.
+const MAX_WINDOW_DAYS: i64 = 7;
+
+/// The horizon and the day index from the checkpoint's bucket on, in one snapshot: every
+/// transaction below the horizon has ended, so the days it recorded are visible here. A row with
+/// a NULL day stands for "any day" (an insert that did not record its days).
+const FEED_PLAN_SQL: &str = "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) \
+     SELECT h.horizon::text, f.bucket, CASE WHEN f.day = 'infinity' THEN NULL ELSE f.day END \
+       FROM h LEFT JOIN LATERAL ( \
+            SELECT bucket, day FROM events_v2_feed_days \
+             WHERE bucket >= $1 AND bucket <= synap_feed_bucket(h.horizon) \
+             ORDER BY bucket, day LIMIT $2) f ON true";
+
+/// One window of the global order: events after the checkpoint and below a transaction id, on the
+/// window's days. The order is the `xid8` column itself; the transaction id goes out as text
+/// (JavaScript cannot hold 64 bits) under another name, because an output column named `txid`
+/// would win over the table's column in `ORDER BY` and sort by text ('1000' before '999'), which
+/// skipped events whenever ids crossed a power of ten. The day bounds are bind parameters, so the
+/// planner prunes to the window's partitions or chunks; in each, an index scan of
+/// `events_v2_global_order_idx` (txid, position) starts at the checkpoint, and the scans are
+/// merged in order, with no sort.
+const READ_WINDOW_SQL: &str = "SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, \
+            metadata, version, causation_id, correlation_id, source, position, txid::text AS txid_text \
+       FROM events_v2 e \
+      WHERE (e.txid, e.position) > ($1::text::xid8, $2) \
+        AND e.txid < $3::text::xid8 \
+        AND e.\"timestamp\" >= $4 AND e.\"timestamp\" < $5 \
+      ORDER BY e.txid, e.position \
+      LIMIT $6";
+
+/// [`READ_WINDOW_SQL`] for a window whose days are unknown: every partition or chunk.
+const READ_WINDOW_ANY_DAY_SQL: &str = "SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, \
+            data, metadata, version, causation_id, correlation_id, source, position, txid::text AS txid_text \
+       FROM events_v2 e \
+      WHERE (e.txid, e.position) > ($1::text::xid8, $2) \
+        AND e.txid < $3::text::xid8 \
+      ORDER BY e.txid, e.position \
+      LIMIT $4";
+
+/// A stretch of the global order read with one query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Window {
+    /// Transaction ids below this one (the start of the next window's first bucket, or the
+    /// horizon for the last window).
+    end: u64,
+    /// The first and last UTC day its events were written into; `None` for any day.
+    days: Option<(NaiveDate, NaiveDate)>,
+}
+
+/// Splits the day index (rows `(bucket, day)` in order; `None` for any day) into windows of at
+/// most [`MAX_WINDOW_DAYS`] days each. `truncated`: the rows stopped at [`PLAN_ROWS`], so the last
+/// bucket's days may be incomplete; the windows then stop before it (and the caller plans again
+/// from there), unless it is the only bucket, which then becomes an any-day window.
+fn plan_windows(rows: &[(i64, Option<NaiveDate>)], horizon: u64, truncated: bool) -> Vec<Window> {
+    let mut buckets: Vec<(i64, Option<(NaiveDate, NaiveDate)>)> = Vec::new();
+    for &(bucket, day) in rows {
+        match buckets.last_mut() {
+            Some((b, days)) if *b == bucket => *days = merge_days(*days, day),
+            _ => buckets.push((bucket, day.map(|d| (d, d)))),
+        }
+    }
+    let bucket_start = |b: i64| (b.max(0) as u64) << BUCKET_SHIFT;
+    let mut last_end = horizon;
+    if truncated {
+        match buckets.len() {
+            0 => return Vec::new(),
+            1 => {
+                let b = buckets[0].0;
+                return vec![Window {
+                    end: bucket_start(b + 1).min(horizon),
+                    days: None,
+                }];
+            }
+            _ => {
+                let (b, _) = buckets.pop().expect("two or more buckets");
+                last_end = bucket_start(b).min(horizon);
+            }
+        }
+    }
+    let mut windows: Vec<Window> = Vec::new();
+    // The days of the window being built: None before the first bucket, Some(None) for any day.
+    let mut current: Option<Option<(NaiveDate, NaiveDate)>> = None;
+    for (bucket, days) in buckets {
+        current = Some(match (current, days) {
+            (None, days) => days,
+            // Any day already: more buckets cost nothing more.
+            (Some(None), _) => None,
+            (Some(Some((lo, hi))), Some((first, last)))
+                if span_days(Some((lo.min(first), hi.max(last)))) <= MAX_WINDOW_DAYS =>
+            {
+                Some((lo.min(first), hi.max(last)))
+            }
+            (Some(open), days) => {
+                windows.push(Window {
+                    end: bucket_start(bucket).min(horizon),
+                    days: open,
+                });
+                days
+            }
+        });
+    }
+    if let Some(days) = current {
+        windows.push(Window { end: last_end, days });
+    }
+    windows
+}
+
+/// The smallest span holding `span` and `day`; `None` (any day) absorbs everything.
+fn merge_days(span: Option<(NaiveDate, NaiveDate)>, day: Option<NaiveDate>) -> Option<(NaiveDate, NaiveDate)> {
+    match (span, day) {
+        (Some((lo, hi)), Some(d)) => Some((lo.min(d), hi.max(d))),
+        _ => None,
+    }
+}
+
+fn span_days(span: Option<(NaiveDate, NaiveDate)>) -> i64 {
+    span.map_or(i64::MAX, |(lo, hi)| (hi - lo).num_days() + 1)
+}
+
+fn midnight(day: NaiveDate) -> DateTime<Utc> {
+    day.and_time(NaiveTime::MIN).and_utc()
+}
 
 impl EventRepository {
     /// Up to `limit` events after `after` (from the start when `None`), in global order. Never
@@ -95,19 +222,82 @@ impl EventRepository {
         let limit = validate::check_limit("limit", limit, &self.config().limits)?;
         let after = after.copied().unwrap_or(Checkpoint::START);
         in_session!(self, |client| {
-            let sql = format!("SELECT {EVENT_COLUMNS}, txid::text FROM events_v2 {READ_ALL_SQL}");
-            let stmt = client.prepare_cached(&sql).await?;
-            let rows = client
-                .query(&stmt, &[&after.txid.to_string(), &after.position, &limit])
-                .await?;
             let mut checkpoint = after;
-            let mut events = Vec::with_capacity(rows.len());
-            for row in &rows {
-                checkpoint = parse_checkpoint(row.get(13), row.get(12))?;
-                events.push(record_from_row(row)?);
+            let mut events = Vec::new();
+            // Where the next window's query starts: the checkpoint, or the end of a window read
+            // to its end.
+            let mut scan_from = after;
+            let mut next_bucket = (after.txid >> BUCKET_SHIFT) as i64;
+            loop {
+                let (horizon, windows, truncated) = plan(&client, next_bucket).await?;
+                for window in &windows {
+                    if window.end <= scan_from.txid {
+                        continue;
+                    }
+                    let want = limit - events.len() as i64;
+                    let rows = read_window(&client, &scan_from, window, want).await?;
+                    let got = rows.len() as i64;
+                    for row in &rows {
+                        checkpoint = parse_checkpoint(row.get(13), row.get(12))?;
+                        events.push(record_from_row(row)?);
+                    }
+                    if got == want {
+                        return Ok(Page { events, checkpoint });
+                    }
+                    // This window is read to its end: the next one starts at its end.
+                    scan_from = Checkpoint {
+                        txid: window.end.saturating_sub(1),
+                        position: i64::MAX,
+                    };
+                }
+                match windows.last() {
+                    Some(last) if truncated && last.end < horizon => {
+                        next_bucket = (last.end >> BUCKET_SHIFT) as i64;
+                    }
+                    _ => return Ok(Page { events, checkpoint }),
+                }
             }
-            Ok(Page { events, checkpoint })
         })
+    }
+
+    /// The query plan of the first query of a [`EventRepository::read_all`] page, as
+    /// PostgreSQL's text EXPLAIN (ANALYZE), to check that a page reads few partitions or chunks
+    /// and reads them in index order rather than sorting.
+    pub async fn explain_read_all(&self, after: Option<&Checkpoint>, limit: i64) -> Result<String> {
+        let after = after.copied().unwrap_or(Checkpoint::START);
+        let client = self.client().await?;
+        let session = Session::Client(&client);
+        let (_, windows, _) = plan(&session, (after.txid >> BUCKET_SHIFT) as i64).await?;
+        let Some(window) = windows.iter().find(|w| w.end > after.txid) else {
+            return Ok(String::new());
+        };
+        let explain = "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) ";
+        let txid = after.txid.to_string();
+        let end = window.end.to_string();
+        let rows = match window.days {
+            Some((lo, hi)) => {
+                let (lo, hi) = (midnight(lo), midnight(hi + Days::new(1)));
+                client
+                    .query(
+                        &format!("{explain}{READ_WINDOW_SQL}"),
+                        &[&txid, &after.position, &end, &lo, &hi, &limit],
+                    )
+                    .await?
+            }
+            None => {
+                client
+                    .query(
+                        &format!("{explain}{READ_WINDOW_ANY_DAY_SQL}"),
+                        &[&txid, &after.position, &end, &limit],
+                    )
+                    .await?
+            }
+        };
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n"))
     }
 
     /// The stored checkpoint of a named consumer, if it has one.
@@ -266,6 +456,51 @@ impl Subscription {
     }
 }
 
+/// The horizon, the windows from `bucket` on, and whether the day index had more rows.
+async fn plan(client: &Session<'_, '_>, bucket: i64) -> Result<(u64, Vec<Window>, bool)> {
+    let stmt = client.prepare_cached(FEED_PLAN_SQL).await?;
+    let rows = client.query(&stmt, &[&bucket, &PLAN_ROWS]).await?;
+    let horizon_text: String = rows
+        .first()
+        .ok_or_else(|| Error::Internal {
+            message: "the feed plan returned no row".into(),
+        })?
+        .get(0);
+    let horizon = horizon_text.parse::<u64>().map_err(|_| Error::Internal {
+        message: format!("horizon {horizon_text} is not a number"),
+    })?;
+    let index: Vec<(i64, Option<NaiveDate>)> = rows
+        .iter()
+        .filter_map(|r| r.get::<_, Option<i64>>(1).map(|b| (b, r.get(2))))
+        .collect();
+    let truncated = index.len() as i64 == PLAN_ROWS;
+    Ok((horizon, plan_windows(&index, horizon, truncated), truncated))
+}
+
+/// Up to `limit` events of `window` after `from`.
+async fn read_window(
+    client: &Session<'_, '_>,
+    from: &Checkpoint,
+    window: &Window,
+    limit: i64,
+) -> Result<Vec<tokio_postgres::Row>> {
+    let txid = from.txid.to_string();
+    let end = window.end.to_string();
+    Ok(match window.days {
+        Some((lo, hi)) => {
+            let (lo, hi) = (midnight(lo), midnight(hi + Days::new(1)));
+            let stmt = client.prepare_cached(READ_WINDOW_SQL).await?;
+            client
+                .query(&stmt, &[&txid, &from.position, &end, &lo, &hi, &limit])
+                .await?
+        }
+        None => {
+            let stmt = client.prepare_cached(READ_WINDOW_ANY_DAY_SQL).await?;
+            client.query(&stmt, &[&txid, &from.position, &end, &limit]).await?
+        }
+    })
+}
+
 fn parse_checkpoint(txid: String, position: i64) -> Result<Checkpoint> {
     // The database wrote it: a bad value is a bug, not bad input.
     Checkpoint::parse(&txid, position).map_err(|_| Error::Internal {
@@ -284,4 +519,98 @@ fn check_consumer(name: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn day(n: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(2026, 1, 1).unwrap() + Days::new(n.into())
+    }
+
+    const H: u64 = 100 << BUCKET_SHIFT;
+
+    #[test]
+    fn no_index_rows_no_windows() {
+        assert_eq!(plan_windows(&[], H, false), vec![]);
+        assert_eq!(plan_windows(&[], H, true), vec![]);
+    }
+
+    #[test]
+    fn near_days_share_a_window_and_far_days_do_not() {
+        let rows = [
+            (1, Some(day(0))),
+            (2, Some(day(1))),
+            (2, Some(day(6))),
+            (3, Some(day(90))),
+        ];
+        assert_eq!(
+            plan_windows(&rows, H, false),
+            vec![
+                Window {
+                    end: 3 << BUCKET_SHIFT,
+                    days: Some((day(0), day(6)))
+                },
+                Window {
+                    end: H,
+                    days: Some((day(90), day(90)))
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_window_spans_at_most_max_window_days() {
+        let rows: Vec<_> = (0..20).map(|i| (i as i64, Some(day(i)))).collect();
+        let windows = plan_windows(&rows, H, false);
+        for w in &windows {
+            assert!(span_days(w.days) <= MAX_WINDOW_DAYS, "{w:?}");
+        }
+        assert_eq!(windows.len(), 3);
+        assert_eq!(windows.last().unwrap().end, H);
+    }
+
+    #[test]
+    fn an_any_day_bucket_absorbs_the_buckets_after_it() {
+        let rows = [(1, Some(day(0))), (2, None), (2, Some(day(3))), (3, Some(day(1)))];
+        assert_eq!(
+            plan_windows(&rows, H, false),
+            vec![
+                Window {
+                    end: 2 << BUCKET_SHIFT,
+                    days: Some((day(0), day(0)))
+                },
+                Window { end: H, days: None },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_truncated_plan_stops_before_its_last_bucket() {
+        let rows = [(1, Some(day(0))), (5, Some(day(1)))];
+        assert_eq!(
+            plan_windows(&rows, H, true),
+            vec![Window {
+                end: 5 << BUCKET_SHIFT,
+                days: Some((day(0), day(0)))
+            }]
+        );
+        // One bucket with more days than a plan reads: all of them, to the bucket's end.
+        assert_eq!(
+            plan_windows(&[(7, Some(day(0))), (7, Some(day(400)))], H, true),
+            vec![Window {
+                end: 8 << BUCKET_SHIFT,
+                days: None
+            }]
+        );
+    }
+
+    #[test]
+    fn windows_never_pass_the_horizon() {
+        let horizon = (4 << BUCKET_SHIFT) + 10;
+        let rows = [(4, Some(day(0)))];
+        assert_eq!(plan_windows(&rows, horizon, true)[0].end, horizon);
+        assert_eq!(plan_windows(&rows, horizon, false)[0].end, horizon);
+    }
 }

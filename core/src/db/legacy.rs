@@ -15,7 +15,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use crate::db::repository::{stream_guard_ctes, EventRepository};
+use crate::db::repository::EventRepository;
+use crate::db::sql::{feed_days_ctes, quote_table, stream_guard_ctes};
 use crate::error::{Error, Result};
 use crate::model::AggregateType;
 use crate::validate::{self, Limits};
@@ -26,29 +27,6 @@ pub const DEFAULT_LEGACY_TABLE: &str = "events";
 /// At most this many failed rows, missing ids or mismatches are listed in a report (all are
 /// counted).
 pub const MAX_LISTED: usize = 100;
-
-/// Checks a table name (a lowercase identifier, optionally `schema.table`) and returns it quoted
-/// for SQL. Only `[a-z_][a-z0-9_]*` parts of at most 63 bytes pass, so nothing can be injected.
-///
-/// Fails with [`Error::InvalidConfig`] for anything else.
-pub fn quote_table(name: &str) -> Result<String> {
-    let parts: Vec<&str> = name.split('.').collect();
-    let part_ok = |p: &str| {
-        !p.is_empty()
-            && p.len() <= 63
-            && p.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-            && p.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-    };
-    if parts.len() > 2 || !parts.iter().all(|p| part_ok(p)) {
-        return Err(Error::InvalidConfig {
-            message: format!(
-                "table name must be lowercase letters, digits and _ (optionally schema.table), not \"{name}\""
-            ),
-        });
-    }
-    Ok(parts.iter().map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join("."))
-}
 
 /// What to do with a legacy row that cannot become an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -390,7 +368,9 @@ WITH src AS (
     INSERT INTO events_daily_dirty (day)
     SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
     ON CONFLICT (day) DO NOTHING
-), mapped AS (
+), "#,
+    feed_days_ctes!(),
+    r#", mapped AS (
     INSERT INTO legacy_migration_map (legacy_table, legacy_id, event_id, aggregate_id, version, origin)
     SELECT $16, legacy_id, event_id, aggregate_id, version, 'migration' FROM src WHERE (SELECT ok FROM passed)
 )
@@ -1279,24 +1259,6 @@ impl EventRepository {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn table_names_are_checked_and_quoted() {
-        assert_eq!(quote_table("events").unwrap(), "\"events\"");
-        assert_eq!(quote_table("public.events_old").unwrap(), "\"public\".\"events_old\"");
-        for bad in [
-            "",
-            "Events",
-            "events;drop table x",
-            "a.b.c",
-            "e\"x",
-            "1events",
-            "a b",
-            ".events",
-        ] {
-            assert_eq!(quote_table(bad).unwrap_err().code(), "INVALID_CONFIG", "{bad}");
-        }
-    }
 
     #[test]
     fn aggregate_type_comes_from_the_first_segment() {

@@ -22,6 +22,10 @@ pub struct Migration {
     pub name: &'static str,
     /// Its SQL.
     pub sql: &'static str,
+    /// Checksums of earlier texts of this file that a database may have applied. Only an edit
+    /// that changes nothing for a database where the file already ran may be listed here (a fix
+    /// of a branch taken on first creation); such a database keeps its recorded checksum.
+    pub earlier_checksums: &'static [&'static str],
 }
 
 /// Every migration, in order. A test checks this list against the `migrations/` folder.
@@ -30,21 +34,33 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 1,
         name: "events_v2",
         sql: include_str!("../../../migrations/0001_events_v2.sql"),
+        // Before: auto mode crashed on a server with TimescaleDB installed but not preloaded,
+        // and create_hypertable was called unqualified. Both only ever ran on first creation.
+        earlier_checksums: &["ff3ade190c2350c50402400362d58809e486d7772973356b7fc6a977cc047dc2"],
     },
     Migration {
         version: 2,
         name: "legacy_migration",
         sql: include_str!("../../../migrations/0002_legacy_migration.sql"),
+        earlier_checksums: &[],
     },
     Migration {
         version: 3,
         name: "isolation_and_global_order",
         sql: include_str!("../../../migrations/0003_isolation_and_global_order.sql"),
+        earlier_checksums: &[],
     },
     Migration {
         version: 4,
         name: "concurrent_upkeep",
         sql: include_str!("../../../migrations/0004_concurrent_upkeep.sql"),
+        earlier_checksums: &[],
+    },
+    Migration {
+        version: 5,
+        name: "feed_index",
+        sql: include_str!("../../../migrations/0005_feed_index.sql"),
+        earlier_checksums: &[],
     },
 ];
 
@@ -79,6 +95,11 @@ impl Migration {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect()
+    }
+
+    /// Whether a database that recorded `checksum` for this file applied this file.
+    pub fn accepts(&self, checksum: &str) -> bool {
+        checksum == self.checksum() || self.earlier_checksums.contains(&checksum)
     }
 }
 
@@ -117,7 +138,7 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) 
         let checksum = migration.checksum();
         if let Some(row) = row {
             let applied: String = row.get(0);
-            if applied != checksum {
+            if !migration.accepts(&applied) {
                 return Err(Error::MigrationChecksumMismatch {
                     version: migration.version,
                     name: migration.name.to_owned(),
@@ -127,6 +148,9 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) 
             }
             report.already_applied.push(migration.version);
             continue;
+        }
+        if migration.version == 1 && mode == StorageMode::Timescaledb {
+            check_timescaledb(&tx).await?;
         }
         let started = Instant::now();
         // A configured statement timeout is for the application's queries, not schema changes.
@@ -159,6 +183,32 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) 
     Ok(report)
 }
 
+/// Fails with [`Error::StorageModeUnavailable`] unless the database has TimescaleDB or can
+/// create it (installed and preloaded): CREATE EXTENSION without the preload ends the session.
+async fn check_timescaledb(client: &impl tokio_postgres::GenericClient) -> Result<()> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'),
+                    EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'),
+                    'timescaledb' = ANY (string_to_array(
+                        replace(replace(current_setting('shared_preload_libraries'), ' ', ''), '\"', ''), ','))",
+            &[],
+        )
+        .await?;
+    let (created, installed, preloaded): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    let message = if created || (installed && preloaded) {
+        return Ok(());
+    } else if !installed {
+        "the timescaledb extension is not installed on this server"
+    } else {
+        "timescaledb is installed but not in shared_preload_libraries; add it there and restart the server"
+    };
+    Err(Error::StorageModeUnavailable {
+        requested: "timescaledb".into(),
+        message: message.into(),
+    })
+}
+
 pub(crate) async fn status(client: &tokio_postgres::Client) -> Result<Vec<MigrationStatus>> {
     let exists: bool = client
         .query_one("SELECT to_regclass('synap_migrations') IS NOT NULL", &[])
@@ -179,7 +229,7 @@ pub(crate) async fn status(client: &tokio_postgres::Client) -> Result<Vec<Migrat
                 version: m.version,
                 name: m.name.to_owned(),
                 applied_at: row.map(|r| r.get(2)),
-                checksum_ok: row.is_none_or(|r| r.get::<_, String>(1) == m.checksum()),
+                checksum_ok: row.is_none_or(|r| m.accepts(&r.get::<_, String>(1))),
             }
         })
         .collect())

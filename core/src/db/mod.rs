@@ -6,4 +6,5 @@ pub mod legacy;
 pub mod migrate;
 pub mod repository;
 pub mod retention;
+pub(crate) mod sql;
 mod translate;

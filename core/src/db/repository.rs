@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::db::config::RepositoryConfig;
 use crate::db::migrate::{self, MigrationReport, MigrationStatus};
+use crate::db::sql::{feed_days_ctes, stream_guard_ctes};
 use crate::error::{Error, Result};
 use crate::model::{AggregateType, EventRecord, EventSource, NewEvent};
 use crate::validate::{self, IssueCode, Limits};
@@ -186,7 +187,8 @@ pub(crate) const EVENT_COLUMNS: &str =
 /// insert happens only when the guard row was created (version 1) or advanced from exactly
 /// version - 1; concurrent appends of the same version serialize on the event_streams row and
 /// all but one find the guard false.
-const APPEND_SQL: &str = r#"
+const APPEND_SQL: &str = concat!(
+    r#"
 WITH ev AS (
     SELECT $1::uuid AS id, coalesce($2::timestamptz, now()) AS ts, $3::uuid AS aggregate_id,
            $4::text AS aggregate_type, $5::text AS event_type, $6::text AS user_id, $7::jsonb AS data,
@@ -220,37 +222,12 @@ WITH ev AS (
     INSERT INTO events_daily_dirty (day)
     SELECT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
     ON CONFLICT (day) DO NOTHING
-)/*DUAL_WRITE*/
+), "#,
+    feed_days_ctes!(),
+    r#"/*DUAL_WRITE*/
 SELECT "timestamp", position FROM inserted
-"#;
-
-/// The version guard of a multi-aggregate write, shared by batch appends and the legacy
-/// migration. It expects a CTE `req(aggregate_id, aggregate_type, user_id, first_version,
-/// last_version, first_ts, last_ts)`, one row per aggregate, and defines `created` (new streams,
-/// first version 1) and `advanced` (streams moved from exactly first_version - 1): the write may go
-/// ahead only when together they returned one row per aggregate.
-macro_rules! stream_guard_ctes {
-    () => {
-        r#"created AS (
-    INSERT INTO event_streams (aggregate_id, aggregate_type, user_id, version, first_timestamp, last_timestamp)
-    SELECT aggregate_id, aggregate_type, user_id, last_version, first_ts, last_ts FROM req WHERE first_version = 1
-    ON CONFLICT (aggregate_id) DO NOTHING
-    RETURNING aggregate_id
-), advanced AS (
-    UPDATE event_streams s
-       SET version = req.last_version,
-           first_timestamp = least(s.first_timestamp, req.first_ts),
-           last_timestamp = greatest(s.last_timestamp, req.last_ts)
-      FROM req
-     WHERE s.aggregate_id = req.aggregate_id
-       AND req.first_version > 1
-       AND s.version = req.first_version - 1
-       AND s.aggregate_type = req.aggregate_type
-    RETURNING s.aggregate_id
-)"#
-    };
-}
-pub(crate) use stream_guard_ctes;
+"#
+);
 
 /// A whole batch in one statement over arrays (no bind-parameter limit). $1..$12 are the events'
 /// columns, $13..$17 one entry per aggregate: its type, user, and first and last version in the
@@ -289,7 +266,9 @@ WITH ev AS (
     INSERT INTO events_daily_dirty (day)
     SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
     ON CONFLICT (day) DO NOTHING
-)/*DUAL_WRITE*/
+), "#,
+    feed_days_ctes!(),
+    r#"/*DUAL_WRITE*/
 SELECT id, "timestamp", position FROM inserted
 "#
 );
@@ -301,7 +280,7 @@ fn with_dual_write(sql: &str, legacy_table: Option<&str>) -> Result<String> {
     let Some(name) = legacy_table else {
         return Ok(sql.replace("/*DUAL_RETURNING*/", "").replace("/*DUAL_WRITE*/", ""));
     };
-    let quoted = crate::db::legacy::quote_table(name)?;
+    let quoted = crate::db::sql::quote_table(name)?;
     let returning = if sql.contains("RETURNING id,") {
         ", aggregate_id, version, event_type, user_id, data, source, correlation_id"
     } else {

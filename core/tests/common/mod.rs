@@ -44,11 +44,28 @@ pub fn config(schema: &str) -> RepositoryConfig {
     config
 }
 
-/// A migrated repository in its own schema.
+/// The storage mode this pass runs on: `native` or `timescaledb` (scripts/test.sh sets
+/// SYNAP_TEST_STORAGE_MODE for each of its passes; `native` when unset).
+pub fn storage_mode() -> String {
+    std::env::var("SYNAP_TEST_STORAGE_MODE").unwrap_or_else(|_| "native".into())
+}
+
+/// Whether this pass runs on TimescaleDB hypertables.
+pub fn timescaledb() -> bool {
+    storage_mode() == "timescaledb"
+}
+
+/// A migrated repository in its own schema, in this pass's storage mode (checked, so that a
+/// TimescaleDB pass can never quietly run on native partitions).
 pub async fn repo(tag: &str) -> EventRepository {
     let schema = fresh_schema(tag).await;
     let repo = EventRepository::new(config(&schema)).expect("repository");
-    repo.migrate().await.expect("migrate");
+    let report = repo.migrate().await.expect("migrate");
+    assert_eq!(
+        report.storage_mode,
+        storage_mode(),
+        "the storage mode of this test pass"
+    );
     repo
 }
 

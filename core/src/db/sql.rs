@@ -1,0 +1,96 @@
+//! SQL shared by several statements: identifier quoting and the CTE fragments that every write
+//! path repeats (the version guard, the feed's day index).
+
+use crate::error::{Error, Result};
+
+/// Checks a table name (a lowercase identifier, optionally `schema.table`) and returns it quoted
+/// for SQL. Only `[a-z_][a-z0-9_]*` parts of at most 63 bytes pass, so nothing can be injected.
+///
+/// Fails with [`Error::InvalidConfig`] for anything else.
+pub fn quote_table(name: &str) -> Result<String> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && p.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    if parts.len() > 2 || !parts.iter().all(|p| part_ok(p)) {
+        return Err(Error::InvalidConfig {
+            message: format!(
+                "table name must be lowercase letters, digits and _ (optionally schema.table), not \"{name}\""
+            ),
+        });
+    }
+    Ok(parts.iter().map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join("."))
+}
+
+/// The version guard of a multi-aggregate write, shared by batch appends and the legacy
+/// migration. It expects a CTE `req(aggregate_id, aggregate_type, user_id, first_version,
+/// last_version, first_ts, last_ts)`, one row per aggregate, and defines `created` (new streams,
+/// first version 1) and `advanced` (streams moved from exactly first_version - 1): the write may go
+/// ahead only when together they returned one row per aggregate.
+macro_rules! stream_guard_ctes {
+    () => {
+        r#"created AS (
+    INSERT INTO event_streams (aggregate_id, aggregate_type, user_id, version, first_timestamp, last_timestamp)
+    SELECT aggregate_id, aggregate_type, user_id, last_version, first_ts, last_ts FROM req WHERE first_version = 1
+    ON CONFLICT (aggregate_id) DO NOTHING
+    RETURNING aggregate_id
+), advanced AS (
+    UPDATE event_streams s
+       SET version = req.last_version,
+           first_timestamp = least(s.first_timestamp, req.first_ts),
+           last_timestamp = greatest(s.last_timestamp, req.last_ts)
+      FROM req
+     WHERE s.aggregate_id = req.aggregate_id
+       AND req.first_version > 1
+       AND s.version = req.first_version - 1
+       AND s.aggregate_type = req.aggregate_type
+    RETURNING s.aggregate_id
+)"#
+    };
+}
+pub(crate) use stream_guard_ctes;
+
+/// The feed's day index (migration 0005), for a statement that defines a CTE `inserted` returning
+/// the inserted events' `"timestamp"`: records the UTC days of this transaction's bucket and marks
+/// the statement as having done so, which keeps the statement trigger from recording the bucket
+/// as "any day". Both CTEs modify data, so PostgreSQL runs them even though nothing reads them.
+macro_rules! feed_days_ctes {
+    () => {
+        r#"feed_days AS (
+    INSERT INTO events_v2_feed_days (bucket, day)
+    SELECT DISTINCT synap_feed_bucket(pg_current_xact_id()), ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
+    ON CONFLICT DO NOTHING
+), feed_days_marked AS (
+    INSERT INTO events_v2_feed_days (bucket, day)
+    SELECT 0, 'infinity' WHERE set_config('synap.feed_days', pg_current_xact_id()::text, true) IS NULL
+)"#
+    };
+}
+pub(crate) use feed_days_ctes;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_checked_and_quoted() {
+        assert_eq!(quote_table("events").unwrap(), "\"events\"");
+        assert_eq!(quote_table("public.events_old").unwrap(), "\"public\".\"events_old\"");
+        for bad in [
+            "",
+            "Events",
+            "events;drop table x",
+            "a.b.c",
+            "e\"x",
+            "1events",
+            "a b",
+            ".events",
+        ] {
+            assert_eq!(quote_table(bad).unwrap_err().code(), "INVALID_CONFIG", "{bad}");
+        }
+    }
+}
