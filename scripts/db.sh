@@ -13,7 +13,8 @@
 # when missing and possible), where `migrate()` makes a hypertable.
 # Trust authentication; run as the `postgres` user when started by root (initdb refuses root).
 # The PostgreSQL server is installed with apt when its binaries are missing.
-# SYNAP_PG_FAST=1 turns off fsync and friends: for tests only.
+# SYNAP_PG_FAST=1 turns off fsync and friends: for tests only. SYNAP_PG_DIR and SYNAP_PG_PORT
+# place a cluster elsewhere; SYNAP_PG_NEXT_XID starts a new one at that transaction id.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -108,6 +109,15 @@ start() {
             cat "$BASE/initdb.log" >&2
             exit 1
         }
+        if [ -n "${SYNAP_PG_NEXT_XID:-}" ]; then
+            # An old cluster's transaction counter, for tests that cross a boundary of it.
+            as_pg "$BINDIR/pg_resetwal" -x "$SYNAP_PG_NEXT_XID" -D "$DATA" >/dev/null
+            # pg_xact must hold the segment of the new id (32 pages of 32,768 ids).
+            local segment
+            segment="$(printf '%04X' $((SYNAP_PG_NEXT_XID / 1048576)))"
+            [ -f "$DATA/pg_xact/$segment" ] ||
+                as_pg dd if=/dev/zero of="$DATA/pg_xact/$segment" bs=8192 count=32 status=none
+        fi
     fi
     if is_running; then
         echo "$URL"

@@ -205,6 +205,33 @@ pub enum Error {
         sample: Vec<Uuid>,
     },
 
+    /// A named consumer's checkpoint was stored by the ordering that skipped events (before
+    /// migration 0005), so it may sit past events the consumer never saw. Repair the consumer
+    /// (its events are delivered again) or accept its checkpoint first.
+    #[error(
+        "consumer \"{consumer}\" stored its checkpoint with the old feed ordering, which could skip events; \
+         repair it (synap-events consumers repair {consumer}) or accept its checkpoint before reading on"
+    )]
+    ConsumerNeedsRepair {
+        /// The consumer.
+        consumer: String,
+    },
+
+    /// A named consumer's checkpoint would move backwards: another instance of the same consumer
+    /// has stored a later one. Nothing was stored.
+    #[error(
+        "consumer \"{consumer}\" is already at {stored}, past {given}: another instance of it is reading; \
+         run one instance per consumer name"
+    )]
+    CheckpointConflict {
+        /// The consumer.
+        consumer: String,
+        /// The stored checkpoint, `txid:position`.
+        stored: String,
+        /// The checkpoint that was refused, `txid:position`.
+        given: String,
+    },
+
     /// A bug: an invariant broke or a panic was caught at a language boundary.
     #[error("internal error: {message}")]
     Internal {
@@ -270,6 +297,8 @@ impl Error {
             Error::VerifyFailed { .. } => "VERIFY_FAILED",
             Error::ConfirmationRequired { .. } => "CONFIRMATION_REQUIRED",
             Error::RetentionRefused { .. } => "RETENTION_REFUSED",
+            Error::ConsumerNeedsRepair { .. } => "CONSUMER_NEEDS_REPAIR",
+            Error::CheckpointConflict { .. } => "CHECKPOINT_CONFLICT",
             Error::Internal { .. } => "INTERNAL_ERROR",
         }
     }
@@ -346,6 +375,14 @@ impl Error {
             }
             Error::Database { sqlstate, .. } => json!({ "sqlstate": sqlstate }),
             Error::StorageModeUnavailable { requested, .. } => json!({ "storageMode": requested }),
+            Error::ConsumerNeedsRepair { consumer } => json!({ "consumer": consumer }),
+            Error::CheckpointConflict {
+                consumer,
+                stored,
+                given,
+            } => {
+                json!({ "consumer": consumer, "stored": stored, "given": given })
+            }
             Error::LegacyTableNotFound { table }
             | Error::LegacyMigrationBusy { table }
             | Error::VerifyFailed { table, .. } => json!({ "table": table }),

@@ -37,7 +37,7 @@ pub use db::sql::quote_table;
 #[cfg(feature = "postgres")]
 pub use db::{
     config::{RepositoryConfig, StorageMode},
-    feed::{Checkpoint, Page, SubscribeOptions, Subscription},
+    feed::{Checkpoint, ConsumerRepair, ConsumerStatus, Page, SubscribeOptions, Subscription},
     migrate::{Migration, MigrationReport, MigrationStatus, MIGRATIONS},
     repository::{CountFilter, EventRepository, StreamOptions, UserStreamOptions},
 };

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Days, NaiveDate, NaiveTime, Utc};
+use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
 
@@ -54,9 +55,54 @@ impl Checkpoint {
 pub struct Page {
     /// Events in global order.
     pub events: Vec<EventRecord>,
-    /// Where the next read starts: after the last event of this page (or where this read
-    /// started, when the page is empty).
+    /// Where the next read starts. After a full page: its last event. After a shorter page
+    /// (every event below the horizon was read): the horizon itself, `(horizon, 0)`, so that the
+    /// next read starts where new events can appear. Never before the last event of the page.
     pub checkpoint: Checkpoint,
+}
+
+/// A named consumer, as [`EventRepository::consumers`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerStatus {
+    /// Its name.
+    pub name: String,
+    /// Its stored checkpoint.
+    #[serde(serialize_with = "checkpoint_json")]
+    pub checkpoint: Checkpoint,
+    /// When it was stored.
+    pub updated_at: DateTime<Utc>,
+    /// Stored by the old feed ordering, not yet repaired or accepted.
+    pub needs_repair: bool,
+}
+
+/// What [`EventRepository::repair_consumer`] did, or would do in a dry run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerRepair {
+    /// The consumer.
+    pub consumer: String,
+    /// Whether its checkpoint was stored by the old ordering.
+    pub needed_repair: bool,
+    /// Its checkpoint before.
+    #[serde(serialize_with = "checkpoint_json")]
+    pub before: Checkpoint,
+    /// Its checkpoint after (the start, when its events are delivered again).
+    #[serde(serialize_with = "checkpoint_json")]
+    pub after: Checkpoint,
+    /// Events at or before the old checkpoint that it will be given again.
+    pub events_delivered_again: i64,
+    /// Whether nothing was changed.
+    pub dry_run: bool,
+}
+
+/// A checkpoint as JSON: `{ "txid": "<64-bit number as text>", "position": n }`.
+fn checkpoint_json<S: serde::Serializer>(c: &Checkpoint, s: S) -> std::result::Result<S::Ok, S::Error> {
+    use serde::ser::SerializeStruct;
+    let mut st = s.serialize_struct("Checkpoint", 2)?;
+    st.serialize_field("txid", &c.txid.to_string())?;
+    st.serialize_field("position", &c.position)?;
+    st.end()
 }
 
 /// Options of [`EventRepository::subscribe`].
@@ -99,7 +145,7 @@ const MAX_WINDOW_DAYS: i64 = 7;
 const FEED_PLAN_SQL: &str = "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) \
      SELECT h.horizon::text, f.bucket, CASE WHEN f.day = 'infinity' THEN NULL ELSE f.day END \
        FROM h LEFT JOIN LATERAL ( \
-            SELECT bucket, day FROM events_v2_feed_days \
+            SELECT DISTINCT bucket, day FROM events_v2_feed_days \
              WHERE bucket >= $1 AND bucket <= synap_feed_bucket(h.horizon) \
              ORDER BY bucket, day LIMIT $2) f ON true";
 
@@ -244,17 +290,29 @@ impl EventRepository {
                     if got == want {
                         return Ok(Page { events, checkpoint });
                     }
-                    // This window is read to its end: the next one starts at its end.
-                    scan_from = Checkpoint {
-                        txid: window.end.saturating_sub(1),
-                        position: i64::MAX,
-                    };
+                    // This window is read to its end: the next one starts at its end (positions
+                    // start at 1, so position 0 is before every event of a transaction).
+                    scan_from = scan_from.max(Checkpoint {
+                        txid: window.end,
+                        position: 0,
+                    });
                 }
                 match windows.last() {
                     Some(last) if truncated && last.end < horizon => {
                         next_bucket = (last.end >> BUCKET_SHIFT) as i64;
                     }
-                    _ => return Ok(Page { events, checkpoint }),
+                    // Every event below the horizon has been read, and every transaction that
+                    // commits later has an id at or above it.
+                    _ => {
+                        let horizon = Checkpoint {
+                            txid: horizon,
+                            position: 0,
+                        };
+                        return Ok(Page {
+                            events,
+                            checkpoint: checkpoint.max(horizon),
+                        });
+                    }
                 }
             }
         })
@@ -301,35 +359,162 @@ impl EventRepository {
     }
 
     /// The stored checkpoint of a named consumer, if it has one.
+    ///
+    /// Fails with [`Error::ConsumerNeedsRepair`] when the checkpoint was stored by the old feed
+    /// ordering and the consumer was neither repaired nor accepted since
+    /// ([`EventRepository::repair_consumer`]).
     pub async fn consumer_checkpoint(&self, consumer: &str) -> Result<Option<Checkpoint>> {
         check_consumer(consumer)?;
         self.refuse_scoped_consumer()?;
         in_session!(self, |client| {
             let row = client
                 .query_opt(
-                    "SELECT txid::text, position FROM event_consumers WHERE name = $1",
+                    "SELECT txid::text, position, needs_repair FROM event_consumers WHERE name = $1",
                     &[&consumer],
                 )
                 .await?;
-            row.map(|r| parse_checkpoint(r.get(0), r.get(1))).transpose()
+            match row {
+                Some(r) if r.get::<_, bool>(2) => Err(Error::ConsumerNeedsRepair {
+                    consumer: consumer.to_owned(),
+                }),
+                Some(r) => Ok(Some(parse_checkpoint(r.get(0), r.get(1))?)),
+                None => Ok(None),
+            }
         })
     }
 
-    /// Stores a named consumer's checkpoint.
+    /// Stores a named consumer's checkpoint. A checkpoint only moves forward.
+    ///
+    /// Fails with [`Error::CheckpointConflict`] when the stored checkpoint is already past this
+    /// one (another instance of the consumer has read further); nothing is stored then.
     pub async fn save_consumer_checkpoint(&self, consumer: &str, checkpoint: &Checkpoint) -> Result<()> {
         check_consumer(consumer)?;
         self.refuse_scoped_consumer()?;
         in_session!(self, |client| {
-            client
-                .query(
+            let saved = client
+                .query_opt(
                     "INSERT INTO event_consumers (name, txid, position) VALUES ($1, $2::text::xid8, $3) \
                      ON CONFLICT (name) DO UPDATE SET txid = EXCLUDED.txid, position = EXCLUDED.position, \
-                     updated_at = now()",
+                            updated_at = now() \
+                      WHERE (event_consumers.txid, event_consumers.position) <= (EXCLUDED.txid, EXCLUDED.position) \
+                        AND NOT event_consumers.needs_repair \
+                     RETURNING true",
                     &[&consumer, &checkpoint.txid.to_string(), &checkpoint.position],
                 )
                 .await?;
-            Ok(())
+            if saved.is_some() {
+                return Ok(());
+            }
+            let stored = client
+                .query_one(
+                    "SELECT txid::text, position, needs_repair FROM event_consumers WHERE name = $1",
+                    &[&consumer],
+                )
+                .await?;
+            if stored.get::<_, bool>(2) {
+                return Err(Error::ConsumerNeedsRepair {
+                    consumer: consumer.to_owned(),
+                });
+            }
+            Err(Error::CheckpointConflict {
+                consumer: consumer.to_owned(),
+                stored: format!("{}:{}", stored.get::<_, String>(0), stored.get::<_, i64>(1)),
+                given: format!("{}:{}", checkpoint.txid, checkpoint.position),
+            })
         })
+    }
+
+    /// Every named consumer with its checkpoint, by name.
+    pub async fn consumers(&self) -> Result<Vec<ConsumerStatus>> {
+        self.refuse_scoped_consumer()?;
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT name, txid::text, position, updated_at, needs_repair FROM event_consumers ORDER BY name",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ConsumerStatus {
+                    name: r.get(0),
+                    checkpoint: parse_checkpoint(r.get(1), r.get(2))?,
+                    updated_at: r.get(3),
+                    needs_repair: r.get(4),
+                })
+            })
+            .collect()
+    }
+
+    /// Repairs a named consumer whose checkpoint was stored by the old feed ordering, which
+    /// sorted pages by the text of the transaction id and so passed over events whenever ids
+    /// crossed a power of ten. Every event such a reader could have passed over has a
+    /// transaction id with fewer digits than the stored checkpoint's; when any such event exists
+    /// the checkpoint goes back to the start, so the consumer gets every event again (delivery
+    /// is at-least-once: a projection skips the ones it has by event id). `accept` keeps the
+    /// checkpoint instead, for a consumer known to be whole. Either way the consumer may read on.
+    /// A consumer that does not need repair is left alone.
+    ///
+    /// Fails with [`Error::Validation`] for a bad name or a user-scoped handle.
+    pub async fn repair_consumer(&self, consumer: &str, accept: bool, dry_run: bool) -> Result<ConsumerRepair> {
+        check_consumer(consumer)?;
+        self.refuse_scoped_consumer()?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let Some(row) = tx
+            .query_opt(
+                "SELECT txid::text, position, needs_repair FROM event_consumers WHERE name = $1 FOR UPDATE",
+                &[&consumer],
+            )
+            .await?
+        else {
+            return Err(Error::invalid(
+                "consumer",
+                IssueCode::OutOfRange,
+                format!("no consumer named \"{consumer}\""),
+            ));
+        };
+        let before = parse_checkpoint(row.get(0), row.get(1))?;
+        let needed: bool = row.get(2);
+        let mut report = ConsumerRepair {
+            consumer: consumer.to_owned(),
+            needed_repair: needed,
+            before,
+            after: before,
+            events_delivered_again: 0,
+            dry_run,
+        };
+        if needed && !accept {
+            // A skipped event's id has fewer digits than the checkpoint that passed it.
+            let digits = before.txid.to_string().len() as u32;
+            let below = 10u64.pow(digits - 1).to_string();
+            let suspects: i64 = tx
+                .query_one("SELECT count(*) FROM events_v2 WHERE txid < $1::text::xid8", &[&below])
+                .await?
+                .get(0);
+            if suspects > 0 {
+                report.after = Checkpoint::START;
+                report.events_delivered_again = tx
+                    .query_one(
+                        "SELECT count(*) FROM events_v2 WHERE (txid, position) <= ($1::text::xid8, $2)",
+                        &[&before.txid.to_string(), &before.position],
+                    )
+                    .await?
+                    .get(0);
+            }
+        }
+        if dry_run {
+            tx.rollback().await?;
+            return Ok(report);
+        }
+        tx.execute(
+            "UPDATE event_consumers SET txid = $2::text::xid8, position = $3, needs_repair = false, updated_at = now() \
+              WHERE name = $1",
+            &[&consumer, &report.after.txid.to_string(), &report.after.position],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(report)
     }
 
     /// Follows the global order: catches up from the consumer's checkpoint (or `from`), then
@@ -359,6 +544,7 @@ impl EventRepository {
         Ok(Subscription {
             repo: self.clone(),
             consumer: options.consumer,
+            read_from: start,
             delivered: start,
             committed: start,
             batch_size: options.batch_size,
@@ -404,6 +590,9 @@ impl EventRepository {
 pub struct Subscription {
     repo: EventRepository,
     consumer: Option<String>,
+    /// Where the next read starts.
+    read_from: Checkpoint,
+    /// After the last delivered batch.
     delivered: Checkpoint,
     committed: Checkpoint,
     batch_size: i64,
@@ -429,7 +618,10 @@ impl Subscription {
     pub async fn next_batch(&mut self) -> Result<Vec<EventRecord>> {
         loop {
             self.commit().await?;
-            let page = self.repo.read_all(Some(&self.delivered), self.batch_size).await?;
+            let page = self.repo.read_all(Some(&self.read_from), self.batch_size).await?;
+            // An empty page still moves the reading position up to the horizon, so that polling
+            // does not scan the same stretch again; it is stored with the next batch.
+            self.read_from = page.checkpoint;
             if !page.events.is_empty() {
                 self.delivered = page.checkpoint;
                 return Ok(page.events);

@@ -58,12 +58,15 @@ pub(crate) use stream_guard_ctes;
 /// the inserted events' `"timestamp"`: records the UTC days of this transaction's bucket and marks
 /// the statement as having done so, which keeps the statement trigger from recording the bucket
 /// as "any day". Both CTEs modify data, so PostgreSQL runs them even though nothing reads them.
+/// A row is added only when none is visible, never waiting on another writer's uncommitted one.
 macro_rules! feed_days_ctes {
     () => {
         r#"feed_days AS (
     INSERT INTO events_v2_feed_days (bucket, day)
-    SELECT DISTINCT synap_feed_bucket(pg_current_xact_id()), ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
-    ON CONFLICT DO NOTHING
+    SELECT DISTINCT synap_feed_bucket(pg_current_xact_id()), d.day
+      FROM (SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date AS day FROM inserted) d
+     WHERE NOT EXISTS (SELECT 1 FROM events_v2_feed_days f
+                        WHERE f.bucket = synap_feed_bucket(pg_current_xact_id()) AND f.day = d.day)
 ), feed_days_marked AS (
     INSERT INTO events_v2_feed_days (bucket, day)
     SELECT 0, 'infinity' WHERE set_config('synap.feed_days', pg_current_xact_id()::text, true) IS NULL

@@ -69,9 +69,9 @@ pub async fn repo(tag: &str) -> EventRepository {
     repo
 }
 
-/// A plain client whose search_path is the repository's schema.
+/// A plain client on the repository's server whose search_path is the repository's schema.
 pub async fn sql(repo: &EventRepository) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+    let (client, conn) = tokio_postgres::connect(&repo.config().database_url, tokio_postgres::NoTls)
         .await
         .expect("connect");
     tokio::spawn(conn);
@@ -107,4 +107,114 @@ pub fn event(aggregate_id: Uuid, version: i32) -> NewEvent {
         json!({ "n": version }),
         version,
     )
+}
+
+/// A PostgreSQL cluster of one test's own, started by scripts/db.sh in a temporary directory
+/// with this pass's storage mode, and stopped and removed when dropped.
+pub struct PrivateCluster {
+    dir: std::path::PathBuf,
+    port: u16,
+    /// Its connection string.
+    pub url: String,
+}
+
+impl PrivateCluster {
+    /// Starts a new cluster whose transaction counter starts at `next_xid` (when given), the way
+    /// an old database's is.
+    ///
+    /// Panics when scripts/db.sh cannot start it (no PostgreSQL server binaries here).
+    pub fn start(tag: &str, next_xid: Option<u64>) -> PrivateCluster {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!(
+            "synap-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let mut cluster = PrivateCluster {
+            dir,
+            port,
+            url: String::new(),
+        };
+        let mut command = cluster.db_sh("start");
+        if let Some(xid) = next_xid {
+            command.env("SYNAP_PG_NEXT_XID", xid.to_string());
+        }
+        let out = command.output().expect("run scripts/db.sh");
+        assert!(
+            out.status.success(),
+            "scripts/db.sh start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        cluster
+    }
+
+    fn db_sh(&self, command: &str) -> std::process::Command {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/db.sh");
+        let mut c = std::process::Command::new("bash");
+        c.arg(script).arg(command);
+        if timescaledb() {
+            c.arg("--timescaledb");
+        }
+        c.env("SYNAP_PG_DIR", &self.dir)
+            .env("SYNAP_PG_PORT", self.port.to_string())
+            .env("SYNAP_PG_FAST", "1");
+        c
+    }
+
+    /// A migrated repository in a new schema of this cluster.
+    pub async fn repo(&self, tag: &str) -> EventRepository {
+        let schema = format!("t_{tag}");
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .expect("create schema");
+        let mut config = RepositoryConfig::new(self.url.clone());
+        config.schema = Some(schema);
+        config.pool_size = 8;
+        let repo = EventRepository::new(config).expect("repository");
+        assert_eq!(repo.migrate().await.expect("migrate").storage_mode, storage_mode());
+        repo
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = self.db_sh("stop").output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The current transaction id of the connection's server.
+pub async fn current_xid(client: &tokio_postgres::Client) -> u64 {
+    let text: String = client
+        .query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    text.parse().unwrap()
+}
+
+/// Consumes transaction ids until the server's counter is at about `target` (each subtransaction
+/// that writes takes one), as a busy database's counter moves between a test's steps.
+pub async fn advance_xid_to(client: &tokio_postgres::Client, target: u64) {
+    let now = current_xid(client).await;
+    assert!(now < target, "the transaction counter is at {now}, past {target}");
+    let n = (target - now).saturating_sub(3).max(1);
+    client
+        .batch_execute(&format!(
+            "CREATE TEMP TABLE IF NOT EXISTS synap_burn (x int);
+             DO $$ BEGIN FOR i IN 1..{n} LOOP
+                 BEGIN INSERT INTO synap_burn VALUES (1); RAISE EXCEPTION 'burn'; EXCEPTION WHEN OTHERS THEN NULL; END;
+             END LOOP; END $$;"
+        ))
+        .await
+        .unwrap();
 }
