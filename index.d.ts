@@ -108,6 +108,15 @@ export declare class EventRepository {
   applyRetention(options: RetentionOptions): Promise<Record<string, unknown>>
   /** Store-wide numbers: events, aggregates, partitions, storage mode. */
   stats(): Promise<Record<string, unknown>>
+  /** Every named consumer of the global feed: `{ name, checkpoint, updatedAt, needsRepair }`. */
+  consumers(): Promise<Array<Record<string, unknown>>>
+  /**
+   * Repairs a named consumer whose checkpoint the old feed ordering stored (it may have passed
+   * over events): it goes back to the start and gets every event again, or, with
+   * `accept: true`, keeps its checkpoint. `dryRun` says what would happen. Until then,
+   * `subscribe` with that consumer rejects with `CONSUMER_NEEDS_REPAIR`.
+   */
+  repairConsumer(consumer: string, options?: RepairConsumerOptions | undefined | null): Promise<Record<string, unknown>>
   /** Closes the connection pool. Later calls reject with `CONNECTION_FAILED`. */
   close(): void
 }
@@ -360,6 +369,14 @@ export interface ReadAllPage {
   events: Array<EventRecord>
   /** Where the next read continues. */
   checkpoint: Checkpoint
+}
+
+/** Options of `repairConsumer`. */
+export interface RepairConsumerOptions {
+  /** Keep the consumer's checkpoint instead of going back to the start. */
+  accept?: boolean
+  /** Say what would happen; change nothing. */
+  dryRun?: boolean
 }
 
 /** Settings of `new EventRepository(options)`. */

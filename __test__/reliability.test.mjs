@@ -130,3 +130,34 @@ test('subscribe: return() stops an idle iterator whose next() is waiting', { tim
     await fresh.close()
   }
 })
+
+test('a consumer stored by the old feed ordering is refused until repaired, then gets every event', async () => {
+  const fresh = await freshRepository('repair')
+  try {
+    const a = randomUUID()
+    await fresh.repo.appendBatch(Array.from({ length: 3 }, (_, i) => ev('u', a, i + 1)))
+    // As migration 0005 leaves a checkpoint that the text-sorted ordering stored.
+    await fresh.sql.query(
+      "INSERT INTO event_consumers (name, txid, position, needs_repair) VALUES ('old', '99999999999', 2, true)",
+    )
+    const refused = fresh.repo.subscribe({ consumer: 'old', pollIntervalMs: 50 })[Symbol.asyncIterator]()
+    await assert.rejects(refused.next(), /CONSUMER_NEEDS_REPAIR/)
+
+    const dry = await fresh.repo.repairConsumer('old', { dryRun: true })
+    assert.equal(dry.neededRepair, true)
+    assert.deepEqual(dry.after, { txid: '0', position: 0 })
+    assert.equal(dry.eventsDeliveredAgain, 3)
+    assert.equal((await fresh.repo.consumers())[0].needsRepair, true, 'a dry run changes nothing')
+
+    await fresh.repo.repairConsumer('old')
+    const versions = []
+    for await (const event of fresh.repo.subscribe({ consumer: 'old', batchSize: 2, pollIntervalMs: 50 })) {
+      versions.push(event.version)
+      if (versions.length === 3) break
+    }
+    assert.deepEqual(versions, [1, 2, 3])
+    assert.equal((await fresh.repo.consumers())[0].needsRepair, false)
+  } finally {
+    await fresh.close()
+  }
+})

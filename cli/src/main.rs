@@ -100,6 +100,29 @@ enum Command {
     },
     /// Store-wide numbers.
     Stats,
+    /// Named consumers of the global feed: list them, or repair one.
+    Consumers {
+        #[command(subcommand)]
+        command: ConsumersCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConsumersCommand {
+    /// Every named consumer with its checkpoint.
+    List,
+    /// Repair a consumer whose checkpoint the old feed ordering stored (before migration 0005):
+    /// it goes back to the start and gets every event again, the ones it missed included.
+    Repair {
+        /// The consumer's name.
+        name: String,
+        /// Keep its checkpoint instead (for a consumer known to have missed nothing).
+        #[arg(long)]
+        accept: bool,
+        /// Say what would happen; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// What a command produced: the JSON document, its text form, and whether it found problems.
@@ -392,7 +415,64 @@ async fn run(cli: Cli) -> Result<Outcome, Error> {
             }
             Ok(Outcome::ok(to_json(&stats), text))
         }
+        Command::Consumers {
+            command: ConsumersCommand::List,
+        } => {
+            let consumers = repo.consumers().await?;
+            let text = consumers
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{}  at {}  stored {}{}",
+                        c.name,
+                        checkpoint_text(&c.checkpoint),
+                        c.updated_at.to_rfc3339(),
+                        if c.needs_repair { "  NEEDS REPAIR" } else { "" }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            Ok(Outcome {
+                problems: consumers.iter().any(|c| c.needs_repair),
+                json: json!({ "consumers": to_json(&consumers) }),
+                text: if text.is_empty() {
+                    "no named consumers".into()
+                } else {
+                    text
+                },
+            })
+        }
+        Command::Consumers {
+            command: ConsumersCommand::Repair { name, accept, dry_run },
+        } => {
+            let report = repo.repair_consumer(&name, accept, dry_run).await?;
+            let text = if !report.needed_repair {
+                format!(
+                    "consumer {name} needs no repair (at {})",
+                    checkpoint_text(&report.before)
+                )
+            } else if report.after == report.before {
+                format!(
+                    "{}consumer {name} keeps its checkpoint {} and reads on",
+                    if dry_run { "DRY RUN " } else { "" },
+                    checkpoint_text(&report.before)
+                )
+            } else {
+                format!(
+                    "{}consumer {name} goes back from {} to the start: {} event(s) at or before its old checkpoint \
+                     are delivered again (skip the ones it has by event id)",
+                    if dry_run { "DRY RUN " } else { "" },
+                    checkpoint_text(&report.before),
+                    report.events_delivered_again
+                )
+            };
+            Ok(Outcome::ok(to_json(&report), text))
+        }
     }
+}
+
+fn checkpoint_text(c: &synap_events::Checkpoint) -> String {
+    format!("{}:{}", c.txid, c.position)
 }
 
 fn verify_text(r: &synap_events::VerifyReport) -> String {

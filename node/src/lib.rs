@@ -253,6 +253,15 @@ pub struct LegacyMigrationOptions {
     pub on_invalid: Option<String>,
 }
 
+/// Options of `repairConsumer`.
+#[napi(object)]
+pub struct RepairConsumerOptions {
+    /// Keep the consumer's checkpoint instead of going back to the start.
+    pub accept: Option<bool>,
+    /// Say what would happen; change nothing.
+    pub dry_run: Option<bool>,
+}
+
 /// Options of `applyRetention`.
 #[napi(object)]
 pub struct RetentionOptions {
@@ -674,6 +683,30 @@ impl EventRepository {
     #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
     pub fn stats<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, Value>> {
         self.run(env, |repo| async move { to_json_value(&repo.stats().await?) })
+    }
+
+    /// Every named consumer of the global feed: `{ name, checkpoint, updatedAt, needsRepair }`.
+    #[napi(catch_unwind, ts_return_type = "Promise<Array<Record<string, unknown>>>")]
+    pub fn consumers<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, Value>> {
+        self.run(env, |repo| async move { to_json_value(&repo.consumers().await?) })
+    }
+
+    /// Repairs a named consumer whose checkpoint the old feed ordering stored (it may have passed
+    /// over events): it goes back to the start and gets every event again, or, with
+    /// `accept: true`, keeps its checkpoint. `dryRun` says what would happen. Until then,
+    /// `subscribe` with that consumer rejects with `CONSUMER_NEEDS_REPAIR`.
+    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    pub fn repair_consumer<'env>(
+        &self,
+        env: &'env Env,
+        consumer: String,
+        options: Option<RepairConsumerOptions>,
+    ) -> Result<PromiseRaw<'env, Value>> {
+        let accept = options.as_ref().and_then(|o| o.accept).unwrap_or(false);
+        let dry_run = options.as_ref().and_then(|o| o.dry_run).unwrap_or(false);
+        self.run(env, move |repo| async move {
+            to_json_value(&repo.repair_consumer(&consumer, accept, dry_run).await?)
+        })
     }
 
     /// Closes the connection pool. Later calls reject with `CONNECTION_FAILED`.

@@ -62,6 +62,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0005_feed_index.sql"),
         earlier_checksums: &[],
     },
+    Migration {
+        version: 6,
+        name: "partition_security",
+        sql: include_str!("../../../migrations/0006_partition_security.sql"),
+        earlier_checksums: &[],
+    },
 ];
 
 /// What a migration run did.
