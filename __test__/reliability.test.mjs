@@ -13,18 +13,14 @@ before(async () => {
   role = `synap_node_app_${process.pid}`
   await db.sql.query(`DROP ROLE IF EXISTS ${role}`)
   await db.sql.query(`CREATE ROLE ${role} LOGIN NOSUPERUSER NOBYPASSRLS`)
-  await db.sql.query(`GRANT USAGE ON SCHEMA ${db.schema} TO ${role}`)
-  await db.sql.query(`GRANT SELECT, INSERT ON events_v2 TO ${role}`)
-  await db.sql.query(`GRANT SELECT, INSERT, UPDATE ON event_streams TO ${role}`)
-  await db.sql.query(`GRANT SELECT, INSERT ON events_daily_dirty TO ${role}`)
-  await db.sql.query(`GRANT SELECT, INSERT, UPDATE ON event_consumers TO ${role}`)
-  await db.sql.query(`GRANT USAGE ON SEQUENCE events_v2_position_seq TO ${role}`)
+  // As the README says: one call grants what the repository needs.
+  await db.sql.query('SELECT synap_grant_application_role($1)', [role])
   const url = new URL(DATABASE_URL)
   url.username = role
   app = new EventRepository({ connectionString: url.toString(), schema: db.schema })
 })
 after(async () => {
-  app.close()
+  app?.close()
   await db.sql.query(`DROP OWNED BY ${role}; DROP ROLE ${role}`)
   await db.close()
 })

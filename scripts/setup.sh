@@ -28,6 +28,11 @@ if [ ! -x /usr/bin/chromium ] && [ -z "${CHROMIUM_PATH:-}" ]; then
         echo "setup: install Debian's chromium (or set CHROMIUM_PATH) for the browser test" >&2
     fi
 fi
+# TimescaleDB for the hypertable test pass: no registry ships it, so the build in
+# ../shared/timescaledb is installed when it is there (root; idempotent).
+if [ -x ../shared/timescaledb/install.sh ] && [ "$(id -u)" = 0 ]; then
+    ../shared/timescaledb/install.sh
+fi
 # The native module (release build; regenerates index.js and index.d.ts).
 npm run --silent build
 # The wasm package (wasm/pkg/web and wasm/pkg/node).

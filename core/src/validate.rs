@@ -361,7 +361,8 @@ pub fn validate_batch(events: &[NewEvent], limits: &Limits) -> Result<()> {
 }
 
 /// The batch rules alone (not empty, no duplicate ids, consecutive versions per aggregate), for
-/// events whose fields were already checked by [`parse_batch`].
+/// events whose fields were already checked by [`parse_batch`] (the repository's JSON entry).
+#[cfg(feature = "postgres")]
 pub(crate) fn validate_batch_shape(events: &[NewEvent]) -> Result<()> {
     check_batch(events, None)
 }

@@ -53,7 +53,8 @@ async fn a_backend_terminated_during_a_batch_writes_nothing_and_the_pool_recover
         let n: i64 = admin
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                 WHERE application_name = $1 AND state = 'active' AND query LIKE '%unnest%'",
+                 WHERE application_name = $1 AND state = 'active' AND query LIKE '%unnest%'
+                   AND pid <> pg_backend_pid()",
                 &[&app],
             )
             .await

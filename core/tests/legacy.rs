@@ -174,12 +174,14 @@ async fn migrates_in_order_continues_versions_and_reports_bad_rows() {
     assert_eq!(own_stream[0].aggregate_type, AggregateType::Entity);
 
     // Historical days got their own partitions instead of the default one.
-    let in_default: i64 = c
-        .query_one("SELECT count(*) FROM events_v2_default WHERE source = 'migration'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(in_default, 0);
+    if !common::timescaledb() {
+        let in_default: i64 = c
+            .query_one("SELECT count(*) FROM events_v2_default WHERE source = 'migration'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(in_default, 0);
+    }
 
     // Dirty days are marked as the repository does, so the incremental refresh sees them.
     let days = repo.refresh_analytics(false).await.unwrap();

@@ -761,17 +761,22 @@ async fn reads_filter_and_order() {
     );
 }
 
+/// The partitions or chunks a plan reads (scans that ran), by line.
+fn scanned(plan: &str) -> Vec<&str> {
+    plan.lines()
+        .filter(|l| l.contains("Scan using") || l.contains("Seq Scan on") || l.contains("Bitmap Heap Scan on"))
+        .filter(|l| !l.contains("never executed"))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_reads_touch_only_the_partitions_in_their_span() {
     let repo = repo("pruning").await;
-    if repo.storage_mode().await.unwrap() != "native" {
-        return; // TimescaleDB prunes chunks itself; this checks native partitions.
-    }
     let start = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
     repo.ensure_partitions(start.date_naive(), (start + Duration::days(59)).date_naive())
         .await
         .unwrap();
-    // Background: one event a day for 60 days on other aggregates.
+    // Background: one event a day for 60 days on other aggregates (60 partitions or chunks).
     let mut bg = Vec::new();
     for d in 0..60 {
         let mut e = event(Uuid::now_v7(), 1);
@@ -787,15 +792,11 @@ async fn stream_reads_touch_only_the_partitions_in_their_span() {
         repo.append(e).await.unwrap();
     }
     let plan = repo.explain_aggregate_stream(a).await.unwrap();
-    let scanned: Vec<&str> = plan
-        .lines()
-        .filter(|l| l.contains(" on events_v2_"))
-        .filter(|l| !l.contains("never executed"))
-        .collect();
+    let scanned = scanned(&plan);
     assert!(!scanned.is_empty(), "{plan}");
     assert!(
         scanned.len() <= 3,
-        "a 3-day stream scanned {} partitions:\n{plan}",
+        "a 3-day stream scanned {} partitions or chunks:\n{plan}",
         scanned.len()
     );
     assert!(!plan.contains("events_v2_default"), "{plan}");
@@ -806,6 +807,54 @@ async fn stream_reads_touch_only_the_partitions_in_their_span() {
             .len(),
         3
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_stream_touches_only_the_days_it_asks_for() {
+    let repo = repo("user_pruning").await;
+    let today = Utc::now().date_naive();
+    repo.ensure_partitions(today - chrono::Days::new(60), today)
+        .await
+        .unwrap();
+    // The user's events over 60 days.
+    let mut history = Vec::new();
+    for d in 0..60u64 {
+        let mut e = event(Uuid::now_v7(), 1);
+        e.timestamp = Some((today - chrono::Days::new(d)).and_hms_opt(6, 0, 0).unwrap().and_utc());
+        history.push(e);
+    }
+    repo.append_batch(history).await.unwrap();
+    let options = UserStreamOptions {
+        days: 7,
+        ..Default::default()
+    };
+    let plan = repo.explain_user_stream("user-1", &options).await.unwrap();
+    let scanned = scanned(&plan);
+    assert!(!scanned.is_empty(), "{plan}");
+    // No partition or chunk of a day wholly before the window is planned or read (the empty
+    // native partitions created ahead of today may be).
+    let c = sql(&repo).await;
+    let older: Vec<String> = c
+        .query(
+            "SELECT c.relname::text FROM events_v2 e JOIN pg_class c ON c.oid = e.tableoid
+              GROUP BY 1
+             HAVING max(e.\"timestamp\") < date_trunc('day', now() - interval '7 days', 'UTC')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(older.len() >= 50, "{older:?}");
+    for line in &scanned {
+        assert!(
+            !older.iter().any(|name| line.contains(&format!(" on {name} "))),
+            "a 7-day user stream read an older partition or chunk: {line}\n{plan}"
+        );
+    }
+    let events = repo.get_user_stream("user-1", &options).await.unwrap();
+    assert_eq!(events.len(), 7, "days 0 to 6 at 06:00");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -900,6 +949,79 @@ async fn analytics_refresh_recomputes_only_dirty_days() {
         .get(0);
     assert_eq!(n, 2);
     assert!(repo.refresh_analytics(true).await.unwrap() >= 2);
+}
+
+/// Scans (sequential and index) of each partition or chunk of events_v2 so far, as this
+/// session's statistics show them.
+async fn scans_per_child(c: &tokio_postgres::Client) -> std::collections::HashMap<String, i64> {
+    c.batch_execute("SELECT pg_stat_force_next_flush(); SET stats_fetch_consistency = none")
+        .await
+        .unwrap();
+    c.query(
+        "SELECT s.relid::regclass::text, coalesce(s.seq_scan, 0) + coalesce(s.idx_scan, 0)
+           FROM pg_stat_user_tables s JOIN pg_inherits i ON i.inhrelid = s.relid
+          WHERE i.inhparent = 'events_v2'::regclass",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_refresh_reads_only_its_dirty_days() {
+    let repo = repo("analytics_prune").await;
+    let start = Utc.with_ymd_and_hms(2026, 2, 1, 12, 0, 0).unwrap();
+    repo.ensure_partitions(start.date_naive(), (start + Duration::days(59)).date_naive())
+        .await
+        .unwrap();
+    let history: Vec<_> = (0..60)
+        .map(|d| {
+            let mut e = event(Uuid::now_v7(), 1);
+            e.timestamp = Some(start + Duration::days(d));
+            e
+        })
+        .collect();
+    repo.append_batch(history).await.unwrap();
+    assert_eq!(repo.refresh_analytics(true).await.unwrap(), 60);
+    // One event on one day: one dirty day.
+    let mut e = event(Uuid::now_v7(), 1);
+    e.timestamp = Some(start + Duration::days(30));
+    repo.append(e).await.unwrap();
+
+    // The refresh runs in this session, so that its scans are counted here.
+    let c = sql(&repo).await;
+    let before = scans_per_child(&c).await;
+    assert!(before.len() >= 60, "60 partitions or chunks: {}", before.len());
+    let refreshed: i32 = c
+        .query_one("SELECT refresh_events_daily(false)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(refreshed, 1);
+    let after = scans_per_child(&c).await;
+    let read: Vec<&String> = after
+        .iter()
+        .filter(|(child, n)| before.get(*child).copied().unwrap_or(0) < **n)
+        .map(|(child, _)| child)
+        .collect();
+    assert_eq!(
+        read.len(),
+        1,
+        "one dirty day read {} partitions or chunks: {read:?}",
+        read.len()
+    );
+    let n: i64 = c
+        .query_one(
+            "SELECT event_count FROM events_daily WHERE day = $1",
+            &[&(start + Duration::days(30)).date_naive()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

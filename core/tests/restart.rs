@@ -65,9 +65,19 @@ async fn acknowledged_appends_survive_a_restart_exactly_once() {
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/db.sh");
+    // The cluster of this pass: native or TimescaleDB.
+    let flag: &[&str] = if common::timescaledb() { &["--timescaledb"] } else { &[] };
     let restart = tokio::task::spawn_blocking(move || {
-        let stop = std::process::Command::new(script).arg("stop").status().unwrap();
-        let start = std::process::Command::new(script).arg("start").output().unwrap();
+        let stop = std::process::Command::new(script)
+            .arg("stop")
+            .args(flag)
+            .status()
+            .unwrap();
+        let start = std::process::Command::new(script)
+            .arg("start")
+            .args(flag)
+            .output()
+            .unwrap();
         (stop.success(), start.status.success())
     })
     .await

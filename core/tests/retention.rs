@@ -1,4 +1,5 @@
-//! Retention by dropping native daily partitions, against a real PostgreSQL (DATABASE_URL).
+//! Retention by dropping whole native daily partitions or TimescaleDB chunks, against a real
+//! PostgreSQL (DATABASE_URL), in this pass's storage mode.
 
 mod common;
 
@@ -42,8 +43,13 @@ async fn partitions(c: &tokio_postgres::Client) -> Vec<String> {
 async fn drops_whole_daily_partitions_and_keeps_streams_consistent() {
     let repo = common::repo("retention").await;
     let c = common::sql(&repo).await;
+    let ts = common::timescaledb();
     let jan = |d| NaiveDate::from_ymd_opt(2024, 1, d).unwrap();
-    assert_eq!(repo.ensure_partitions(jan(1), jan(20)).await.unwrap(), 20);
+    // Native: twenty daily partitions; TimescaleDB makes a chunk per day with events.
+    assert_eq!(
+        repo.ensure_partitions(jan(1), jan(20)).await.unwrap(),
+        if ts { 0 } else { 20 }
+    );
 
     let (x, y, z, w) = (
         Uuid::from_u128(1),
@@ -74,19 +80,35 @@ async fn drops_whole_daily_partitions_and_keeps_streams_consistent() {
         .await
         .unwrap();
     assert_eq!(dry.cutoff, Utc.with_ymd_and_hms(2024, 1, 10, 0, 0, 0).unwrap());
-    assert_eq!(dry.storage_mode, "native");
+    assert_eq!(dry.storage_mode, common::storage_mode());
     assert_eq!(dry.cut_through_count, 1);
     assert_eq!(dry.cut_through_sample, vec![y]);
     assert_eq!(dry.rows, 4);
     assert_eq!(dry.streams_deleted, 2);
-    let names: Vec<&str> = dry.targets.iter().map(|t| t.name.as_str()).collect();
-    let mut expected = vec!["events_v2_default".to_owned()];
-    expected.extend((1..=9).map(|d| format!("events_v2_p202401{d:02}")));
-    assert_eq!(names, expected);
-    assert_eq!(dry.targets[0].kind, "default_rows");
-    assert_eq!((dry.targets[0].rows, dry.targets[0].from), (1, Some(at(12, 20))));
-    assert_eq!(dry.targets[2].rows, 1, "Jan 2");
-    assert_eq!(dry.targets[1].rows, 0, "Jan 1");
+    if ts {
+        // One chunk for each day before the cut-off that has events: Dec 20, Jan 2, 3 and 5.
+        assert!(dry.targets.iter().all(|t| t.kind == "chunk"), "{:?}", dry.targets);
+        let mut spans: Vec<_> = dry.targets.iter().map(|t| (t.from, t.rows)).collect();
+        spans.sort();
+        assert_eq!(
+            spans,
+            vec![
+                (Some(at(12, 20)), 1),
+                (Some(at(1, 2)), 1),
+                (Some(at(1, 3)), 1),
+                (Some(at(1, 5)), 1)
+            ]
+        );
+    } else {
+        let names: Vec<&str> = dry.targets.iter().map(|t| t.name.as_str()).collect();
+        let mut expected = vec!["events_v2_default".to_owned()];
+        expected.extend((1..=9).map(|d| format!("events_v2_p202401{d:02}")));
+        assert_eq!(names, expected);
+        assert_eq!(dry.targets[0].kind, "default_rows");
+        assert_eq!((dry.targets[0].rows, dry.targets[0].from), (1, Some(at(12, 20))));
+        assert_eq!(dry.targets[2].rows, 1, "Jan 2");
+        assert_eq!(dry.targets[1].rows, 0, "Jan 1");
+    }
     assert_eq!(common::count_rows(&repo).await, before, "a dry run changes nothing");
     assert_eq!(partitions(&c).await, parts_before);
 
@@ -117,20 +139,33 @@ async fn drops_whole_daily_partitions_and_keeps_streams_consistent() {
     assert_eq!(done.daily_rows_deleted, 4, "Dec 20, Jan 2, 3 and 5");
     assert_eq!(common::count_rows(&repo).await, (2, 2));
     let left = partitions(&c).await;
-    assert!(left.contains(&"events_v2_default".to_owned()));
-    assert!(left.contains(&"events_v2_p20240110".to_owned()));
-    assert!(
-        !left
-            .iter()
-            .any(|p| p.as_str() < "events_v2_p20240110" && p.starts_with("events_v2_p")),
-        "{left:?}"
-    );
-    let default_rows: i64 = c
-        .query_one("SELECT count(*) FROM events_v2_default", &[])
+    if ts {
+        assert_eq!(left.len(), parts_before.len() - 4, "four chunks dropped: {left:?}");
+    } else {
+        assert!(left.contains(&"events_v2_default".to_owned()));
+        assert!(left.contains(&"events_v2_p20240110".to_owned()));
+        assert!(
+            !left
+                .iter()
+                .any(|p| p.as_str() < "events_v2_p20240110" && p.starts_with("events_v2_p")),
+            "{left:?}"
+        );
+        let default_rows: i64 = c
+            .query_one("SELECT count(*) FROM events_v2_default", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(default_rows, 0);
+    }
+    let older: i64 = c
+        .query_one(
+            "SELECT count(*) FROM events_v2 WHERE \"timestamp\" < '2024-01-10T00:00:00Z'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(default_rows, 0);
+    assert_eq!(older, 0);
 
     // Y keeps version 2, now its oldest event; X and W are gone.
     let (first, version): (DateTime<Utc>, i32) = {

@@ -68,6 +68,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0006_partition_security.sql"),
         earlier_checksums: &[],
     },
+    Migration {
+        version: 7,
+        name: "analytics_refresh",
+        sql: include_str!("../../../migrations/0007_analytics_refresh.sql"),
+        earlier_checksums: &[],
+    },
 ];
 
 /// What a migration run did.

@@ -915,6 +915,34 @@ impl EventRepository {
         })
     }
 
+    /// The query plan of [`EventRepository::get_user_stream`], as PostgreSQL's text EXPLAIN
+    /// (ANALYZE), to check that the read touches only the chunks or partitions of its days.
+    ///
+    /// Fails like [`EventRepository::get_user_stream`].
+    pub async fn explain_user_stream(&self, user_id: &str, options: &UserStreamOptions) -> Result<String> {
+        let limits = self.limits();
+        validate::check_user_id_arg("userId", user_id, limits)?;
+        let days = validate::check_days("days", options.days, limits)?;
+        let since = Utc::now() - chrono::Duration::days(days);
+        let limit = validate::check_limit("limit", options.limit, limits)?;
+        let aggregate_types: Option<Vec<&str>> = options
+            .aggregate_types
+            .as_ref()
+            .map(|types| types.iter().map(|t| t.as_str()).collect());
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {USER_STREAM_SQL}"),
+                &[&user_id, &since, &options.event_types, &aggregate_types, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
     /// Every event of a workflow, oldest first.
     pub async fn get_correlated_events(&self, correlation_id: Uuid) -> Result<Vec<EventRecord>> {
         in_session!(self, |client| {

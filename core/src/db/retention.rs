@@ -163,6 +163,21 @@ const CUT_THROUGH_SQL: &str = "SELECT count(*), coalesce((array_agg(aggregate_id
 const PARTITIONS_SQL: &str = "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
  WHERE i.inhparent = to_regclass('events_v2') AND c.relname ~ '^events_v2_p[0-9]{8}$' ORDER BY 1";
 
+/// The schema TimescaleDB's functions live in, quoted for SQL: they are called qualified, so
+/// they work whatever the search_path.
+pub(crate) async fn timescaledb_schema<C: tokio_postgres::GenericClient>(client: &C) -> Result<String> {
+    client
+        .query_opt(
+            "SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'timescaledb'",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0))
+        .ok_or_else(|| Error::SchemaNotReady {
+            message: "events_v2 is a hypertable but the timescaledb extension is gone".into(),
+        })
+}
+
 fn partition_day(name: &str) -> Option<NaiveDate> {
     NaiveDate::parse_from_str(name.strip_prefix("events_v2_p")?, "%Y%m%d").ok()
 }
@@ -204,14 +219,15 @@ impl EventRepository {
             .await?
             .get(0);
         if !options.dry_run {
-            // Appends wait, so no stream moves between the check and the drop. Native mode takes
-            // the parent's ACCESS EXCLUSIVE (which DETACH needs anyway) first, so an append can
-            // never hold one of the two locks while waiting for the other.
+            // Appends wait, so no stream moves between the check and the drop. The locks are
+            // taken in the order appends take theirs (event_streams, then events_v2), so an
+            // append can never hold one while waiting for the other: it waits at the first.
+            // Native mode needs the parent's ACCESS EXCLUSIVE for DETACH anyway.
+            tx.batch_execute("LOCK TABLE event_streams IN EXCLUSIVE MODE").await?;
             if mode != "timescaledb" {
                 tx.batch_execute("LOCK TABLE events_v2 IN ACCESS EXCLUSIVE MODE")
                     .await?;
             }
-            tx.batch_execute("LOCK TABLE event_streams IN EXCLUSIVE MODE").await?;
         }
         let cut = tx.query_one(CUT_THROUGH_SQL, &[&cutoff]).await?;
         let mut report = RetentionReport {
@@ -236,9 +252,13 @@ impl EventRepository {
         }
 
         if mode == "timescaledb" {
+            let ts = timescaledb_schema(&*tx).await?;
+            // older_than is "any" in TimescaleDB's signature: the cast gives the parameter a type.
             let chunks = tx
                 .query(
-                    "SELECT c::text FROM show_chunks('events_v2', older_than => $1) c",
+                    &format!(
+                        "SELECT c::text FROM {ts}.show_chunks('events_v2'::regclass, older_than => $1::timestamptz) c"
+                    ),
                     &[&cutoff],
                 )
                 .await?;
@@ -255,8 +275,11 @@ impl EventRepository {
                 });
             }
             if !options.dry_run && !chunks.is_empty() {
-                tx.execute("SELECT drop_chunks('events_v2', older_than => $1)", &[&cutoff])
-                    .await?;
+                tx.execute(
+                    &format!("SELECT {ts}.drop_chunks('events_v2'::regclass, older_than => $1::timestamptz)"),
+                    &[&cutoff],
+                )
+                .await?;
             }
         } else {
             let (default_rows, from, to) =
@@ -364,7 +387,13 @@ impl EventRepository {
             .await?;
         let (partitions, default_rows): (i64, i64) = if mode == "timescaledb" {
             let n: i64 = client
-                .query_one("SELECT count(*) FROM show_chunks('events_v2')", &[])
+                .query_one(
+                    &format!(
+                        "SELECT count(*) FROM {}.show_chunks('events_v2'::regclass)",
+                        timescaledb_schema(&**client).await?
+                    ),
+                    &[],
+                )
                 .await?
                 .get(0);
             (n, 0)
