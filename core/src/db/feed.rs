@@ -14,8 +14,10 @@ use std::time::Duration;
 use chrono::{DateTime, Days, NaiveDate, NaiveTime, Utc};
 use serde::Serialize;
 use tokio::sync::Notify;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls};
 
+use crate::db::feed_plan::{plan_windows, IndexRow, Window};
 use crate::db::repository::{in_session, record_from_row, EventRepository, Session, SET_USER_SQL};
 use crate::error::{Error, Result};
 use crate::model::EventRecord;
@@ -129,44 +131,55 @@ impl Default for SubscribeOptions {
     }
 }
 
-/// The feed's day index (migration 0005) groups transaction ids in buckets of 2^16.
-const BUCKET_SHIFT: u32 = 16;
-
 /// Day-index rows read per plan; a reader far behind plans again when it has read them.
 const PLAN_ROWS: i64 = 2000;
 
-/// A window spanning more days than this is split, so that a page plans and opens few
-/// partitions or chunks.
-const MAX_WINDOW_DAYS: i64 = 7;
-
-/// The horizon and the day index from the checkpoint's bucket on, in one snapshot: every
-/// transaction below the horizon has ended, so the days it recorded are visible here. A row with
-/// a NULL day stands for "any day" (an insert that did not record its days).
+/// The horizon and the day index from the reader's position on, in one snapshot: every
+/// transaction below the horizon has ended, so the days it recorded are visible here. Bucket rows
+/// (txid NULL) come before a bucket's transaction rows; a NULL day stands for "any day".
 const FEED_PLAN_SQL: &str = "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) \
-     SELECT h.horizon::text, f.bucket, CASE WHEN f.day = 'infinity' THEN NULL ELSE f.day END \
+     SELECT h.horizon::text, f.bucket, f.txid::text, CASE WHEN f.day = 'infinity' THEN NULL ELSE f.day END \
        FROM h LEFT JOIN LATERAL ( \
-            SELECT DISTINCT bucket, day FROM events_v2_feed_days \
-             WHERE bucket >= $1 AND bucket <= synap_feed_bucket(h.horizon) \
-             ORDER BY bucket, day LIMIT $2) f ON true";
+            SELECT DISTINCT bucket, txid, day FROM events_v2_feed_days \
+             WHERE bucket >= synap_feed_bucket($1::text::xid8) AND bucket <= synap_feed_bucket(h.horizon) \
+               AND (txid IS NULL OR (txid >= $1::text::xid8 AND txid < h.horizon)) \
+             ORDER BY bucket, txid NULLS FIRST, day LIMIT $2) f ON true";
 
-/// One window of the global order: events after the checkpoint and below a transaction id, on the
-/// window's days. The order is the `xid8` column itself; the transaction id goes out as text
-/// (JavaScript cannot hold 64 bits) under another name, because an output column named `txid`
-/// would win over the table's column in `ORDER BY` and sort by text ('1000' before '999'), which
-/// skipped events whenever ids crossed a power of ten. The day bounds are bind parameters, so the
-/// planner prunes to the window's partitions or chunks; in each, an index scan of
-/// `events_v2_global_order_idx` (txid, position) starts at the checkpoint, and the scans are
-/// merged in order, with no sort.
-const READ_WINDOW_SQL: &str = "SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, \
-            metadata, version, causation_id, correlation_id, source, position, txid::text AS txid_text \
-       FROM events_v2 e \
-      WHERE (e.txid, e.position) > ($1::text::xid8, $2) \
-        AND e.txid < $3::text::xid8 \
-        AND e.\"timestamp\" >= $4 AND e.\"timestamp\" < $5 \
-      ORDER BY e.txid, e.position \
-      LIMIT $6";
+/// One window of the global order: events after the checkpoint and below a transaction id, on
+/// the window's runs of days. The order is the `xid8` column itself; the transaction id goes out
+/// as text (JavaScript cannot hold 64 bits) under another name, because an output column named
+/// `txid` would win over the table's column in `ORDER BY` and sort by text ('1000' before '999'),
+/// which skipped events whenever ids crossed a power of ten. Each run of days is a branch whose
+/// bounds the planner sees (the statement is planned for its values every time), so it reads only
+/// that run's partitions or chunks; in each, an index scan of `events_v2_global_order_idx`
+/// (txid, position) starts at the checkpoint, and the scans are merged in order, with no sort.
+/// Parameters: $1 the checkpoint's txid (text), $2 its position, $3 the window's end (text), then
+/// each run's first and next-after-last midnight, then the limit.
+fn read_window_sql(runs: usize) -> String {
+    let limit = 4 + 2 * runs;
+    let branches: Vec<String> = (0..runs)
+        .map(|i| {
+            format!(
+                "(SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, metadata, \
+                         version, causation_id, correlation_id, source, position, txid, txid::text AS txid_text \
+                    FROM events_v2 e \
+                   WHERE (e.txid, e.position) > ($1::text::xid8, $2) AND e.txid < $3::text::xid8 \
+                     AND e.\"timestamp\" >= ${} AND e.\"timestamp\" < ${} \
+                   ORDER BY e.txid, e.position LIMIT ${limit})",
+                4 + 2 * i,
+                5 + 2 * i
+            )
+        })
+        .collect();
+    format!(
+        "SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, metadata, version, \
+                causation_id, correlation_id, source, position, txid_text \
+           FROM ({}) w ORDER BY w.txid, w.position LIMIT ${limit}",
+        branches.join(" UNION ALL ")
+    )
+}
 
-/// [`READ_WINDOW_SQL`] for a window whose days are unknown: every partition or chunk.
+/// [`read_window_sql`] for a window whose days are unknown: every partition or chunk.
 const READ_WINDOW_ANY_DAY_SQL: &str = "SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, \
             data, metadata, version, causation_id, correlation_id, source, position, txid::text AS txid_text \
        FROM events_v2 e \
@@ -174,86 +187,6 @@ const READ_WINDOW_ANY_DAY_SQL: &str = "SELECT id, \"timestamp\", aggregate_id, a
         AND e.txid < $3::text::xid8 \
       ORDER BY e.txid, e.position \
       LIMIT $4";
-
-/// A stretch of the global order read with one query.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Window {
-    /// Transaction ids below this one (the start of the next window's first bucket, or the
-    /// horizon for the last window).
-    end: u64,
-    /// The first and last UTC day its events were written into; `None` for any day.
-    days: Option<(NaiveDate, NaiveDate)>,
-}
-
-/// Splits the day index (rows `(bucket, day)` in order; `None` for any day) into windows of at
-/// most [`MAX_WINDOW_DAYS`] days each. `truncated`: the rows stopped at [`PLAN_ROWS`], so the last
-/// bucket's days may be incomplete; the windows then stop before it (and the caller plans again
-/// from there), unless it is the only bucket, which then becomes an any-day window.
-fn plan_windows(rows: &[(i64, Option<NaiveDate>)], horizon: u64, truncated: bool) -> Vec<Window> {
-    let mut buckets: Vec<(i64, Option<(NaiveDate, NaiveDate)>)> = Vec::new();
-    for &(bucket, day) in rows {
-        match buckets.last_mut() {
-            Some((b, days)) if *b == bucket => *days = merge_days(*days, day),
-            _ => buckets.push((bucket, day.map(|d| (d, d)))),
-        }
-    }
-    let bucket_start = |b: i64| (b.max(0) as u64) << BUCKET_SHIFT;
-    let mut last_end = horizon;
-    if truncated {
-        match buckets.len() {
-            0 => return Vec::new(),
-            1 => {
-                let b = buckets[0].0;
-                return vec![Window {
-                    end: bucket_start(b + 1).min(horizon),
-                    days: None,
-                }];
-            }
-            _ => {
-                let (b, _) = buckets.pop().expect("two or more buckets");
-                last_end = bucket_start(b).min(horizon);
-            }
-        }
-    }
-    let mut windows: Vec<Window> = Vec::new();
-    // The days of the window being built: None before the first bucket, Some(None) for any day.
-    let mut current: Option<Option<(NaiveDate, NaiveDate)>> = None;
-    for (bucket, days) in buckets {
-        current = Some(match (current, days) {
-            (None, days) => days,
-            // Any day already: more buckets cost nothing more.
-            (Some(None), _) => None,
-            (Some(Some((lo, hi))), Some((first, last)))
-                if span_days(Some((lo.min(first), hi.max(last)))) <= MAX_WINDOW_DAYS =>
-            {
-                Some((lo.min(first), hi.max(last)))
-            }
-            (Some(open), days) => {
-                windows.push(Window {
-                    end: bucket_start(bucket).min(horizon),
-                    days: open,
-                });
-                days
-            }
-        });
-    }
-    if let Some(days) = current {
-        windows.push(Window { end: last_end, days });
-    }
-    windows
-}
-
-/// The smallest span holding `span` and `day`; `None` (any day) absorbs everything.
-fn merge_days(span: Option<(NaiveDate, NaiveDate)>, day: Option<NaiveDate>) -> Option<(NaiveDate, NaiveDate)> {
-    match (span, day) {
-        (Some((lo, hi)), Some(d)) => Some((lo.min(d), hi.max(d))),
-        _ => None,
-    }
-}
-
-fn span_days(span: Option<(NaiveDate, NaiveDate)>) -> i64 {
-    span.map_or(i64::MAX, |(lo, hi)| (hi - lo).num_days() + 1)
-}
 
 fn midnight(day: NaiveDate) -> DateTime<Utc> {
     day.and_time(NaiveTime::MIN).and_utc()
@@ -271,36 +204,34 @@ impl EventRepository {
             let mut checkpoint = after;
             let mut events = Vec::new();
             // Where the next window's query starts: the checkpoint, or the end of a window read
-            // to its end.
+            // to its end (positions start at 1, so position 0 is before every event of a
+            // transaction).
             let mut scan_from = after;
-            let mut next_bucket = (after.txid >> BUCKET_SHIFT) as i64;
             loop {
-                let (horizon, windows, truncated) = plan(&client, next_bucket).await?;
+                let (horizon, windows, truncated) = plan(&client, scan_from.txid).await?;
                 for window in &windows {
                     if window.end <= scan_from.txid {
                         continue;
                     }
-                    let want = limit - events.len() as i64;
-                    let rows = read_window(&client, &scan_from, window, want).await?;
-                    let got = rows.len() as i64;
-                    for row in &rows {
-                        checkpoint = parse_checkpoint(row.get(13), row.get(12))?;
-                        events.push(record_from_row(row)?);
+                    if !window.days.is_empty() {
+                        let want = limit - events.len() as i64;
+                        let rows = read_window(&client, &scan_from, window, want, false).await?;
+                        let got = rows.len() as i64;
+                        for row in &rows {
+                            checkpoint = parse_checkpoint(row.get(13), row.get(12))?;
+                            events.push(record_from_row(row)?);
+                        }
+                        if got == want {
+                            return Ok(Page { events, checkpoint });
+                        }
                     }
-                    if got == want {
-                        return Ok(Page { events, checkpoint });
-                    }
-                    // This window is read to its end: the next one starts at its end (positions
-                    // start at 1, so position 0 is before every event of a transaction).
                     scan_from = scan_from.max(Checkpoint {
                         txid: window.end,
                         position: 0,
                     });
                 }
                 match windows.last() {
-                    Some(last) if truncated && last.end < horizon => {
-                        next_bucket = (last.end >> BUCKET_SHIFT) as i64;
-                    }
+                    Some(last) if truncated && last.end < horizon => {}
                     // Every event below the horizon has been read, and every transaction that
                     // commits later has an id at or above it.
                     _ => {
@@ -325,32 +256,11 @@ impl EventRepository {
         let after = after.copied().unwrap_or(Checkpoint::START);
         let client = self.client().await?;
         let session = Session::Client(&client);
-        let (_, windows, _) = plan(&session, (after.txid >> BUCKET_SHIFT) as i64).await?;
-        let Some(window) = windows.iter().find(|w| w.end > after.txid) else {
+        let (_, windows, _) = plan(&session, after.txid).await?;
+        let Some(window) = windows.iter().find(|w| w.end > after.txid && !w.days.is_empty()) else {
             return Ok(String::new());
         };
-        let explain = "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) ";
-        let txid = after.txid.to_string();
-        let end = window.end.to_string();
-        let rows = match window.days {
-            Some((lo, hi)) => {
-                let (lo, hi) = (midnight(lo), midnight(hi + Days::new(1)));
-                client
-                    .query(
-                        &format!("{explain}{READ_WINDOW_SQL}"),
-                        &[&txid, &after.position, &end, &lo, &hi, &limit],
-                    )
-                    .await?
-            }
-            None => {
-                client
-                    .query(
-                        &format!("{explain}{READ_WINDOW_ANY_DAY_SQL}"),
-                        &[&txid, &after.position, &end, &limit],
-                    )
-                    .await?
-            }
-        };
+        let rows = read_window(&session, &after, window, limit, true).await?;
         Ok(rows
             .iter()
             .map(|r| r.get::<_, String>(0))
@@ -648,49 +558,71 @@ impl Subscription {
     }
 }
 
-/// The horizon, the windows from `bucket` on, and whether the day index had more rows.
-async fn plan(client: &Session<'_, '_>, bucket: i64) -> Result<(u64, Vec<Window>, bool)> {
+/// The horizon, the windows from transaction `from` on, and whether the day index had more rows.
+async fn plan(client: &Session<'_, '_>, from: u64) -> Result<(u64, Vec<Window>, bool)> {
     let stmt = client.prepare_cached(FEED_PLAN_SQL).await?;
-    let rows = client.query(&stmt, &[&bucket, &PLAN_ROWS]).await?;
-    let horizon_text: String = rows
-        .first()
-        .ok_or_else(|| Error::Internal {
-            message: "the feed plan returned no row".into(),
-        })?
-        .get(0);
-    let horizon = horizon_text.parse::<u64>().map_err(|_| Error::Internal {
-        message: format!("horizon {horizon_text} is not a number"),
-    })?;
-    let index: Vec<(i64, Option<NaiveDate>)> = rows
-        .iter()
-        .filter_map(|r| r.get::<_, Option<i64>>(1).map(|b| (b, r.get(2))))
-        .collect();
+    let rows = client.query(&stmt, &[&from.to_string(), &PLAN_ROWS]).await?;
+    let number = |text: String| {
+        text.parse::<u64>().map_err(|_| Error::Internal {
+            message: format!("transaction id {text} is not a number"),
+        })
+    };
+    let horizon = number(
+        rows.first()
+            .ok_or_else(|| Error::Internal {
+                message: "the feed plan returned no row".into(),
+            })?
+            .get(0),
+    )?;
+    let mut index: Vec<IndexRow> = Vec::with_capacity(rows.len());
+    for r in &rows {
+        if let Some(bucket) = r.get::<_, Option<i64>>(1) {
+            let txid = r.get::<_, Option<String>>(2).map(number).transpose()?;
+            index.push((bucket, txid, r.get(3)));
+        }
+    }
     let truncated = index.len() as i64 == PLAN_ROWS;
-    Ok((horizon, plan_windows(&index, horizon, truncated), truncated))
+    Ok((horizon, plan_windows(&index, from, horizon, truncated), truncated))
 }
 
-/// Up to `limit` events of `window` after `from`.
+/// Up to `limit` events of `window` after `from`; `explain` runs EXPLAIN ANALYZE instead and
+/// returns the plan's lines.
 async fn read_window(
     client: &Session<'_, '_>,
     from: &Checkpoint,
     window: &Window,
     limit: i64,
+    explain: bool,
 ) -> Result<Vec<tokio_postgres::Row>> {
+    use tokio_postgres::types::Type;
     let txid = from.txid.to_string();
     let end = window.end.to_string();
-    Ok(match window.days {
-        Some((lo, hi)) => {
-            let (lo, hi) = (midnight(lo), midnight(hi + Days::new(1)));
-            let stmt = client.prepare_cached(READ_WINDOW_SQL).await?;
-            client
-                .query(&stmt, &[&txid, &from.position, &end, &lo, &hi, &limit])
-                .await?
-        }
-        None => {
-            let stmt = client.prepare_cached(READ_WINDOW_ANY_DAY_SQL).await?;
-            client.query(&stmt, &[&txid, &from.position, &end, &limit]).await?
-        }
-    })
+    let prefix = if explain {
+        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) "
+    } else {
+        ""
+    };
+    let Some(runs) = window.days.runs() else {
+        let sql = format!("{prefix}{READ_WINDOW_ANY_DAY_SQL}");
+        let params: [(&(dyn ToSql + Sync), Type); 4] = [
+            (&txid, Type::TEXT),
+            (&from.position, Type::INT8),
+            (&end, Type::TEXT),
+            (&limit, Type::INT8),
+        ];
+        return Ok(client.query_typed(&sql, &params).await?);
+    };
+    // Each run as [first midnight, midnight after its last day).
+    let bounds: Vec<DateTime<Utc>> = runs
+        .iter()
+        .flat_map(|(first, last)| [midnight(*first), midnight(*last + Days::new(1))])
+        .collect();
+    let sql = format!("{prefix}{}", read_window_sql(runs.len()));
+    let mut params: Vec<(&(dyn ToSql + Sync), Type)> =
+        vec![(&txid, Type::TEXT), (&from.position, Type::INT8), (&end, Type::TEXT)];
+    params.extend(bounds.iter().map(|b| (b as &(dyn ToSql + Sync), Type::TIMESTAMPTZ)));
+    params.push((&limit, Type::INT8));
+    Ok(client.query_typed(&sql, &params).await?)
 }
 
 fn parse_checkpoint(txid: String, position: i64) -> Result<Checkpoint> {
@@ -711,98 +643,4 @@ fn check_consumer(name: &str) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn day(n: u32) -> NaiveDate {
-        NaiveDate::from_ymd_opt(2026, 1, 1).unwrap() + Days::new(n.into())
-    }
-
-    const H: u64 = 100 << BUCKET_SHIFT;
-
-    #[test]
-    fn no_index_rows_no_windows() {
-        assert_eq!(plan_windows(&[], H, false), vec![]);
-        assert_eq!(plan_windows(&[], H, true), vec![]);
-    }
-
-    #[test]
-    fn near_days_share_a_window_and_far_days_do_not() {
-        let rows = [
-            (1, Some(day(0))),
-            (2, Some(day(1))),
-            (2, Some(day(6))),
-            (3, Some(day(90))),
-        ];
-        assert_eq!(
-            plan_windows(&rows, H, false),
-            vec![
-                Window {
-                    end: 3 << BUCKET_SHIFT,
-                    days: Some((day(0), day(6)))
-                },
-                Window {
-                    end: H,
-                    days: Some((day(90), day(90)))
-                },
-            ]
-        );
-    }
-
-    #[test]
-    fn a_window_spans_at_most_max_window_days() {
-        let rows: Vec<_> = (0..20).map(|i| (i as i64, Some(day(i)))).collect();
-        let windows = plan_windows(&rows, H, false);
-        for w in &windows {
-            assert!(span_days(w.days) <= MAX_WINDOW_DAYS, "{w:?}");
-        }
-        assert_eq!(windows.len(), 3);
-        assert_eq!(windows.last().unwrap().end, H);
-    }
-
-    #[test]
-    fn an_any_day_bucket_absorbs_the_buckets_after_it() {
-        let rows = [(1, Some(day(0))), (2, None), (2, Some(day(3))), (3, Some(day(1)))];
-        assert_eq!(
-            plan_windows(&rows, H, false),
-            vec![
-                Window {
-                    end: 2 << BUCKET_SHIFT,
-                    days: Some((day(0), day(0)))
-                },
-                Window { end: H, days: None },
-            ]
-        );
-    }
-
-    #[test]
-    fn a_truncated_plan_stops_before_its_last_bucket() {
-        let rows = [(1, Some(day(0))), (5, Some(day(1)))];
-        assert_eq!(
-            plan_windows(&rows, H, true),
-            vec![Window {
-                end: 5 << BUCKET_SHIFT,
-                days: Some((day(0), day(0)))
-            }]
-        );
-        // One bucket with more days than a plan reads: all of them, to the bucket's end.
-        assert_eq!(
-            plan_windows(&[(7, Some(day(0))), (7, Some(day(400)))], H, true),
-            vec![Window {
-                end: 8 << BUCKET_SHIFT,
-                days: None
-            }]
-        );
-    }
-
-    #[test]
-    fn windows_never_pass_the_horizon() {
-        let horizon = (4 << BUCKET_SHIFT) + 10;
-        let rows = [(4, Some(day(0)))];
-        assert_eq!(plan_windows(&rows, horizon, true)[0].end, horizon);
-        assert_eq!(plan_windows(&rows, horizon, false)[0].end, horizon);
-    }
 }

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod feed;
+mod feed_plan;
 pub mod legacy;
 pub mod migrate;
 pub mod repository;

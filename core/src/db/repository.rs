@@ -115,6 +115,20 @@ impl Session<'_, '_> {
         }
     }
 
+    /// A query as an unnamed statement with its parameter types given: one round trip, and
+    /// PostgreSQL plans it for the values at hand every time (partitions and chunks pruned while
+    /// planning), where a prepared statement may switch to a generic plan.
+    pub(crate) async fn query_typed(
+        &self,
+        statement: &str,
+        params: &[(&(dyn ToSql + Sync), tokio_postgres::types::Type)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        match self {
+            Session::Client(c) => c.query_typed(statement, params).await,
+            Session::Tx(t) => t.query_typed(statement, params).await,
+        }
+    }
+
     pub(crate) async fn query_opt<T>(
         &self,
         statement: &T,

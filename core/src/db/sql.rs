@@ -55,18 +55,22 @@ macro_rules! stream_guard_ctes {
 pub(crate) use stream_guard_ctes;
 
 /// The feed's day index (migration 0005), for a statement that defines a CTE `inserted` returning
-/// the inserted events' `"timestamp"`: records the UTC days of this transaction's bucket and marks
-/// the statement as having done so, which keeps the statement trigger from recording the bucket
-/// as "any day". Both CTEs modify data, so PostgreSQL runs them even though nothing reads them.
-/// A row is added only when none is visible, never waiting on another writer's uncommitted one.
+/// the inserted events' `"timestamp"`: records the UTC days of this transaction (by bucket for
+/// days within one of today, by transaction id for others) and marks the statement as having done
+/// so, which keeps the statement trigger from recording the bucket as "any day". Both CTEs modify
+/// data, so PostgreSQL runs them even though nothing reads them. A row is added only when none is
+/// visible, never waiting on another writer's uncommitted one.
 macro_rules! feed_days_ctes {
     () => {
         r#"feed_days AS (
-    INSERT INTO events_v2_feed_days (bucket, day)
-    SELECT DISTINCT synap_feed_bucket(pg_current_xact_id()), d.day
-      FROM (SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date AS day FROM inserted) d
+    INSERT INTO events_v2_feed_days (bucket, day, txid)
+    SELECT d.bucket, d.day, d.txid
+      FROM (SELECT DISTINCT synap_feed_bucket(pg_current_xact_id()) AS bucket, w.day,
+                   CASE WHEN abs(w.day - (now() AT TIME ZONE 'UTC')::date) > 1 THEN pg_current_xact_id() END AS txid
+              FROM (SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date AS day FROM inserted) w) d
      WHERE NOT EXISTS (SELECT 1 FROM events_v2_feed_days f
-                        WHERE f.bucket = synap_feed_bucket(pg_current_xact_id()) AND f.day = d.day)
+                        WHERE f.bucket = d.bucket AND f.day = d.day
+                          AND (f.txid = d.txid OR (d.txid IS NULL AND f.txid IS NULL)))
 ), feed_days_marked AS (
     INSERT INTO events_v2_feed_days (bucket, day)
     SELECT 0, 'infinity' WHERE set_config('synap.feed_days', pg_current_xact_id()::text, true) IS NULL
