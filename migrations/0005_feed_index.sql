@@ -13,10 +13,9 @@
 --     the legacy migration, backdated appends) record these, so that a reader can tell the days
 --     of a backfill's transactions apart instead of reading all of them for every page.
 -- Every write path of the repository (append, appendBatch, the legacy migration) adds its rows in
--- the same statement as the events, so they commit together. An insert into events_v2 that does
--- not (plain SQL, a bulk load) makes the statement trigger record its bucket with the day
--- 'infinity', which means "any day": readers then read every partition for that bucket, slower
--- but never missing an event.
+-- the same statement as the events, so they commit together. Any other insert into events_v2
+-- (plain SQL, a bulk load) is recorded row by row by a trigger, in its transaction too: slower
+-- for those writers, but no event is ever missing from the feed.
 -- Not unique: writers add a row only when they see none, so that no writer ever waits for
 -- another's uncommitted row (as INSERT ... ON CONFLICT would); two that race both add one.
 CREATE TABLE IF NOT EXISTS events_v2_feed_days (
@@ -46,20 +45,38 @@ INSERT INTO events_v2_feed_days (bucket, day, txid)
 SELECT DISTINCT d.bucket, d.day, CASE WHEN s.by_txid THEN d.txid END
   FROM days d JOIN spread s USING (bucket);
 
--- The repository's statements set synap.feed_days to their transaction id after recording their
--- days; any other inserting statement records its bucket as "any day". The setting is cleared
--- here, so it covers exactly one statement.
+-- Records the day of one row inserted by a statement other than the repository's, with the same
+-- rules as the repository's statements (sql.rs, feed_days_ctes).
+CREATE OR REPLACE FUNCTION synap_feed_record_row() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    b bigint := synap_feed_bucket(pg_current_xact_id());
+    d date := (NEW."timestamp" AT TIME ZONE 'UTC')::date;
+    t xid8 := CASE WHEN abs(d - (now() AT TIME ZONE 'UTC')::date) > 1 THEN pg_current_xact_id() END;
+BEGIN
+    INSERT INTO events_v2_feed_days (bucket, day, txid)
+    SELECT b, d, t
+     WHERE NOT EXISTS (SELECT 1 FROM events_v2_feed_days f
+                        WHERE f.bucket = b AND f.day = d AND (f.txid = t OR (t IS NULL AND f.txid IS NULL)));
+    RETURN NULL;
+END
+$$;
+
+-- The repository's statements set synap.feed_days to their transaction id before their first
+-- row goes in, having recorded their days themselves, so the row trigger's WHEN is false for
+-- their rows and costs them nothing more. The statement trigger clears the setting, so that it
+-- covers exactly one statement.
+CREATE TRIGGER events_v2_feed_record
+    AFTER INSERT ON events_v2
+    FOR EACH ROW
+    WHEN (coalesce(current_setting('synap.feed_days', true), '') <> pg_current_xact_id()::text)
+    EXECUTE FUNCTION synap_feed_record_row();
+
 CREATE OR REPLACE FUNCTION synap_notify_events() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    IF coalesce(current_setting('synap.feed_days', true), '') <> pg_current_xact_id()::text THEN
-        INSERT INTO events_v2_feed_days (bucket, day)
-        SELECT synap_feed_bucket(pg_current_xact_id()), 'infinity'
-         WHERE NOT EXISTS (SELECT 1 FROM events_v2_feed_days
-                            WHERE bucket = synap_feed_bucket(pg_current_xact_id()) AND txid IS NULL
-                              AND day = 'infinity');
-    END IF;
     PERFORM set_config('synap.feed_days', '', true);
     PERFORM pg_notify('synap_events', '');
     RETURN NULL;

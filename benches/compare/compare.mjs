@@ -218,6 +218,26 @@ async function main() {
     READS,
   )
 
+  // The global feed from the start, in pages of 1,000, as a projection catching up reads it.
+  await measure(
+    `readAll of every event in pages of 1,000 (${total[0].n} events)`,
+    {
+      ours: async () => {
+        let checkpoint
+        let n = 0
+        for (;;) {
+          const page = await ours.readAll({ after: checkpoint, limit: 1000 })
+          if (page.events.length === 0) break
+          n += page.events.length
+          checkpoint = page.checkpoint
+        }
+        if (n < total[0].n) throw new Error(`readAll delivered ${n} of ${total[0].n} events`)
+      },
+    },
+    'event',
+    total[0].n,
+  )
+
   // 5. Folding 100,000 events.
   const foldInput = Array.from({ length: 100_000 }, (_, i) => ({
     aggregateId: streamId,

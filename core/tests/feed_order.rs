@@ -301,12 +301,13 @@ async fn a_page_is_an_ordered_index_scan_of_few_partitions() {
 /// One step of a random interleaving.
 #[derive(Debug, Clone)]
 enum Step {
-    /// Writer `w` appends its aggregate's next event.
-    Append(usize),
-    /// Writer `w` appends `n` events of its aggregate in one batch.
-    Batch(usize, i32),
-    /// Held transaction `t` inserts an event (beginning it when idle): it stays open.
-    InsertHeld(usize),
+    /// Writer `w` appends its aggregate's next event, on day `d` (0: today, 1 and 2: weeks back).
+    Append(usize, usize),
+    /// Writer `w` appends `n` events of its aggregate in one batch, on day `d`.
+    Batch(usize, i32, usize),
+    /// Held transaction `t` inserts an event with plain SQL, on day `d` (beginning the
+    /// transaction when idle): it stays open.
+    InsertHeld(usize, usize),
     /// Held transaction `t` commits.
     Commit(usize),
     /// Held transaction `t` rolls back.
@@ -317,9 +318,9 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => (0..3usize).prop_map(Step::Append),
-        1 => (0..3usize, 2..6i32).prop_map(|(w, n)| Step::Batch(w, n)),
-        2 => (0..3usize).prop_map(Step::InsertHeld),
+        3 => (0..3usize, 0..3usize).prop_map(|(w, d)| Step::Append(w, d)),
+        1 => (0..3usize, 2..6i32, 0..3usize).prop_map(|(w, n, d)| Step::Batch(w, n, d)),
+        2 => (0..3usize, 0..3usize).prop_map(|(t, d)| Step::InsertHeld(t, d)),
         1 => (0..3usize).prop_map(Step::Commit),
         1 => (0..3usize).prop_map(Step::Rollback),
         3 => (1..12i64).prop_map(Step::Read),
@@ -365,16 +366,28 @@ impl Reader {
 async fn run_interleaving(steps: Vec<Step>) {
     let repo = common::repo("feed_prop").await;
     let c = sql(&repo).await;
-    // Every event at one instant, whose partition or chunk exists before the steps: on
-    // TimescaleDB, a transaction that creates a chunk makes every other chunk creator wait until
-    // it ends, which a held transaction (and this sequential test) would turn into a hang.
-    let at = chrono::Utc::now().date_naive().and_hms_opt(12, 0, 0).unwrap().and_utc();
-    let stamped = |mut e: synap_events::NewEvent| {
-        e.timestamp = Some(at);
+    // Events on three days (today, and two that the feed index records by transaction), whose
+    // partitions or chunks exist before the steps: on TimescaleDB, a transaction that creates a
+    // chunk makes every other chunk creator wait until it ends, which a held transaction (and
+    // this sequential test) would turn into a hang.
+    let today = chrono::Utc::now().date_naive();
+    let days = [0u64, 10, 40].map(|back| {
+        (today - chrono::Days::new(back))
+            .and_hms_opt(12, 0, 0)
+            .unwrap()
+            .and_utc()
+    });
+    repo.ensure_partitions(today - chrono::Days::new(40), today)
+        .await
+        .unwrap();
+    let stamped = |mut e: synap_events::NewEvent, d: usize| {
+        e.timestamp = Some(days[d]);
         e
     };
     let mut committed = HashSet::new();
-    committed.insert(repo.append(stamped(event(Uuid::now_v7(), 1))).await.unwrap().id);
+    for d in 0..3 {
+        committed.insert(repo.append(stamped(event(Uuid::now_v7(), 1), d)).await.unwrap().id);
+    }
     let aggregates: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
     let mut versions = [0i32; 3];
     let mut held: Vec<Option<(tokio_postgres::Client, Vec<Uuid>)>> = vec![None, None, None];
@@ -385,19 +398,19 @@ async fn run_interleaving(steps: Vec<Step>) {
     };
     for step in steps {
         match step {
-            Step::Append(w) => {
+            Step::Append(w, d) => {
                 versions[w] += 1;
-                let e = stamped(event(aggregates[w], versions[w]));
+                let e = stamped(event(aggregates[w], versions[w]), d);
                 committed.insert(repo.append(e).await.unwrap().id);
             }
-            Step::Batch(w, n) => {
+            Step::Batch(w, n, d) => {
                 let batch = (1..=n)
-                    .map(|k| stamped(event(aggregates[w], versions[w] + k)))
+                    .map(|k| stamped(event(aggregates[w], versions[w] + k), d))
                     .collect();
                 versions[w] += n;
                 committed.extend(repo.append_batch(batch).await.unwrap().iter().map(|e| e.id));
             }
-            Step::InsertHeld(t) => {
+            Step::InsertHeld(t, d) => {
                 if held[t].is_none() {
                     let client = sql(&repo).await;
                     client.batch_execute("BEGIN").await.unwrap();
@@ -408,7 +421,7 @@ async fn run_interleaving(steps: Vec<Step>) {
                     .query_one(
                         "INSERT INTO events_v2 (\"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, version)
                          VALUES ($1, gen_random_uuid(), 'entity', 'entity.created', 'user-1', '{}', 1) RETURNING id",
-                        &[&at],
+                        &[&days[d]],
                     )
                     .await
                     .unwrap()

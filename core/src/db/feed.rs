@@ -136,9 +136,9 @@ const PLAN_ROWS: i64 = 2000;
 
 /// The horizon and the day index from the reader's position on, in one snapshot: every
 /// transaction below the horizon has ended, so the days it recorded are visible here. Bucket rows
-/// (txid NULL) come before a bucket's transaction rows; a NULL day stands for "any day".
+/// (txid NULL) come before a bucket's transaction rows.
 const FEED_PLAN_SQL: &str = "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) \
-     SELECT h.horizon::text, f.bucket, f.txid::text, CASE WHEN f.day = 'infinity' THEN NULL ELSE f.day END \
+     SELECT h.horizon::text, f.bucket, f.txid::text, f.day \
        FROM h LEFT JOIN LATERAL ( \
             SELECT DISTINCT bucket, txid, day FROM events_v2_feed_days \
              WHERE bucket >= synap_feed_bucket($1::text::xid8) AND bucket <= synap_feed_bucket(h.horizon) \

@@ -5,9 +5,9 @@
 //! An index row says that events of some transaction ids were written into a UTC day: a
 //! *bucket* row `(bucket, day)` covers every transaction of a bucket of 2^16 ids (live writes,
 //! near today), a *transaction* row `(bucket, day, txid)` one transaction (backfills, backdated
-//! writes), and the day `None` stands for any day. A stretch of transaction ids can hold events
-//! only on the days its rows name, so the windows cut the ids after a checkpoint into stretches
-//! whose days span at most [`MAX_WINDOW_DAYS`].
+//! writes). A stretch of transaction ids can hold events only on the days its rows name, so the
+//! windows cut the ids after a checkpoint into stretches whose days cover at most
+//! [`MAX_WINDOW_DAYS`] in at most [`MAX_RUNS`] runs.
 
 use chrono::NaiveDate;
 
@@ -31,8 +31,8 @@ pub(crate) enum DaySet {
 }
 
 impl DaySet {
-    fn of(day: Option<NaiveDate>) -> DaySet {
-        day.map_or(DaySet::Any, |d| DaySet::Days(vec![d]))
+    fn of(day: NaiveDate) -> DaySet {
+        DaySet::Days(vec![day])
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -90,9 +90,9 @@ pub(crate) struct Window {
     pub days: DaySet,
 }
 
-/// One row of the day index: its bucket, its transaction (`None` for a bucket row) and its day
-/// (`None` for any day). Rows come ordered by bucket, then transaction with bucket rows first.
-pub(crate) type IndexRow = (i64, Option<u64>, Option<NaiveDate>);
+/// One row of the day index: its bucket, its transaction (`None` for a bucket row) and its day.
+/// Rows come ordered by bucket, then transaction with bucket rows first.
+pub(crate) type IndexRow = (i64, Option<u64>, NaiveDate);
 
 fn bucket_start(bucket: i64) -> u64 {
     (bucket.max(0) as u64) << BUCKET_SHIFT
@@ -173,7 +173,9 @@ pub(crate) fn plan_windows(rows: &[IndexRow], from_txid: u64, horizon: u64, trun
             None => days,
             Some(current) => {
                 let merged = current.union(&days);
-                if current == DaySet::Any || days.is_empty() || merged.cost() <= MAX_WINDOW_DAYS {
+                // An any-day window takes in only stretches without events: a stretch with
+                // known days after it gets a cheaper window of its own.
+                if days.is_empty() || (current != DaySet::Any && merged.cost() <= MAX_WINDOW_DAYS) {
                     merged
                 } else {
                     windows.push(Window {
@@ -226,11 +228,11 @@ mod tests {
         // Days 0, 1, 6 and 90 are three runs covering four days; day 200 makes a fourth run, and
         // joining the closest two (1 and 6) would cover nine.
         let rows = [
-            (1, None, Some(day(0))),
-            (2, None, Some(day(1))),
-            (2, None, Some(day(6))),
-            (3, None, Some(day(90))),
-            (4, None, Some(day(200))),
+            (1, None, day(0)),
+            (2, None, day(1)),
+            (2, None, day(6)),
+            (3, None, day(90)),
+            (4, None, day(200)),
         ];
         assert_eq!(
             plan_windows(&rows, 0, H, false),
@@ -249,7 +251,7 @@ mod tests {
 
     #[test]
     fn a_window_spans_at_most_max_window_days() {
-        let rows: Vec<_> = (0..20).map(|i| (i as i64, None, Some(day(i)))).collect();
+        let rows: Vec<_> = (0..20).map(|i| (i as i64, None, day(i))).collect();
         let windows = plan_windows(&rows, 0, H, false);
         assert!(windows.iter().all(|w| w.days.cost() <= MAX_WINDOW_DAYS), "{windows:?}");
         assert_eq!(windows.len(), 3);
@@ -262,11 +264,11 @@ mod tests {
         // on today (day 300) from every transaction of the bucket.
         let t = b(5);
         let rows = [
-            (5, None, Some(day(300))),
-            (5, Some(t + 10), Some(day(0))),
-            (5, Some(t + 10), Some(day(1))),
-            (5, Some(t + 11), Some(day(100))),
-            (5, Some(t + 12), Some(day(200))),
+            (5, None, day(300)),
+            (5, Some(t + 10), day(0)),
+            (5, Some(t + 10), day(1)),
+            (5, Some(t + 11), day(100)),
+            (5, Some(t + 12), day(200)),
         ];
         let windows = plan_windows(&rows, 0, H, false);
         assert!(windows.iter().all(|w| w.days.cost() <= MAX_WINDOW_DAYS), "{windows:?}");
@@ -299,35 +301,17 @@ mod tests {
     }
 
     #[test]
-    fn an_any_day_row_absorbs_what_follows() {
-        let rows = [
-            (1, None, Some(day(0))),
-            (2, None, None),
-            (2, None, Some(day(3))),
-            (3, None, Some(day(1))),
-        ];
-        assert_eq!(
-            plan_windows(&rows, 0, H, false),
-            vec![
-                Window {
-                    end: b(2),
-                    days: days(&[0])
-                },
-                Window {
-                    end: H,
-                    days: DaySet::Any
-                },
-            ]
-        );
+    fn an_any_day_window_takes_in_no_stretch_with_events() {
+        // A truncated plan's last group read on any day is followed by cheaper windows when the
+        // reader plans again; within one plan, an any-day set never absorbs days.
+        let any = DaySet::Any;
+        assert_eq!(any.union(&days(&[3])), DaySet::Any);
+        assert!(days(&[]).is_empty() && !any.is_empty());
     }
 
     #[test]
     fn a_truncated_plan_stops_before_its_last_group() {
-        let rows = [
-            (1, None, Some(day(0))),
-            (5, None, Some(day(1))),
-            (5, Some(b(5) + 3), Some(day(40))),
-        ];
+        let rows = [(1, None, day(0)), (5, None, day(1)), (5, Some(b(5) + 3), day(40))];
         assert_eq!(
             plan_windows(&rows, 0, H, true),
             vec![Window {
@@ -337,7 +321,7 @@ mod tests {
         );
         // A cut among a bucket's own rows drops the bucket.
         assert_eq!(
-            plan_windows(&[(1, None, Some(day(0))), (5, None, Some(day(1)))], 0, H, true),
+            plan_windows(&[(1, None, day(0)), (5, None, day(1))], 0, H, true),
             vec![Window {
                 end: b(5),
                 days: days(&[0])
@@ -349,7 +333,7 @@ mod tests {
     fn a_truncated_plan_that_cannot_move_on_reads_the_group_on_any_day() {
         // One transaction with more days than a plan reads, right at the reader's position.
         let t = b(7) + 9;
-        let rows = [(7, Some(t), Some(day(0))), (7, Some(t), Some(day(400)))];
+        let rows = [(7, Some(t), day(0)), (7, Some(t), day(400))];
         assert_eq!(
             plan_windows(&rows, t, H, true),
             vec![Window {
@@ -359,7 +343,7 @@ mod tests {
         );
         // A bucket's rows alone.
         assert_eq!(
-            plan_windows(&[(7, None, Some(day(0))), (7, None, Some(day(400)))], b(7), H, true),
+            plan_windows(&[(7, None, day(0)), (7, None, day(400))], b(7), H, true),
             vec![Window {
                 end: b(8),
                 days: DaySet::Any
@@ -370,7 +354,7 @@ mod tests {
     #[test]
     fn windows_start_at_the_reader_and_never_pass_the_horizon() {
         let horizon = b(4) + 10;
-        let rows = [(3, None, Some(day(0))), (4, None, Some(day(0)))];
+        let rows = [(3, None, day(0)), (4, None, day(0))];
         let windows = plan_windows(&rows, b(4) + 2, horizon, false);
         assert_eq!(
             windows,

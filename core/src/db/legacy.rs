@@ -16,7 +16,7 @@ use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 use crate::db::repository::EventRepository;
-use crate::db::sql::{feed_days_ctes, quote_table, stream_guard_ctes};
+use crate::db::sql::{feed_days_ctes, feed_days_mark, quote_table, stream_guard_ctes};
 use crate::error::{Error, Result};
 use crate::model::AggregateType;
 use crate::validate::{self, Limits};
@@ -362,6 +362,9 @@ WITH src AS (
            version, NULL, correlation_id, 'migration'
       FROM src
      WHERE (SELECT ok FROM passed)
+       AND "#,
+    feed_days_mark!(),
+    r#"
      ORDER BY ord
     RETURNING "timestamp"
 ), dirty AS (

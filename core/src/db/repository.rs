@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::db::config::RepositoryConfig;
 use crate::db::migrate::{self, MigrationReport, MigrationStatus};
-use crate::db::sql::{feed_days_ctes, stream_guard_ctes};
+use crate::db::sql::{feed_days_ctes, feed_days_mark, stream_guard_ctes};
 use crate::error::{Error, Result};
 use crate::model::{AggregateType, EventRecord, EventSource, NewEvent};
 use crate::validate::{self, IssueCode, Limits};
@@ -231,6 +231,9 @@ WITH ev AS (
            version, causation_id, correlation_id, source
       FROM ev
      WHERE EXISTS (SELECT 1 FROM created UNION ALL SELECT 1 FROM advanced)
+       AND "#,
+    feed_days_mark!(),
+    r#"
     RETURNING "timestamp", position/*DUAL_RETURNING*/
 ), dirty AS (
     INSERT INTO events_daily_dirty (day)
@@ -274,6 +277,9 @@ WITH ev AS (
            version, causation_id, correlation_id, source
       FROM ev
      WHERE (SELECT ok FROM passed)
+       AND "#,
+    feed_days_mark!(),
+    r#"
      ORDER BY ord
     RETURNING id, "timestamp", position/*DUAL_RETURNING*/
 ), dirty AS (

@@ -56,10 +56,10 @@ pub(crate) use stream_guard_ctes;
 
 /// The feed's day index (migration 0005), for a statement that defines a CTE `inserted` returning
 /// the inserted events' `"timestamp"`: records the UTC days of this transaction (by bucket for
-/// days within one of today, by transaction id for others) and marks the statement as having done
-/// so, which keeps the statement trigger from recording the bucket as "any day". Both CTEs modify
-/// data, so PostgreSQL runs them even though nothing reads them. A row is added only when none is
-/// visible, never waiting on another writer's uncommitted one.
+/// days within one of today, by transaction id for others). A row is added only when none is
+/// visible, never waiting on another writer's uncommitted one. The CTE modifies data, so
+/// PostgreSQL runs it even though nothing reads it. The statement's insert into events_v2 must
+/// also evaluate [`feed_days_mark`].
 macro_rules! feed_days_ctes {
     () => {
         r#"feed_days AS (
@@ -71,13 +71,20 @@ macro_rules! feed_days_ctes {
      WHERE NOT EXISTS (SELECT 1 FROM events_v2_feed_days f
                         WHERE f.bucket = d.bucket AND f.day = d.day
                           AND (f.txid = d.txid OR (d.txid IS NULL AND f.txid IS NULL)))
-), feed_days_marked AS (
-    INSERT INTO events_v2_feed_days (bucket, day)
-    SELECT 0, 'infinity' WHERE set_config('synap.feed_days', pg_current_xact_id()::text, true) IS NULL
 )"#
     };
 }
 pub(crate) use feed_days_ctes;
+
+/// A condition for the `WHERE` of a statement's `INSERT INTO events_v2 ... SELECT`: always true,
+/// and evaluated once, before the first row goes in (an init plan). It tells the feed's row
+/// trigger that this statement records its days itself ([`feed_days_ctes`]).
+macro_rules! feed_days_mark {
+    () => {
+        "(SELECT set_config('synap.feed_days', pg_current_xact_id()::text, true)) IS NOT NULL"
+    };
+}
+pub(crate) use feed_days_mark;
 
 #[cfg(test)]
 mod tests {
