@@ -86,6 +86,6 @@ test('native and wasm agree on a 1,000-event fold with history', () => {
   for (let v = 2; v <= 1000; v++) {
     events.push({ aggregateId: 'a', eventType: 'doc.updated', version: v, data: { n: v, [`k${v % 7}`]: v % 3 ? v : null }, timestamp: v * 1000 })
   }
-  const options = { history: true, upToTimestamp: new Date(900_000) }
+  const options = { history: true, toTimestamp: new Date(900_000) }
   assert.deepEqual(JSON.parse(JSON.stringify(native.foldEvents(events, options))), wasm.foldEvents(events, options))
 })

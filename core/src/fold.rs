@@ -29,8 +29,8 @@
 //!   a `timestamp` that is an RFC 3339 string or integer milliseconds since 1970), then the
 //!   aggregate, then the version rules. Errors carry the index of the offending event.
 //!
-//! Time travel: [`FoldOptions::up_to_version`] stops once the state reaches that version
-//! (inclusive); [`FoldOptions::up_to_timestamp`] includes events whose timestamp is at or before
+//! Time travel: [`FoldOptions::to_version`] stops once the state reaches that version
+//! (inclusive); [`FoldOptions::to_timestamp`] includes events whose timestamp is at or before
 //! it and stops at the first event later than it, even if an even later event would have an
 //! earlier timestamp. Events after the stopping point are not validated: the fold never reads
 //! them, except that the first event past a timestamp cut must be well-formed, since its
@@ -110,9 +110,9 @@ pub struct Snapshot {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct FoldOptions {
     /// Stop once the state reaches this version (inclusive).
-    pub up_to_version: Option<i32>,
+    pub to_version: Option<i32>,
     /// Include events with a timestamp at or before this; stop at the first later event.
-    pub up_to_timestamp: Option<DateTime<Utc>>,
+    pub to_timestamp: Option<DateTime<Utc>>,
     /// Also return the state after each applied event.
     pub history: bool,
     /// Which keys of `data` are bookkeeping.
@@ -128,15 +128,15 @@ impl<'de> Deserialize<'de> for FoldOptions {
     }
 }
 
-/// Reads [`FoldOptions`] from camelCase JSON: `upToVersion` (integer ≥ 0), `upToTimestamp`
+/// Reads [`FoldOptions`] from camelCase JSON: `toVersion` (integer ≥ 0), `toTimestamp`
 /// (RFC 3339 string or integer milliseconds since 1970), `history` (boolean), `bookkeeping`
 /// (`{ ignoreKeys: string[], dropPreviousCompanions: boolean }`, each optional) and `from`
 /// (`{ state, version, deleted? }`; `version` an integer ≥ 0 is required, `state` defaults to
-/// `null`). `null` or a missing key means the default; unknown keys are ignored; `null` itself
-/// gives the default options.
+/// `null`). `null` or a missing key means the default; `null` itself gives the default options.
 ///
 /// Fails with [`Error::Fold`] with reason [`FoldErrorKind::InvalidOptions`] (index 0) when
-/// `value` is not an object or null, or a key has the wrong type or range.
+/// `value` is not an object or null, a key is not one of these (at any level), or a key has the
+/// wrong type or range.
 pub fn parse_fold_options(value: &Value) -> Result<FoldOptions> {
     let obj = match value {
         Value::Null => return Ok(FoldOptions::default()),
@@ -148,20 +148,21 @@ pub fn parse_fold_options(value: &Value) -> Result<FoldOptions> {
             )))
         }
     };
-    let up_to_version = match present(obj, "upToVersion") {
+    refuse_unknown_keys(obj, "", &["toVersion", "toTimestamp", "history", "bookkeeping", "from"])?;
+    let to_version = match present(obj, "toVersion") {
         None => None,
         Some(v) => Some(non_negative_i32(v).ok_or_else(|| {
             options_error(format!(
-                "upToVersion must be an integer between 0 and 2147483647, not {}",
+                "toVersion must be an integer between 0 and 2147483647, not {}",
                 describe(v)
             ))
         })?),
     };
-    let up_to_timestamp = match present(obj, "upToTimestamp") {
+    let to_timestamp = match present(obj, "toTimestamp") {
         None => None,
         Some(v) => Some(parse_timestamp(v).ok_or_else(|| {
             options_error(format!(
-                "upToTimestamp must be an RFC 3339 date-time or integer milliseconds since 1970, not {}",
+                "toTimestamp must be an RFC 3339 date-time or integer milliseconds since 1970, not {}",
                 describe(v)
             ))
         })?),
@@ -181,8 +182,8 @@ pub fn parse_fold_options(value: &Value) -> Result<FoldOptions> {
         Some(v) => Some(parse_snapshot(v)?),
     };
     Ok(FoldOptions {
-        up_to_version,
-        up_to_timestamp,
+        to_version,
+        to_timestamp,
         history,
         bookkeeping,
         from,
@@ -196,6 +197,7 @@ fn parse_bookkeeping(value: &Value) -> Result<Bookkeeping> {
             describe(value)
         )));
     };
+    refuse_unknown_keys(obj, "bookkeeping.", &["ignoreKeys", "dropPreviousCompanions"])?;
     let mut rule = Bookkeeping::default();
     if let Some(v) = present(obj, "ignoreKeys") {
         let bad = || {
@@ -229,6 +231,7 @@ fn parse_snapshot(value: &Value) -> Result<Snapshot> {
             describe(value)
         )));
     };
+    refuse_unknown_keys(obj, "from.", &["state", "version", "deleted"])?;
     let version = match present(obj, "version") {
         None => return Err(options_error("from.version is required".to_owned())),
         Some(v) => non_negative_i32(v).ok_or_else(|| {
@@ -249,6 +252,22 @@ fn parse_snapshot(value: &Value) -> Result<Snapshot> {
         version,
         deleted,
     })
+}
+
+/// A misspelt option must never fold to a plausible wrong state: keys that are not options are
+/// refused, naming the key (and the new name of the two renamed ones).
+fn refuse_unknown_keys(obj: &Map<String, Value>, prefix: &str, known: &[&str]) -> Result<()> {
+    match obj.keys().find(|k| !known.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(key) => {
+            let hint = match key.as_str() {
+                "upToVersion" => " (it is toVersion now)".to_owned(),
+                "upToTimestamp" => " (it is toTimestamp now)".to_owned(),
+                _ => format!("; the options are {}", known.join(", ")),
+            };
+            Err(options_error(format!("unknown option {prefix}{key}{hint}")))
+        }
+    }
 }
 
 /// The value of `key`, treating `null` as absent.
@@ -501,7 +520,7 @@ where
     let mut first_aggregate: Option<Id> = None;
 
     for (index, raw) in events.iter().enumerate() {
-        if options.up_to_version.is_some_and(|limit| version >= limit) {
+        if options.to_version.is_some_and(|limit| version >= limit) {
             break;
         }
         let event = read(index, raw)?;
@@ -511,7 +530,7 @@ where
                 format!("version must be between 1 and 2147483647, not {}", event.version),
             )
         })?;
-        if options.up_to_timestamp.is_some_and(|cut| event.timestamp > cut) {
+        if options.to_timestamp.is_some_and(|cut| event.timestamp > cut) {
             break;
         }
         let first = *first_aggregate.get_or_insert(event.aggregate_id);
@@ -790,7 +809,7 @@ mod tests {
             json!("not even an event"),
         ];
         let opts = FoldOptions {
-            up_to_version: Some(2),
+            to_version: Some(2),
             history: true,
             ..FoldOptions::default()
         };
@@ -800,7 +819,7 @@ mod tests {
         assert_eq!(steps.len(), 2);
         assert_eq!(steps[0].state, json!({"n": 1}));
 
-        let opts = parse_fold_options(&json!({"upToTimestamp": "2024-01-01T00:00:02Z"})).unwrap();
+        let opts = parse_fold_options(&json!({"toTimestamp": "2024-01-01T00:00:02Z"})).unwrap();
         let r = fold_events(&events[..3], &opts).unwrap();
         assert_eq!(r.version, 2);
         assert!(r.history.is_none());
@@ -845,21 +864,25 @@ mod tests {
     #[test]
     fn options_parse_and_reject() {
         let o: FoldOptions = serde_json::from_value(json!({
-            "upToVersion": 3, "upToTimestamp": 1000, "history": true, "unknown": 1,
+            "toVersion": 3, "toTimestamp": 1000, "history": true,
             "bookkeeping": {"ignoreKeys": ["x"]}, "from": {"version": 2}
         }))
         .unwrap();
-        assert_eq!(o.up_to_version, Some(3));
-        assert_eq!(o.up_to_timestamp.map(|t| t.timestamp_millis()), Some(1000));
+        assert_eq!(o.to_version, Some(3));
+        assert_eq!(o.to_timestamp.map(|t| t.timestamp_millis()), Some(1000));
         assert!(o.history && o.bookkeeping.drop_previous_companions);
         assert_eq!(o.bookkeeping.ignore_keys, vec!["x".to_owned()]);
         assert_eq!(o.from.map(|f| (f.state, f.version)), Some((Value::Null, 2)));
         assert_eq!(parse_fold_options(&Value::Null).unwrap(), FoldOptions::default());
         for bad in [
             json!([]),
-            json!({"upToVersion": "3"}),
-            json!({"upToVersion": -1}),
-            json!({"upToTimestamp": "soon"}),
+            json!({"unknown": 1}),
+            json!({"upToVersion": 2}),
+            json!({"bookkeeping": {"ignorekeys": []}}),
+            json!({"from": {"version": 1, "State": {}}}),
+            json!({"toVersion": "3"}),
+            json!({"toVersion": -1}),
+            json!({"toTimestamp": "soon"}),
             json!({"history": 1}),
             json!({"bookkeeping": {"ignoreKeys": [1]}}),
             json!({"bookkeeping": {"dropPreviousCompanions": "no"}}),

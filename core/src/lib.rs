@@ -10,6 +10,8 @@ mod error;
 pub mod fold;
 pub mod interop;
 mod model;
+pub mod numbers;
+pub mod query;
 pub mod validate;
 
 #[cfg(feature = "postgres")]
@@ -21,6 +23,7 @@ pub use fold::{
     FoldErrorKind, FoldOptions, FoldResult, HistoryStep, Snapshot,
 };
 pub use model::{AggregateType, EventRecord, EventSource, NewEvent};
+pub use query::{CountFilter, StreamOptions, UserStreamOptions};
 pub use validate::{Issue, IssueCode, Limits, Report};
 
 #[cfg(feature = "postgres")]
@@ -39,5 +42,5 @@ pub use db::{
     config::{RepositoryConfig, StorageMode},
     feed::{Checkpoint, ConsumerRepair, ConsumerStatus, Page, SubscribeOptions, Subscription},
     migrate::{Migration, MigrationReport, MigrationStatus, MIGRATIONS},
-    repository::{CountFilter, EventRepository, StreamOptions, UserStreamOptions},
+    repository::EventRepository,
 };

@@ -76,6 +76,9 @@ pub enum IssueCode {
     InvalidTimestamp,
     /// Two events of one batch share an id.
     DuplicateEventId,
+    /// A number that a JavaScript number (an IEEE double) cannot hold exactly, such as `1e400` or
+    /// `9007199254740993`: it would read back changed. See [`crate::numbers`].
+    InexactNumber,
     /// A batch with no events.
     EmptyBatch,
 }
@@ -99,6 +102,7 @@ impl IssueCode {
             IssueCode::OutOfRange => "OUT_OF_RANGE",
             IssueCode::InvalidTimestamp => "INVALID_TIMESTAMP",
             IssueCode::DuplicateEventId => "DUPLICATE_EVENT_ID",
+            IssueCode::InexactNumber => "INEXACT_NUMBER",
             IssueCode::EmptyBatch => "EMPTY_BATCH",
         }
     }
@@ -497,6 +501,16 @@ fn check_json_object(field: &str, value: &Value, not_object: IssueCode, limits: 
     }
     let mut issues = Vec::new();
     find_nul(value, &mut field.to_owned(), &mut issues);
+    if issues.is_empty() {
+        if let Some(path) = crate::numbers::first_uncarried(value, &mut field.to_owned()) {
+            issues.push(Issue::new(
+                path,
+                IssueCode::InexactNumber,
+                "a JavaScript number cannot hold this number exactly, so it would read back changed; \
+                 store it as a string",
+            ));
+        }
+    }
     if issues.is_empty() {
         let size = json_size(value);
         if size > limits.max_data_bytes {

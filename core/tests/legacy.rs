@@ -103,11 +103,23 @@ async fn migrates_in_order_continues_versions_and_reports_bad_rows() {
     let bad_data = Uuid::from_u128(0x701);
     let bad_type = Uuid::from_u128(0x702);
     let bad_user = Uuid::from_u128(0x703);
-    let mismatch = Uuid::from_u128(0x704);
+    let inexact = Uuid::from_u128(0x705);
     insert_legacy(&c, bad_data, "u1", at(2, 30), "entity.updated", json!([1, 2])).await;
     insert_legacy(&c, bad_type, "u1", at(2, 31), "Entity Updated", json!({})).await;
     insert_legacy(&c, bad_user, "   ", at(2, 32), "entity.updated", json!({})).await;
-    insert_legacy(&c, mismatch, "u1", at(2, 33), "user.renamed", json!({"entityId": a})).await;
+    // 2^53 + 1: a JavaScript number would read it as 2^53.
+    insert_legacy(
+        &c,
+        inexact,
+        "u1",
+        at(2, 34),
+        "entity.updated",
+        json!({"n": 9007199254740993u64}),
+    )
+    .await;
+    // Not bad: a relation event whose entityId is entity A belongs to A's history, as an entity.
+    let shared = Uuid::from_u128(0x704);
+    insert_legacy(&c, shared, "u1", at(2, 33), "relation.created", json!({"entityId": a})).await;
 
     // A dry run counts and writes nothing.
     let dry = migrate(
@@ -118,15 +130,15 @@ async fn migrates_in_order_continues_versions_and_reports_bad_rows() {
         },
     )
     .await;
-    assert_eq!((dry.pending_at_start, dry.migrated, dry.failed), (11, 7, 4));
+    assert_eq!((dry.pending_at_start, dry.migrated, dry.failed), (12, 8, 4));
     assert_eq!(common::count_rows(&repo).await, (2, 1));
 
     // Batches of 2: A's rows land in different batches and must continue from event_streams.
     let report = migrate(&repo, &opts(2)).await;
-    assert_eq!(report.pending_at_start, 11);
-    assert_eq!((report.processed, report.migrated, report.failed), (11, 7, 4));
+    assert_eq!(report.pending_at_start, 12);
+    assert_eq!((report.processed, report.migrated, report.failed), (12, 8, 4));
     assert_eq!(report.batches, 6);
-    assert!((report.success_rate - 700.0 / 11.0).abs() < 1e-9);
+    assert!((report.success_rate - 800.0 / 12.0).abs() < 1e-9);
     let mut codes: Vec<(Uuid, &str)> = report
         .failures
         .iter()
@@ -139,18 +151,23 @@ async fn migrates_in_order_continues_versions_and_reports_bad_rows() {
             (bad_data, "INVALID_DATA"),
             (bad_type, "INVALID_EVENT_TYPE"),
             (bad_user, "INVALID_USER_ID"),
-            (mismatch, "AGGREGATE_TYPE_MISMATCH"),
+            (inexact, "INEXACT_NUMBER"),
         ]
     );
 
     let stream = repo.get_aggregate_stream(a, &StreamOptions::default()).await.unwrap();
     let versions: Vec<i32> = stream.iter().map(|e| e.version).collect();
-    assert_eq!(versions, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7]);
     let legacy_ids: Vec<Value> = stream[2..]
         .iter()
         .map(|e| e.metadata.as_ref().unwrap()["legacyId"].clone())
         .collect();
-    assert_eq!(legacy_ids, vec![json!(a3), json!(a4), json!(a5), json!(a6)]);
+    assert_eq!(
+        legacy_ids,
+        vec![json!(a3), json!(shared), json!(a4), json!(a5), json!(a6)]
+    );
+    assert_eq!(stream[3].event_type, "relation.created");
+    assert_eq!(stream[3].aggregate_type, AggregateType::Entity);
     let e3 = &stream[2];
     assert_eq!(e3.timestamp, at(2, 0));
     assert_eq!(e3.user_id, "u1");
@@ -158,7 +175,7 @@ async fn migrates_in_order_continues_versions_and_reports_bad_rows() {
     assert_eq!(e3.correlation_id, Some(Uuid::from_u128(7)));
     assert_eq!(e3.data, json!({"entityId": a, "n": 3}));
     assert_eq!(e3.metadata.as_ref().unwrap()["legacySource"], json!("web"));
-    assert_eq!(repo.get_aggregate_version(a).await.unwrap(), Some(6));
+    assert_eq!(repo.get_aggregate_version(a).await.unwrap(), Some(7));
 
     let b_stream = repo.get_aggregate_stream(b, &StreamOptions::default()).await.unwrap();
     assert_eq!(
@@ -199,8 +216,8 @@ async fn migrates_in_order_continues_versions_and_reports_bad_rows() {
     )
     .await;
     assert_eq!((again.pending_at_start, again.migrated, again.failed), (0, 0, 0));
-    assert_eq!((again.previously_migrated, again.previously_failed), (7, 4));
-    assert_eq!(common::count_rows(&repo).await.0, 9);
+    assert_eq!((again.previously_migrated, again.previously_failed), (8, 4));
+    assert_eq!(common::count_rows(&repo).await.0, 10);
 
     // Verify names the failed rows; once they are deleted from the legacy table it passes.
     let v = repo.verify_legacy("events").await.unwrap();
@@ -210,13 +227,13 @@ async fn migrates_in_order_continues_versions_and_reports_bad_rows() {
     assert_eq!(v.count_differences_count, 0);
     c.execute(
         "DELETE FROM events WHERE id = ANY ($1)",
-        &[&vec![bad_data, bad_type, bad_user, mismatch]],
+        &[&vec![bad_data, bad_type, bad_user, inexact]],
     )
     .await
     .unwrap();
     let v = repo.verify_legacy("events").await.unwrap();
     assert!(v.ok, "{v:#?}");
-    assert_eq!((v.legacy_rows, v.migrated_rows), (7, 7));
+    assert_eq!((v.legacy_rows, v.migrated_rows), (8, 8));
     assert_eq!(v.legacy_checksum, v.events_checksum);
 
     // A changed event and a legacy row that never went over are both named.

@@ -932,10 +932,10 @@ pub fn apply_delta(env: &Env, state: Unknown, delta: Unknown) -> Result<Value> {
 #[napi(object)]
 pub struct FoldOptions {
     /// Stop after this version (inclusive).
-    pub up_to_version: Option<u32>,
+    pub to_version: Option<u32>,
     /// Include only events at or before this time (a Date, an ISO string or ms).
     #[napi(ts_type = "Date | string | number")]
-    pub up_to_timestamp: Option<Value>,
+    pub to_timestamp: Option<Value>,
     /// Also return the state after each event.
     pub history: Option<bool>,
     /// Which data keys are bookkeeping rather than state.

@@ -34,9 +34,9 @@ export interface BookkeepingRule {
 /** Options of `foldEvents`. */
 export interface FoldOptions {
   /** Stop after this version (inclusive). */
-  upToVersion?: number;
+  toVersion?: number;
   /** Include only events at or before this time. */
-  upToTimestamp?: Date | string | number;
+  toTimestamp?: Date | string | number;
   /** Also return the state after each event. */
   history?: boolean;
   /** The bookkeeping rule. */

@@ -15,6 +15,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
+use crate::db::json::RawJsonb;
 use crate::db::repository::EventRepository;
 use crate::db::sql::{feed_days_ctes, feed_days_mark, quote_table, stream_guard_ctes};
 use crate::error::{Error, Result};
@@ -109,8 +110,8 @@ pub struct LegacyMigrationProgress {
 pub struct LegacyRowFailure {
     /// The legacy row's id.
     pub legacy_id: Uuid,
-    /// A stable code: a validation code (`INVALID_EVENT_TYPE`, `INVALID_DATA`, `REQUIRED`, ...)
-    /// or `AGGREGATE_TYPE_MISMATCH`.
+    /// A stable code: a validation code (`INVALID_EVENT_TYPE`, `INVALID_DATA`, `REQUIRED`,
+    /// `INEXACT_NUMBER`, ...).
     pub reason_code: String,
     /// A sentence for people.
     pub reason: String,
@@ -163,52 +164,6 @@ struct LegacyRow {
     data: Option<RawJsonb>,
     source: Option<String>,
     correlation_id: Option<Uuid>,
-}
-
-/// A jsonb value passed through as its text, never parsed: the migration copies `data` as is.
-#[derive(Debug)]
-struct RawJsonb(Vec<u8>);
-
-impl<'a> tokio_postgres::types::FromSql<'a> for RawJsonb {
-    fn from_sql(
-        _: &tokio_postgres::types::Type,
-        raw: &'a [u8],
-    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        // Binary jsonb is a version byte (1) and the JSON text.
-        match raw.split_first() {
-            Some((1, text)) => Ok(RawJsonb(text.to_vec())),
-            _ => Err("unsupported jsonb version".into()),
-        }
-    }
-    tokio_postgres::types::accepts!(JSONB);
-}
-
-impl tokio_postgres::types::ToSql for RawJsonb {
-    fn to_sql(
-        &self,
-        _: &tokio_postgres::types::Type,
-        out: &mut tokio_postgres::types::private::BytesMut,
-    ) -> std::result::Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        out.extend_from_slice(&[1]);
-        out.extend_from_slice(&self.0);
-        Ok(tokio_postgres::types::IsNull::No)
-    }
-    tokio_postgres::types::accepts!(JSONB);
-    tokio_postgres::types::to_sql_checked!();
-}
-
-impl RawJsonb {
-    /// What kind of JSON value it is, from its first character.
-    fn kind(&self) -> &'static str {
-        match self.0.iter().find(|b| !b.is_ascii_whitespace()) {
-            Some(b'{') => "object",
-            Some(b'[') => "array",
-            Some(b'"') => "string",
-            Some(b'n') => "null",
-            Some(b't' | b'f') => "boolean",
-            _ => "number",
-        }
-    }
 }
 
 /// A row that passed the static checks.
@@ -308,6 +263,14 @@ fn check_row(row: &LegacyRow, limits: &Limits) -> std::result::Result<Candidate,
                 format!("data must be a JSON object, not {kind}"),
             ))
         }
+    }
+    if !crate::numbers::all_number_tokens(&data.0, crate::numbers::number_text_is_carried) {
+        return Err(failure(
+            row,
+            "INEXACT_NUMBER",
+            "data holds a number that a JavaScript number cannot hold exactly (beyond 2^53 or a double's \
+             range, or more digits than a double keeps), so it would read back changed",
+        ));
     }
     let bytes = data.0.len();
     if bytes > limits.max_data_bytes {
@@ -754,18 +717,16 @@ impl EventRepository {
         let mut stopped = false;
         let mut last_processed: Option<&LegacyRow> = None;
         for (row, checked) in rows.iter().zip(checked) {
-            let candidate = checked.and_then(|c| match streams.get(&c.aggregate_id) {
-                Some((_, stored)) if stored != c.aggregate_type.as_str() => Err(failure(
-                    row,
-                    "AGGREGATE_TYPE_MISMATCH",
-                    format!(
-                        "aggregate {} is a {stored}, but type {} makes this event a {}",
-                        c.aggregate_id,
-                        row.event_type.as_deref().unwrap_or_default(),
-                        c.aggregate_type
-                    ),
-                )),
-                _ => Ok(c),
+            // An event that belongs to an aggregate by the aggregate rule is part of its history,
+            // whatever its type's first segment says: it takes the aggregate's type.
+            let candidate = checked.map(|mut c| {
+                if let Some(stored) = streams
+                    .get(&c.aggregate_id)
+                    .and_then(|(_, t)| t.parse::<AggregateType>().ok())
+                {
+                    c.aggregate_type = stored;
+                }
+                c
             });
             let c = match candidate {
                 Ok(c) => c,
@@ -906,23 +867,13 @@ impl EventRepository {
             failures: Vec::new(),
             stopped: false,
         };
-        for (row, checked) in rows.iter().zip(checked) {
-            let result = checked.and_then(|c| {
-                let existing = known
-                    .get(&c.aggregate_id)
-                    .map(|t| t.as_str().to_owned())
-                    .or_else(|| stored.get(&c.aggregate_id).cloned());
-                match existing {
-                    Some(t) if t != c.aggregate_type.as_str() => Err(failure(
-                        row,
-                        "AGGREGATE_TYPE_MISMATCH",
-                        format!("aggregate {} is a {t}, not a {}", c.aggregate_id, c.aggregate_type),
-                    )),
-                    _ => {
-                        known.entry(c.aggregate_id).or_insert(c.aggregate_type);
-                        Ok(())
-                    }
-                }
+        for checked in checked {
+            let result = checked.map(|c| {
+                // As in a real run: the first type an aggregate gets is the one it keeps.
+                let stored_type = stored.get(&c.aggregate_id).and_then(|t| t.parse().ok());
+                known
+                    .entry(c.aggregate_id)
+                    .or_insert(stored_type.unwrap_or(c.aggregate_type));
             });
             match result {
                 Ok(()) => outcome.migrated += 1,

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod feed;
 mod feed_plan;
+mod json;
 pub mod legacy;
 pub mod migrate;
 pub mod repository;

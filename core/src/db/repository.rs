@@ -6,66 +6,18 @@ use std::str::FromStr;
 use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use serde_json::Value;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
 use crate::db::config::RepositoryConfig;
+use crate::db::json::StoredJson;
 use crate::db::migrate::{self, MigrationReport, MigrationStatus};
 use crate::db::sql::{feed_days_ctes, feed_days_mark, stream_guard_ctes};
 use crate::error::{Error, Result};
 use crate::model::{AggregateType, EventRecord, EventSource, NewEvent};
+use crate::query::{can_match, CountFilter, StreamOptions, UserStreamOptions};
 use crate::validate::{self, IssueCode, Limits};
-
-/// Options of [`EventRepository::get_aggregate_stream`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StreamOptions {
-    /// First version to return (inclusive). Default: 1.
-    pub from_version: Option<i32>,
-    /// Last version to return (inclusive). Default: the latest.
-    pub to_version: Option<i32>,
-    /// Only these event types. Default: all.
-    pub event_types: Option<Vec<String>>,
-}
-
-/// Options of [`EventRepository::get_user_stream`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UserStreamOptions {
-    /// How many days back from now. Default 7.
-    pub days: i64,
-    /// Most events returned. Default 1,000.
-    pub limit: i64,
-    /// Only these event types. Default: all.
-    pub event_types: Option<Vec<String>>,
-    /// Only these aggregate types. Default: all.
-    pub aggregate_types: Option<Vec<AggregateType>>,
-}
-
-impl Default for UserStreamOptions {
-    fn default() -> Self {
-        UserStreamOptions {
-            days: 7,
-            limit: 1000,
-            event_types: None,
-            aggregate_types: None,
-        }
-    }
-}
-
-/// Filters of [`EventRepository::count_events`]; every field is optional and they combine with AND.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CountFilter {
-    /// Only this user's events.
-    pub user_id: Option<String>,
-    /// Only this event type.
-    pub event_type: Option<String>,
-    /// Only this aggregate type.
-    pub aggregate_type: Option<AggregateType>,
-    /// Only events at or after this time.
-    pub from_date: Option<DateTime<Utc>>,
-    /// Only events before this time.
-    pub to_date: Option<DateTime<Utc>>,
-}
 
 /// The event store: a pool of PostgreSQL connections and the queries over `events_v2`.
 ///
@@ -329,7 +281,7 @@ SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data,
   FROM events_v2
  WHERE aggregate_id = $1
    AND "timestamp" >= $2 AND "timestamp" <= $3
-   AND version >= $4 AND version <= $5
+   AND version > $4 AND version <= $5
    AND ($6::text[] IS NULL OR event_type = ANY ($6))
  ORDER BY version
 "#;
@@ -830,27 +782,23 @@ impl EventRepository {
     /// Reads only the chunks or partitions between the stream's first and last event. Fails with
     /// [`Error::Validation`] for bad options.
     pub async fn get_aggregate_stream(&self, aggregate_id: Uuid, options: &StreamOptions) -> Result<Vec<EventRecord>> {
-        let from = options.from_version.unwrap_or(1);
-        let to = options.to_version.unwrap_or(i32::MAX);
-        if from < 1 {
+        let after = options.from_version.unwrap_or(0);
+        if after < 0 {
             return Err(Error::invalid(
                 "fromVersion",
                 IssueCode::OutOfRange,
-                format!("fromVersion must be at least 1, not {from}"),
+                format!("fromVersion must be 0 or more, not {after}"),
             ));
         }
-        if to < from {
-            return Err(Error::invalid(
-                "toVersion",
-                IssueCode::OutOfRange,
-                format!("toVersion {to} is below fromVersion {from}"),
-            ));
+        let to = options.to_version.unwrap_or(i32::MAX);
+        let types = matchable(options.event_types.as_deref());
+        if to <= after || types.as_ref().is_some_and(Vec::is_empty) && options.event_types.is_some() {
+            return Ok(Vec::new());
         }
-        check_event_types("eventTypes", options.event_types.as_deref(), self.limits())?;
         in_session!(self, |client| {
             let Some(span) = client
                 .query_opt(
-                    "SELECT first_timestamp, last_timestamp FROM event_streams WHERE aggregate_id = $1",
+                    "SELECT first_timestamp, last_timestamp, version FROM event_streams WHERE aggregate_id = $1",
                     &[&aggregate_id],
                 )
                 .await?
@@ -859,9 +807,21 @@ impl EventRepository {
             };
             let first: DateTime<Utc> = span.get(0);
             let last: DateTime<Utc> = span.get(1);
-            let stmt = client.prepare_cached(STREAM_SQL).await?;
+            // The versions the stream row counts: an append that commits between the two reads
+            // may extend the span, so without this bound a read could return 1..n and n + 2.
+            let to = to.min(span.get::<_, i32>(2));
             let rows = client
-                .query(&stmt, &[&aggregate_id, &first, &last, &from, &to, &options.event_types])
+                .query_typed(
+                    STREAM_SQL,
+                    &[
+                        (&aggregate_id, Type::UUID),
+                        (&first, Type::TIMESTAMPTZ),
+                        (&last, Type::TIMESTAMPTZ),
+                        (&after, Type::INT4),
+                        (&to, Type::INT4),
+                        (&types, Type::TEXT_ARRAY),
+                    ],
+                )
                 .await?;
             rows.iter().map(record_from_row).collect::<Result<Vec<_>>>()
         })
@@ -886,7 +846,7 @@ impl EventRepository {
         let rows = client
             .query(
                 &format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {STREAM_SQL}"),
-                &[&aggregate_id, &first, &last, &1i32, &i32::MAX, &none],
+                &[&aggregate_id, &first, &last, &0i32, &i32::MAX, &none],
             )
             .await?;
         Ok(rows
@@ -914,21 +874,28 @@ impl EventRepository {
     /// Fails with [`Error::Validation`] for a bad user id or options.
     pub async fn get_user_stream(&self, user_id: &str, options: &UserStreamOptions) -> Result<Vec<EventRecord>> {
         let limits = self.limits();
-        validate::check_user_id_arg("userId", user_id, limits)?;
         let days = validate::check_days("days", options.days, limits)?;
         let since = Utc::now() - chrono::Duration::days(days);
         let limit = validate::check_limit("limit", options.limit, limits)?;
-        check_event_types("eventTypes", options.event_types.as_deref(), limits)?;
+        let types = matchable(options.event_types.as_deref());
+        if !can_match(user_id) || types.as_ref().is_some_and(Vec::is_empty) && options.event_types.is_some() {
+            return Ok(Vec::new());
+        }
         let aggregate_types: Option<Vec<&str>> = options
             .aggregate_types
             .as_ref()
             .map(|types| types.iter().map(|t| t.as_str()).collect());
         in_session!(self, |client| {
-            let stmt = client.prepare_cached(USER_STREAM_SQL).await?;
             let rows = client
-                .query(
-                    &stmt,
-                    &[&user_id, &since, &options.event_types, &aggregate_types, &limit],
+                .query_typed(
+                    USER_STREAM_SQL,
+                    &[
+                        (&user_id, Type::TEXT),
+                        (&since, Type::TIMESTAMPTZ),
+                        (&types, Type::TEXT_ARRAY),
+                        (&aggregate_types, Type::TEXT_ARRAY),
+                        (&limit, Type::INT8),
+                    ],
                 )
                 .await?;
             rows.iter().map(record_from_row).collect::<Result<Vec<_>>>()
@@ -941,7 +908,6 @@ impl EventRepository {
     /// Fails like [`EventRepository::get_user_stream`].
     pub async fn explain_user_stream(&self, user_id: &str, options: &UserStreamOptions) -> Result<String> {
         let limits = self.limits();
-        validate::check_user_id_arg("userId", user_id, limits)?;
         let days = validate::check_days("days", options.days, limits)?;
         let since = Utc::now() - chrono::Duration::days(days);
         let limit = validate::check_limit("limit", options.limit, limits)?;
@@ -976,8 +942,10 @@ impl EventRepository {
     ///
     /// Fails with [`Error::Validation`] for a bad type or limit.
     pub async fn get_events_by_type(&self, event_type: &str, limit: i64) -> Result<Vec<EventRecord>> {
-        validate::check_event_type_arg("eventType", event_type, self.limits())?;
         let limit = validate::check_limit("limit", limit, self.limits())?;
+        if !can_match(event_type) {
+            return Ok(Vec::new());
+        }
         in_session!(self, |client| {
             let stmt = client.prepare_cached(BY_TYPE_SQL).await?;
             let rows = client.query(&stmt, &[&event_type, &limit]).await?;
@@ -985,25 +953,12 @@ impl EventRepository {
         })
     }
 
-    /// How many events match every given filter.
-    ///
-    /// Fails with [`Error::Validation`] for a bad filter value or `from_date` after `to_date`.
+    /// How many events match every given filter (0 when a filter matches nothing, such as a
+    /// `to_date` before the `from_date`).
     pub async fn count_events(&self, filter: &CountFilter) -> Result<i64> {
-        let limits = self.limits();
-        if let Some(u) = &filter.user_id {
-            validate::check_user_id_arg("userId", u, limits)?;
-        }
-        if let Some(t) = &filter.event_type {
-            validate::check_event_type_arg("eventType", t, limits)?;
-        }
-        if let (Some(from), Some(to)) = (filter.from_date, filter.to_date) {
-            if from > to {
-                return Err(Error::invalid(
-                    "toDate",
-                    IssueCode::OutOfRange,
-                    "toDate is before fromDate",
-                ));
-            }
+        let filters = [&filter.user_id, &filter.event_type];
+        if filters.iter().any(|f| f.as_deref().is_some_and(|f| !can_match(f))) {
+            return Ok(0);
         }
         let aggregate_type = filter.aggregate_type.map(|t| t.as_str());
         in_session!(self, |client| {
@@ -1035,11 +990,9 @@ impl EventRepository {
     }
 }
 
-fn check_event_types(field: &str, types: Option<&[String]>, limits: &Limits) -> Result<()> {
-    for (i, t) in types.unwrap_or_default().iter().enumerate() {
-        validate::check_event_type_arg(&format!("{field}[{i}]"), t, limits)?;
-    }
-    Ok(())
+/// The event types of a filter that can match a stored type (none holds U+0000).
+fn matchable(types: Option<&[String]>) -> Option<Vec<&str>> {
+    types.map(|types| types.iter().map(String::as_str).filter(|t| can_match(t)).collect())
 }
 
 fn hidden_aggregate(aggregate_id: Uuid) -> Error {
@@ -1074,6 +1027,15 @@ fn record_from_new(event: NewEvent, id: Uuid, timestamp: DateTime<Utc>, position
     }
 }
 
+/// A jsonb column, read without failing on a number (see [`StoredJson`]).
+fn stored_json(row: &Row, column: usize) -> Result<Option<Value>> {
+    row.try_get::<_, Option<StoredJson>>(column)
+        .map(|v| v.map(|j| j.0))
+        .map_err(|e| Error::Internal {
+            message: format!("stored JSON in column {column} is unreadable: {e}"),
+        })
+}
+
 pub(crate) fn record_from_row(row: &Row) -> Result<EventRecord> {
     let aggregate_type: &str = row.get(3);
     let source: &str = row.get(11);
@@ -1086,8 +1048,8 @@ pub(crate) fn record_from_row(row: &Row) -> Result<EventRecord> {
         })?,
         event_type: row.get(4),
         user_id: row.get(5),
-        data: row.get::<_, Value>(6),
-        metadata: row.get(7),
+        data: stored_json(row, 6)?.unwrap_or(Value::Null),
+        metadata: stored_json(row, 7)?,
         version: row.get(8),
         causation_id: row.get(9),
         correlation_id: row.get(10),

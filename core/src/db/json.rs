@@ -1,0 +1,70 @@
+//! jsonb in and out of Rust: passed through as text ([`RawJsonb`]), or read into a
+//! [`serde_json::Value`] in a way that never fails on a number ([`StoredJson`]).
+
+use serde_json::Value;
+use tokio_postgres::types::{accepts, private::BytesMut, to_sql_checked, FromSql, IsNull, ToSql, Type};
+
+type BoxError = Box<dyn std::error::Error + Sync + Send>;
+
+/// The JSON text of a binary jsonb value (a version byte, 1, then the text).
+fn jsonb_text(raw: &[u8]) -> Result<&[u8], BoxError> {
+    match raw.split_first() {
+        Some((1, text)) => Ok(text),
+        _ => Err("unsupported jsonb version".into()),
+    }
+}
+
+/// A jsonb value passed through as its text, never parsed: the migration copies `data` as is.
+#[derive(Debug)]
+pub(crate) struct RawJsonb(pub(crate) Vec<u8>);
+
+impl<'a> FromSql<'a> for RawJsonb {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        Ok(RawJsonb(jsonb_text(raw)?.to_vec()))
+    }
+    accepts!(JSONB);
+}
+
+impl ToSql for RawJsonb {
+    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
+        out.extend_from_slice(&[1]);
+        out.extend_from_slice(&self.0);
+        Ok(IsNull::No)
+    }
+    accepts!(JSONB);
+    to_sql_checked!();
+}
+
+impl RawJsonb {
+    /// What kind of JSON value it is, from its first character.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self.0.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => "object",
+            Some(b'[') => "array",
+            Some(b'"') => "string",
+            Some(b'n') => "null",
+            Some(b't' | b'f') => "boolean",
+            _ => "number",
+        }
+    }
+}
+
+/// A stored jsonb value, read so that no number makes the read fail: a number beyond a double's
+/// range (stored before appends refused it, or written by other means) reads as `null`, where
+/// JavaScript's `JSON.parse` would make it `Infinity`; every other number reads as the nearest
+/// double, as `JSON.parse` does.
+pub(crate) struct StoredJson(pub(crate) Value);
+
+impl<'a> FromSql<'a> for StoredJson {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        let text = jsonb_text(raw)?;
+        match serde_json::from_slice(text) {
+            Ok(value) => Ok(StoredJson(value)),
+            Err(first) => match crate::numbers::without_unreadable_numbers(text) {
+                Some(readable) => Ok(StoredJson(serde_json::from_str(&readable)?)),
+                None => Err(first.into()),
+            },
+        }
+    }
+    accepts!(JSONB);
+}
