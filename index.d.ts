@@ -36,36 +36,43 @@ export declare class EventRepository {
    * Appends one event with optimistic locking: `version` must be the aggregate's version + 1.
    *
    * Rejects with `VALIDATION_FAILED` (with `field`), `CONCURRENCY_CONFLICT` (with
-   * `aggregateId`, `expectedVersion`, `actualVersion`) or `AGGREGATE_TYPE_MISMATCH`; nothing is
-   * written then.
+   * `aggregateId`, `expectedVersion`, `actualVersion`), `AGGREGATE_TYPE_MISMATCH`,
+   * `DUPLICATE_EVENT_ID` or `PERMISSION_DENIED`; nothing is written then. A retry with the same
+   * `id` after a lost reply resolves to the stored event.
    */
   append(event: AppendEventData): Promise<EventRecord>
   /**
    * Appends events atomically (all or none), any number of them.
    *
-   * Rejects like `append`, with `field` paths such as `events[3].version`.
+   * Rejects like `append`, with `field` paths such as `events[3].version`. A retry of a batch
+   * whose events are all stored (same ids, same versions) resolves to the stored events.
    */
   appendBatch(events: AppendEventData[]): Promise<Array<EventRecord>>
-  /** The aggregate's events in version order; `[]` for an unknown aggregate. */
-  getAggregateStream(aggregateId: string, options?: EventStreamOptions | undefined | null): Promise<Array<EventRecord>>
+  /**
+   * The aggregate's events in version order: the versions after `fromVersion` (default 0) up
+   * to and including `toVersion` (default the latest); `[]` for an unknown aggregate.
+   */
+  getAggregateStream(aggregateId: string, options?: EventStreamOptions): Promise<Array<EventRecord>>
   /** The aggregate's current version, or `null` when it has no events. */
   getAggregateVersion(aggregateId: string): Promise<number | undefined | null>
   /** A user's recent events, newest first (`days` 7 and `limit` 1000 by default). */
-  getUserStream(userId: string, options?: UserStreamOptions | undefined | null): Promise<Array<EventRecord>>
+  getUserStream(userId: string, options?: UserStreamOptions): Promise<Array<EventRecord>>
   /** Every event of a workflow, oldest first. */
   getCorrelatedEvents(correlationId: string): Promise<Array<EventRecord>>
   /** The latest events of one type, newest first (`limit` 100 by default). */
   getEventsByType(eventType: string, limit?: number | undefined | null): Promise<Array<EventRecord>>
   /** How many events match every given filter. */
-  countEvents(options?: CountEventsOptions | undefined | null): Promise<number>
+  countEvents(options?: CountEventsOptions): Promise<number>
   /**
    * Recomputes the `events_daily` days that received events since the last refresh (all days
-   * when `full`). Resolves to the number of days recomputed.
+   * when `full`). Resolves to the number of days recomputed. The tables' owner runs it (and
+   * roles granted EXECUTE on `refresh_events_daily`); others get `PERMISSION_DENIED`.
    */
   refreshAnalytics(full?: boolean | undefined | null): Promise<number>
   /**
    * A handle limited to `userId`'s events and streams by the database's row-level security:
-   * each call runs in a transaction that sets `app.current_user_id` locally. Shares the pool.
+   * each call runs in a transaction that sets `app.current_user_id` locally. Shares the pool:
+   * its `close()` ends only the handle.
    *
    * Throws `VALIDATION_FAILED` for a blank user id and `INVALID_CONFIG` when no connection
    * string is known yet.
@@ -76,7 +83,7 @@ export declare class EventRepository {
    * Never skips an event whose transaction commits late: pass the returned `checkpoint` to
    * the next call.
    */
-  readAll(options?: ReadAllOptions | undefined | null): Promise<ReadAllPage>
+  readAll(options?: ReadAllOptions): Promise<ReadAllPage>
   /**
    * An async iterator over every event in global order: catches up, then follows new events
    * (woken by LISTEN/NOTIFY, polling as a fallback). With `consumer`, resumes from that
@@ -85,7 +92,7 @@ export declare class EventRepository {
    *
    * `for await (const event of repo.subscribe({ consumer: 'search-index' })) { ... }`
    */
-  subscribe(options?: SubscribeOptions | undefined | null): EventSubscription
+  subscribe(options?: SubscribeOptions): EventSubscription
   /**
    * Copies the legacy `events` table into events_v2 exactly once (see docs/migration.md);
    * safe to interrupt and resume. Resolves to the report (migrated, skipped, failed rows).
@@ -97,10 +104,11 @@ export declare class EventRepository {
    */
   verifyLegacy(legacyTable?: string | undefined | null): Promise<Record<string, unknown>>
   /**
-   * Verifies, then drops the legacy table; refuses without `confirm: true` or when verify
-   * finds a difference.
+   * Verifies, then drops the legacy table; refuses without `confirm: true`, or when verify
+   * finds a difference, or while a row could not be migrated (unless `acceptLost`, which
+   * accepts those rows as lost and lists them).
    */
-  dropLegacyTable(legacyTable?: string | undefined | null, confirm?: boolean | undefined | null): Promise<Record<string, unknown>>
+  dropLegacyTable(legacyTable?: string | undefined | null, confirm?: boolean | undefined | null, options?: DropLegacyOptions | undefined | null): Promise<Record<string, unknown>>
   /**
    * Removes events older than `olderThan` by dropping whole partitions or chunks; refuses to
    * cut through a live aggregate unless `force`.
@@ -117,7 +125,10 @@ export declare class EventRepository {
    * `subscribe` with that consumer rejects with `CONSUMER_NEEDS_REPAIR`.
    */
   repairConsumer(consumer: string, options?: RepairConsumerOptions | undefined | null): Promise<Record<string, unknown>>
-  /** Closes the connection pool. Later calls reject with `CONNECTION_FAILED`. */
+  /**
+   * Closes the connection pool; later calls reject with `CONNECTION_FAILED`. On a handle from
+   * `forUser`, ends only that handle: the pool stays open for the repository it came from.
+   */
   close(): void
 }
 
@@ -187,13 +198,13 @@ export interface BookkeepingRule {
 
 /** A place in the global order (from `readAll`): pass it back to continue after it. */
 export interface Checkpoint {
-  /** The writing transaction of the last event read (a 64-bit number, as a string). */
+  /** A transaction id (a 64-bit number, as a string). */
   txid: string
-  /** The position of the last event read. */
+  /** A position within it. */
   position: number
 }
 
-/** Filters of `countEvents`; they combine with AND. */
+/** Filters of `countEvents`; they combine with AND. A filter that no event has counts 0. */
 export interface CountEventsOptions {
   /** Only this user's events. */
   userId?: string
@@ -201,10 +212,19 @@ export interface CountEventsOptions {
   eventType?: string
   /** Only this aggregate type. */
   aggregateType?: AggregateType
-  /** Only events at or after this time. */
+  /** Only events at or after this time (an invalid Date is refused). */
   fromDate?: Date
-  /** Only events before this time. */
+  /** Only events before this time (an invalid Date is refused). */
   toDate?: Date
+}
+
+/** Options of `dropLegacyTable`. */
+export interface DropLegacyOptions {
+  /**
+   * Accept the rows that could not be migrated (listed in the report) as lost; without it the
+   * drop is refused while any row is neither migrated nor accepted.
+   */
+  acceptLost?: boolean
 }
 
 /** A stored event. */
@@ -221,7 +241,10 @@ export interface EventRecord {
   eventType: string
   /** The acting user. */
   userId: string
-  /** The delta. */
+  /**
+   * The delta. Plain JSON data, as `JSON.parse` makes it: own keys only, numbers (never
+   * BigInt; the store refuses numbers a double cannot hold exactly).
+   */
   data: Record<string, unknown>
   /** Metadata; absent when none was given. */
   metadata?: Record<string, unknown>
@@ -251,13 +274,19 @@ export declare enum EventSource {
   SYSTEM = 'system',
 }
 
-/** Options of `getAggregateStream`. */
+/**
+ * Options of `getAggregateStream`, as in the design: the versions after `fromVersion` up to and
+ * including `toVersion`.
+ */
 export interface EventStreamOptions {
-  /** First version to return (inclusive); default 1. */
+  /**
+   * Return the versions after this one (exclusive); default 0, from the first. A caller that
+   * holds the state at version N asks for `fromVersion: N`.
+   */
   fromVersion?: number
-  /** Last version to return (inclusive); default the latest. */
+  /** The last version to return (inclusive); default the latest. */
   toVersion?: number
-  /** Only these event types. */
+  /** Only these event types (any strings; one that no event has matches nothing). */
   eventTypes?: Array<string>
 }
 
@@ -294,9 +323,9 @@ export interface FoldHistoryStep {
 /** Options of `foldEvents`. */
 export interface FoldOptions {
   /** Stop after this version (inclusive). */
-  upToVersion?: number
+  toVersion?: number
   /** Include only events at or before this time (a Date, an ISO string or ms). */
-  upToTimestamp?: Date | string | number
+  toTimestamp?: Date | string | number
   /** Also return the state after each event. */
   history?: boolean
   /** Which data keys are bookkeeping rather than state. */
@@ -367,7 +396,10 @@ export interface ReadAllOptions {
 export interface ReadAllPage {
   /** Events in global order. */
   events: Array<EventRecord>
-  /** Where the next read continues. */
+  /**
+   * Where the next read continues: after the last event of a full page, or the horizon after
+   * a shorter one (every event before it has been read).
+   */
   checkpoint: Checkpoint
 }
 

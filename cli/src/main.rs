@@ -79,6 +79,10 @@ enum Command {
         /// Really drop it.
         #[arg(long)]
         confirm: bool,
+        /// Accept the rows that could not be migrated as lost (they are listed); without it the
+        /// drop is refused while any row is neither migrated nor accepted.
+        #[arg(long)]
+        accept_lost: bool,
     },
     /// Remove events older than an age by dropping whole partitions or chunks.
     Retention {
@@ -312,7 +316,11 @@ async fn run(cli: Cli) -> Result<Outcome, Error> {
                 json: to_json(&report),
             })
         }
-        Command::DropLegacy { legacy_table, confirm } => {
+        Command::DropLegacy {
+            legacy_table,
+            confirm,
+            accept_lost,
+        } => {
             let report = repo.verify_legacy(&legacy_table).await?;
             if !cli.json {
                 eprintln!("{}", verify_text(&report));
@@ -322,11 +330,18 @@ async fn run(cli: Cli) -> Result<Outcome, Error> {
                     action: format!("dropping the legacy table \"{legacy_table}\" (pass --confirm)"),
                 });
             }
-            let dropped = repo.drop_legacy_table(&legacy_table, true).await?;
-            Ok(Outcome::ok(
-                to_json(&dropped),
-                format!("dropped legacy table {legacy_table}"),
-            ))
+            let dropped = repo.drop_legacy_table(&legacy_table, true, accept_lost).await?;
+            let mut text = format!("dropped legacy table {legacy_table}");
+            if dropped.accepted_lost_count > 0 {
+                text.push_str(&format!(
+                    "; {} row(s) that could not be migrated were accepted as lost:",
+                    dropped.accepted_lost_count
+                ));
+                for f in &dropped.accepted_lost {
+                    text.push_str(&format!("\n  lost {} [{}] {}", f.legacy_id, f.reason_code, f.reason));
+                }
+            }
+            Ok(Outcome::ok(to_json(&dropped), text))
         }
         Command::Retention {
             older_than,
@@ -508,7 +523,10 @@ fn verify_text(r: &synap_events::VerifyReport) -> String {
     for d in &r.count_differences {
         text.push_str(&format!(
             "\n  count user {} type {}: legacy {}, events_v2 {}",
-            d.user_id, d.event_type, d.legacy, d.events_v2
+            d.user_id.as_deref().unwrap_or("(none)"),
+            d.event_type.as_deref().unwrap_or("(none)"),
+            d.legacy,
+            d.events_v2
         ));
     }
     text

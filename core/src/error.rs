@@ -34,6 +34,24 @@ pub enum Error {
         actual_version: i32,
     },
 
+    /// An event with this id is already stored, as another event (ids are unique across the
+    /// store). Nothing was written.
+    #[error("event id {id} is already stored as another event")]
+    DuplicateEventId {
+        /// The id.
+        id: Uuid,
+        /// Where in a batch (`events[i].id`), or `id` for a single append.
+        field: String,
+    },
+
+    /// Some events of a batch are already stored with these ids at these versions and the others
+    /// are not: it is neither a retry of a stored batch nor a new one. Nothing was written.
+    #[error("events {stored:?} of the batch are already stored with these ids and versions, the others are not")]
+    BatchPartlyStored {
+        /// Indexes of the events already stored.
+        stored: Vec<usize>,
+    },
+
     /// The aggregate exists with another aggregate type than the appended event names.
     #[error("aggregate {aggregate_id} is a {stored}, not a {given}")]
     AggregateTypeMismatch {
@@ -279,6 +297,8 @@ impl Error {
             Error::Validation { .. } => "VALIDATION_FAILED",
             Error::ConcurrencyConflict { .. } => "CONCURRENCY_CONFLICT",
             Error::AggregateTypeMismatch { .. } => "AGGREGATE_TYPE_MISMATCH",
+            Error::DuplicateEventId { .. } => "DUPLICATE_EVENT_ID",
+            Error::BatchPartlyStored { .. } => "BATCH_PARTLY_STORED",
             Error::Fold { reason, .. } => reason.code(),
             Error::ConnectionFailed { .. } => "CONNECTION_FAILED",
             Error::PoolTimeout { .. } => "POOL_TIMEOUT",
@@ -369,6 +389,8 @@ impl Error {
                 given,
             } => json!({ "aggregateId": aggregate_id.to_string(), "storedType": stored, "givenType": given }),
             Error::Fold { index, .. } => json!({ "index": index }),
+            Error::DuplicateEventId { id, field } => json!({ "eventId": id.to_string(), "field": field }),
+            Error::BatchPartlyStored { stored } => json!({ "stored": stored }),
             Error::PoolTimeout { timeout_ms } => json!({ "timeoutMs": timeout_ms }),
             Error::MigrationChecksumMismatch { version, name, .. } | Error::MigrationFailed { version, name, .. } => {
                 json!({ "migrationVersion": version, "migrationName": name })

@@ -122,9 +122,9 @@ async fn a_scoped_handle_reaches_only_its_users_rows() {
     assert_eq!(page.events.len(), 2);
     assert!(page.events.iter().all(|e| e.user_id == "alice"));
 
-    // Writes: not into bob's aggregate, not as bob.
+    // Writes: not into bob's aggregate (at any version, refused as such), not as bob.
     let err = alice.append(owned_by("alice", b_agg, 4, workflow)).await.unwrap_err();
-    assert_eq!(err.code(), "CONCURRENCY_CONFLICT", "{err:?}");
+    assert_eq!(err.code(), "PERMISSION_DENIED", "{err:?}");
     let err = alice
         .append(owned_by("bob", Uuid::now_v7(), 1, workflow))
         .await
@@ -142,7 +142,7 @@ async fn a_scoped_handle_reaches_only_its_users_rows() {
         .append_batch(vec![owned_by("alice", b_agg, 4, workflow)])
         .await
         .unwrap_err();
-    assert_eq!(err.code(), "CONCURRENCY_CONFLICT", "{err:?}");
+    assert_eq!(err.code(), "PERMISSION_DENIED", "{err:?}");
 
     // Creating an aggregate that exists for another user: refused as such, not as a conflict
     // that a reload-and-retry loop could never resolve.

@@ -255,17 +255,24 @@ async fn migrates_in_order_continues_versions_and_reports_bad_rows() {
     let diffs: Vec<(&str, &str, i64, i64)> = v
         .count_differences
         .iter()
-        .map(|d| (d.user_id.as_str(), d.event_type.as_str(), d.legacy, d.events_v2))
+        .map(|d| {
+            (
+                d.user_id.as_deref().unwrap(),
+                d.event_type.as_deref().unwrap(),
+                d.legacy,
+                d.events_v2,
+            )
+        })
         .collect();
     assert_eq!(diffs, vec![("u9", "entity.created", 1, 0)]);
 
     // Dropping needs the confirmation and a clean verify.
     assert_eq!(
-        repo.drop_legacy_table("events", false).await.unwrap_err().code(),
+        repo.drop_legacy_table("events", false, false).await.unwrap_err().code(),
         "CONFIRMATION_REQUIRED"
     );
     assert_eq!(
-        repo.drop_legacy_table("events", true).await.unwrap_err().code(),
+        repo.drop_legacy_table("events", true, false).await.unwrap_err().code(),
         "VERIFY_FAILED"
     );
     c.execute(
@@ -283,7 +290,7 @@ async fn migrates_in_order_continues_versions_and_reports_bad_rows() {
         },
     )
     .await;
-    let dropped = repo.drop_legacy_table("events", true).await.unwrap();
+    let dropped = repo.drop_legacy_table("events", true, false).await.unwrap();
     assert!(dropped.dropped && dropped.verify.ok);
     let gone: bool = c
         .query_one("SELECT to_regclass('events') IS NULL", &[])

@@ -39,7 +39,8 @@ impl Checkpoint {
     /// A checkpoint from its parts as text carries them (`txid` is a 64-bit number, as a
     /// string in JavaScript).
     ///
-    /// Fails with [`Error::Validation`] (field `after.txid`) when `txid` is not a number.
+    /// Fails with [`Error::Validation`] (field `after.txid` or `after.position`) when `txid` is
+    /// not a number or `position` is negative.
     pub fn parse(txid: &str, position: i64) -> Result<Checkpoint> {
         let txid = txid.parse().map_err(|_| {
             Error::invalid(
@@ -48,6 +49,13 @@ impl Checkpoint {
                 format!("\"{txid}\" is not a transaction id"),
             )
         })?;
+        if position < 0 {
+            return Err(Error::invalid(
+                "after.position",
+                IssueCode::OutOfRange,
+                format!("a checkpoint's position is 0 or more, not {position}"),
+            ));
+        }
         Ok(Checkpoint { txid, position })
     }
 }

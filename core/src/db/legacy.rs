@@ -218,6 +218,18 @@ async fn check_legacy_table<C: GenericClient>(client: &C, name: &str) -> Result<
     Ok(())
 }
 
+/// The legacy table's key in the bookkeeping tables: its schema-qualified name, however it was
+/// spelt (`events` and `public.events` are one table).
+///
+/// Fails with [`Error::LegacyTableNotFound`] when there is no such table.
+async fn table_key<C: GenericClient>(client: &C, name: &str) -> Result<String> {
+    client
+        .query_one("SELECT synap_legacy_table_key(to_regclass($1))", &[&name])
+        .await?
+        .get::<_, Option<String>>(0)
+        .ok_or_else(|| Error::LegacyTableNotFound { table: name.to_owned() })
+}
+
 /// The aggregate type a legacy event type implies: its first segment when that is relation,
 /// user or system, else entity.
 pub fn infer_aggregate_type(event_type: &str) -> AggregateType {
@@ -336,7 +348,10 @@ WITH src AS (
     ON CONFLICT (day) DO NOTHING
 ), "#,
     feed_days_ctes!(),
-    r#", mapped AS (
+    r#", ids AS (
+    INSERT INTO events_v2_ids (id, aggregate_id, version)
+    SELECT event_id, aggregate_id, version FROM src WHERE (SELECT ok FROM passed)
+), mapped AS (
     INSERT INTO legacy_migration_map (legacy_table, legacy_id, event_id, aggregate_id, version, origin)
     SELECT $16, legacy_id, event_id, aggregate_id, version, 'migration' FROM src WHERE (SELECT ok FROM passed)
 )
@@ -344,10 +359,9 @@ SELECT (SELECT ok FROM passed), (SELECT count(*) FROM inserted)
 "#
 );
 
-const LOCK_SQL: &str =
-    "SELECT pg_try_advisory_lock(hashtext('synap.legacy_migration'), hashtext(current_schema() || '.' || $1))";
-const UNLOCK_SQL: &str =
-    "SELECT pg_advisory_unlock(hashtext('synap.legacy_migration'), hashtext(current_schema() || '.' || $1))";
+/// The migration lock of one legacy table, keyed by its schema-qualified name.
+const LOCK_SQL: &str = "SELECT pg_try_advisory_lock(hashtext('synap.legacy_migration'), hashtext($1))";
+const UNLOCK_SQL: &str = "SELECT pg_advisory_unlock(hashtext('synap.legacy_migration'), hashtext($1))";
 
 const RECORD_FAILURES_SQL: &str = "INSERT INTO legacy_migration_failures (legacy_table, legacy_id, reason_code, reason)
 SELECT $1, * FROM unnest($2::uuid[], $3::text[], $4::text[])
@@ -402,11 +416,11 @@ impl EventRepository {
         let mut reader = deadpool_postgres::Object::take(self.client().await?);
         let mut writer = deadpool_postgres::Object::take(self.client().await?);
         check_legacy_table(&*reader, &options.legacy_table).await?;
-
-        let table = options.legacy_table.as_str();
+        let key = table_key(&*reader, &options.legacy_table).await?;
+        let table = key.as_str();
         if options.dry_run {
             return self
-                .run_migration(&mut reader, &mut writer, &legacy, options, progress, started)
+                .run_migration(&mut reader, &mut writer, &legacy, table, options, progress, started)
                 .await;
         }
         // A killed run's backend may take a moment to notice and free the lock: wait a little.
@@ -442,7 +456,7 @@ impl EventRepository {
         };
         let result = match result {
             Ok(()) => {
-                self.run_migration(&mut reader, &mut writer, &legacy, options, progress, started)
+                self.run_migration(&mut reader, &mut writer, &legacy, table, options, progress, started)
                     .await
             }
             Err(e) => Err(e),
@@ -457,11 +471,11 @@ impl EventRepository {
         reader: &mut tokio_postgres::Client,
         writer: &mut tokio_postgres::Client,
         legacy: &str,
+        table: &str,
         options: &LegacyMigrationOptions,
         progress: &mut (dyn FnMut(&LegacyMigrationProgress) + Send),
         started: Instant,
     ) -> Result<LegacyMigrationReport> {
-        let table = options.legacy_table.as_str();
         let counts = writer
             .query_one(
                 "SELECT (SELECT count(*) FROM legacy_migration_map WHERE legacy_table = $1),
@@ -894,10 +908,10 @@ impl EventRepository {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CountDifference {
-    /// The user.
-    pub user_id: String,
-    /// The event type.
-    pub event_type: String,
+    /// The user (`None` for legacy rows without one).
+    pub user_id: Option<String>,
+    /// The event type (`None` for legacy rows without one).
+    pub event_type: Option<String>,
     /// Rows in the legacy table (failed rows excluded).
     pub legacy: i64,
     /// Their events in events_v2.
@@ -932,8 +946,11 @@ pub struct VerifyReport {
     pub migrated_rows: i64,
     /// Legacy rows written by dual-write (same id in both tables).
     pub dual_written_rows: i64,
-    /// Legacy rows recorded as failed (that still exist).
+    /// Legacy rows recorded as failed (that still exist), not accepted as lost.
     pub failed_count: i64,
+    /// Legacy rows recorded as failed and accepted as lost (`drop_legacy_table` with
+    /// `accept_lost`).
+    pub accepted_lost_count: i64,
     /// Some of them, with why.
     pub failed: Vec<LegacyRowFailure>,
     /// Legacy rows neither migrated nor failed.
@@ -962,7 +979,8 @@ impl VerifyReport {
             return format!("{} legacy rows, all in events_v2", self.legacy_rows);
         }
         format!(
-            "{} missing, {} mismatched, {} failed, {} (user, type) count differences, checksums {}",
+            "{} missing, {} mismatched, {} failed (accept them as lost with drop-legacy --accept-lost), \
+             {} (user, type) count differences, checksums {}",
             self.missing_count,
             self.mismatched_count,
             self.failed_count,
@@ -977,9 +995,11 @@ impl VerifyReport {
 }
 
 /// Comparison of the legacy table and events_v2; runs on `client`, so a caller can hold locks.
-async fn verify_on<C: GenericClient>(client: &C, table: &str) -> Result<VerifyReport> {
-    let legacy = quote_table(table)?;
-    check_legacy_table(client, table).await?;
+async fn verify_on<C: GenericClient>(client: &C, name: &str) -> Result<VerifyReport> {
+    let legacy = quote_table(name)?;
+    check_legacy_table(client, name).await?;
+    let key = table_key(client, name).await?;
+    let table = key.as_str();
     // Whole-table hash joins and aggregates: give them memory rather than spill files.
     client.batch_execute("SET LOCAL work_mem = '256MB'").await?;
     let limit = MAX_LISTED as i64;
@@ -987,6 +1007,8 @@ async fn verify_on<C: GenericClient>(client: &C, table: &str) -> Result<VerifyRe
         .query_one(
             &format!(
                 "SELECT (SELECT count(*) FROM {legacy}),
+                        (SELECT count(*) FROM legacy_migration_failures f JOIN {legacy} l ON l.id = f.legacy_id
+                          WHERE f.legacy_table = $1 AND f.accepted_at IS NOT NULL),
                         (SELECT count(*) FROM legacy_migration_map m JOIN {legacy} l ON l.id = m.legacy_id
                           WHERE m.legacy_table = $1 AND m.origin = 'migration'),
                         (SELECT count(*) FROM legacy_migration_map m JOIN {legacy} l ON l.id = m.legacy_id
@@ -1000,7 +1022,7 @@ async fn verify_on<C: GenericClient>(client: &C, table: &str) -> Result<VerifyRe
             &format!(
                 "SELECT f.legacy_id, f.reason_code, f.reason, count(*) OVER ()
                    FROM legacy_migration_failures f JOIN {legacy} l ON l.id = f.legacy_id
-                  WHERE f.legacy_table = $1 ORDER BY f.legacy_id LIMIT $2"
+                  WHERE f.legacy_table = $1 AND f.accepted_at IS NULL ORDER BY f.legacy_id LIMIT $2"
             ),
             &[&table, &limit],
         )
@@ -1078,8 +1100,9 @@ async fn verify_on<C: GenericClient>(client: &C, table: &str) -> Result<VerifyRe
         legacy_table: table.to_owned(),
         ok: false,
         legacy_rows: totals.get(0),
-        migrated_rows: totals.get(1),
-        dual_written_rows: totals.get(2),
+        accepted_lost_count: totals.get(1),
+        migrated_rows: totals.get(2),
+        dual_written_rows: totals.get(3),
         failed_count: count_of(&failed_rows, 3),
         failed: failed_rows
             .iter()
@@ -1143,6 +1166,10 @@ async fn verify_on<C: GenericClient>(client: &C, table: &str) -> Result<VerifyRe
 pub struct DropLegacyReport {
     /// The verify run under the lock, just before the drop.
     pub verify: VerifyReport,
+    /// The failed rows this call accepted as lost (at most [`MAX_LISTED`]).
+    pub accepted_lost: Vec<LegacyRowFailure>,
+    /// How many it accepted.
+    pub accepted_lost_count: i64,
     /// Whether the table was dropped.
     pub dropped: bool,
 }
@@ -1169,13 +1196,21 @@ impl EventRepository {
     }
 
     /// Drops the legacy table after verifying, in one transaction that blocks writes to it, that
-    /// events_v2 holds all of it. Turn dual-write off first: appends that still write to the
-    /// table fail once it is gone. The map and failure tables are kept, for the record.
+    /// events_v2 holds all of it. A legacy row that could not be migrated blocks the drop until
+    /// it is accepted as lost: `accept_lost` accepts every such row (they are listed in the
+    /// report and keep their record in `legacy_migration_failures`). Turn dual-write off first:
+    /// appends that still write to the table fail once it is gone. The map and failure tables
+    /// are kept, for the record.
     ///
     /// Fails with [`Error::ConfirmationRequired`] unless `confirm`, with [`Error::VerifyFailed`]
-    /// when verify finds any difference (nothing is dropped then), and like
-    /// [`EventRepository::verify_legacy`].
-    pub async fn drop_legacy_table(&self, legacy_table: &str, confirm: bool) -> Result<DropLegacyReport> {
+    /// when verify finds any difference or an unaccepted failed row (nothing is dropped or
+    /// accepted then), and like [`EventRepository::verify_legacy`].
+    pub async fn drop_legacy_table(
+        &self,
+        legacy_table: &str,
+        confirm: bool,
+        accept_lost: bool,
+    ) -> Result<DropLegacyReport> {
         let legacy = quote_table(legacy_table)?;
         if !confirm {
             return Err(Error::ConfirmationRequired {
@@ -1184,18 +1219,24 @@ impl EventRepository {
         }
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let exists: bool = tx
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&legacy_table])
-            .await?
-            .get(0);
-        if !exists {
-            return Err(Error::LegacyTableNotFound {
-                table: legacy_table.to_owned(),
-            });
-        }
+        let key = table_key(&*tx, legacy_table).await?;
         // Readers go on; writers wait, so nothing lands between the verify and the drop.
         tx.batch_execute(&format!("LOCK TABLE {legacy} IN EXCLUSIVE MODE"))
             .await?;
+        let mut accepted = Vec::new();
+        if accept_lost {
+            accepted = tx
+                .query(
+                    &format!(
+                        "UPDATE legacy_migration_failures f SET accepted_at = now()
+                           FROM {legacy} l
+                          WHERE f.legacy_table = $1 AND f.legacy_id = l.id AND f.accepted_at IS NULL
+                         RETURNING f.legacy_id, f.reason_code, f.reason"
+                    ),
+                    &[&key],
+                )
+                .await?;
+        }
         let verify = verify_on(&*tx, legacy_table).await?;
         if !verify.ok {
             tx.rollback().await?;
@@ -1206,7 +1247,20 @@ impl EventRepository {
         }
         tx.batch_execute(&format!("DROP TABLE {legacy}")).await?;
         tx.commit().await?;
-        Ok(DropLegacyReport { verify, dropped: true })
+        Ok(DropLegacyReport {
+            verify,
+            accepted_lost_count: accepted.len() as i64,
+            accepted_lost: accepted
+                .iter()
+                .take(MAX_LISTED)
+                .map(|r| LegacyRowFailure {
+                    legacy_id: r.get(0),
+                    reason_code: r.get(1),
+                    reason: r.get(2),
+                })
+                .collect(),
+            dropped: true,
+        })
     }
 }
 

@@ -74,6 +74,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0007_analytics_refresh.sql"),
         earlier_checksums: &[],
     },
+    Migration {
+        version: 8,
+        name: "correctness",
+        sql: include_str!("../../../migrations/0008_correctness.sql"),
+        earlier_checksums: &[],
+    },
 ];
 
 /// What a migration run did.

@@ -187,6 +187,9 @@ WITH ev AS (
     feed_days_mark!(),
     r#"
     RETURNING "timestamp", position/*DUAL_RETURNING*/
+), ids AS (
+    INSERT INTO events_v2_ids (id, aggregate_id, version)
+    SELECT id, aggregate_id, version FROM ev WHERE EXISTS (SELECT 1 FROM created UNION ALL SELECT 1 FROM advanced)
 ), dirty AS (
     INSERT INTO events_daily_dirty (day)
     SELECT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
@@ -234,6 +237,9 @@ WITH ev AS (
     r#"
      ORDER BY ord
     RETURNING id, "timestamp", position/*DUAL_RETURNING*/
+), ids AS (
+    INSERT INTO events_v2_ids (id, aggregate_id, version)
+    SELECT id, aggregate_id, version FROM ev WHERE (SELECT ok FROM passed)
 ), dirty AS (
     INSERT INTO events_daily_dirty (day)
     SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
@@ -258,14 +264,15 @@ fn with_dual_write(sql: &str, legacy_table: Option<&str>) -> Result<String> {
     } else {
         ", id, aggregate_id, version, event_type, user_id, data, source, correlation_id"
     };
-    // `name` passed quote_table, so it holds only [a-z0-9_.] and is safe inside a literal.
+    // `quoted` passed quote_table: only [a-z0-9_."], safe inside a literal. The map is keyed by
+    // the table's schema-qualified name, as the legacy migration keys it.
     let dual = format!(
         r#", legacy AS (
     INSERT INTO {quoted} (id, user_id, "timestamp", type, data, source, correlation_id)
     SELECT id, user_id, "timestamp", event_type, data, source, correlation_id FROM inserted
 ), legacy_map AS (
     INSERT INTO legacy_migration_map (legacy_table, legacy_id, event_id, aggregate_id, version, origin)
-    SELECT '{name}', id, id, aggregate_id, version, 'dual_write' FROM inserted
+    SELECT synap_legacy_table_key('{quoted}'::regclass), id, id, aggregate_id, version, 'dual_write' FROM inserted
 )"#
     );
     Ok(sql
@@ -533,8 +540,11 @@ impl EventRepository {
                 &event.correlation_id,
                 &event.source.as_str(),
             ];
-            if let Some(row) = client.query_opt(&stmt, &params).await? {
-                return Ok(record_from_new(event, id, row.get(0), row.get(1)));
+            match client.query_opt(&stmt, &params).await {
+                Ok(Some(row)) => return Ok(record_from_new(event, id, row.get(0), row.get(1))),
+                Ok(None) => {}
+                Err(e) if is_duplicate_id(&e) => return Err(Error::DuplicateEventId { id, field: "id".into() }),
+                Err(e) => return Err(e.into()),
             }
             let stream = client
                 .query_opt(
@@ -543,9 +553,9 @@ impl EventRepository {
                 )
                 .await?;
             let Some(stream) = stream else {
-                if event.version == 1 {
-                    // The guard refused to create the stream, yet no stream is visible: it exists
-                    // but row-level security hides it (another user's aggregate).
+                // No stream is visible: either there is none, or row-level security hides
+                // another user's (the guard refused to create it, for version 1).
+                if event.version == 1 || aggregate_exists(client, event.aggregate_id).await? {
                     return Err(hidden_aggregate(event.aggregate_id));
                 }
                 return Err(conflict(&event, 0));
@@ -691,8 +701,13 @@ impl EventRepository {
             &agg_first,
             &agg_last,
         ];
-        let mut rows = tx.query(&stmt, &params).await?;
-        if rows.len() != n {
+        let inserted = match tx.query(&stmt, &params).await {
+            Ok(rows) if rows.len() == n => Some(rows),
+            Ok(_) => None,
+            Err(e) if is_duplicate_id(&e) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let Some(mut rows) = inserted else {
             // The guard may have moved some stream rows before failing: undo, then look at the
             // committed state (in a transaction of its own, which carries a scoped user).
             tx.rollback().await?;
@@ -700,12 +715,17 @@ impl EventRepository {
             if let Some(user) = &self.scope {
                 tx.execute(SET_USER_SQL, &[&&**user]).await?;
             }
-            let error = self
-                .diagnose_batch(&Session::Tx(&tx), &events, &agg_ids, &agg_first, &agg_types)
-                .await;
+            let session = Session::Tx(&tx);
+            let outcome = match stored_batch(&session, &events, &ids).await {
+                Ok(Some(stored)) => Ok(stored),
+                Ok(None) => Err(self
+                    .diagnose_batch(&session, &events, &agg_ids, &agg_first, &agg_types)
+                    .await),
+                Err(e) => Err(e),
+            };
             tx.rollback().await?;
-            return Err(error);
-        }
+            return outcome;
+        };
         tx.commit().await?;
 
         // Positions are drawn in batch order, so sorting by position restores it.
@@ -752,6 +772,13 @@ impl EventRepository {
             if agg_first[i] == 1 && !current.contains_key(agg) {
                 invisible_new.get_or_insert(*agg);
                 continue;
+            }
+            if !current.contains_key(agg) {
+                match aggregate_exists(client, *agg).await {
+                    Ok(true) => return hidden_aggregate(*agg),
+                    Ok(false) => {}
+                    Err(e) => return e,
+                }
             }
             let (actual, stored_type) = current.get(agg).cloned().unwrap_or((0, agg_types[i].to_owned()));
             if stored_type != agg_types[i] {
@@ -993,6 +1020,109 @@ impl EventRepository {
 /// The event types of a filter that can match a stored type (none holds U+0000).
 fn matchable(types: Option<&[String]>) -> Option<Vec<&str>> {
     types.map(|types| types.iter().map(String::as_str).filter(|t| can_match(t)).collect())
+}
+
+/// A batch that failed, seen through the id registry: `Some(records)` when every event is
+/// already stored with its id at its aggregate and version (a retry after a lost reply), `None`
+/// when none is.
+///
+/// Fails with [`Error::DuplicateEventId`] when an id is stored as another event, and
+/// [`Error::BatchPartlyStored`] when some events are stored and others not.
+async fn stored_batch(client: &Session<'_, '_>, events: &[NewEvent], ids: &[Uuid]) -> Result<Option<Vec<EventRecord>>> {
+    let registered: HashMap<Uuid, (Uuid, i32)> = client
+        .query(
+            "SELECT id, aggregate_id, version FROM events_v2_ids WHERE id = ANY ($1)",
+            &[&ids],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let mut stored = Vec::new();
+    for (i, (event, id)) in events.iter().zip(ids).enumerate() {
+        match registered.get(id) {
+            Some(&(aggregate, version)) if aggregate == event.aggregate_id && version == event.version => {
+                stored.push(i)
+            }
+            Some(_) => {
+                return Err(Error::DuplicateEventId {
+                    id: *id,
+                    field: format!("events[{i}].id"),
+                })
+            }
+            None => {}
+        }
+    }
+    if stored.is_empty() {
+        return Ok(None);
+    }
+    if stored.len() < events.len() {
+        return Err(Error::BatchPartlyStored { stored });
+    }
+    // Every event is stored: read them back, bounded by their streams' time spans.
+    let aggregates: Vec<Uuid> = events.iter().map(|e| e.aggregate_id).collect();
+    let versions: Vec<i32> = events.iter().map(|e| e.version).collect();
+    let span = client
+        .query_one(
+            "SELECT min(first_timestamp), max(last_timestamp) FROM event_streams WHERE aggregate_id = ANY ($1)",
+            &[&aggregates],
+        )
+        .await?;
+    let (Some(first), Some(last)) = (
+        span.get::<_, Option<DateTime<Utc>>>(0),
+        span.get::<_, Option<DateTime<Utc>>>(1),
+    ) else {
+        return Err(Error::Internal {
+            message: "a stored batch's streams are not visible".into(),
+        });
+    };
+    let rows = client
+        .query_typed(
+            &format!(
+                "SELECT {EVENT_COLUMNS} FROM events_v2 e \
+                  WHERE e.\"timestamp\" >= $3 AND e.\"timestamp\" <= $4 \
+                    AND (e.aggregate_id, e.version) IN (SELECT a, v FROM unnest($1::uuid[], $2::int4[]) AS k(a, v))"
+            ),
+            &[
+                (&aggregates, Type::UUID_ARRAY),
+                (&versions, Type::INT4_ARRAY),
+                (&first, Type::TIMESTAMPTZ),
+                (&last, Type::TIMESTAMPTZ),
+            ],
+        )
+        .await?;
+    let mut by_key: HashMap<(Uuid, i32), EventRecord> = HashMap::new();
+    for row in &rows {
+        let record = record_from_row(row)?;
+        by_key.insert((record.aggregate_id, record.version), record);
+    }
+    events
+        .iter()
+        .map(|e| {
+            by_key
+                .remove(&(e.aggregate_id, e.version))
+                .ok_or_else(|| Error::Internal {
+                    message: format!("stored event {} v{} was not found", e.aggregate_id, e.version),
+                })
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// Whether the statement failed on the id registry's key: an id that is already stored.
+fn is_duplicate_id(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION && db.constraint() == Some("events_v2_ids_pkey")
+    })
+}
+
+/// Whether the aggregate exists, whoever it belongs to (`synap_aggregate_exists` runs with the
+/// owner's rights and answers nothing more).
+async fn aggregate_exists(client: &Session<'_, '_>, aggregate_id: Uuid) -> Result<bool> {
+    Ok(client
+        .query_one("SELECT synap_aggregate_exists($1)", &[&aggregate_id])
+        .await?
+        .get(0))
 }
 
 fn hidden_aggregate(aggregate_id: Uuid) -> Error {

@@ -1,0 +1,384 @@
+//! The shapes that cross between JavaScript and the core: enums, events, checkpoints, and the
+//! option objects (declared here for their TypeScript types; their values are read by the core
+//! from JSON, see `synap_events::query`).
+
+use chrono::{DateTime, Utc};
+use napi_derive::napi;
+use serde_json::Value;
+use synap_events as core;
+
+use crate::{IntoJs, Json};
+
+/// What an aggregate is.
+#[napi(string_enum)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum AggregateType {
+    /// `entity`: notes, tasks, documents.
+    #[napi(value = "entity")]
+    ENTITY,
+    /// `relation`: a link between entities.
+    #[napi(value = "relation")]
+    RELATION,
+    /// `user`: a user account.
+    #[napi(value = "user")]
+    USER,
+    /// `system`: the system itself.
+    #[napi(value = "system")]
+    SYSTEM,
+}
+
+/// Where an event came from.
+#[napi(string_enum)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum EventSource {
+    /// `api`: a user action through the API.
+    #[napi(value = "api")]
+    API,
+    /// `automation`: a rule or workflow.
+    #[napi(value = "automation")]
+    AUTOMATION,
+    /// `sync`: a device or integration sync.
+    #[napi(value = "sync")]
+    SYNC,
+    /// `migration`: copied from the legacy events table.
+    #[napi(value = "migration")]
+    MIGRATION,
+    /// `system`: the system itself.
+    #[napi(value = "system")]
+    SYSTEM,
+}
+
+impl From<core::AggregateType> for AggregateType {
+    fn from(t: core::AggregateType) -> Self {
+        match t {
+            core::AggregateType::Entity => AggregateType::ENTITY,
+            core::AggregateType::Relation => AggregateType::RELATION,
+            core::AggregateType::User => AggregateType::USER,
+            core::AggregateType::System => AggregateType::SYSTEM,
+        }
+    }
+}
+
+impl From<&AggregateType> for core::AggregateType {
+    fn from(t: &AggregateType) -> Self {
+        match t {
+            AggregateType::ENTITY => core::AggregateType::Entity,
+            AggregateType::RELATION => core::AggregateType::Relation,
+            AggregateType::USER => core::AggregateType::User,
+            AggregateType::SYSTEM => core::AggregateType::System,
+        }
+    }
+}
+
+impl From<core::EventSource> for EventSource {
+    fn from(s: core::EventSource) -> Self {
+        match s {
+            core::EventSource::Api => EventSource::API,
+            core::EventSource::Automation => EventSource::AUTOMATION,
+            core::EventSource::Sync => EventSource::SYNC,
+            core::EventSource::Migration => EventSource::MIGRATION,
+            core::EventSource::System => EventSource::SYSTEM,
+        }
+    }
+}
+
+/// An event to append. Objects with extra keys are accepted; `undefined` members count as absent.
+#[napi(object)]
+pub struct AppendEventData {
+    /// Event id (UUID); generated when absent. Supplying it makes a retried append idempotent.
+    pub id: Option<String>,
+    /// When it happened; the database's clock when absent.
+    pub timestamp: Option<DateTime<Utc>>,
+    /// The aggregate (UUID).
+    pub aggregate_id: String,
+    /// The aggregate's type; fixed by its first event.
+    pub aggregate_type: AggregateType,
+    /// Dotted lowercase name, e.g. `entity.created`.
+    pub event_type: String,
+    /// The acting user.
+    pub user_id: String,
+    /// The change (deltas only), a JSON object.
+    #[napi(ts_type = "Record<string, unknown>")]
+    pub data: Value,
+    /// Optional JSON object about the event.
+    #[napi(ts_type = "Record<string, unknown>")]
+    pub metadata: Option<Value>,
+    /// The aggregate's version after this event: current version + 1 (1 creates it).
+    pub version: u32,
+    /// The event that caused this one (UUID).
+    pub causation_id: Option<String>,
+    /// The workflow this event belongs to (UUID).
+    pub correlation_id: Option<String>,
+    /// Where it came from; `api` when absent.
+    pub source: Option<EventSource>,
+}
+
+/// A stored event.
+#[napi(object, object_from_js = false)]
+pub struct EventRecord {
+    /// Event id (UUID).
+    pub id: String,
+    /// When it happened.
+    pub timestamp: DateTime<Utc>,
+    /// The aggregate (UUID).
+    pub aggregate_id: String,
+    /// The aggregate's type.
+    pub aggregate_type: AggregateType,
+    /// Dotted lowercase event name.
+    pub event_type: String,
+    /// The acting user.
+    pub user_id: String,
+    /// The delta. Plain JSON data, as `JSON.parse` makes it: own keys only, numbers (never
+    /// BigInt; the store refuses numbers a double cannot hold exactly).
+    #[napi(ts_type = "Record<string, unknown>")]
+    pub data: Json,
+    /// Metadata; absent when none was given.
+    #[napi(ts_type = "Record<string, unknown>")]
+    pub metadata: Option<Json>,
+    /// The aggregate's version after this event.
+    pub version: u32,
+    /// The event that caused this one; absent when none.
+    pub causation_id: Option<String>,
+    /// The workflow; absent when none.
+    pub correlation_id: Option<String>,
+    /// Where it came from.
+    pub source: EventSource,
+    /// Global insert order across aggregates (gaps are possible).
+    pub position: i64,
+}
+
+impl From<core::EventRecord> for EventRecord {
+    fn from(r: core::EventRecord) -> Self {
+        EventRecord {
+            id: r.id.to_string(),
+            timestamp: r.timestamp,
+            aggregate_id: r.aggregate_id.to_string(),
+            aggregate_type: r.aggregate_type.into(),
+            event_type: r.event_type,
+            user_id: r.user_id,
+            data: Json(r.data),
+            metadata: r.metadata.map(Json),
+            version: r.version as u32,
+            causation_id: r.causation_id.map(|u| u.to_string()),
+            correlation_id: r.correlation_id.map(|u| u.to_string()),
+            source: r.source.into(),
+            position: r.position,
+        }
+    }
+}
+
+impl IntoJs<EventRecord> for core::EventRecord {
+    fn into_js(self) -> EventRecord {
+        self.into()
+    }
+}
+
+impl IntoJs<Vec<EventRecord>> for Vec<core::EventRecord> {
+    fn into_js(self) -> Vec<EventRecord> {
+        self.into_iter().map(Into::into).collect()
+    }
+}
+
+/// Options of `getAggregateStream`, as in the design: the versions after `fromVersion` up to and
+/// including `toVersion`.
+#[napi(object, object_to_js = false)]
+pub struct EventStreamOptions {
+    /// Return the versions after this one (exclusive); default 0, from the first. A caller that
+    /// holds the state at version N asks for `fromVersion: N`.
+    pub from_version: Option<f64>,
+    /// The last version to return (inclusive); default the latest.
+    pub to_version: Option<f64>,
+    /// Only these event types (any strings; one that no event has matches nothing).
+    pub event_types: Option<Vec<String>>,
+}
+
+/// Options of `getUserStream`.
+#[napi(object, object_to_js = false)]
+pub struct UserStreamOptions {
+    /// How many days back from now; default 7.
+    pub days: Option<f64>,
+    /// Most events returned; default 1000.
+    pub limit: Option<f64>,
+    /// Only these event types.
+    pub event_types: Option<Vec<String>>,
+    /// Only these aggregate types.
+    pub aggregate_types: Option<Vec<AggregateType>>,
+}
+
+/// Filters of `countEvents`; they combine with AND. A filter that no event has counts 0.
+#[napi(object, object_to_js = false)]
+pub struct CountEventsOptions {
+    /// Only this user's events.
+    pub user_id: Option<String>,
+    /// Only this event type.
+    pub event_type: Option<String>,
+    /// Only this aggregate type.
+    pub aggregate_type: Option<AggregateType>,
+    /// Only events at or after this time (an invalid Date is refused).
+    pub from_date: Option<DateTime<Utc>>,
+    /// Only events before this time (an invalid Date is refused).
+    pub to_date: Option<DateTime<Utc>>,
+}
+
+/// Settings of `new EventRepository(options)`.
+#[napi(object, object_to_js = false)]
+pub struct RepositoryOptions {
+    /// PostgreSQL connection string; default `process.env.DATABASE_URL` at first use.
+    pub connection_string: Option<String>,
+    /// Largest number of pooled connections; default 10.
+    pub pool_size: Option<u32>,
+    /// How long opening a connection may take, in ms; default 10000.
+    pub connect_timeout_ms: Option<u32>,
+    /// How long a call waits for a free connection before `POOL_TIMEOUT`, in ms; default 30000.
+    pub acquire_timeout_ms: Option<u32>,
+    /// Server-side statement timeout in ms; default: the server's.
+    pub statement_timeout_ms: Option<u32>,
+    /// Schema holding the tables (lowercase letters, digits, `_`); default: the server's search_path.
+    pub schema: Option<String>,
+    /// `auto` (default), `timescaledb` or `native`: how `migrate()` creates events_v2.
+    pub storage_mode: Option<String>,
+    /// Largest `data` or `metadata`, in bytes of JSON; default 1 MiB.
+    pub max_data_bytes: Option<u32>,
+    /// During the switch-over: also write every appended event into this legacy table (e.g.
+    /// `events`), in the same statement, so old readers keep working.
+    pub dual_write_legacy_table: Option<String>,
+}
+
+/// Options of `migrateLegacyEvents`.
+#[napi(object, object_to_js = false)]
+pub struct LegacyMigrationOptions {
+    /// The legacy table; default `events`.
+    pub legacy_table: Option<String>,
+    /// Rows per transaction; default 5000.
+    pub batch_size: Option<u32>,
+    /// Migrate at most this many rows in this call.
+    pub limit: Option<i64>,
+    /// Check every row and report, writing nothing.
+    pub dry_run: Option<bool>,
+    /// Continue a run that was interrupted (required once a run has started).
+    pub resume: Option<bool>,
+    /// `skip` (default: record bad rows and go on) or `fail` (stop before the first bad row).
+    pub on_invalid: Option<String>,
+}
+
+/// Options of `dropLegacyTable`.
+#[napi(object, object_to_js = false)]
+pub struct DropLegacyOptions {
+    /// Accept the rows that could not be migrated (listed in the report) as lost; without it the
+    /// drop is refused while any row is neither migrated nor accepted.
+    pub accept_lost: Option<bool>,
+}
+
+/// Options of `repairConsumer`.
+#[napi(object, object_to_js = false)]
+pub struct RepairConsumerOptions {
+    /// Keep the consumer's checkpoint instead of going back to the start.
+    pub accept: Option<bool>,
+    /// Say what would happen; change nothing.
+    pub dry_run: Option<bool>,
+}
+
+/// Options of `applyRetention`.
+#[napi(object, object_to_js = false)]
+pub struct RetentionOptions {
+    /// Age such as `90d`, `12w` or `2y`: events older than now minus it go.
+    pub older_than: String,
+    /// List what would go, remove nothing.
+    pub dry_run: Option<bool>,
+    /// Cut through aggregates that have events on both sides of the cut-off.
+    pub force: Option<bool>,
+}
+
+/// What `migrate()` did.
+#[napi(object, object_from_js = false)]
+pub struct MigrationReport {
+    /// Versions applied now.
+    pub applied: Vec<i32>,
+    /// Versions that had been applied before.
+    pub already_applied: Vec<i32>,
+    /// `timescaledb` or `native`.
+    pub storage_mode: String,
+}
+
+impl IntoJs<MigrationReport> for core::MigrationReport {
+    fn into_js(self) -> MigrationReport {
+        MigrationReport {
+            applied: self.applied,
+            already_applied: self.already_applied,
+            storage_mode: self.storage_mode,
+        }
+    }
+}
+
+/// A place in the global order (from `readAll`): pass it back to continue after it.
+#[napi(object)]
+#[derive(Clone)]
+pub struct Checkpoint {
+    /// A transaction id (a 64-bit number, as a string).
+    pub txid: String,
+    /// A position within it.
+    pub position: i64,
+}
+
+impl From<core::Checkpoint> for Checkpoint {
+    fn from(c: core::Checkpoint) -> Self {
+        Checkpoint {
+            txid: c.txid.to_string(),
+            position: c.position,
+        }
+    }
+}
+
+/// Options of `readAll`.
+#[napi(object, object_to_js = false)]
+pub struct ReadAllOptions {
+    /// Continue after this checkpoint; from the start when absent.
+    pub after: Option<Checkpoint>,
+    /// Most events returned; default 1000.
+    pub limit: Option<f64>,
+}
+
+/// A page of `readAll`.
+#[napi(object, object_from_js = false)]
+pub struct ReadAllPage {
+    /// Events in global order.
+    pub events: Vec<EventRecord>,
+    /// Where the next read continues: after the last event of a full page, or the horizon after
+    /// a shorter one (every event before it has been read).
+    pub checkpoint: Checkpoint,
+}
+
+impl IntoJs<ReadAllPage> for core::Page {
+    fn into_js(self) -> ReadAllPage {
+        ReadAllPage {
+            events: self.events.into_iter().map(Into::into).collect(),
+            checkpoint: self.checkpoint.into(),
+        }
+    }
+}
+
+/// Options of `subscribe`.
+#[napi(object, object_to_js = false)]
+pub struct SubscribeOptions {
+    /// A named consumer resumes from its stored checkpoint and stores progress.
+    pub consumer: Option<String>,
+    /// Where to start when the consumer has no stored checkpoint; default the beginning.
+    pub from: Option<Checkpoint>,
+    /// Events fetched per round trip; default 100.
+    pub batch_size: Option<f64>,
+    /// How often to poll when no notification arrives, in ms; default 1000.
+    pub poll_interval_ms: Option<f64>,
+}
+
+/// A checkpoint given by JavaScript, checked by the core.
+pub(crate) fn checkpoint_arg(field: &str, value: &Value) -> core::Result<Option<core::Checkpoint>> {
+    let Some(obj) = value.get(field).filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let txid = obj.get("txid").and_then(Value::as_str).unwrap_or("");
+    let position = match obj.get("position").and_then(Value::as_f64) {
+        Some(p) => core::query::whole_number_arg(&format!("{field}.position"), p)?,
+        None => -1,
+    };
+    core::Checkpoint::parse(txid, position).map(Some)
+}

@@ -1,0 +1,452 @@
+//! The `EventRepository` class.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use serde_json::Value;
+use synap_events as core;
+
+use crate::records::{
+    checkpoint_arg, DropLegacyOptions, EventRecord, LegacyMigrationOptions, MigrationReport, ReadAllPage,
+    RepairConsumerOptions, RepositoryOptions, RetentionOptions,
+};
+use crate::subscription::EventSubscription;
+use crate::{js_to_json, spawn, to_js_error, to_json_value, Checked, IntoJs, Json};
+
+enum Source {
+    Env,
+    Config(Box<core::RepositoryConfig>),
+}
+
+/// The event store. `new EventRepository()` reads `DATABASE_URL` at first use; pass a connection
+/// string or options to configure it. Connections open lazily and close with `close()`; an open
+/// pool does not keep the process alive.
+#[napi]
+pub struct EventRepository {
+    source: Arc<Source>,
+    inner: Arc<Mutex<Option<core::EventRepository>>>,
+    /// Set by `close()`, also before the first call opened anything.
+    closed: Arc<AtomicBool>,
+    /// For a handle from `forUser`: the closed flag of the repository that owns the pool.
+    owner_closed: Option<Arc<AtomicBool>>,
+}
+
+#[napi]
+impl EventRepository {
+    /// A repository; nothing connects until the first call.
+    ///
+    /// Throws `INVALID_CONFIG` for unusable options.
+    #[napi(constructor, catch_unwind)]
+    pub fn new(
+        env: Env,
+        #[napi(ts_arg_type = "RepositoryOptions | string")] options: Option<Either<String, RepositoryOptions>>,
+    ) -> Result<Self> {
+        let source = match options {
+            None => Source::Env,
+            Some(Either::A(url)) => Source::Config(Box::new(core::RepositoryConfig::new(url))),
+            Some(Either::B(o)) => {
+                let mut config = match o.connection_string {
+                    Some(url) => core::RepositoryConfig::new(url),
+                    None => match core::RepositoryConfig::from_env() {
+                        Ok(c) => c,
+                        // Without a URL yet, keep the options and fail at first use.
+                        Err(_) => core::RepositoryConfig::new(String::new()),
+                    },
+                };
+                if let Some(n) = o.pool_size {
+                    config.pool_size = n as usize;
+                }
+                if let Some(ms) = o.connect_timeout_ms {
+                    config.connect_timeout = Duration::from_millis(ms.into());
+                }
+                if let Some(ms) = o.acquire_timeout_ms {
+                    config.acquire_timeout = Duration::from_millis(ms.into());
+                }
+                if let Some(ms) = o.statement_timeout_ms {
+                    config.statement_timeout = Some(Duration::from_millis(ms.into()));
+                }
+                config.schema = o.schema;
+                if let Some(mode) = o.storage_mode {
+                    config.storage_mode = core::StorageMode::parse(&mode).map_err(|e| to_js_error(&env, e))?;
+                }
+                if let Some(bytes) = o.max_data_bytes {
+                    config.limits.max_data_bytes = bytes as usize;
+                }
+                config.dual_write_legacy_table = o.dual_write_legacy_table;
+                Source::Config(Box::new(config))
+            }
+        };
+        let repo = EventRepository {
+            source: Arc::new(source),
+            inner: Arc::new(Mutex::new(None)),
+            closed: Arc::new(AtomicBool::new(false)),
+            owner_closed: None,
+        };
+        // Report bad options now rather than at the first call, unless only the URL is missing.
+        if let Source::Config(c) = &*repo.source {
+            if !c.database_url.is_empty() {
+                repo.repository().map_err(|e| to_js_error(&env, e))?;
+            }
+        }
+        Ok(repo)
+    }
+
+    fn repository(&self) -> core::Result<core::EventRepository> {
+        let closed =
+            self.closed.load(Ordering::SeqCst) || self.owner_closed.as_ref().is_some_and(|c| c.load(Ordering::SeqCst));
+        if closed {
+            return Err(core::Error::ConnectionFailed {
+                message: "the repository was closed".into(),
+            });
+        }
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(repo) = &*guard {
+            return Ok(repo.clone());
+        }
+        let repo = match &*self.source {
+            Source::Env => core::EventRepository::from_env()?,
+            Source::Config(c) if c.database_url.is_empty() => {
+                let mut c = (**c).clone();
+                c.database_url = core::RepositoryConfig::from_env()?.database_url;
+                core::EventRepository::new(c)?
+            }
+            Source::Config(c) => core::EventRepository::new((**c).clone())?,
+        };
+        *guard = Some(repo.clone());
+        Ok(repo)
+    }
+
+    fn run<'env, T, V, F, Fut>(&self, env: &'env Env, work: F) -> Result<PromiseRaw<'env, V>>
+    where
+        T: Send + 'static,
+        V: ToNapiValue + 'static,
+        F: FnOnce(core::EventRepository) -> Fut,
+        Fut: Future<Output = core::Result<T>> + Send + 'static,
+        T: IntoJs<V>,
+    {
+        let fut = match self.repository() {
+            Ok(repo) => futures_util::future::Either::Left(work(repo)),
+            Err(e) => futures_util::future::Either::Right(std::future::ready(Err(e))),
+        };
+        spawn(env, fut)
+    }
+
+    /// Applies pending schema migrations (safe to repeat, and from several processes at once).
+    #[napi(catch_unwind)]
+    pub fn migrate<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, MigrationReport>> {
+        self.run(env, |repo| async move { repo.migrate().await })
+    }
+
+    /// Appends one event with optimistic locking: `version` must be the aggregate's version + 1.
+    ///
+    /// Rejects with `VALIDATION_FAILED` (with `field`), `CONCURRENCY_CONFLICT` (with
+    /// `aggregateId`, `expectedVersion`, `actualVersion`), `AGGREGATE_TYPE_MISMATCH`,
+    /// `DUPLICATE_EVENT_ID` or `PERMISSION_DENIED`; nothing is written then. A retry with the same
+    /// `id` after a lost reply resolves to the stored event.
+    #[napi(catch_unwind, ts_args_type = "event: AppendEventData")]
+    pub fn append<'env>(&self, env: &'env Env, event: Unknown<'env>) -> Result<PromiseRaw<'env, EventRecord>> {
+        let event = js_to_json(env, event, Checked::Keys(&["timestamp"]));
+        self.run(env, move |repo| async move { repo.append_json(&event?).await })
+    }
+
+    /// Appends events atomically (all or none), any number of them.
+    ///
+    /// Rejects like `append`, with `field` paths such as `events[3].version`. A retry of a batch
+    /// whose events are all stored (same ids, same versions) resolves to the stored events.
+    #[napi(catch_unwind, ts_args_type = "events: AppendEventData[]")]
+    pub fn append_batch<'env>(
+        &self,
+        env: &'env Env,
+        events: Unknown<'env>,
+    ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+        let events = js_to_json(env, events, Checked::Keys(&["timestamp"]));
+        self.run(env, move |repo| async move { repo.append_batch_json(&events?).await })
+    }
+
+    /// The aggregate's events in version order: the versions after `fromVersion` (default 0) up
+    /// to and including `toVersion` (default the latest); `[]` for an unknown aggregate.
+    #[napi(catch_unwind, ts_args_type = "aggregateId: string, options?: EventStreamOptions")]
+    pub fn get_aggregate_stream<'env>(
+        &self,
+        env: &'env Env,
+        aggregate_id: String,
+        options: Option<Unknown<'env>>,
+    ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+        let id = core::validate::parse_uuid_arg("aggregateId", &aggregate_id);
+        let options = options_json(env, options).and_then(|o| core::query::stream_options(&o));
+        self.run(env, move |repo| async move {
+            repo.get_aggregate_stream(id?, &options?).await
+        })
+    }
+
+    /// The aggregate's current version, or `null` when it has no events.
+    #[napi(catch_unwind)]
+    pub fn get_aggregate_version<'env>(
+        &self,
+        env: &'env Env,
+        aggregate_id: String,
+    ) -> Result<PromiseRaw<'env, Option<i32>>> {
+        let id = core::validate::parse_uuid_arg("aggregateId", &aggregate_id);
+        self.run(env, move |repo| async move { repo.get_aggregate_version(id?).await })
+    }
+
+    /// A user's recent events, newest first (`days` 7 and `limit` 1000 by default).
+    #[napi(catch_unwind, ts_args_type = "userId: string, options?: UserStreamOptions")]
+    pub fn get_user_stream<'env>(
+        &self,
+        env: &'env Env,
+        user_id: String,
+        options: Option<Unknown<'env>>,
+    ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+        let options = options_json(env, options).and_then(|o| core::query::user_stream_options(&o));
+        self.run(env, move |repo| async move {
+            repo.get_user_stream(&user_id, &options?).await
+        })
+    }
+
+    /// Every event of a workflow, oldest first.
+    #[napi(catch_unwind)]
+    pub fn get_correlated_events<'env>(
+        &self,
+        env: &'env Env,
+        correlation_id: String,
+    ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+        let id = core::validate::parse_uuid_arg("correlationId", &correlation_id);
+        self.run(env, move |repo| async move { repo.get_correlated_events(id?).await })
+    }
+
+    /// The latest events of one type, newest first (`limit` 100 by default).
+    #[napi(catch_unwind)]
+    pub fn get_events_by_type<'env>(
+        &self,
+        env: &'env Env,
+        event_type: String,
+        limit: Option<f64>,
+    ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+        let limit = limit.map_or(Ok(100), |l| core::query::whole_number_arg("limit", l));
+        self.run(env, move |repo| async move {
+            repo.get_events_by_type(&event_type, limit?).await
+        })
+    }
+
+    /// How many events match every given filter.
+    #[napi(catch_unwind, ts_args_type = "options?: CountEventsOptions")]
+    pub fn count_events<'env>(&self, env: &'env Env, options: Option<Unknown<'env>>) -> Result<PromiseRaw<'env, i64>> {
+        let filter = options_json(env, options).and_then(|o| core::query::count_filter(&o));
+        self.run(env, move |repo| async move { repo.count_events(&filter?).await })
+    }
+
+    /// Recomputes the `events_daily` days that received events since the last refresh (all days
+    /// when `full`). Resolves to the number of days recomputed. The tables' owner runs it (and
+    /// roles granted EXECUTE on `refresh_events_daily`); others get `PERMISSION_DENIED`.
+    #[napi(catch_unwind)]
+    pub fn refresh_analytics<'env>(&self, env: &'env Env, full: Option<bool>) -> Result<PromiseRaw<'env, i32>> {
+        self.run(env, move |repo| async move {
+            repo.refresh_analytics(full.unwrap_or(false)).await
+        })
+    }
+
+    /// A handle limited to `userId`'s events and streams by the database's row-level security:
+    /// each call runs in a transaction that sets `app.current_user_id` locally. Shares the pool:
+    /// its `close()` ends only the handle.
+    ///
+    /// Throws `VALIDATION_FAILED` for a blank user id and `INVALID_CONFIG` when no connection
+    /// string is known yet.
+    #[napi(catch_unwind)]
+    pub fn for_user(&self, env: Env, user_id: String) -> Result<EventRepository> {
+        let scoped = self
+            .repository()
+            .and_then(|repo| repo.for_user(&user_id))
+            .map_err(|e| to_js_error(&env, e))?;
+        Ok(EventRepository {
+            source: self.source.clone(),
+            inner: Arc::new(Mutex::new(Some(scoped))),
+            closed: Arc::new(AtomicBool::new(false)),
+            owner_closed: Some(self.owner_closed.clone().unwrap_or_else(|| self.closed.clone())),
+        })
+    }
+
+    /// Events of every aggregate in global order, after `after` (from the start without it).
+    /// Never skips an event whose transaction commits late: pass the returned `checkpoint` to
+    /// the next call.
+    #[napi(catch_unwind, ts_args_type = "options?: ReadAllOptions")]
+    pub fn read_all<'env>(
+        &self,
+        env: &'env Env,
+        options: Option<Unknown<'env>>,
+    ) -> Result<PromiseRaw<'env, ReadAllPage>> {
+        let options = options_json(env, options);
+        let args = options.and_then(|o| {
+            let after = checkpoint_arg("after", &o)?;
+            let limit = match o.get("limit").and_then(Value::as_f64) {
+                Some(l) => core::query::whole_number_arg("limit", l)?,
+                None => 1000,
+            };
+            Ok((after, limit))
+        });
+        self.run(env, move |repo| async move {
+            let (after, limit) = args?;
+            repo.read_all(after.as_ref(), limit).await
+        })
+    }
+
+    /// An async iterator over every event in global order: catches up, then follows new events
+    /// (woken by LISTEN/NOTIFY, polling as a fallback). With `consumer`, resumes from that
+    /// consumer's stored checkpoint and stores progress as it goes: at-least-once, a batch is
+    /// acknowledged when the loop asks for the event after it.
+    ///
+    /// `for await (const event of repo.subscribe({ consumer: 'search-index' })) { ... }`
+    #[napi(catch_unwind, ts_args_type = "options?: SubscribeOptions")]
+    pub fn subscribe(&self, env: Env, options: Option<Unknown>) -> Result<EventSubscription> {
+        let repo = self.repository().map_err(|e| to_js_error(&env, e))?;
+        let parse = || -> core::Result<core::SubscribeOptions> {
+            let o = options_json(&env, options)?;
+            let mut core_options = core::SubscribeOptions::default();
+            core_options.consumer = o.get("consumer").and_then(Value::as_str).map(str::to_owned);
+            core_options.from = checkpoint_arg("from", &o)?;
+            if let Some(n) = o.get("batchSize").and_then(Value::as_f64) {
+                core_options.batch_size = core::query::whole_number_arg("batchSize", n)?;
+            }
+            if let Some(ms) = o.get("pollIntervalMs").and_then(Value::as_f64) {
+                let ms = core::query::whole_number_arg("pollIntervalMs", ms)?;
+                core_options.poll_interval = Duration::from_millis(ms.max(0) as u64);
+            }
+            Ok(core_options)
+        };
+        let core_options = parse().map_err(|e| to_js_error(&env, e))?;
+        Ok(EventSubscription::new(repo, core_options))
+    }
+
+    /// Copies the legacy `events` table into events_v2 exactly once (see docs/migration.md);
+    /// safe to interrupt and resume. Resolves to the report (migrated, skipped, failed rows).
+    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    pub fn migrate_legacy_events<'env>(
+        &self,
+        env: &'env Env,
+        options: Option<LegacyMigrationOptions>,
+    ) -> Result<PromiseRaw<'env, Json>> {
+        let mut opts = core::LegacyMigrationOptions::default();
+        let mut on_invalid = Ok(core::OnInvalid::Skip);
+        if let Some(o) = options {
+            if let Some(t) = o.legacy_table {
+                opts.legacy_table = t;
+            }
+            if let Some(n) = o.batch_size {
+                opts.batch_size = n as usize;
+            }
+            opts.limit = o.limit.map(|n| n.max(0) as u64);
+            opts.dry_run = o.dry_run.unwrap_or(false);
+            opts.resume = o.resume.unwrap_or(false);
+            if let Some(mode) = o.on_invalid {
+                on_invalid = core::OnInvalid::parse(&mode);
+            }
+        }
+        self.run(env, move |repo| async move {
+            opts.on_invalid = on_invalid?;
+            let report = repo.migrate_legacy_events(&opts, &mut |_| {}).await?;
+            to_json_value(&report)
+        })
+    }
+
+    /// Compares the legacy table with events_v2 (counts per user and type, checksums of ids,
+    /// types, timestamps and data) and resolves to what differs.
+    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    pub fn verify_legacy<'env>(&self, env: &'env Env, legacy_table: Option<String>) -> Result<PromiseRaw<'env, Json>> {
+        let table = legacy_table.unwrap_or_else(|| core::DEFAULT_LEGACY_TABLE.to_owned());
+        self.run(env, move |repo| async move {
+            to_json_value(&repo.verify_legacy(&table).await?)
+        })
+    }
+
+    /// Verifies, then drops the legacy table; refuses without `confirm: true`, or when verify
+    /// finds a difference, or while a row could not be migrated (unless `acceptLost`, which
+    /// accepts those rows as lost and lists them).
+    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    pub fn drop_legacy_table<'env>(
+        &self,
+        env: &'env Env,
+        legacy_table: Option<String>,
+        confirm: Option<bool>,
+        options: Option<DropLegacyOptions>,
+    ) -> Result<PromiseRaw<'env, Json>> {
+        let table = legacy_table.unwrap_or_else(|| core::DEFAULT_LEGACY_TABLE.to_owned());
+        let confirm = confirm.unwrap_or(false);
+        let accept_lost = options.and_then(|o| o.accept_lost).unwrap_or(false);
+        self.run(env, move |repo| async move {
+            to_json_value(&repo.drop_legacy_table(&table, confirm, accept_lost).await?)
+        })
+    }
+
+    /// Removes events older than `olderThan` by dropping whole partitions or chunks; refuses to
+    /// cut through a live aggregate unless `force`.
+    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    pub fn apply_retention<'env>(&self, env: &'env Env, options: RetentionOptions) -> Result<PromiseRaw<'env, Json>> {
+        let cutoff = core::RetentionAge::parse(&options.older_than).and_then(|age| age.cutoff(Utc::now()));
+        let dry_run = options.dry_run.unwrap_or(false);
+        let force = options.force.unwrap_or(false);
+        self.run(env, move |repo| async move {
+            let opts = core::RetentionOptions {
+                cutoff: cutoff?,
+                dry_run,
+                force,
+            };
+            to_json_value(&repo.apply_retention(&opts).await?)
+        })
+    }
+
+    /// Store-wide numbers: events, aggregates, partitions, storage mode.
+    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    pub fn stats<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, Json>> {
+        self.run(env, |repo| async move { to_json_value(&repo.stats().await?) })
+    }
+
+    /// Every named consumer of the global feed: `{ name, checkpoint, updatedAt, needsRepair }`.
+    #[napi(catch_unwind, ts_return_type = "Promise<Array<Record<string, unknown>>>")]
+    pub fn consumers<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, Json>> {
+        self.run(env, |repo| async move { to_json_value(&repo.consumers().await?) })
+    }
+
+    /// Repairs a named consumer whose checkpoint the old feed ordering stored (it may have passed
+    /// over events): it goes back to the start and gets every event again, or, with
+    /// `accept: true`, keeps its checkpoint. `dryRun` says what would happen. Until then,
+    /// `subscribe` with that consumer rejects with `CONSUMER_NEEDS_REPAIR`.
+    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    pub fn repair_consumer<'env>(
+        &self,
+        env: &'env Env,
+        consumer: String,
+        options: Option<RepairConsumerOptions>,
+    ) -> Result<PromiseRaw<'env, Json>> {
+        let accept = options.as_ref().and_then(|o| o.accept).unwrap_or(false);
+        let dry_run = options.as_ref().and_then(|o| o.dry_run).unwrap_or(false);
+        self.run(env, move |repo| async move {
+            to_json_value(&repo.repair_consumer(&consumer, accept, dry_run).await?)
+        })
+    }
+
+    /// Closes the connection pool; later calls reject with `CONNECTION_FAILED`. On a handle from
+    /// `forUser`, ends only that handle: the pool stays open for the repository it came from.
+    #[napi(catch_unwind)]
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if self.owner_closed.is_none() {
+            let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(repo) = &*guard {
+                repo.close();
+            }
+        }
+    }
+}
+
+/// Call options as JSON (every member checked, see [`Checked::AllKeys`]); `null` when absent.
+fn options_json(env: &Env, options: Option<Unknown>) -> core::Result<Value> {
+    match options {
+        Some(o) => js_to_json(env, o, Checked::AllKeys),
+        None => Ok(Value::Null),
+    }
+}
