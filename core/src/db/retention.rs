@@ -159,9 +159,13 @@ pub struct LegacyMigrationStatus {
 const CUT_THROUGH_SQL: &str = "SELECT count(*), coalesce((array_agg(aggregate_id ORDER BY aggregate_id))[1:10], '{}')
   FROM event_streams WHERE first_timestamp < $1 AND last_timestamp >= $1";
 
-/// Native partitions named `events_v2_pYYYYMMDD` and their days.
-const PARTITIONS_SQL: &str = "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
- WHERE i.inhparent = to_regclass('events_v2') AND c.relname ~ '^events_v2_p[0-9]{8}$' ORDER BY 1";
+/// Native daily partitions with their real upper bounds (not the day in their name: partitions
+/// made by an older `synap_ensure_partitions` in a session with another DateStyle or TimeZone
+/// may be off by hours). The bound is read back in this same session, so its text round-trips.
+const PARTITIONS_SQL: &str = "SELECT c.relname::text,
+        (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']*)''\\)'))[1]::timestamptz
+   FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+  WHERE i.inhparent = to_regclass('events_v2') AND c.relname ~ '^events_v2_p[0-9]{8}$' ORDER BY 1";
 
 /// The schema TimescaleDB's functions live in, quoted for SQL: they are called qualified, so
 /// they work whatever the search_path.
@@ -176,10 +180,6 @@ pub(crate) async fn timescaledb_schema<C: tokio_postgres::GenericClient>(client:
         .ok_or_else(|| Error::SchemaNotReady {
             message: "events_v2 is a hypertable but the timescaledb extension is gone".into(),
         })
-}
-
-fn partition_day(name: &str) -> Option<NaiveDate> {
-    NaiveDate::parse_from_str(name.strip_prefix("events_v2_p")?, "%Y%m%d").ok()
 }
 
 async fn span<C: tokio_postgres::GenericClient>(
@@ -307,9 +307,10 @@ impl EventRepository {
             }
             for row in tx.query(PARTITIONS_SQL, &[]).await? {
                 let name: String = row.get(0);
-                let Some(day) = partition_day(&name) else { continue };
-                if day >= cutoff_day {
-                    continue;
+                // Only a partition whose every instant is before the cut-off goes.
+                match row.get::<_, Option<DateTime<Utc>>>(1) {
+                    Some(upper) if upper <= cutoff => {}
+                    _ => continue,
                 }
                 // `name` matched ^events_v2_p[0-9]{8}$, so it needs no quoting.
                 let (rows, from, to) = span(&*tx, &name, "", &[]).await?;
@@ -457,14 +458,5 @@ mod tests {
         for bad in ["", "d", "0d", "-3d", "12", "3m", "1.5y", "10 d"] {
             assert_eq!(RetentionAge::parse(bad).unwrap_err().code(), "INVALID_CONFIG", "{bad}");
         }
-    }
-
-    #[test]
-    fn partition_names_give_their_day() {
-        assert_eq!(
-            partition_day("events_v2_p20240301"),
-            NaiveDate::from_ymd_opt(2024, 3, 1)
-        );
-        assert_eq!(partition_day("events_v2_default"), None);
     }
 }
