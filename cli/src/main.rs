@@ -64,6 +64,10 @@ enum Command {
         /// Pause after each batch (throttling; tests).
         #[arg(long, hide = true, value_name = "MS")]
         batch_delay_ms: Option<u64>,
+        /// How long to wait for another run's lock on the table (a killed run's backend keeps it
+        /// until its last statement ends; one left by a killed run on this host is ended at once).
+        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+        busy_timeout: u64,
     },
     /// Compare the legacy table with events_v2 and say exactly what differs.
     Verify {
@@ -241,6 +245,7 @@ async fn run(cli: Cli) -> Result<Outcome, Error> {
             legacy_table,
             on_invalid,
             batch_delay_ms,
+            busy_timeout,
         } => {
             let options = LegacyMigrationOptions {
                 legacy_table,
@@ -250,6 +255,7 @@ async fn run(cli: Cli) -> Result<Outcome, Error> {
                 resume,
                 on_invalid: OnInvalid::parse(&on_invalid)?,
                 batch_delay: batch_delay_ms.map(Duration::from_millis),
+                busy_timeout: Duration::from_secs(busy_timeout),
             };
             let bar = if show_progress {
                 let bar = ProgressBar::new(0);

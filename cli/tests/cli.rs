@@ -284,3 +284,74 @@ async fn a_killed_migration_resumes_without_duplicates_or_gaps() {
     let out = run(s, &["--json", "verify"]);
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_after_a_kill_goes_ahead_while_the_dead_runs_backend_still_works() {
+    let (schema, c) = fresh("orphan").await;
+    let s = schema.as_str();
+    assert_eq!(code(&run(s, &["migrate"])), 0);
+    c.batch_execute(LEGACY_DDL).await.unwrap();
+    c.batch_execute(
+        "INSERT INTO events (id, user_id, \"timestamp\", type, data)
+         SELECT gen_random_uuid(), 'u', timestamptz '2024-06-01' + make_interval(secs => g), 'entity.updated', '{}'
+           FROM generate_series(1, 500) g",
+    )
+    .await
+    .unwrap();
+    // The run's first batch will wait on the server for this lock: its backend is busy when the
+    // process is killed, and keeps the migration lock until the statement ends.
+    let (blocker, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    blocker
+        .batch_execute(&format!(
+            "SET search_path = {s}; BEGIN; LOCK TABLE event_streams IN SHARE MODE"
+        ))
+        .await
+        .unwrap();
+    let mut child = cli(s, &["migrate-events", "--batch-size", "100"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                    WHERE application_name LIKE 'synap-events migrate-events%' AND wait_event_type = 'Lock'";
+    let started = Instant::now();
+    while scalar(&c, waiting).await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the first batch never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(scalar(&c, waiting).await, 1, "the killed run's backend is still there");
+
+    // Re-run at once, willing to wait 1 s for the lock while the orphan would hold it for 3: it
+    // is recognised (its process is gone) and ended, and the run goes ahead as soon as the
+    // blocker lets go.
+    let rerun = cli(
+        s,
+        &[
+            "--json",
+            "migrate-events",
+            "--resume",
+            "--batch-size",
+            "100",
+            "--busy-timeout",
+            "1",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let out = rerun.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(scalar(&c, "SELECT count(*) FROM events_v2").await, 500);
+    assert_eq!(scalar(&c, "SELECT count(*) FROM legacy_migration_map").await, 500);
+}

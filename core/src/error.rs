@@ -175,11 +175,16 @@ pub enum Error {
         table: String,
     },
 
-    /// Another process is migrating the same legacy table right now.
-    #[error("another process is migrating legacy table \"{table}\"; wait for it to finish")]
+    /// Another backend holds the migration lock of the same legacy table, and kept it for the
+    /// whole wait: another migration is running (or a killed one's backend is still finishing a
+    /// statement that cannot be proven orphaned).
+    #[error("legacy table \"{table}\" is being migrated: {holder}")]
     LegacyMigrationBusy {
         /// The legacy table.
         table: String,
+        /// What holds the lock, as PostgreSQL reports it (backend, client, since when), and how
+        /// long this call waited.
+        holder: String,
     },
 
     /// A migration of this legacy table already ran (fully or in part) and the call did not ask
@@ -405,9 +410,8 @@ impl Error {
             } => {
                 json!({ "consumer": consumer, "stored": stored, "given": given })
             }
-            Error::LegacyTableNotFound { table }
-            | Error::LegacyMigrationBusy { table }
-            | Error::VerifyFailed { table, .. } => json!({ "table": table }),
+            Error::LegacyTableNotFound { table } | Error::VerifyFailed { table, .. } => json!({ "table": table }),
+            Error::LegacyMigrationBusy { table, holder } => json!({ "table": table, "holder": holder }),
             Error::LegacyMigrationStarted { table, migrated } => json!({ "table": table, "migrated": migrated }),
             Error::RetentionRefused {
                 cutoff,

@@ -496,7 +496,7 @@ async fn a_second_concurrent_migration_is_refused() {
     .await
     .unwrap();
     let slow = LegacyMigrationOptions {
-        // 20 batches of 200 ms: longer than the 2 s a second run waits for the lock.
+        // 20 batches of 200 ms: longer than the 0.5 s the second run waits for the lock.
         batch_delay: Some(std::time::Duration::from_millis(200)),
         ..opts(2)
     };
@@ -509,6 +509,7 @@ async fn a_second_concurrent_migration_is_refused() {
         .migrate_legacy_events(
             &LegacyMigrationOptions {
                 resume: true,
+                busy_timeout: std::time::Duration::from_millis(500),
                 ..opts(5)
             },
             &mut |_| {},
@@ -516,6 +517,12 @@ async fn a_second_concurrent_migration_is_refused() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), "LEGACY_MIGRATION_BUSY");
+    // It says what is true: which backend, whose, since when; the holder is alive (this process).
+    let message = err.to_string();
+    assert!(
+        message.contains("backend ") && message.contains(&format!("pid={}", std::process::id())),
+        "{message}"
+    );
     let report = first.await.unwrap().unwrap();
     assert_eq!(report.migrated, 40);
 }

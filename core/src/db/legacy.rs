@@ -74,6 +74,10 @@ pub struct LegacyMigrationOptions {
     pub on_invalid: OnInvalid,
     /// A pause after each batch, to throttle a migration on a busy database (and for tests).
     pub batch_delay: Option<Duration>,
+    /// How long to wait for another backend's migration lock of the same table before failing
+    /// with [`Error::LegacyMigrationBusy`]. A killed run's backend keeps the lock until its last
+    /// statement ends. Default 30 s.
+    pub busy_timeout: Duration,
 }
 
 impl Default for LegacyMigrationOptions {
@@ -86,6 +90,7 @@ impl Default for LegacyMigrationOptions {
             resume: false,
             on_invalid: OnInvalid::Skip,
             batch_delay: None,
+            busy_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -216,6 +221,39 @@ async fn check_legacy_table<C: GenericClient>(client: &C, name: &str) -> Result<
         }
     }
     Ok(())
+}
+
+/// The application name a migration's connection carries: this process and host, so that a
+/// later run can prove that the process is gone.
+fn migration_client_name() -> String {
+    format!(
+        "synap-events migrate-events pid={} host={}",
+        std::process::id(),
+        host_name()
+    )
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Whether a lock holder named `name` is a migration started by a process of this host that no
+/// longer exists (Linux: no `/proc/<pid>`): its backend is an orphan finishing its last statement.
+fn orphaned_here(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("synap-events migrate-events pid=") else {
+        return false;
+    };
+    let Some((pid, host)) = rest.split_once(" host=") else {
+        return false;
+    };
+    let here = host_name();
+    !here.is_empty()
+        && host == here
+        && pid.parse::<u32>().is_ok_and(|p| p != std::process::id())
+        && std::path::Path::new("/proc/self").exists()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// The legacy table's key in the bookkeeping tables: its schema-qualified name, however it was
@@ -423,20 +461,7 @@ impl EventRepository {
                 .run_migration(&mut reader, &mut writer, &legacy, table, options, progress, started)
                 .await;
         }
-        // A killed run's backend may take a moment to notice and free the lock: wait a little.
-        let mut locked = false;
-        for _ in 0..20 {
-            locked = writer.query_one(LOCK_SQL, &[&table]).await?.get(0);
-            if locked {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if !locked {
-            return Err(Error::LegacyMigrationBusy {
-                table: table.to_owned(),
-            });
-        }
+        self.take_migration_lock(&writer, table, options.busy_timeout).await?;
         let result = match options.resume {
             false => match writer
                 .query_opt(
@@ -464,6 +489,73 @@ impl EventRepository {
         // Released explicitly: the connection's close is noticed by the server asynchronously.
         let _ = writer.execute(UNLOCK_SQL, &[&table]).await;
         result
+    }
+
+    /// Takes the session lock of `table`'s migration on `writer`. When another backend holds it,
+    /// waits up to `busy_timeout` for it to end; a holder that a run of this program on this host
+    /// left behind when it was killed (its process is gone) is terminated at once instead.
+    ///
+    /// Fails with [`Error::LegacyMigrationBusy`], naming the holder, when the lock stays taken.
+    async fn take_migration_lock(
+        &self,
+        writer: &tokio_postgres::Client,
+        table: &str,
+        busy_timeout: Duration,
+    ) -> Result<()> {
+        // Who we are, so that a later run can tell that this one is gone.
+        writer
+            .execute(
+                "SELECT set_config('application_name', $1, false)",
+                &[&migration_client_name()],
+            )
+            .await?;
+        let started = Instant::now();
+        loop {
+            if writer.query_one(LOCK_SQL, &[&table]).await?.get::<_, bool>(0) {
+                return Ok(());
+            }
+            let holder = writer
+                .query_opt(
+                    "SELECT a.pid, coalesce(a.application_name, ''), a.backend_start, a.state, a.query_start,
+                            coalesce(a.client_addr::text, 'local')
+                       FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                        AND l.classid = (hashtext('synap.legacy_migration')::bigint & 4294967295)::text::oid
+                        AND l.objid = (hashtext($1)::bigint & 4294967295)::text::oid
+                        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                    &[&table],
+                )
+                .await?;
+            let Some(holder) = holder else {
+                continue; // released between the two queries
+            };
+            let pid: i32 = holder.get(0);
+            let name: String = holder.get(1);
+            if orphaned_here(&name) {
+                writer.execute("SELECT pg_terminate_backend($1)", &[&pid]).await?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            if started.elapsed() >= busy_timeout {
+                let since: Option<DateTime<Utc>> = holder.get(4);
+                return Err(Error::LegacyMigrationBusy {
+                    table: table.to_owned(),
+                    holder: format!(
+                        "backend {pid} ({}, client {}, connected {}) holds the migration lock, {} since {}; \
+                         waited {} s",
+                        if name.is_empty() { "no application name" } else { &name },
+                        holder.get::<_, String>(5),
+                        holder.get::<_, DateTime<Utc>>(2).to_rfc3339(),
+                        holder
+                            .get::<_, Option<String>>(3)
+                            .unwrap_or_else(|| "state unknown".into()),
+                        since.map_or("-".into(), |t| t.to_rfc3339()),
+                        started.elapsed().as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     async fn run_migration(
