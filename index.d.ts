@@ -116,6 +116,13 @@ export declare class EventRepository {
   applyRetention(options: RetentionOptions): Promise<Record<string, unknown>>
   /** Store-wide numbers: events, aggregates, partitions, storage mode. */
   stats(): Promise<Record<string, unknown>>
+  /**
+   * After this store was restored from a dump into another cluster (or copied by logical
+   * replication), renumbers the global feed's transaction ids into this cluster's past; until
+   * then the feed rejects with `FEED_REBASE_REQUIRED`. Resolves to
+   * `{ needed, eventsRenumbered, transactionIdsConsumed }`.
+   */
+  rebaseFeed(): Promise<Record<string, unknown>>
   /** Every named consumer of the global feed: `{ name, checkpoint, updatedAt, needsRepair }`. */
   consumers(): Promise<Array<Record<string, unknown>>>
   /**
@@ -202,6 +209,12 @@ export interface Checkpoint {
   txid: string
   /** A position within it. */
   position: number
+  /**
+   * The store it belongs to (a 64-bit number, as a string): a checkpoint from another store,
+   * or from before a restore, is refused with `CHECKPOINT_FROM_ANOTHER_STORE`. Absent in
+   * checkpoints saved before it existed; those are not checked.
+   */
+  store?: string
 }
 
 /** Filters of `countEvents`; they combine with AND. A filter that no event has counts 0. */

@@ -114,3 +114,93 @@ BEGIN
 END
 $$;
 SELECT synap_grant_application_role(role_name) FROM synap_application_roles;
+
+-- 7. The global feed belongs to one cluster's transaction ids. After pg_dump and restore (or on a
+--    logical replica) the stored txids come from another cluster: new events may get lower ids
+--    than restored ones, and readers would skip them. The store records its identity and the
+--    cluster whose ids it holds; readers refuse to read on a mismatch (FEED_REBASE_REQUIRED)
+--    until synap_rebase_feed() renumbers the stored ids into this cluster's past, and
+--    checkpoints carry the identity, so a checkpoint from another store is refused.
+INSERT INTO synap_settings (key, value)
+VALUES ('store_id', gen_random_uuid()::text),
+       ('cluster_id', (SELECT system_identifier::text FROM pg_control_system())),
+       ('feed_generation', '0')
+ON CONFLICT (key) DO NOTHING;
+
+-- The identity a checkpoint carries: this store, on the cluster whose ids it holds, since its
+-- last rebase.
+CREATE OR REPLACE FUNCTION synap_feed_identity()
+RETURNS bigint
+LANGUAGE sql STABLE
+AS $$
+    SELECT hashtextextended(
+        (SELECT value FROM synap_settings WHERE key = 'store_id') || '@' ||
+        (SELECT value FROM synap_settings WHERE key = 'cluster_id') || '#' ||
+        (SELECT value FROM synap_settings WHERE key = 'feed_generation'), 0)
+$$;
+
+-- Whether the stored transaction ids are this cluster's.
+CREATE OR REPLACE FUNCTION synap_feed_is_current()
+RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT (SELECT value FROM synap_settings WHERE key = 'cluster_id')
+           = (SELECT system_identifier::text FROM pg_control_system())
+$$;
+
+-- Renumbers the stored transaction ids into this cluster's past, keeping their order: the n-th
+-- distinct stored id becomes n, so every transaction from now on sorts after every restored
+-- event. Named consumers' checkpoints move with them. Needs this cluster's next transaction id
+-- to be above the number of distinct stored ids (the caller consumes ids until it is). Returns
+-- the number of events renumbered.
+CREATE OR REPLACE FUNCTION synap_rebase_feed()
+RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    distinct_ids bigint;
+    renumbered   bigint;
+BEGIN
+    IF synap_feed_is_current() THEN
+        RETURN 0;
+    END IF;
+    LOCK TABLE events_v2 IN SHARE ROW EXCLUSIVE MODE;
+    LOCK TABLE event_consumers IN SHARE ROW EXCLUSIVE MODE;
+    CREATE TEMP TABLE synap_txid_map ON COMMIT DROP AS
+        SELECT txid AS old, row_number() OVER (ORDER BY txid) AS new
+          FROM (SELECT DISTINCT txid FROM events_v2) t;
+    SELECT count(*) INTO distinct_ids FROM synap_txid_map;
+    IF distinct_ids + 1 >= pg_current_xact_id()::text::bigint THEN
+        RAISE EXCEPTION 'synap_rebase_feed: this cluster''s next transaction id must be above % first', distinct_ids + 1;
+    END IF;
+    CREATE INDEX ON synap_txid_map (old);
+    UPDATE events_v2 e SET txid = m.new::text::xid8 FROM synap_txid_map m WHERE e.txid = m.old;
+    GET DIAGNOSTICS renumbered = ROW_COUNT;
+    -- A checkpoint at a stored id keeps its position; one between ids (a horizon) goes to the
+    -- start of the next id.
+    UPDATE event_consumers c
+       SET txid = coalesce(
+               (SELECT m.new FROM synap_txid_map m WHERE m.old = c.txid),
+               (SELECT max(m.new) + 1 FROM synap_txid_map m WHERE m.old < c.txid),
+               1)::text::xid8,
+           position = CASE WHEN EXISTS (SELECT 1 FROM synap_txid_map m WHERE m.old = c.txid)
+                           THEN c.position ELSE 0 END,
+           updated_at = now();
+    -- The feed index again, as migration 0005 first built it: by transaction where a bucket's
+    -- events are spread over many days.
+    DELETE FROM events_v2_feed_days;
+    WITH days AS (
+        SELECT DISTINCT synap_feed_bucket(txid) AS bucket, txid, ("timestamp" AT TIME ZONE 'UTC')::date AS day
+          FROM events_v2
+    ), spread AS (
+        SELECT bucket, count(DISTINCT day) > 3 AS by_txid FROM days GROUP BY bucket
+    )
+    INSERT INTO events_v2_feed_days (bucket, day, txid)
+    SELECT DISTINCT d.bucket, d.day, CASE WHEN s.by_txid THEN d.txid END
+      FROM days d JOIN spread s USING (bucket);
+    UPDATE synap_settings SET value = (SELECT system_identifier::text FROM pg_control_system())
+     WHERE key = 'cluster_id';
+    UPDATE synap_settings SET value = (value::bigint + 1)::text WHERE key = 'feed_generation';
+    RETURN renumbered;
+END
+$$;

@@ -108,6 +108,9 @@ enum Command {
     },
     /// Store-wide numbers.
     Stats,
+    /// After a restore into another cluster: renumber the global feed's transaction ids into
+    /// this cluster's past (the feed refuses to read until then).
+    RebaseFeed,
     /// Named consumers of the global feed: list them, or repair one.
     Consumers {
         #[command(subcommand)]
@@ -435,6 +438,19 @@ async fn run(cli: Cli) -> Result<Outcome, Error> {
                 ));
             }
             Ok(Outcome::ok(to_json(&stats), text))
+        }
+        Command::RebaseFeed => {
+            let report = repo.rebase_feed().await?;
+            let text = if report.needed {
+                format!(
+                    "renumbered the transaction ids of {} events into this cluster's past ({} ids consumed first); \
+                     checkpoints taken before are no longer accepted",
+                    report.events_renumbered, report.transaction_ids_consumed
+                )
+            } else {
+                "the feed already holds this cluster's transaction ids: nothing to do".to_owned()
+            };
+            Ok(Outcome::ok(to_json(&report), text))
         }
         Command::Consumers {
             command: ConsumersCommand::List,

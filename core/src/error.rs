@@ -255,6 +255,22 @@ pub enum Error {
         given: String,
     },
 
+    /// The stored events' transaction ids come from another cluster (the store was restored
+    /// from a dump, or is a logical replica): the global feed cannot be read in order until they
+    /// are renumbered with `rebase_feed` (CLI: `synap-events rebase-feed`).
+    #[error("the global feed holds another cluster's transaction ids ({message}); run synap-events rebase-feed first")]
+    FeedRebaseRequired {
+        /// What differs.
+        message: String,
+    },
+
+    /// A checkpoint from another store, or from before this store was restored or rebased: its
+    /// place means nothing here. Start from a checkpoint of this store.
+    #[error(
+        "the checkpoint comes from another store (or from before a restore); read again from a checkpoint of this one"
+    )]
+    CheckpointFromAnotherStore,
+
     /// A bug: an invariant broke or a panic was caught at a language boundary.
     #[error("internal error: {message}")]
     Internal {
@@ -324,6 +340,8 @@ impl Error {
             Error::RetentionRefused { .. } => "RETENTION_REFUSED",
             Error::ConsumerNeedsRepair { .. } => "CONSUMER_NEEDS_REPAIR",
             Error::CheckpointConflict { .. } => "CHECKPOINT_CONFLICT",
+            Error::FeedRebaseRequired { .. } => "FEED_REBASE_REQUIRED",
+            Error::CheckpointFromAnotherStore => "CHECKPOINT_FROM_ANOTHER_STORE",
             Error::Internal { .. } => "INTERNAL_ERROR",
         }
     }

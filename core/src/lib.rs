@@ -40,7 +40,7 @@ pub use db::sql::quote_table;
 #[cfg(feature = "postgres")]
 pub use db::{
     config::{RepositoryConfig, StorageMode},
-    feed::{Checkpoint, ConsumerRepair, ConsumerStatus, Page, SubscribeOptions, Subscription},
+    feed::{Checkpoint, ConsumerRepair, ConsumerStatus, FeedRebase, Page, SubscribeOptions, Subscription},
     migrate::{Migration, MigrationReport, MigrationStatus, MIGRATIONS},
     repository::EventRepository,
 };

@@ -398,3 +398,85 @@ async fn a_consumer_checkpoint_never_moves_back() {
     assert_eq!(err.code(), "CHECKPOINT_CONFLICT");
     let _: Value = json!(err.details());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restore_into_another_cluster_the_feed_is_rebased_before_it_is_read() {
+    let repo = common::repo("restore").await;
+    let c = sql(&repo).await;
+    let a = Uuid::now_v7();
+    for v in 1..=10 {
+        repo.append(event(a, v)).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let before = loop {
+        let page = repo.read_all(None, 100).await.unwrap();
+        if page.events.len() == 10 || Instant::now() > deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let order: Vec<Uuid> = before.events.iter().map(|e| e.id).collect();
+    // A named consumer that read the first four, and a checkpoint a client kept itself.
+    let half = repo.read_all(None, 4).await.unwrap();
+    repo.save_consumer_checkpoint("projection", &half.checkpoint)
+        .await
+        .unwrap();
+    let kept = half.checkpoint;
+
+    // As a dump restored into another cluster leaves it: the rows carry that cluster's ids (far
+    // ahead of this one's) and the store records it.
+    c.batch_execute(
+        "UPDATE events_v2 SET txid = (txid::text::bigint + 4000000000)::text::xid8;
+         UPDATE event_consumers SET txid = (txid::text::bigint + 4000000000)::text::xid8;
+         UPDATE synap_settings SET value = '1234' WHERE key = 'cluster_id'",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        repo.read_all(None, 10).await.unwrap_err().code(),
+        "FEED_REBASE_REQUIRED"
+    );
+    let sub = repo.subscribe(SubscribeOptions {
+        consumer: Some("projection".into()),
+        ..Default::default()
+    });
+    let mut sub = sub.await.unwrap();
+    assert_eq!(sub.next_batch().await.unwrap_err().code(), "FEED_REBASE_REQUIRED");
+
+    let report = repo.rebase_feed().await.unwrap();
+    assert!(report.needed);
+    assert_eq!(report.events_renumbered, 10);
+    assert!(!repo.rebase_feed().await.unwrap().needed, "once is enough");
+
+    // The same order; new events come after the restored ones.
+    let b = Uuid::now_v7();
+    repo.append(event(b, 1)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let page = repo.read_all(None, 100).await.unwrap();
+        if page.events.len() == 11 || Instant::now() > deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let ids: Vec<Uuid> = after.events.iter().map(|e| e.id).collect();
+    assert_eq!(&ids[..10], &order[..]);
+    assert_eq!(after.events[10].aggregate_id, b);
+    // The consumer goes on with exactly the rest.
+    let mut sub = repo
+        .subscribe(SubscribeOptions {
+            consumer: Some("projection".into()),
+            batch_size: 100,
+            poll_interval: Duration::from_millis(20),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let rest: Vec<Uuid> = sub.next_batch().await.unwrap().iter().map(|e| e.id).collect();
+    assert_eq!(&rest[..6], &order[4..]);
+    // The client's own checkpoint from before is refused, not misread.
+    assert_eq!(
+        repo.read_all(Some(&kept), 10).await.unwrap_err().code(),
+        "CHECKPOINT_FROM_ANOTHER_STORE"
+    );
+}

@@ -88,28 +88,14 @@ async fn pages_of_every_size_agree_across_a_power_of_ten() {
     assert_eq!(all.events.iter().map(|e| e.id).collect::<Vec<_>>(), expected);
     // Not a full page: the checkpoint moves on to the horizon, past the last event.
     let last = stored.last().unwrap();
-    assert!(
-        all.checkpoint
-            > Checkpoint {
-                txid: last.1,
-                position: last.2
-            }
-    );
+    assert!(all.checkpoint > Checkpoint::at(last.1, last.2));
     assert_eq!(all.checkpoint.position, 0);
 
     // Pages of every size from 1 to 50 give the same sequence, and each page's checkpoint is
     // its last event's place.
     let places: HashMap<Uuid, Checkpoint> = stored
         .iter()
-        .map(|(id, txid, position)| {
-            (
-                *id,
-                Checkpoint {
-                    txid: *txid,
-                    position: *position,
-                },
-            )
-        })
+        .map(|(id, txid, position)| (*id, Checkpoint::at(*txid, *position)))
         .collect();
     for limit in 1..=50 {
         let paged = read_everything(&repo, limit).await;
@@ -274,10 +260,7 @@ async fn a_page_is_an_ordered_index_scan_of_few_partitions() {
         )
         .await
         .unwrap();
-    let today_checkpoint = Checkpoint {
-        txid: first_today.get::<_, String>(0).parse().unwrap(),
-        position: first_today.get(1),
-    };
+    let today_checkpoint = Checkpoint::at(first_today.get::<_, String>(0).parse().unwrap(), first_today.get(1));
 
     let assert_ordered_index_scans = |plan: &str, at_most: usize| {
         let scans = plan.lines().filter(|l| l.contains("Index Scan")).count();
@@ -351,7 +334,7 @@ impl Reader {
         self.checkpoint = page.checkpoint;
         let delivered: HashSet<Uuid> = self.delivered.iter().copied().collect();
         for (id, txid, position) in stored_order(c).await {
-            let place = Checkpoint { txid, position };
+            let place = Checkpoint::at(txid, position);
             if place <= self.checkpoint && committed.contains(&id) {
                 assert!(
                     delivered.contains(&id),

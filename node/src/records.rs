@@ -318,6 +318,10 @@ pub struct Checkpoint {
     pub txid: String,
     /// A position within it.
     pub position: i64,
+    /// The store it belongs to (a 64-bit number, as a string): a checkpoint from another store,
+    /// or from before a restore, is refused with `CHECKPOINT_FROM_ANOTHER_STORE`. Absent in
+    /// checkpoints saved before it existed; those are not checked.
+    pub store: Option<String>,
 }
 
 impl From<core::Checkpoint> for Checkpoint {
@@ -325,6 +329,7 @@ impl From<core::Checkpoint> for Checkpoint {
         Checkpoint {
             txid: c.txid.to_string(),
             position: c.position,
+            store: Some(c.store.to_string()),
         }
     }
 }
@@ -380,5 +385,17 @@ pub(crate) fn checkpoint_arg(field: &str, value: &Value) -> core::Result<Option<
         Some(p) => core::query::whole_number_arg(&format!("{field}.position"), p)?,
         None => -1,
     };
-    core::Checkpoint::parse(txid, position).map(Some)
+    let store = match obj.get("store").filter(|v| !v.is_null()) {
+        None => 0,
+        Some(v) => v
+            .as_str()
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or_else(|| core::Error::Validation {
+                field: format!("{field}.store"),
+                reason: core::IssueCode::InvalidType,
+                message: format!("{field}.store must be the store string of a checkpoint"),
+            })?,
+    };
+    let place = core::Checkpoint::parse(txid, position)?;
+    Ok(Some(core::Checkpoint { store, ..place }))
 }

@@ -405,6 +405,15 @@ impl EventRepository {
         self.run(env, |repo| async move { to_json_value(&repo.stats().await?) })
     }
 
+    /// After this store was restored from a dump into another cluster (or copied by logical
+    /// replication), renumbers the global feed's transaction ids into this cluster's past; until
+    /// then the feed rejects with `FEED_REBASE_REQUIRED`. Resolves to
+    /// `{ needed, eventsRenumbered, transactionIdsConsumed }`.
+    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    pub fn rebase_feed<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, Json>> {
+        self.run(env, |repo| async move { to_json_value(&repo.rebase_feed().await?) })
+    }
+
     /// Every named consumer of the global feed: `{ name, checkpoint, updatedAt, needsRepair }`.
     #[napi(catch_unwind, ts_return_type = "Promise<Array<Record<string, unknown>>>")]
     pub fn consumers<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, Json>> {

@@ -30,11 +30,23 @@ pub struct Checkpoint {
     pub txid: u64,
     /// The position of the last event read.
     pub position: i64,
+    /// The store and cluster it was read from (`synap_feed_identity()`), so that a checkpoint
+    /// from another store, or from before a restore, is refused; 0 when unknown (not checked).
+    pub store: i64,
 }
 
 impl Checkpoint {
     /// Before the first event.
-    pub const START: Checkpoint = Checkpoint { txid: 0, position: 0 };
+    pub const START: Checkpoint = Checkpoint::at(0, 0);
+
+    /// The place `(txid, position)`, of no particular store.
+    pub const fn at(txid: u64, position: i64) -> Checkpoint {
+        Checkpoint {
+            txid,
+            position,
+            store: 0,
+        }
+    }
 
     /// A checkpoint from its parts as text carries them (`txid` is a 64-bit number, as a
     /// string in JavaScript).
@@ -56,7 +68,7 @@ impl Checkpoint {
                 format!("a checkpoint's position is 0 or more, not {position}"),
             ));
         }
-        Ok(Checkpoint { txid, position })
+        Ok(Checkpoint::at(txid, position))
     }
 }
 
@@ -106,12 +118,26 @@ pub struct ConsumerRepair {
     pub dry_run: bool,
 }
 
-/// A checkpoint as JSON: `{ "txid": "<64-bit number as text>", "position": n }`.
+/// What [`EventRepository::rebase_feed`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FeedRebase {
+    /// Whether the stored ids were another cluster's.
+    pub needed: bool,
+    /// Events whose `txid` was renumbered.
+    pub events_renumbered: i64,
+    /// Transaction ids consumed first, so that the renumbered ones lie in this cluster's past.
+    pub transaction_ids_consumed: u64,
+}
+
+/// A checkpoint as JSON: `{ "txid": "<64-bit number>", "position": n, "store": "<64-bit number>" }`
+/// (the 64-bit numbers as text: JavaScript numbers cannot hold them).
 fn checkpoint_json<S: serde::Serializer>(c: &Checkpoint, s: S) -> std::result::Result<S::Ok, S::Error> {
     use serde::ser::SerializeStruct;
-    let mut st = s.serialize_struct("Checkpoint", 2)?;
+    let mut st = s.serialize_struct("Checkpoint", 3)?;
     st.serialize_field("txid", &c.txid.to_string())?;
     st.serialize_field("position", &c.position)?;
+    st.serialize_field("store", &c.store.to_string())?;
     st.end()
 }
 
@@ -145,8 +171,9 @@ const PLAN_ROWS: i64 = 2000;
 /// The horizon and the day index from the reader's position on, in one snapshot: every
 /// transaction below the horizon has ended, so the days it recorded are visible here. Bucket rows
 /// (txid NULL) come before a bucket's transaction rows.
-const FEED_PLAN_SQL: &str = "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) \
-     SELECT h.horizon::text, f.bucket, f.txid::text, f.day \
+const FEED_PLAN_SQL: &str = "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon, \
+                       synap_feed_identity() AS store, synap_feed_is_current() AS current) \
+     SELECT h.horizon::text, f.bucket, f.txid::text, f.day, h.store, h.current \
        FROM h LEFT JOIN LATERAL ( \
             SELECT DISTINCT bucket, txid, day FROM events_v2_feed_days \
              WHERE bucket >= synap_feed_bucket($1::text::xid8) AND bucket <= synap_feed_bucket(h.horizon) \
@@ -216,7 +243,14 @@ impl EventRepository {
             // transaction).
             let mut scan_from = after;
             loop {
-                let (horizon, windows, truncated) = plan(&client, scan_from.txid).await?;
+                let FeedPlan {
+                    horizon,
+                    windows,
+                    truncated,
+                    store: identity,
+                } = plan(&client, scan_from.txid, &after).await?;
+                let store = identity;
+                checkpoint.store = store;
                 for window in &windows {
                     if window.end <= scan_from.txid {
                         continue;
@@ -226,17 +260,14 @@ impl EventRepository {
                         let rows = read_window(&client, &scan_from, window, want, false).await?;
                         let got = rows.len() as i64;
                         for row in &rows {
-                            checkpoint = parse_checkpoint(row.get(13), row.get(12))?;
+                            checkpoint = parse_checkpoint(row.get(13), row.get(12), store)?;
                             events.push(record_from_row(row)?);
                         }
                         if got == want {
                             return Ok(Page { events, checkpoint });
                         }
                     }
-                    scan_from = scan_from.max(Checkpoint {
-                        txid: window.end,
-                        position: 0,
-                    });
+                    scan_from = scan_from.max(Checkpoint::at(window.end, 0));
                 }
                 match windows.last() {
                     Some(last) if truncated && last.end < horizon => {}
@@ -244,8 +275,8 @@ impl EventRepository {
                     // commits later has an id at or above it.
                     _ => {
                         let horizon = Checkpoint {
-                            txid: horizon,
-                            position: 0,
+                            store,
+                            ..Checkpoint::at(horizon, 0)
                         };
                         return Ok(Page {
                             events,
@@ -264,7 +295,7 @@ impl EventRepository {
         let after = after.copied().unwrap_or(Checkpoint::START);
         let client = self.client().await?;
         let session = Session::Client(&client);
-        let (_, windows, _) = plan(&session, after.txid).await?;
+        let FeedPlan { windows, .. } = plan(&session, after.txid, &after).await?;
         let Some(window) = windows.iter().find(|w| w.end > after.txid && !w.days.is_empty()) else {
             return Ok(String::new());
         };
@@ -287,7 +318,7 @@ impl EventRepository {
         in_session!(self, |client| {
             let row = client
                 .query_opt(
-                    "SELECT txid::text, position, needs_repair FROM event_consumers WHERE name = $1",
+                    "SELECT txid::text, position, needs_repair, synap_feed_identity() FROM event_consumers WHERE name = $1",
                     &[&consumer],
                 )
                 .await?;
@@ -295,7 +326,7 @@ impl EventRepository {
                 Some(r) if r.get::<_, bool>(2) => Err(Error::ConsumerNeedsRepair {
                     consumer: consumer.to_owned(),
                 }),
-                Some(r) => Ok(Some(parse_checkpoint(r.get(0), r.get(1))?)),
+                Some(r) => Ok(Some(parse_checkpoint(r.get(0), r.get(1), r.get(3))?)),
                 None => Ok(None),
             }
         })
@@ -311,17 +342,27 @@ impl EventRepository {
         in_session!(self, |client| {
             let saved = client
                 .query_opt(
-                    "INSERT INTO event_consumers (name, txid, position) VALUES ($1, $2::text::xid8, $3) \
+                    "INSERT INTO event_consumers (name, txid, position) \
+                     SELECT $1, $2::text::xid8, $3 WHERE $4 IN (0, synap_feed_identity()) \
                      ON CONFLICT (name) DO UPDATE SET txid = EXCLUDED.txid, position = EXCLUDED.position, \
                             updated_at = now() \
                       WHERE (event_consumers.txid, event_consumers.position) <= (EXCLUDED.txid, EXCLUDED.position) \
                         AND NOT event_consumers.needs_repair \
                      RETURNING true",
-                    &[&consumer, &checkpoint.txid.to_string(), &checkpoint.position],
+                    &[
+                        &consumer,
+                        &checkpoint.txid.to_string(),
+                        &checkpoint.position,
+                        &checkpoint.store,
+                    ],
                 )
                 .await?;
             if saved.is_some() {
                 return Ok(());
+            }
+            let identity: i64 = client.query_one("SELECT synap_feed_identity()", &[]).await?.get(0);
+            if checkpoint.store != 0 && checkpoint.store != identity {
+                return Err(Error::CheckpointFromAnotherStore);
             }
             let stored = client
                 .query_one(
@@ -342,13 +383,64 @@ impl EventRepository {
         })
     }
 
+    /// Renumbers the stored transaction ids of the global feed after this store was restored
+    /// from a dump (or copied by logical replication) into another cluster, whose transaction
+    /// ids are unrelated: the stored ids become this cluster's past, in the same order, and named
+    /// consumers' checkpoints move with them. Checkpoints taken before are refused afterwards
+    /// ([`Error::CheckpointFromAnotherStore`]). A no-op (`needed: false`) when the store is on
+    /// the cluster it records. Rewrites `txid` in every row of `events_v2`, holding back writes
+    /// while it runs.
+    pub async fn rebase_feed(&self) -> Result<FeedRebase> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT synap_feed_is_current(), (SELECT count(DISTINCT txid) FROM events_v2),
+                        pg_current_xact_id()::text::bigint",
+                &[],
+            )
+            .await?;
+        if row.get::<_, bool>(0) {
+            return Ok(FeedRebase {
+                needed: false,
+                events_renumbered: 0,
+                transaction_ids_consumed: 0,
+            });
+        }
+        let (distinct, next): (i64, i64) = (row.get(1), row.get(2));
+        // The renumbered ids (1..=distinct) must lie below every id this cluster hands out from
+        // now on: consume ids (one per written subtransaction) until they do.
+        let consume = (distinct + 100 - next).max(0);
+        if consume > 0 {
+            client
+                .batch_execute(&format!(
+                    "CREATE TEMP TABLE IF NOT EXISTS synap_consumed_ids (x int);
+                     DO $$ BEGIN FOR i IN 1..{consume} LOOP
+                         BEGIN INSERT INTO synap_consumed_ids VALUES (1); RAISE EXCEPTION 'consumed';
+                         EXCEPTION WHEN OTHERS THEN NULL; END;
+                     END LOOP; END $$;"
+                ))
+                .await?;
+        }
+        let mut client = client;
+        let tx = client.transaction().await?;
+        tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
+        let renumbered: i64 = tx.query_one("SELECT synap_rebase_feed()", &[]).await?.get(0);
+        tx.commit().await?;
+        Ok(FeedRebase {
+            needed: true,
+            events_renumbered: renumbered,
+            transaction_ids_consumed: consume as u64,
+        })
+    }
+
     /// Every named consumer with its checkpoint, by name.
     pub async fn consumers(&self) -> Result<Vec<ConsumerStatus>> {
         self.refuse_scoped_consumer()?;
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT name, txid::text, position, updated_at, needs_repair FROM event_consumers ORDER BY name",
+                "SELECT name, txid::text, position, updated_at, needs_repair, synap_feed_identity() \
+                   FROM event_consumers ORDER BY name",
                 &[],
             )
             .await?;
@@ -356,7 +448,7 @@ impl EventRepository {
             .map(|r| {
                 Ok(ConsumerStatus {
                     name: r.get(0),
-                    checkpoint: parse_checkpoint(r.get(1), r.get(2))?,
+                    checkpoint: parse_checkpoint(r.get(1), r.get(2), r.get(5))?,
                     updated_at: r.get(3),
                     needs_repair: r.get(4),
                 })
@@ -381,7 +473,8 @@ impl EventRepository {
         let tx = client.transaction().await?;
         let Some(row) = tx
             .query_opt(
-                "SELECT txid::text, position, needs_repair FROM event_consumers WHERE name = $1 FOR UPDATE",
+                "SELECT txid::text, position, needs_repair, synap_feed_identity() FROM event_consumers \
+                  WHERE name = $1 FOR UPDATE",
                 &[&consumer],
             )
             .await?
@@ -392,7 +485,7 @@ impl EventRepository {
                 format!("no consumer named \"{consumer}\""),
             ));
         };
-        let before = parse_checkpoint(row.get(0), row.get(1))?;
+        let before = parse_checkpoint(row.get(0), row.get(1), row.get(3))?;
         let needed: bool = row.get(2);
         let mut report = ConsumerRepair {
             consumer: consumer.to_owned(),
@@ -566,8 +659,20 @@ impl Subscription {
     }
 }
 
-/// The horizon, the windows from transaction `from` on, and whether the day index had more rows.
-async fn plan(client: &Session<'_, '_>, from: u64) -> Result<(u64, Vec<Window>, bool)> {
+/// What a reader needs before reading: the horizon, the windows from a transaction on, whether
+/// the day index had more rows, and the store's identity.
+struct FeedPlan {
+    horizon: u64,
+    windows: Vec<Window>,
+    truncated: bool,
+    store: i64,
+}
+
+/// The plan from transaction `from` on, for a reader at `after`.
+///
+/// Fails with [`Error::FeedRebaseRequired`] when the stored transaction ids are another
+/// cluster's, and [`Error::CheckpointFromAnotherStore`] when `after` is another store's.
+async fn plan(client: &Session<'_, '_>, from: u64, after: &Checkpoint) -> Result<FeedPlan> {
     let stmt = client.prepare_cached(FEED_PLAN_SQL).await?;
     let rows = client.query(&stmt, &[&from.to_string(), &PLAN_ROWS]).await?;
     let number = |text: String| {
@@ -575,13 +680,19 @@ async fn plan(client: &Session<'_, '_>, from: u64) -> Result<(u64, Vec<Window>, 
             message: format!("transaction id {text} is not a number"),
         })
     };
-    let horizon = number(
-        rows.first()
-            .ok_or_else(|| Error::Internal {
-                message: "the feed plan returned no row".into(),
-            })?
-            .get(0),
-    )?;
+    let first = rows.first().ok_or_else(|| Error::Internal {
+        message: "the feed plan returned no row".into(),
+    })?;
+    if !first.get::<_, bool>(5) {
+        return Err(Error::FeedRebaseRequired {
+            message: "the store records another cluster than this server".into(),
+        });
+    }
+    let store: i64 = first.get(4);
+    if after.store != 0 && after.store != store {
+        return Err(Error::CheckpointFromAnotherStore);
+    }
+    let horizon = number(first.get(0))?;
     let mut index: Vec<IndexRow> = Vec::with_capacity(rows.len());
     for r in &rows {
         if let Some(bucket) = r.get::<_, Option<i64>>(1) {
@@ -590,7 +701,12 @@ async fn plan(client: &Session<'_, '_>, from: u64) -> Result<(u64, Vec<Window>, 
         }
     }
     let truncated = index.len() as i64 == PLAN_ROWS;
-    Ok((horizon, plan_windows(&index, from, horizon, truncated), truncated))
+    Ok(FeedPlan {
+        horizon,
+        windows: plan_windows(&index, from, horizon, truncated),
+        truncated,
+        store,
+    })
 }
 
 /// Up to `limit` events of `window` after `from`; `explain` runs EXPLAIN ANALYZE instead and
@@ -633,11 +749,12 @@ async fn read_window(
     Ok(client.query_typed(&sql, &params).await?)
 }
 
-fn parse_checkpoint(txid: String, position: i64) -> Result<Checkpoint> {
+fn parse_checkpoint(txid: String, position: i64, store: i64) -> Result<Checkpoint> {
     // The database wrote it: a bad value is a bug, not bad input.
-    Checkpoint::parse(&txid, position).map_err(|_| Error::Internal {
+    let place = Checkpoint::parse(&txid, position).map_err(|_| Error::Internal {
         message: format!("txid {txid} is not a number"),
-    })
+    })?;
+    Ok(Checkpoint { store, ..place })
 }
 
 fn check_consumer(name: &str) -> Result<()> {
