@@ -142,7 +142,7 @@ test('a consumer stored by the old feed ordering is refused until repaired, then
 
     const dry = await fresh.repo.repairConsumer('old', { dryRun: true })
     assert.equal(dry.neededRepair, true)
-    assert.deepEqual(dry.after, { txid: '0', position: 0 })
+    assert.deepEqual(dry.after, { txid: '0', position: 0, store: '0' })
     assert.equal(dry.eventsDeliveredAgain, 3)
     assert.equal((await fresh.repo.consumers())[0].needsRepair, true, 'a dry run changes nothing')
 

@@ -128,10 +128,13 @@ VALUES ('store_id', gen_random_uuid()::text),
 ON CONFLICT (key) DO NOTHING;
 
 -- The identity a checkpoint carries: this store, on the cluster whose ids it holds, since its
--- last rebase.
+-- last rebase. Both functions read synap_settings with the owner's rights, for application
+-- roles, and reveal nothing else.
 CREATE OR REPLACE FUNCTION synap_feed_identity()
 RETURNS bigint
 LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path FROM CURRENT
 AS $$
     SELECT hashtextextended(
         (SELECT value FROM synap_settings WHERE key = 'store_id') || '@' ||
@@ -143,6 +146,8 @@ $$;
 CREATE OR REPLACE FUNCTION synap_feed_is_current()
 RETURNS boolean
 LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path FROM CURRENT
 AS $$
     SELECT (SELECT value FROM synap_settings WHERE key = 'cluster_id')
            = (SELECT system_identifier::text FROM pg_control_system())

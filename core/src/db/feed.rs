@@ -39,6 +39,11 @@ impl Checkpoint {
     /// Before the first event.
     pub const START: Checkpoint = Checkpoint::at(0, 0);
 
+    /// Where it is in the global order, whatever store it names: `(txid, position)`.
+    pub fn place(&self) -> (u64, i64) {
+        (self.txid, self.position)
+    }
+
     /// The place `(txid, position)`, of no particular store.
     pub const fn at(txid: u64, position: i64) -> Checkpoint {
         Checkpoint {
