@@ -209,3 +209,11 @@ BEGIN
     RETURN renumbered;
 END
 $$;
+
+-- 8. Versions stay in time order across the switch-over: dual-write appends wait until the
+--    legacy history has been migrated once (history_migrated_at), and the migration refuses a
+--    legacy row older than its aggregate's newest event (OUT_OF_ORDER) rather than number it
+--    after events that happened later.
+ALTER TABLE legacy_migration_runs ADD COLUMN IF NOT EXISTS history_migrated_at timestamptz;
+UPDATE legacy_migration_runs SET history_migrated_at = finished_at
+ WHERE history_migrated_at IS NULL AND finished_at IS NOT NULL;

@@ -187,6 +187,17 @@ pub enum Error {
         holder: String,
     },
 
+    /// Dual-write is on for a legacy table whose history has not been migrated yet: an append
+    /// now would number an aggregate's versions out of time order. Migrate the history first
+    /// (`synap-events migrate-events`), then turn dual-write on. Nothing was written.
+    #[error(
+        "dual-write into legacy table \"{table}\" waits for its history to be migrated (run migrate-events first)"
+    )]
+    LegacyHistoryPending {
+        /// The legacy table.
+        table: String,
+    },
+
     /// A migration of this legacy table already ran (fully or in part) and the call did not ask
     /// to resume it.
     #[error("legacy table \"{table}\" was already (partly) migrated ({migrated} rows); pass resume to continue")]
@@ -335,6 +346,7 @@ impl Error {
             Error::LegacyTableNotFound { .. } => "LEGACY_TABLE_NOT_FOUND",
             Error::LegacyMigrationBusy { .. } => "LEGACY_MIGRATION_BUSY",
             Error::LegacyMigrationStarted { .. } => "LEGACY_MIGRATION_STARTED",
+            Error::LegacyHistoryPending { .. } => "LEGACY_HISTORY_PENDING",
             Error::VerifyFailed { .. } => "VERIFY_FAILED",
             Error::ConfirmationRequired { .. } => "CONFIRMATION_REQUIRED",
             Error::RetentionRefused { .. } => "RETENTION_REFUSED",
@@ -428,7 +440,9 @@ impl Error {
             } => {
                 json!({ "consumer": consumer, "stored": stored, "given": given })
             }
-            Error::LegacyTableNotFound { table } | Error::VerifyFailed { table, .. } => json!({ "table": table }),
+            Error::LegacyTableNotFound { table }
+            | Error::VerifyFailed { table, .. }
+            | Error::LegacyHistoryPending { table } => json!({ "table": table }),
             Error::LegacyMigrationBusy { table, holder } => json!({ "table": table, "holder": holder }),
             Error::LegacyMigrationStarted { table, migrated } => json!({ "table": table, "migrated": migrated }),
             Error::RetentionRefused {

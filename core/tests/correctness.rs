@@ -354,7 +354,9 @@ async fn one_legacy_table_under_two_spellings_is_migrated_once() {
     let schema = repo.config().schema.clone().unwrap();
     let c = sql(&repo).await;
     c.batch_execute(LEGACY_DDL).await.unwrap();
-    // Dual-write under the schema-qualified name ...
+    // The history (none here) migrated under the bare name: dual-write may begin ...
+    migrate_all(&repo, "events").await;
+    // ... under the schema-qualified name.
     let mut config = common::config(&schema);
     config.dual_write_legacy_table = Some(format!("{schema}.events"));
     let dual = EventRepository::new(config).unwrap();
@@ -479,4 +481,136 @@ async fn after_a_restore_into_another_cluster_the_feed_is_rebased_before_it_is_r
         repo.read_all(Some(&kept), 10).await.unwrap_err().code(),
         "CHECKPOINT_FROM_ANOTHER_STORE"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_switch_over_runbook_with_live_writes_keeps_versions_in_time_order() {
+    let repo = common::repo("runbook").await;
+    let schema = repo.config().schema.clone().unwrap();
+    let c = sql(&repo).await;
+    c.batch_execute(LEGACY_DDL).await.unwrap();
+    let entities: Vec<Uuid> = (0..6).map(|_| Uuid::now_v7()).collect();
+    // The old application: writes legacy rows for the entities until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let old_app = {
+        let stop = stop.clone();
+        let entities = entities.clone();
+        let legacy = sql(&repo).await;
+        tokio::spawn(async move {
+            // Its history: two years ago.
+            for (i, e) in entities.iter().enumerate() {
+                legacy
+                    .execute(
+                        "INSERT INTO events (id, user_id, \"timestamp\", type, data)
+                         VALUES (gen_random_uuid(), 'u', now() - interval '2 years' + $2 * interval '1 hour',
+                                 'entity.created', jsonb_build_object('entityId', $1::uuid))",
+                        &[e, &(i as f64)],
+                    )
+                    .await
+                    .unwrap();
+            }
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                legacy
+                    .execute(
+                        "INSERT INTO events (id, user_id, \"timestamp\", type, data)
+                         VALUES (gen_random_uuid(), 'u', now(), 'entity.updated', jsonb_build_object('entityId', $1::uuid))",
+                        &[&entities[i % entities.len()]],
+                    )
+                    .await
+                    .unwrap();
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The new application, with dual-write on, before the history is migrated: refused.
+    let mut config = common::config(&schema);
+    config.dual_write_legacy_table = Some("events".into());
+    let new_app = EventRepository::new(config).unwrap();
+    let mut early = event(entities[0], 1);
+    early.event_type = "entity.updated".into();
+    assert_eq!(
+        new_app.append(early).await.unwrap_err().code(),
+        "LEGACY_HISTORY_PENDING"
+    );
+
+    // 1. Migrate the history while the old application writes on.
+    let report = repo
+        .migrate_legacy_events(&LegacyMigrationOptions::default(), &mut |_| {})
+        .await
+        .unwrap();
+    assert!(report.migrated >= 6);
+    // 2. The new application goes live beside the old one (the cut-over window).
+    let writer = {
+        let new_app = new_app.clone();
+        let entities = entities.clone();
+        tokio::spawn(async move {
+            for round in 0..20 {
+                let e = entities[round % entities.len()];
+                // Reload and retry, as an application does on a conflict.
+                loop {
+                    let next = new_app.get_aggregate_version(e).await.unwrap().unwrap_or(0) + 1;
+                    let mut ev = event(e, next);
+                    ev.event_type = "entity.updated".into();
+                    match new_app.append(ev).await {
+                        Ok(_) => break,
+                        Err(err) if err.code() == "CONCURRENCY_CONFLICT" => continue,
+                        Err(err) => panic!("{err}"),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    // Meanwhile the migration catches up with the old application's rows.
+    while !writer.is_finished() {
+        repo.migrate_legacy_events(
+            &LegacyMigrationOptions {
+                resume: true,
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
+        .await
+        .unwrap();
+    }
+    writer.await.unwrap();
+    // 3. The old application stops; a last run takes its last rows.
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    old_app.await.unwrap();
+    let last = migrate_all(&repo, "events").await;
+
+    // Versions follow time within every aggregate, across the whole switch-over.
+    let disorder: i64 = c
+        .query_one(
+            "SELECT count(*) FROM (
+                 SELECT \"timestamp\" < lag(\"timestamp\") OVER (PARTITION BY aggregate_id ORDER BY version) AS back
+                   FROM events_v2) x
+              WHERE back",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(disorder, 0, "versions out of time order");
+    // Every legacy row is accounted for: an event, or a row refused as out of order and named.
+    let unaccounted: i64 = c
+        .query_one(
+            "SELECT count(*) FROM events l
+              WHERE NOT EXISTS (SELECT 1 FROM legacy_migration_map m WHERE m.legacy_id = l.id)
+                AND NOT EXISTS (SELECT 1 FROM legacy_migration_failures f
+                                 WHERE f.legacy_id = l.id AND f.reason_code = 'OUT_OF_ORDER')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unaccounted, 0);
+    assert_eq!(last.remaining, 0);
+    let verify = repo.verify_legacy("events").await.unwrap();
+    assert_eq!(verify.missing_count, 0);
+    assert_eq!(verify.mismatched_count, 0);
 }

@@ -400,6 +400,18 @@ async fn dual_write_writes_both_tables_atomically() {
     let mut config = base.config().clone();
     config.dual_write_legacy_table = Some("events".into());
     let repo = EventRepository::new(config).unwrap();
+    // Dual-write waits for the legacy history to be migrated once.
+    let early = NewEvent::new(
+        Uuid::now_v7(),
+        AggregateType::Entity,
+        "entity.created",
+        "u1",
+        json!({}),
+        1,
+    );
+    assert_eq!(repo.append(early).await.unwrap_err().code(), "LEGACY_HISTORY_PENDING");
+    assert_eq!(common::count_rows(&base).await, (0, 0));
+    migrate(&base, &opts(10)).await;
 
     let a = Uuid::now_v7();
     let mut first = NewEvent::new(a, AggregateType::Entity, "entity.created", "u1", json!({"t": 1}), 1);
@@ -438,7 +450,13 @@ async fn dual_write_writes_both_tables_atomically() {
     assert_eq!(v.dual_written_rows, 3);
     // The migration passes over dual-written rows.
     let report = repo
-        .migrate_legacy_events(&LegacyMigrationOptions::default(), &mut |_| {})
+        .migrate_legacy_events(
+            &LegacyMigrationOptions {
+                resume: true,
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
         .await
         .unwrap();
     assert_eq!(report.pending_at_start, 0);

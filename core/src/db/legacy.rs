@@ -279,6 +279,21 @@ pub fn infer_aggregate_type(event_type: &str) -> AggregateType {
     }
 }
 
+/// A row older than its aggregate's newest event: appending it would number it after events that
+/// happened later.
+fn out_of_order(row: &LegacyRow, aggregate: Uuid, newest: DateTime<Utc>) -> LegacyRowFailure {
+    failure(
+        row,
+        "OUT_OF_ORDER",
+        format!(
+            "aggregate {aggregate} already has an event at {} after this row's time {}: appended, it would \
+             put versions out of time order",
+            newest.to_rfc3339(),
+            row.timestamp.map_or("-".into(), |t| t.to_rfc3339())
+        ),
+    )
+}
+
 fn failure(row: &LegacyRow, code: &str, reason: impl Into<String>) -> LegacyRowFailure {
     LegacyRowFailure {
         legacy_id: row.id,
@@ -642,8 +657,8 @@ impl EventRepository {
             events_per_second: 0.0,
             success_rate: 100.0,
         };
-        // Dry runs write no streams, so they remember the types of aggregates they "created".
-        let mut dry_types: HashMap<Uuid, AggregateType> = HashMap::new();
+        // Dry runs write no streams, so they remember each aggregate's newest event themselves.
+        let mut dry_newest: HashMap<Uuid, DateTime<Utc>> = HashMap::new();
         progress(&LegacyMigrationProgress {
             total,
             processed: 0,
@@ -711,7 +726,7 @@ impl EventRepository {
                 }
                 None => {
                     let outcome = self
-                        .dry_run_batch(writer, &rows, options.on_invalid, &mut dry_types)
+                        .dry_run_batch(writer, &rows, options.on_invalid, &mut dry_newest)
                         .await?;
                     (outcome, prefetch.await)
                 }
@@ -747,8 +762,11 @@ impl EventRepository {
         if !options.dry_run && !report.stopped_on_invalid && (exhausted || report.processed == pending) {
             writer
                 .execute(
-                    "INSERT INTO legacy_migration_runs (legacy_table, finished_at) VALUES ($1, now())
-                     ON CONFLICT (legacy_table) DO UPDATE SET finished_at = now(), updated_at = now()",
+                    "INSERT INTO legacy_migration_runs (legacy_table, finished_at, history_migrated_at)
+                     VALUES ($1, now(), now())
+                     ON CONFLICT (legacy_table) DO UPDATE
+                        SET finished_at = now(), updated_at = now(),
+                            history_migrated_at = coalesce(legacy_migration_runs.history_migrated_at, now())",
                     &[&table],
                 )
                 .await?;
@@ -790,13 +808,16 @@ impl EventRepository {
         // batch (in a fixed order) so no append moves them before this batch commits.
         let known = tx
             .query(
-                "SELECT aggregate_id, version, aggregate_type FROM event_streams WHERE aggregate_id = ANY ($1)
-                 ORDER BY aggregate_id FOR UPDATE",
+                "SELECT aggregate_id, version, aggregate_type, last_timestamp FROM event_streams
+                  WHERE aggregate_id = ANY ($1) ORDER BY aggregate_id FOR UPDATE",
                 &[&agg_ids],
             )
             .await?;
         let mut streams: HashMap<Uuid, (i32, String)> =
             known.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
+        // The newest event of each aggregate: a row older than it cannot be appended without
+        // putting versions out of time order.
+        let mut newest: HashMap<Uuid, DateTime<Utc>> = known.iter().map(|r| (r.get(0), r.get(3))).collect();
 
         let n = rows.len();
         let mut legacy_ids = Vec::with_capacity(n);
@@ -834,6 +855,10 @@ impl EventRepository {
                 }
                 c
             });
+            let candidate = candidate.and_then(|c| match newest.get(&c.aggregate_id) {
+                Some(&last) if row.timestamp.is_some_and(|t| t < last) => Err(out_of_order(row, c.aggregate_id, last)),
+                _ => Ok(c),
+            });
             let c = match candidate {
                 Ok(c) => c,
                 Err(f) => {
@@ -853,6 +878,7 @@ impl EventRepository {
             entry.0 += 1;
             let version = entry.0;
             let ts = row.timestamp.expect("checked by check_row");
+            newest.insert(c.aggregate_id, ts);
             match agg_index.get(&c.aggregate_id) {
                 Some(&i) => {
                     batch_last[i] = version;
@@ -952,7 +978,7 @@ impl EventRepository {
         client: &tokio_postgres::Client,
         rows: &[LegacyRow],
         on_invalid: OnInvalid,
-        known: &mut HashMap<Uuid, AggregateType>,
+        known: &mut HashMap<Uuid, DateTime<Utc>>,
     ) -> Result<BatchOutcome> {
         let limits = self.config().limits;
         let checked: Vec<_> = rows.iter().map(|r| check_row(r, &limits)).collect();
@@ -963,23 +989,29 @@ impl EventRepository {
             .collect();
         let stored = client
             .query(
-                "SELECT aggregate_id, aggregate_type FROM event_streams WHERE aggregate_id = ANY ($1)",
+                "SELECT aggregate_id, last_timestamp FROM event_streams WHERE aggregate_id = ANY ($1)",
                 &[&ids],
             )
             .await?;
-        let stored: HashMap<Uuid, String> = stored.iter().map(|r| (r.get(0), r.get(1))).collect();
+        known.extend(
+            stored
+                .iter()
+                .map(|r| (r.get::<_, Uuid>(0), r.get::<_, DateTime<Utc>>(1))),
+        );
         let mut outcome = BatchOutcome {
             migrated: 0,
             failures: Vec::new(),
             stopped: false,
         };
-        for checked in checked {
-            let result = checked.map(|c| {
-                // As in a real run: the first type an aggregate gets is the one it keeps.
-                let stored_type = stored.get(&c.aggregate_id).and_then(|t| t.parse().ok());
-                known
-                    .entry(c.aggregate_id)
-                    .or_insert(stored_type.unwrap_or(c.aggregate_type));
+        for (row, checked) in rows.iter().zip(checked) {
+            // As in a real run: a row older than its aggregate's newest event is refused.
+            let result = checked.and_then(|c| match (known.get(&c.aggregate_id), row.timestamp) {
+                (Some(&last), Some(t)) if t < last => Err(out_of_order(row, c.aggregate_id, last)),
+                (_, Some(t)) => {
+                    known.insert(c.aggregate_id, t);
+                    Ok(())
+                }
+                (_, None) => Ok(()),
             });
             match result {
                 Ok(()) => outcome.migrated += 1,

@@ -33,6 +33,8 @@ pub struct EventRepository {
     pub(crate) scope: Option<std::sync::Arc<str>>,
     /// The connection settings, for the subscription's LISTEN connection outside the pool.
     pub(crate) pg_config: std::sync::Arc<tokio_postgres::Config>,
+    /// Set once the dual-write legacy table's history is known to be migrated.
+    dual_write_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Sets the user for row-level security until the end of the current transaction only, so a
@@ -382,6 +384,7 @@ impl EventRepository {
             append_batch_sql,
             scope: None,
             pg_config,
+            dual_write_ready: Default::default(),
         })
     }
 
@@ -516,7 +519,38 @@ impl EventRepository {
         self.append_valid(event).await
     }
 
+    /// With dual-write on: fails with [`Error::LegacyHistoryPending`] until the legacy table's
+    /// history has been migrated once. An append before would become an aggregate's first
+    /// version, and its older legacy history would then be numbered after it.
+    async fn check_dual_write(&self) -> Result<()> {
+        let Some(table) = &self.config.dual_write_legacy_table else {
+            return Ok(());
+        };
+        if self.dual_write_ready.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        let quoted = crate::db::sql::quote_table(table)?;
+        let client = self.client().await?;
+        let migrated: bool = client
+            .query_one(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM legacy_migration_runs
+                                     WHERE legacy_table = synap_legacy_table_key('{quoted}'::regclass)
+                                       AND history_migrated_at IS NOT NULL)"
+                ),
+                &[],
+            )
+            .await?
+            .get(0);
+        if !migrated {
+            return Err(Error::LegacyHistoryPending { table: table.clone() });
+        }
+        self.dual_write_ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     async fn append_valid(&self, event: NewEvent) -> Result<EventRecord> {
+        self.check_dual_write().await?;
         let id = event.id.unwrap_or_else(Uuid::now_v7);
         in_session!(self, |client| { self.append_in(&client, event, id).await })
     }
@@ -621,6 +655,7 @@ impl EventRepository {
     }
 
     async fn append_batch_valid(&self, events: Vec<NewEvent>) -> Result<Vec<EventRecord>> {
+        self.check_dual_write().await?;
         let n = events.len();
         let mut ids = Vec::with_capacity(n);
         let mut timestamps = Vec::with_capacity(n);
