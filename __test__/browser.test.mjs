@@ -57,7 +57,8 @@ test('the replay page shows the folded state at two versions', async () => {
   const page = await browser.newPage()
   const errors = []
   page.on('pageerror', (e) => errors.push(e.message))
-  await page.goto(`http://127.0.0.1:${server.address().port}/www/`)
+  // The root address leads to the page, as `npm run demo:browser` prints it.
+  await page.goto(`http://127.0.0.1:${server.address().port}/`)
   await page.waitForSelector('body[data-ready]')
   assert.equal(await page.getAttribute('body', 'data-ready'), 'true', await page.textContent('#status'))
 
