@@ -11,8 +11,9 @@ if (mode === 'paged') {
   const WINDOW = 10_000
   const last = await repo.getAggregateVersion(aggregateId)
   let snapshot
-  for (let from = 1; from <= last; from += WINDOW) {
-    const page = await repo.getAggregateStream(aggregateId, { fromVersion: from, toVersion: from + WINDOW - 1 })
+  // fromVersion is exclusive: each window starts after the snapshot's version.
+  for (let after = 0; after < last; after += WINDOW) {
+    const page = await repo.getAggregateStream(aggregateId, { fromVersion: after, toVersion: after + WINDOW })
     result = foldEvents(page, snapshot ? { from: snapshot } : undefined)
     snapshot = { state: result.state, version: result.version, deleted: result.deleted }
   }

@@ -133,3 +133,102 @@ async fn upkeep_and_analytics_refresh_run_concurrently() {
     let (a, b) = tokio::join!(repo.refresh_analytics(false), repo.refresh_analytics(false));
     assert_eq!(a.unwrap() + b.unwrap(), 1, "the dirty day recomputed once, no deadlock");
 }
+
+/// TimescaleDB's functions are called by the extension's schema, wherever it was created, and
+/// stores in several schemas of one database each get their own hypertable. (On the native pass
+/// the server does not preload TimescaleDB; the mode test above covers it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extension_created_in_another_schema_serves_stores_in_several_schemas() {
+    if !common::timescaledb() {
+        return;
+    }
+    let admin_url = common::database_url();
+    let (admin, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let db = format!("synap_ext_{}", std::process::id());
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
+    let url = format!("{}/{db}", admin_url.rsplit_once('/').unwrap().0);
+    {
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        c.batch_execute("CREATE SCHEMA tsx; CREATE EXTENSION timescaledb WITH SCHEMA tsx")
+            .await
+            .unwrap();
+    }
+    let today = chrono::Utc::now();
+    for schema in ["store_a", "store_b"] {
+        let mut config = synap_events::RepositoryConfig::new(url.clone());
+        config.schema = Some(schema.into());
+        config.storage_mode = synap_events::StorageMode::Timescaledb;
+        let repo = EventRepository::new(config).unwrap();
+        {
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            c.batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
+        }
+        assert_eq!(repo.migrate().await.unwrap().storage_mode, "timescaledb");
+        // One aggregate ten days old, one of today.
+        let old = uuid::Uuid::now_v7();
+        let mut e = common::event(old, 1);
+        e.timestamp = Some(today - chrono::Duration::days(10));
+        repo.append(e).await.unwrap();
+        repo.append(common::event(uuid::Uuid::now_v7(), 1)).await.unwrap();
+        let stats = repo.stats().await.unwrap();
+        assert_eq!(
+            (stats.storage_mode.as_str(), stats.events, stats.partitions),
+            ("timescaledb", 2, 2)
+        );
+        let options = synap_events::RetentionOptions {
+            cutoff: today - chrono::Duration::days(5),
+            dry_run: true,
+            force: false,
+        };
+        let dry = repo.apply_retention(&options).await.unwrap();
+        assert_eq!((dry.targets.len(), dry.rows), (1, 1), "{dry:?}");
+        let done = repo
+            .apply_retention(&synap_events::RetentionOptions {
+                dry_run: false,
+                ..options
+            })
+            .await
+            .unwrap();
+        assert_eq!((done.rows, done.streams_deleted), (1, 1), "{done:?}");
+        assert_eq!(repo.get_aggregate_version(old).await.unwrap(), None);
+        assert_eq!(repo.stats().await.unwrap().events, 1);
+        repo.close();
+    }
+    // Each schema has its own hypertable; the extension stayed where it was created.
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let hypertables: Vec<String> = c
+        .query(
+            "SELECT hypertable_schema || '.' || hypertable_name FROM timescaledb_information.hypertables ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(hypertables, ["store_a.events_v2", "store_b.events_v2"]);
+    let ext_schema: String = c
+        .query_one(
+            "SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'timescaledb'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ext_schema, "tsx");
+    drop(c);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
