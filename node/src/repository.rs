@@ -12,7 +12,7 @@ use serde_json::Value;
 use synap_events as core;
 
 use crate::records::{
-    checkpoint_arg, DropLegacyOptions, EventRecord, LegacyMigrationOptions, MigrationReport, ReadAllPage,
+    checkpoint_arg, DropLegacyOptions, EventRecord, LegacyMigrationOptions, MigrationReport, ReadAllPage, Records,
     RepairConsumerOptions, RepositoryOptions, RetentionOptions,
 };
 use crate::subscription::EventSubscription;
@@ -158,25 +158,29 @@ impl EventRepository {
     ///
     /// Rejects like `append`, with `field` paths such as `events[3].version`. A retry of a batch
     /// whose events are all stored (same ids, same versions) resolves to the stored events.
-    #[napi(catch_unwind, ts_args_type = "events: AppendEventData[]")]
-    pub fn append_batch<'env>(
-        &self,
-        env: &'env Env,
-        events: Unknown<'env>,
-    ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+    #[napi(
+        catch_unwind,
+        ts_return_type = "Promise<Array<EventRecord>>",
+        ts_args_type = "events: AppendEventData[]"
+    )]
+    pub fn append_batch<'env>(&self, env: &'env Env, events: Unknown<'env>) -> Result<PromiseRaw<'env, Records>> {
         let events = js_to_json(env, events, Checked::Keys(&["timestamp"]));
         self.run(env, move |repo| async move { repo.append_batch_json(&events?).await })
     }
 
     /// The aggregate's events in version order: the versions after `fromVersion` (default 0) up
     /// to and including `toVersion` (default the latest); `[]` for an unknown aggregate.
-    #[napi(catch_unwind, ts_args_type = "aggregateId: string, options?: EventStreamOptions")]
+    #[napi(
+        catch_unwind,
+        ts_return_type = "Promise<Array<EventRecord>>",
+        ts_args_type = "aggregateId: string, options?: EventStreamOptions"
+    )]
     pub fn get_aggregate_stream<'env>(
         &self,
         env: &'env Env,
         aggregate_id: String,
         options: Option<Unknown<'env>>,
-    ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+    ) -> Result<PromiseRaw<'env, Records>> {
         let id = core::validate::parse_uuid_arg("aggregateId", &aggregate_id);
         let options = options_json(env, options).and_then(|o| core::query::stream_options(&o));
         self.run(env, move |repo| async move {
@@ -196,13 +200,17 @@ impl EventRepository {
     }
 
     /// A user's recent events, newest first (`days` 7 and `limit` 1000 by default).
-    #[napi(catch_unwind, ts_args_type = "userId: string, options?: UserStreamOptions")]
+    #[napi(
+        catch_unwind,
+        ts_return_type = "Promise<Array<EventRecord>>",
+        ts_args_type = "userId: string, options?: UserStreamOptions"
+    )]
     pub fn get_user_stream<'env>(
         &self,
         env: &'env Env,
         user_id: String,
         options: Option<Unknown<'env>>,
-    ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+    ) -> Result<PromiseRaw<'env, Records>> {
         let options = options_json(env, options).and_then(|o| core::query::user_stream_options(&o));
         self.run(env, move |repo| async move {
             repo.get_user_stream(&user_id, &options?).await
@@ -210,24 +218,24 @@ impl EventRepository {
     }
 
     /// Every event of a workflow, oldest first.
-    #[napi(catch_unwind)]
+    #[napi(catch_unwind, ts_return_type = "Promise<Array<EventRecord>>")]
     pub fn get_correlated_events<'env>(
         &self,
         env: &'env Env,
         correlation_id: String,
-    ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+    ) -> Result<PromiseRaw<'env, Records>> {
         let id = core::validate::parse_uuid_arg("correlationId", &correlation_id);
         self.run(env, move |repo| async move { repo.get_correlated_events(id?).await })
     }
 
     /// The latest events of one type, newest first (`limit` 100 by default).
-    #[napi(catch_unwind)]
+    #[napi(catch_unwind, ts_return_type = "Promise<Array<EventRecord>>")]
     pub fn get_events_by_type<'env>(
         &self,
         env: &'env Env,
         event_type: String,
         limit: Option<f64>,
-    ) -> Result<PromiseRaw<'env, Vec<EventRecord>>> {
+    ) -> Result<PromiseRaw<'env, Records>> {
         let limit = limit.map_or(Ok(100), |l| core::query::whole_number_arg("limit", l));
         self.run(env, move |repo| async move {
             repo.get_events_by_type(&event_type, limit?).await
@@ -306,9 +314,11 @@ impl EventRepository {
         let repo = self.repository().map_err(|e| to_js_error(&env, e))?;
         let parse = || -> core::Result<core::SubscribeOptions> {
             let o = options_json(&env, options)?;
-            let mut core_options = core::SubscribeOptions::default();
-            core_options.consumer = o.get("consumer").and_then(Value::as_str).map(str::to_owned);
-            core_options.from = checkpoint_arg("from", &o)?;
+            let mut core_options = core::SubscribeOptions {
+                consumer: o.get("consumer").and_then(Value::as_str).map(str::to_owned),
+                from: checkpoint_arg("from", &o)?,
+                ..Default::default()
+            };
             if let Some(n) = o.get("batchSize").and_then(Value::as_f64) {
                 core_options.batch_size = core::query::whole_number_arg("batchSize", n)?;
             }

@@ -473,7 +473,7 @@ impl EventRepository {
         let table = key.as_str();
         if options.dry_run {
             return self
-                .run_migration(&mut reader, &mut writer, &legacy, table, options, progress, started)
+                .run_migration((&mut reader, &mut writer), &legacy, table, options, progress, started)
                 .await;
         }
         self.take_migration_lock(&writer, table, options.busy_timeout).await?;
@@ -496,7 +496,7 @@ impl EventRepository {
         };
         let result = match result {
             Ok(()) => {
-                self.run_migration(&mut reader, &mut writer, &legacy, table, options, progress, started)
+                self.run_migration((&mut reader, &mut writer), &legacy, table, options, progress, started)
                     .await
             }
             Err(e) => Err(e),
@@ -573,10 +573,11 @@ impl EventRepository {
         }
     }
 
+    /// One run with the lock held: `reader` reads the legacy rows through one snapshot while
+    /// `writer` writes the batches.
     async fn run_migration(
         &self,
-        reader: &mut tokio_postgres::Client,
-        writer: &mut tokio_postgres::Client,
+        (reader, writer): (&mut tokio_postgres::Client, &mut tokio_postgres::Client),
         legacy: &str,
         table: &str,
         options: &LegacyMigrationOptions,
