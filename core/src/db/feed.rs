@@ -175,8 +175,9 @@ const PLAN_ROWS: i64 = 2000;
 
 /// The horizon and the day index from the reader's position on, in one snapshot: every
 /// transaction below the horizon has ended, so the days it recorded are visible here. Bucket rows
-/// (txid NULL) come before a bucket's transaction rows.
-const FEED_PLAN_SQL: &str = "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon, \
+/// (txid NULL) come before a bucket's transaction rows. `h` is materialized: inlined, its
+/// functions ran once per index row returned (20 ms for 759 rows).
+const FEED_PLAN_SQL: &str = "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon, \
                        synap_feed_identity() AS store, synap_feed_is_current() AS current) \
      SELECT h.horizon::text, f.bucket, f.txid::text, f.day, h.store, h.current \
        FROM h LEFT JOIN LATERAL ( \
