@@ -14,7 +14,11 @@ done
 if [ ! -d node_modules/@napi-rs/cli ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
     npm ci --no-audit --no-fund --loglevel=error
 fi
-# The native module (release); cargo rebuilds nothing when nothing changed.
-npm run --silent build
+# The native module (release), unless it is newer than every source it is built from.
+module=$(ls synap-database.*.node 2>/dev/null | head -n 1 || true)
+if [ -z "$module" ] || [ -n "$(find core node migrations Cargo.toml Cargo.lock package.json \
+        -newer "$module" -type f -print -quit)" ]; then
+    npm run --silent build
+fi
 export DATABASE_URL="${DATABASE_URL:-$(scripts/db.sh start)}"
 node examples/test-event-repository.mjs
