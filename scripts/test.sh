@@ -33,8 +33,10 @@ if [ -n "${DATABASE_URL:-}" ]; then
     exit 0
 fi
 
-# The suite owns these clusters: the restart test may stop and start them.
+# The suite owns these clusters: the restart test may stop and start them. They are stopped at
+# the end, also when a test fails.
 export SYNAP_PG_CONTROL=1
+trap 'scripts/db.sh stop >/dev/null 2>&1 || true; scripts/db.sh stop --timescaledb >/dev/null 2>&1 || true' EXIT
 
 DATABASE_URL="$(scripts/db.sh start)"
 export DATABASE_URL

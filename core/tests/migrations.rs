@@ -232,3 +232,46 @@ async fn an_extension_created_in_another_schema_serves_stores_in_several_schemas
         .await
         .unwrap();
 }
+
+/// Stores in several schemas of a database that has no TimescaleDB yet, migrated at once in
+/// `auto` mode, all get this pass's storage mode: none loses a race to create the extension and
+/// settles for native partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_migrated_at_once_in_a_new_database_all_get_the_same_mode() {
+    let admin_url = common::database_url();
+    let (admin, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let db = format!("synap_race_{}", std::process::id());
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
+    let url = format!("{}/{db}", admin_url.rsplit_once('/').unwrap().0);
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let schemas: Vec<String> = (0..8).map(|i| format!("store_{i}")).collect();
+    for schema in &schemas {
+        c.batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
+    }
+    let runs = schemas.iter().map(|schema| {
+        let mut config = synap_events::RepositoryConfig::new(url.clone());
+        config.schema = Some(schema.clone());
+        config.storage_mode = synap_events::StorageMode::Auto;
+        let repo = EventRepository::new(config).unwrap();
+        async move {
+            let mode = repo.migrate().await.unwrap().storage_mode;
+            repo.close();
+            mode
+        }
+    });
+    let modes = futures_util::future::join_all(runs).await;
+    assert!(modes.iter().all(|m| *m == common::storage_mode()), "{modes:?}");
+    drop(c);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

@@ -132,6 +132,10 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS synap_migrations (
 /// Key of the advisory lock: one per schema.
 const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.synap_migrations'))";
 
+/// Key of the advisory lock taken while the first migration may create TimescaleDB: one per
+/// database.
+const EXTENSION_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('synap.timescaledb_extension'))";
+
 pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) -> Result<MigrationReport> {
     {
         let tx = client.transaction().await?;
@@ -166,6 +170,12 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) 
             }
             report.already_applied.push(migration.version);
             continue;
+        }
+        if migration.version == 1 && mode != StorageMode::Native {
+            // One database, one extension: stores in several schemas migrated at once must not
+            // race to create it (the loser's CREATE EXTENSION fails, and `auto` would settle
+            // for native partitions).
+            tx.batch_execute(EXTENSION_LOCK).await?;
         }
         if migration.version == 1 && mode == StorageMode::Timescaledb {
             check_timescaledb(&tx).await?;
