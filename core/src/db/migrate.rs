@@ -129,6 +129,8 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS synap_migrations (
     duration_ms bigint      NOT NULL
 )";
 
+const NO_TIMEOUT: &str = "SET LOCAL statement_timeout = 0";
+
 /// Key of the advisory lock: one per schema.
 const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.synap_migrations'))";
 
@@ -139,6 +141,9 @@ const EXTENSION_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('synap.times
 pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) -> Result<MigrationReport> {
     {
         let tx = client.transaction().await?;
+        // A configured statement timeout is for the application's queries, not schema changes
+        // nor the wait for another process's migration (a wait under the locks below counts).
+        tx.batch_execute(NO_TIMEOUT).await?;
         tx.batch_execute(LOCK).await?;
         tx.batch_execute(CREATE_TABLE).await?;
         tx.commit().await?;
@@ -150,6 +155,7 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) 
     };
     for migration in MIGRATIONS {
         let tx = client.transaction().await?;
+        tx.batch_execute(NO_TIMEOUT).await?;
         tx.batch_execute(LOCK).await?;
         let row = tx
             .query_opt(
@@ -181,8 +187,6 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) 
             check_timescaledb(&tx).await?;
         }
         let started = Instant::now();
-        // A configured statement timeout is for the application's queries, not schema changes.
-        tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
         tx.execute("SELECT set_config('synap.storage_mode', $1, true)", &[&mode.as_str()])
             .await?;
         tx.batch_execute(migration.sql)
