@@ -8,7 +8,8 @@
 //! The input is the events of **one** aggregate, in version order.
 //!
 //! - The state starts as `null` at version 0, not deleted, unless [`FoldOptions::from`] gives a
-//!   [`Snapshot`] to start from. With no event applied, `lastTimestamp` is `null`.
+//!   [`Snapshot`] to start from. With no event applied, `lastTimestamp` is `null` (or the
+//!   snapshot's `lastTimestamp`).
 //! - Before an event's `data` is applied, its bookkeeping keys are removed (top level only; see
 //!   [`Bookkeeping`]).
 //! - An event type ending in `.created` resets the aggregate: the state becomes `{}` with `data`
@@ -104,6 +105,9 @@ pub struct Snapshot {
     /// Whether the aggregate was deleted at `version`. JSON key `deleted`, optional, default
     /// false.
     pub deleted: bool,
+    /// The timestamp of the event at `version`: the result's `lastTimestamp` when no event
+    /// follows. JSON key `lastTimestamp`, optional (an RFC 3339 string or milliseconds).
+    pub last_timestamp: Option<DateTime<Utc>>,
 }
 
 /// How to fold. Deserializes from camelCase JSON (see [`parse_fold_options`]).
@@ -231,7 +235,7 @@ fn parse_snapshot(value: &Value) -> Result<Snapshot> {
             describe(value)
         )));
     };
-    refuse_unknown_keys(obj, "from.", &["state", "version", "deleted"])?;
+    refuse_unknown_keys(obj, "from.", &["state", "version", "deleted", "lastTimestamp"])?;
     let version = match present(obj, "version") {
         None => return Err(options_error("from.version is required".to_owned())),
         Some(v) => non_negative_i32(v).ok_or_else(|| {
@@ -247,10 +251,20 @@ fn parse_snapshot(value: &Value) -> Result<Snapshot> {
             .as_bool()
             .ok_or_else(|| options_error(format!("from.deleted must be a boolean, not {}", describe(v))))?,
     };
+    let last_timestamp = match present(obj, "lastTimestamp") {
+        None => None,
+        Some(v) => Some(parse_timestamp(v).ok_or_else(|| {
+            options_error(format!(
+                "from.lastTimestamp must be an RFC 3339 date-time or integer milliseconds since 1970, not {}",
+                describe(v)
+            ))
+        })?),
+    };
     Ok(Snapshot {
         state: obj.get("state").cloned().unwrap_or(Value::Null),
         version,
         deleted,
+        last_timestamp,
     })
 }
 
@@ -443,20 +457,7 @@ pub fn fold_events(events: &[Value], options: &FoldOptions) -> Result<FoldResult
 /// compared as UUIDs, and an event whose `data` is not a JSON object or whose `version` is below
 /// 1 fails with [`FoldErrorKind::InvalidEvent`].
 pub fn fold_records(events: &[EventRecord], options: &FoldOptions) -> Result<FoldResult> {
-    fold(events, options, |index, record: &EventRecord| {
-        Ok(FoldEvent {
-            aggregate_id: record.aggregate_id,
-            event_type: &record.event_type,
-            version: i64::from(record.version),
-            data: record.data.as_object().ok_or_else(|| {
-                invalid_event(
-                    index,
-                    format!("data must be an object, not {}", json_kind(&record.data)),
-                )
-            })?,
-            timestamp: record.timestamp,
-        })
-    })
+    fold(events, options, read_record)
 }
 
 fn read_json_event(index: usize, value: &Value) -> Result<FoldEvent<'_, &str>> {
@@ -511,19 +512,114 @@ fn fold<'a, T, Id>(
 where
     Id: Copy + PartialEq + fmt::Display,
 {
-    let (mut state, mut version, mut deleted) = match &options.from {
-        Some(s) => (s.state.clone(), s.version, s.deleted),
-        None => (Value::Null, 0, false),
-    };
-    let mut last_timestamp = None;
-    let mut history = options.history.then(Vec::new);
-    let mut first_aggregate: Option<Id> = None;
-
+    let mut folder = Folder::new(options);
     for (index, raw) in events.iter().enumerate() {
-        if options.to_version.is_some_and(|limit| version >= limit) {
+        if folder.is_done() || !folder.apply(index, || read(index, raw))? {
             break;
         }
-        let event = read(index, raw)?;
+    }
+    Ok(folder.finish())
+}
+
+/// A fold that takes its events one at a time, as they arrive (a stored stream read in pages),
+/// with exactly the rules and errors of [`fold_records`]. Feed it with [`RecordFolder::push`]
+/// until that returns false or the events run out, then take [`RecordFolder::finish`].
+pub struct RecordFolder<'o> {
+    inner: Folder<'o, uuid::Uuid>,
+    index: usize,
+}
+
+impl<'o> RecordFolder<'o> {
+    /// A fold from the options' snapshot (or `null` at version 0).
+    pub fn new(options: &'o FoldOptions) -> RecordFolder<'o> {
+        RecordFolder {
+            inner: Folder::new(options),
+            index: 0,
+        }
+    }
+
+    /// Applies the next event. Returns false when the fold has stopped (at `to_version`, or at
+    /// this event because it is later than `to_timestamp`); later events are then not read.
+    ///
+    /// Fails like [`fold_records`], with the index counted from the first pushed event.
+    pub fn push(&mut self, record: &EventRecord) -> Result<bool> {
+        if self.inner.is_done() {
+            return Ok(false);
+        }
+        let index = self.index;
+        self.index += 1;
+        self.inner.apply(index, || read_record(index, record))
+    }
+
+    /// The version the state is at now.
+    pub fn version(&self) -> i32 {
+        self.inner.version
+    }
+
+    /// The result so far.
+    pub fn finish(self) -> FoldResult {
+        self.inner.finish()
+    }
+}
+
+fn read_record(index: usize, record: &EventRecord) -> Result<FoldEvent<'_, uuid::Uuid>> {
+    Ok(FoldEvent {
+        aggregate_id: record.aggregate_id,
+        event_type: &record.event_type,
+        version: i64::from(record.version),
+        data: record.data.as_object().ok_or_else(|| {
+            invalid_event(
+                index,
+                format!("data must be an object, not {}", json_kind(&record.data)),
+            )
+        })?,
+        timestamp: record.timestamp,
+    })
+}
+
+/// The fold's state between events.
+struct Folder<'o, Id> {
+    options: &'o FoldOptions,
+    state: Value,
+    version: i32,
+    deleted: bool,
+    last_timestamp: Option<DateTime<Utc>>,
+    history: Option<Vec<HistoryStep>>,
+    first_aggregate: Option<Id>,
+    stopped: bool,
+}
+
+impl<'o, Id> Folder<'o, Id>
+where
+    Id: Copy + PartialEq + fmt::Display,
+{
+    fn new(options: &'o FoldOptions) -> Folder<'o, Id> {
+        let (state, version, deleted, last_timestamp) = match &options.from {
+            Some(s) => (s.state.clone(), s.version, s.deleted, s.last_timestamp),
+            None => (Value::Null, 0, false, None),
+        };
+        Folder {
+            options,
+            state,
+            version,
+            deleted,
+            last_timestamp,
+            history: options.history.then(Vec::new),
+            first_aggregate: None,
+            stopped: false,
+        }
+    }
+
+    /// Whether no further event will be applied (the state has reached `to_version`, or an
+    /// event past `to_timestamp` was seen).
+    fn is_done(&self) -> bool {
+        self.stopped || self.options.to_version.is_some_and(|limit| self.version >= limit)
+    }
+
+    /// Reads the event at `index` and applies it; false when it is past `to_timestamp`.
+    fn apply<'a>(&mut self, index: usize, read: impl FnOnce() -> Result<FoldEvent<'a, Id>>) -> Result<bool> {
+        let options = self.options;
+        let event = read()?;
         let event_version = i32::try_from(event.version).ok().filter(|v| *v >= 1).ok_or_else(|| {
             invalid_event(
                 index,
@@ -531,9 +627,10 @@ where
             )
         })?;
         if options.to_timestamp.is_some_and(|cut| event.timestamp > cut) {
-            break;
+            self.stopped = true;
+            return Ok(false);
         }
-        let first = *first_aggregate.get_or_insert(event.aggregate_id);
+        let first = *self.first_aggregate.get_or_insert(event.aggregate_id);
         if event.aggregate_id != first {
             return Err(Error::Fold {
                 reason: FoldErrorKind::MixedAggregates,
@@ -544,35 +641,39 @@ where
                 ),
             });
         }
-        check_version(index, version, event_version, options.from.is_some())?;
+        check_version(index, self.version, event_version, options.from.is_some())?;
 
         if event.event_type.ends_with(".created") {
-            state = Value::Object(Map::new());
-            deleted = false;
+            self.state = Value::Object(Map::new());
+            self.deleted = false;
         }
-        apply_event_data(&mut state, event.data, &options.bookkeeping);
+        apply_event_data(&mut self.state, event.data, &options.bookkeeping);
         if event.event_type.ends_with(".deleted") {
-            deleted = true;
+            self.deleted = true;
         }
-        version = event_version;
-        last_timestamp = Some(event.timestamp);
-        if let Some(steps) = &mut history {
+        self.version = event_version;
+        self.last_timestamp = Some(event.timestamp);
+        if let Some(steps) = &mut self.history {
             steps.push(HistoryStep {
-                version,
+                version: self.version,
                 timestamp: event.timestamp,
                 event_type: event.event_type.to_owned(),
-                state: state.clone(),
-                deleted,
+                state: self.state.clone(),
+                deleted: self.deleted,
             });
         }
+        Ok(true)
     }
-    Ok(FoldResult {
-        state,
-        version,
-        deleted,
-        last_timestamp,
-        history,
-    })
+
+    fn finish(self) -> FoldResult {
+        FoldResult {
+            state: self.state,
+            version: self.version,
+            deleted: self.deleted,
+            last_timestamp: self.last_timestamp,
+            history: self.history,
+        }
+    }
 }
 
 /// Checks that the event at `index`, of version `got`, follows version `previous`.

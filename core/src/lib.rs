@@ -20,7 +20,7 @@ mod db;
 pub use error::{Error, Result};
 pub use fold::{
     apply_delta, apply_merge_patch, fold_events, fold_records, format_timestamp, parse_fold_options, Bookkeeping,
-    FoldErrorKind, FoldOptions, FoldResult, HistoryStep, Snapshot,
+    FoldErrorKind, FoldOptions, FoldResult, HistoryStep, RecordFolder, Snapshot,
 };
 pub use model::{AggregateType, EventRecord, EventSource, NewEvent};
 pub use query::{CountFilter, StreamOptions, UserStreamOptions};

@@ -84,6 +84,18 @@ pub struct FoldOptions {
     pub from: Option<FoldSnapshot>,
 }
 
+/// Options of `replay`: the time travel and bookkeeping options of `foldEvents`.
+#[napi(object, object_to_js = false)]
+pub struct ReplayOptions {
+    /// Stop after this version (inclusive).
+    pub to_version: Option<u32>,
+    /// Include only events at or before this time (a Date, an ISO string or ms).
+    #[napi(ts_type = "Date | string | number")]
+    pub to_timestamp: Option<Value>,
+    /// Which data keys are bookkeeping rather than state.
+    pub bookkeeping: Option<BookkeepingRule>,
+}
+
 /// Which keys of an event's data are left out of the state.
 #[napi(object)]
 pub struct BookkeepingRule {
@@ -103,6 +115,9 @@ pub struct FoldSnapshot {
     pub version: u32,
     /// Whether it was deleted.
     pub deleted: Option<bool>,
+    /// When its last event happened: the result's `lastTimestamp` when no event follows.
+    #[napi(ts_type = "Date | string | number")]
+    pub last_timestamp: Option<Value>,
 }
 
 /// The folded aggregate.
