@@ -96,7 +96,8 @@ enum Command {
         /// List what would go; change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Go ahead even when the cut-off cuts through aggregates' streams.
+        /// Go ahead even when some aggregates' events do not fold into a snapshot (their history
+        /// before the cut-off is then lost).
         #[arg(long)]
         force: bool,
     },
@@ -111,6 +112,23 @@ enum Command {
     /// After a restore into another cluster: renumber the global feed's transaction ids into
     /// this cluster's past (the feed refuses to read until then).
     RebaseFeed,
+    /// Fold one aggregate's stored events into its state (from the newest snapshot on) and
+    /// print it as JSON.
+    Replay {
+        /// The aggregate (UUID).
+        aggregate_id: String,
+        /// The state at this version (inclusive) instead of the latest.
+        #[arg(long, value_name = "N")]
+        to_version: Option<u32>,
+        /// The state as of this time (RFC 3339): events at or before it.
+        #[arg(long, value_name = "TIME")]
+        to_timestamp: Option<String>,
+    },
+    /// Replay one aggregate to its current version and store a snapshot of its state.
+    Snapshot {
+        /// The aggregate (UUID).
+        aggregate_id: String,
+    },
     /// Named consumers of the global feed: list them, or repair one.
     Consumers {
         #[command(subcommand)]
@@ -134,6 +152,25 @@ enum ConsumersCommand {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+/// A replay as text: the state as JSON, then where it came from.
+fn replay_text(replay: &synap_events::Replay) -> String {
+    format!(
+        "{}
+version {}{}, last event {}; folded {} events after {}",
+        serde_json::to_string_pretty(&replay.result.state).unwrap_or_default(),
+        replay.result.version,
+        if replay.result.deleted { " (deleted)" } else { "" },
+        replay
+            .result
+            .last_timestamp
+            .map_or("-".into(), |t| synap_events::format_timestamp(&t)),
+        replay.events_folded,
+        replay
+            .snapshot_version
+            .map_or("version 0".into(), |v| format!("the snapshot at version {v}")),
+    )
 }
 
 /// What a command produced: the JSON document, its text form, and whether it found problems.
@@ -384,19 +421,25 @@ async fn run(cli: Cli) -> Result<Outcome, Error> {
                 ));
             }
             text.push_str(&format!(
-                "\nstreams deleted {}, trimmed {}, events_daily rows deleted {}",
-                report.streams_deleted, report.streams_trimmed, report.daily_rows_deleted
+                "\nsnapshots stored {} ({} aggregates kept whole, {} with events on both sides), \
+                 streams deleted {}, trimmed {}, events_daily rows deleted {}",
+                report.snapshots_stored,
+                report.streams_kept,
+                report.cut_through_count,
+                report.streams_deleted,
+                report.streams_trimmed,
+                report.daily_rows_deleted
             ));
-            let refused = dry_run && report.cut_through_count > 0 && !force;
-            if report.cut_through_count > 0 {
+            let refused = dry_run && report.unfoldable_count > 0 && !force;
+            if report.unfoldable_count > 0 {
                 text.push_str(&format!(
-                    "\n{} aggregate(s) have events on both sides of the cut-off (e.g. {:?}){}",
-                    report.cut_through_count,
-                    report.cut_through_sample,
+                    "\n{} aggregate(s) have events that do not fold into a snapshot (e.g. {:?}){}",
+                    report.unfoldable_count,
+                    report.unfoldable_sample,
                     if refused {
                         "; a real run would be refused without --force"
                     } else {
-                        ""
+                        "; their history before the cut-off is lost"
                     }
                 ));
             }
@@ -438,6 +481,38 @@ async fn run(cli: Cli) -> Result<Outcome, Error> {
                 ));
             }
             Ok(Outcome::ok(to_json(&stats), text))
+        }
+        Command::Replay {
+            aggregate_id,
+            to_version,
+            to_timestamp,
+        } => {
+            let id = synap_events::validate::parse_uuid_arg("aggregate_id", &aggregate_id)?;
+            let options = synap_events::replay_options(&serde_json::json!({
+                "toVersion": to_version,
+                "toTimestamp": to_timestamp,
+            }))?;
+            let replay = repo.replay(id, &options).await?;
+            let text = replay_text(&replay);
+            Ok(Outcome::ok(to_json(&replay), text))
+        }
+        Command::Snapshot { aggregate_id } => {
+            let id = synap_events::validate::parse_uuid_arg("aggregate_id", &aggregate_id)?;
+            let replay = repo.snapshot(id).await?;
+            let text = format!(
+                "{}
+{}",
+                replay_text(&replay),
+                if replay.snapshot_stored {
+                    format!("stored a snapshot at version {}", replay.result.version)
+                } else {
+                    format!(
+                        "a snapshot at version {} was already stored (or there is nothing to snapshot)",
+                        replay.result.version
+                    )
+                }
+            );
+            Ok(Outcome::ok(to_json(&replay), text))
         }
         Command::RebaseFeed => {
             let report = repo.rebase_feed().await?;

@@ -169,7 +169,10 @@ async fn exit_codes_and_json_reports() {
     }
     let out = run(s, &["--json", "retention", "--older-than", "1d"]);
     assert_eq!(code(&out), 0);
-    assert_eq!(json(&out)["streamsDeleted"], 48);
+    // Each of the 48 aggregates is live: it stays, as a snapshot of its state.
+    assert_eq!(json(&out)["streamsDeleted"], 0);
+    assert_eq!(json(&out)["streamsKept"], 48);
+    assert_eq!(json(&out)["snapshotsStored"], 48);
     let out = run(s, &["--json", "stats"]);
     assert_eq!(json(&out)["events"], 0);
 }

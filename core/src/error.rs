@@ -187,6 +187,21 @@ pub enum Error {
         holder: String,
     },
 
+    /// Retention removed this aggregate's events before `retained_from` (keeping a snapshot of
+    /// the state they made): the versions asked for are not stored any more. A replay of the
+    /// current state works; a stream read from `retained_from - 1` on does too.
+    #[error(
+        "aggregate {aggregate_id}: versions before {retained_from} were removed by retention (a snapshot at version {snapshot_version} keeps their state); read from fromVersion {snapshot_version} on, or replay"
+    )]
+    HistoryRemoved {
+        /// The aggregate.
+        aggregate_id: Uuid,
+        /// The first version still stored.
+        retained_from: i32,
+        /// The version of the snapshot that stands for the removed events.
+        snapshot_version: i32,
+    },
+
     /// Dual-write is on for a legacy table whose history has not been migrated yet: an append
     /// now would number an aggregate's versions out of time order. Migrate the history first
     /// (`synap-events migrate-events`), then turn dual-write on. Nothing was written.
@@ -225,15 +240,16 @@ pub enum Error {
         action: String,
     },
 
-    /// A retention cut-off would cut through live aggregates' streams and was not forced.
+    /// Retention would remove events of aggregates that no snapshot can stand for (their stored
+    /// events do not fold), and was not forced. Nothing was removed.
     #[error(
-        "retention refused: the cut-off {cutoff} cuts through {aggregates} aggregate stream(s) with events on both \
-         sides (e.g. {sample:?}); choose an older cut-off or force it"
+        "retention refused: before the cut-off {cutoff}, {aggregates} aggregate(s) have events that do not fold into a \
+         snapshot (e.g. {sample:?}), so their history would be lost; repair them, choose an older cut-off, or force it"
     )]
     RetentionRefused {
         /// The effective cut-off (a UTC midnight), RFC 3339.
         cutoff: String,
-        /// How many aggregates have events both before and after the cut-off.
+        /// How many aggregates could not be kept by a snapshot.
         aggregates: i64,
         /// Some of them.
         sample: Vec<Uuid>,
@@ -347,6 +363,7 @@ impl Error {
             Error::LegacyMigrationBusy { .. } => "LEGACY_MIGRATION_BUSY",
             Error::LegacyMigrationStarted { .. } => "LEGACY_MIGRATION_STARTED",
             Error::LegacyHistoryPending { .. } => "LEGACY_HISTORY_PENDING",
+            Error::HistoryRemoved { .. } => "HISTORY_REMOVED",
             Error::VerifyFailed { .. } => "VERIFY_FAILED",
             Error::ConfirmationRequired { .. } => "CONFIRMATION_REQUIRED",
             Error::RetentionRefused { .. } => "RETENTION_REFUSED",
@@ -440,6 +457,15 @@ impl Error {
             } => {
                 json!({ "consumer": consumer, "stored": stored, "given": given })
             }
+            Error::HistoryRemoved {
+                aggregate_id,
+                retained_from,
+                snapshot_version,
+            } => json!({
+                "aggregateId": aggregate_id.to_string(),
+                "retainedFrom": retained_from,
+                "snapshotVersion": snapshot_version,
+            }),
             Error::LegacyTableNotFound { table }
             | Error::VerifyFailed { table, .. }
             | Error::LegacyHistoryPending { table } => json!({ "table": table }),

@@ -42,5 +42,6 @@ pub use db::{
     config::{RepositoryConfig, StorageMode},
     feed::{Checkpoint, ConsumerRepair, ConsumerStatus, FeedRebase, Page, SubscribeOptions, Subscription},
     migrate::{Migration, MigrationReport, MigrationStatus, MIGRATIONS},
+    replay::{fold_rules, replay_options, Replay, SnapshotAndTail},
     repository::EventRepository,
 };

@@ -198,8 +198,11 @@ async fn an_extension_created_in_another_schema_serves_stores_in_several_schemas
             })
             .await
             .unwrap();
-        assert_eq!((done.rows, done.streams_deleted), (1, 1), "{done:?}");
-        assert_eq!(repo.get_aggregate_version(old).await.unwrap(), None);
+        assert_eq!((done.rows, done.streams_kept), (1, 1), "{done:?}");
+        // The aggregate stays, as a snapshot of its state.
+        assert_eq!(repo.get_aggregate_version(old).await.unwrap(), Some(1));
+        let kept = repo.replay(old, &synap_events::FoldOptions::default()).await.unwrap();
+        assert_eq!((kept.result.version, kept.snapshot_version), (1, Some(1)));
         assert_eq!(repo.stats().await.unwrap().events, 1);
         repo.close();
     }

@@ -5,7 +5,9 @@ mod common;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use serde_json::json;
-use synap_events::{AggregateType, EventRepository, NewEvent, RetentionOptions, StreamOptions};
+use synap_events::{
+    AggregateType, Bookkeeping, EventRepository, FoldOptions, NewEvent, RetentionOptions, StreamOptions,
+};
 use uuid::Uuid;
 
 fn at(month: u32, day: u32) -> DateTime<Utc> {
@@ -14,16 +16,24 @@ fn at(month: u32, day: u32) -> DateTime<Utc> {
 }
 
 async fn put(repo: &EventRepository, aggregate: Uuid, version: i32, ts: DateTime<Utc>) {
+    put_typed(repo, aggregate, version, ts, "entity.updated").await;
+}
+
+async fn put_typed(repo: &EventRepository, aggregate: Uuid, version: i32, ts: DateTime<Utc>, event_type: &str) {
     let mut e = NewEvent::new(
         aggregate,
         AggregateType::Entity,
-        "entity.updated",
+        event_type,
         "u1",
-        json!({}),
+        json!({ format!("v{version}"): version, "last": version }),
         version,
     );
     e.timestamp = Some(ts);
     repo.append(e).await.unwrap();
+}
+
+async fn state(repo: &EventRepository, aggregate: Uuid) -> synap_events::FoldResult {
+    repo.replay(aggregate, &FoldOptions::default()).await.unwrap().result
 }
 
 async fn partitions(c: &tokio_postgres::Client) -> Vec<String> {
@@ -40,7 +50,7 @@ async fn partitions(c: &tokio_postgres::Client) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drops_whole_daily_partitions_and_keeps_streams_consistent() {
+async fn drops_whole_partitions_and_keeps_every_live_aggregate_whole() {
     let repo = common::repo("retention").await;
     let c = common::sql(&repo).await;
     let ts = common::timescaledb();
@@ -51,23 +61,42 @@ async fn drops_whole_daily_partitions_and_keeps_streams_consistent() {
         if ts { 0 } else { 20 }
     );
 
-    let (x, y, z, w) = (
+    let (x, y, z, w, d, g) = (
         Uuid::from_u128(1),
         Uuid::from_u128(2),
         Uuid::from_u128(3),
         Uuid::from_u128(4),
+        Uuid::from_u128(5),
+        Uuid::from_u128(6),
     );
+    // X: live, every event before the cut-off. Y: events on both sides. Z: after it.
     put(&repo, x, 1, at(1, 2)).await;
     put(&repo, x, 2, at(1, 3)).await;
     put(&repo, y, 1, at(1, 5)).await;
     put(&repo, y, 2, at(1, 15)).await;
     put(&repo, z, 1, at(1, 12)).await;
-    // December has no partition: this one lands in events_v2_default.
+    // W: live, in December, which has no partition: it lands in events_v2_default.
     put(&repo, w, 1, at(12, 20)).await;
+    // D: deleted before the cut-off.
+    put_typed(&repo, d, 1, at(1, 4), "entity.created").await;
+    put_typed(&repo, d, 2, at(1, 6), "entity.deleted").await;
+    // G: a broken stream (its version 1 is gone), which no snapshot can stand for.
+    put(&repo, g, 1, at(1, 7)).await;
+    put(&repo, g, 2, at(1, 8)).await;
+    c.execute("DELETE FROM events_v2 WHERE aggregate_id = $1 AND version = 1", &[&g])
+        .await
+        .unwrap();
     repo.refresh_analytics(true).await.unwrap();
     let before = common::count_rows(&repo).await;
-    assert_eq!(before, (6, 4));
+    assert_eq!(before, (9, 6));
     let parts_before = partitions(&c).await;
+    let states: Vec<_> = {
+        let mut v = Vec::new();
+        for a in [x, y, z, w] {
+            v.push(state(&repo, a).await);
+        }
+        v
+    };
 
     // Mid-day cut-offs round down to midnight: Jan 10 00:00 UTC.
     let cutoff = Utc.with_ymd_and_hms(2024, 1, 10, 13, 0, 0).unwrap();
@@ -81,24 +110,17 @@ async fn drops_whole_daily_partitions_and_keeps_streams_consistent() {
         .unwrap();
     assert_eq!(dry.cutoff, Utc.with_ymd_and_hms(2024, 1, 10, 0, 0, 0).unwrap());
     assert_eq!(dry.storage_mode, common::storage_mode());
-    assert_eq!(dry.cut_through_count, 1);
-    assert_eq!(dry.cut_through_sample, vec![y]);
-    assert_eq!(dry.rows, 4);
-    assert_eq!(dry.streams_deleted, 2);
+    assert_eq!((dry.cut_through_count, dry.cut_through_sample.clone()), (1, vec![y]));
+    assert_eq!(dry.rows, 7);
+    assert_eq!(
+        (dry.snapshots_stored, dry.streams_kept),
+        (3, 2),
+        "X, Y and W; X and W whole"
+    );
+    assert_eq!((dry.unfoldable_count, dry.unfoldable_sample.clone()), (1, vec![g]));
+    assert_eq!(dry.streams_deleted, 1, "D");
     if ts {
-        // One chunk for each day before the cut-off that has events: Dec 20, Jan 2, 3 and 5.
         assert!(dry.targets.iter().all(|t| t.kind == "chunk"), "{:?}", dry.targets);
-        let mut spans: Vec<_> = dry.targets.iter().map(|t| (t.from, t.rows)).collect();
-        spans.sort();
-        assert_eq!(
-            spans,
-            vec![
-                (Some(at(12, 20)), 1),
-                (Some(at(1, 2)), 1),
-                (Some(at(1, 3)), 1),
-                (Some(at(1, 5)), 1)
-            ]
-        );
     } else {
         let names: Vec<&str> = dry.targets.iter().map(|t| t.name.as_str()).collect();
         let mut expected = vec!["events_v2_default".to_owned()];
@@ -111,8 +133,14 @@ async fn drops_whole_daily_partitions_and_keeps_streams_consistent() {
     }
     assert_eq!(common::count_rows(&repo).await, before, "a dry run changes nothing");
     assert_eq!(partitions(&c).await, parts_before);
+    let snapshots: i64 = c
+        .query_one("SELECT count(*) FROM event_snapshots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(snapshots, 0, "a dry run stores no snapshot");
 
-    // Y has events on both sides: refused unless forced, and nothing changes.
+    // G's history cannot be kept: refused unless forced, and nothing changes.
     let err = repo
         .apply_retention(&RetentionOptions {
             cutoff,
@@ -125,6 +153,12 @@ async fn drops_whole_daily_partitions_and_keeps_streams_consistent() {
     assert!(err.to_string().contains("1 aggregate"), "{err}");
     assert_eq!(common::count_rows(&repo).await, before);
     assert_eq!(partitions(&c).await, parts_before);
+    let snapshots: i64 = c
+        .query_one("SELECT count(*) FROM event_snapshots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(snapshots, 0, "a refused run stores no snapshot");
 
     let done = repo
         .apply_retention(&RetentionOptions {
@@ -134,14 +168,21 @@ async fn drops_whole_daily_partitions_and_keeps_streams_consistent() {
         })
         .await
         .unwrap();
-    assert_eq!(done.rows, 4);
-    assert_eq!((done.streams_deleted, done.streams_trimmed), (2, 1));
-    assert_eq!(done.daily_rows_deleted, 4, "Dec 20, Jan 2, 3 and 5");
-    assert_eq!(common::count_rows(&repo).await, (2, 2));
+    assert_eq!(done.rows, 7);
+    assert_eq!((done.snapshots_stored, done.streams_kept), (3, 2));
+    assert_eq!(
+        (done.streams_deleted, done.streams_trimmed),
+        (2, 1),
+        "D and G go; Y is trimmed"
+    );
+    assert_eq!(done.daily_rows_deleted, 7, "Dec 20, Jan 2, 3, 4, 5, 6 and 8");
+    assert_eq!(
+        common::count_rows(&repo).await,
+        (2, 4),
+        "Y v2 and Z; X, Y, Z and W stay"
+    );
     let left = partitions(&c).await;
-    if ts {
-        assert_eq!(left.len(), parts_before.len() - 4, "four chunks dropped: {left:?}");
-    } else {
+    if !ts {
         assert!(left.contains(&"events_v2_default".to_owned()));
         assert!(left.contains(&"events_v2_p20240110".to_owned()));
         assert!(
@@ -150,12 +191,6 @@ async fn drops_whole_daily_partitions_and_keeps_streams_consistent() {
                 .any(|p| p.as_str() < "events_v2_p20240110" && p.starts_with("events_v2_p")),
             "{left:?}"
         );
-        let default_rows: i64 = c
-            .query_one("SELECT count(*) FROM events_v2_default", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(default_rows, 0);
     }
     let older: i64 = c
         .query_one(
@@ -167,48 +202,111 @@ async fn drops_whole_daily_partitions_and_keeps_streams_consistent() {
         .get(0);
     assert_eq!(older, 0);
 
-    // Y keeps version 2, now its oldest event; X and W are gone.
-    let (first, version): (DateTime<Utc>, i32) = {
-        let r = c
-            .query_one(
-                "SELECT first_timestamp, version FROM event_streams WHERE aggregate_id = $1",
-                &[&y],
-            )
-            .await
-            .unwrap();
-        (r.get(0), r.get(1))
-    };
-    assert_eq!((first, version), (at(1, 15), 2));
-    let stream = repo.get_aggregate_stream(y, &StreamOptions::default()).await.unwrap();
+    // Every live aggregate replays to exactly the state it had; D and G are gone.
+    for (a, expected) in [x, y, z, w].into_iter().zip(&states) {
+        assert_eq!(&state(&repo, a).await, expected, "{a}");
+    }
+    assert_eq!(repo.get_aggregate_version(d).await.unwrap(), None);
+    assert_eq!(repo.get_aggregate_version(g).await.unwrap(), None);
+    assert_eq!(repo.get_aggregate_version(x).await.unwrap(), Some(2));
+    // Reads of removed versions say so; reads after the snapshot work.
+    let err = repo
+        .get_aggregate_stream(y, &StreamOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "HISTORY_REMOVED");
+    assert_eq!(err.details()["retainedFrom"], 2);
+    let stream = repo
+        .get_aggregate_stream(
+            y,
+            &StreamOptions {
+                from_version: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(stream.iter().map(|e| e.version).collect::<Vec<_>>(), vec![2]);
-    assert_eq!(repo.get_aggregate_version(x).await.unwrap(), None);
+    let x_rest = repo
+        .get_aggregate_stream(
+            x,
+            &StreamOptions {
+                from_version: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(x_rest.is_empty());
+    // A replay that needs removed versions (another fold's rules, or before the snapshot) says so.
+    let other_rules = FoldOptions {
+        bookkeeping: Bookkeeping {
+            ignore_keys: vec![],
+            drop_previous_companions: false,
+        },
+        ..Default::default()
+    };
+    assert_eq!(
+        repo.replay(y, &other_rules).await.unwrap_err().code(),
+        "HISTORY_REMOVED"
+    );
+    let at_one = repo
+        .replay(
+            y,
+            &FoldOptions {
+                to_version: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((at_one.result.version, at_one.snapshot_version), (1, Some(1)));
+    // The browser's path: the snapshot and the events after it.
+    let st = repo.get_snapshot_and_tail(y).await.unwrap();
+    assert_eq!(st.snapshot.as_ref().map(|s| s.version), Some(1));
+    assert_eq!(st.events.iter().map(|e| e.version).collect::<Vec<_>>(), vec![2]);
+
+    // Appends go on after the snapshot, and a later retention builds on it.
     put(&repo, y, 3, at(1, 16)).await;
+    put(&repo, x, 3, at(1, 11)).await;
+    let x_before = state(&repo, x).await;
+    assert_eq!(x_before.version, 3);
+    let later = repo
+        .apply_retention(&RetentionOptions {
+            cutoff: Utc.with_ymd_and_hms(2024, 1, 14, 0, 0, 0).unwrap(),
+            dry_run: false,
+            force: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (later.rows, later.snapshots_stored, later.streams_kept),
+        (2, 2, 2),
+        "X v3 and Z"
+    );
+    assert_eq!(state(&repo, x).await, x_before);
+    assert_eq!(state(&repo, z).await, states[2]);
+    assert_eq!(common::count_rows(&repo).await, (2, 4), "Y v2 and v3");
 
     let old_days: i64 = c
         .query_one(
-            "SELECT (SELECT count(*) FROM events_daily WHERE day < '2024-01-10')
-                  + (SELECT count(*) FROM events_daily_dirty WHERE day < '2024-01-10')",
+            "SELECT (SELECT count(*) FROM events_daily WHERE day < '2024-01-14')
+                  + (SELECT count(*) FROM events_daily_dirty WHERE day < '2024-01-14')",
             &[],
         )
         .await
         .unwrap()
         .get(0);
     assert_eq!(old_days, 0);
-    let kept: i64 = c
-        .query_one("SELECT count(*) FROM events_daily WHERE day >= '2024-01-10'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(kept, 2, "Jan 12 and Jan 15 stay");
 
     // Nothing older is left: the same cut-off again finds nothing.
     let again = repo
         .apply_retention(&RetentionOptions {
-            cutoff,
+            cutoff: Utc.with_ymd_and_hms(2024, 1, 14, 0, 0, 0).unwrap(),
             dry_run: false,
             force: false,
         })
         .await
         .unwrap();
-    assert_eq!((again.rows, again.targets.len(), again.cut_through_count), (0, 0, 0));
+    assert_eq!((again.rows, again.targets.len(), again.snapshots_stored), (0, 0, 0));
 }

@@ -337,6 +337,10 @@ pub struct RepositoryOptions {
     /// During the switch-over: also write every appended event into this legacy table (e.g.
     /// `events`), in the same statement, so old readers keep working.
     pub dual_write_legacy_table: Option<String>,
+    /// Snapshot policy: a `replay` that folds at least this many events past the newest
+    /// snapshot stores a snapshot of its result. Default: none (only `snapshot()` and retention
+    /// write them).
+    pub snapshot_every: Option<u32>,
 }
 
 /// Options of `migrateLegacyEvents`.
@@ -494,4 +498,74 @@ pub(crate) fn checkpoint_arg(field: &str, value: &Value) -> core::Result<Option<
     };
     let place = core::Checkpoint::parse(txid, position)?;
     Ok(Some(core::Checkpoint { store, ..place }))
+}
+
+/// What `replay` and `snapshot` resolve to: the fold's result, as `foldEvents` gives it, and how
+/// it was reached.
+#[napi(object, object_from_js = false)]
+pub struct ReplayResult {
+    /// The state; `null` when the aggregate has no events.
+    #[napi(ts_type = "Record<string, unknown> | null")]
+    pub state: Json,
+    /// Version of the last applied event (0 when none).
+    pub version: u32,
+    /// Whether the aggregate is deleted.
+    pub deleted: bool,
+    /// ISO time of the last applied event; `null` when none.
+    #[napi(ts_type = "string | null")]
+    pub last_timestamp: Json,
+    /// The version of the snapshot the fold started from; `null` when it started at version 0.
+    #[napi(ts_type = "number | null")]
+    pub snapshot_version: Json,
+    /// How many stored events were folded after it.
+    pub events_folded: i64,
+    /// Whether this call stored a snapshot of the result.
+    pub snapshot_stored: bool,
+}
+
+impl IntoJs<ReplayResult> for core::Replay {
+    fn into_js(self) -> ReplayResult {
+        ReplayResult {
+            state: Json(self.result.state),
+            version: self.result.version as u32,
+            deleted: self.result.deleted,
+            last_timestamp: Json(
+                self.result
+                    .last_timestamp
+                    .map_or(Value::Null, |t| Value::String(core::format_timestamp(&t))),
+            ),
+            snapshot_version: Json(self.snapshot_version.map_or(Value::Null, Value::from)),
+            events_folded: self.events_folded as i64,
+            snapshot_stored: self.snapshot_stored,
+        }
+    }
+}
+
+/// What `getSnapshotAndTail` resolves to: finish the fold with
+/// `foldEvents(events, { from: snapshot ?? undefined })`.
+#[napi(object, object_from_js = false)]
+pub struct SnapshotAndTail {
+    /// The newest snapshot (default fold rules), or `null`.
+    #[napi(ts_type = "FoldSnapshot | null")]
+    pub snapshot: Json,
+    /// The events after it, in version order.
+    #[napi(ts_type = "Array<EventRecord>")]
+    pub events: Records,
+}
+
+impl IntoJs<SnapshotAndTail> for core::SnapshotAndTail {
+    fn into_js(self) -> SnapshotAndTail {
+        let snapshot = self.snapshot.map_or(Value::Null, |s| {
+            serde_json::json!({
+                "state": s.state,
+                "version": s.version,
+                "deleted": s.deleted,
+                "lastTimestamp": s.last_timestamp.map(|t| core::format_timestamp(&t)),
+            })
+        });
+        SnapshotAndTail {
+            snapshot: Json(snapshot),
+            events: Records(self.events),
+        }
+    }
 }

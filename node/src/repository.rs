@@ -13,7 +13,7 @@ use synap_events as core;
 
 use crate::records::{
     checkpoint_arg, DropLegacyOptions, EventRecord, LegacyMigrationOptions, MigrationReport, ReadAllPage, Records,
-    RepairConsumerOptions, RepositoryOptions, RetentionOptions,
+    RepairConsumerOptions, ReplayResult, RepositoryOptions, RetentionOptions, SnapshotAndTail,
 };
 use crate::subscription::EventSubscription;
 use crate::{js_to_json, spawn, to_js_error, to_json_value, Checked, IntoJs, Json};
@@ -78,6 +78,7 @@ impl EventRepository {
                     config.limits.max_data_bytes = bytes as usize;
                 }
                 config.dual_write_legacy_table = o.dual_write_legacy_table;
+                config.snapshot_every = o.snapshot_every;
                 Source::Config(Box::new(config))
             }
         };
@@ -446,6 +447,45 @@ impl EventRepository {
         self.run(env, move |repo| async move {
             to_json_value(&repo.repair_consumer(&consumer, accept, dry_run).await?)
         })
+    }
+
+    /// The aggregate's state, folded where the events are read (no JavaScript object per event):
+    /// from the newest snapshot made by the same fold rules, then the events after it. Options
+    /// as `foldEvents`: `toVersion`, `toTimestamp`, `bookkeeping` (not `history` or `from`). An
+    /// unknown aggregate gives `null` at version 0.
+    ///
+    /// Rejects with `HISTORY_REMOVED` when retention removed versions the target needs, and
+    /// with the fold's codes (`INVALID_OPTIONS`, ...).
+    #[napi(catch_unwind, ts_args_type = "aggregateId: string, options?: ReplayOptions")]
+    pub fn replay<'env>(
+        &self,
+        env: &'env Env,
+        aggregate_id: String,
+        options: Option<Unknown<'env>>,
+    ) -> Result<PromiseRaw<'env, ReplayResult>> {
+        let id = core::validate::parse_uuid_arg("aggregateId", &aggregate_id);
+        let options = options_json(env, options).and_then(|o| core::replay_options(&o));
+        self.run(env, move |repo| async move { repo.replay(id?, &options?).await })
+    }
+
+    /// Replays the aggregate to its current version and stores a snapshot of the result, so
+    /// that later replays fold only the events after it.
+    #[napi(catch_unwind)]
+    pub fn snapshot<'env>(&self, env: &'env Env, aggregate_id: String) -> Result<PromiseRaw<'env, ReplayResult>> {
+        let id = core::validate::parse_uuid_arg("aggregateId", &aggregate_id);
+        self.run(env, move |repo| async move { repo.snapshot(id?).await })
+    }
+
+    /// The newest snapshot of the aggregate and the events after it, read together: what a
+    /// browser needs to finish the fold itself with the wasm build's `foldEvents`.
+    #[napi(catch_unwind)]
+    pub fn get_snapshot_and_tail<'env>(
+        &self,
+        env: &'env Env,
+        aggregate_id: String,
+    ) -> Result<PromiseRaw<'env, SnapshotAndTail>> {
+        let id = core::validate::parse_uuid_arg("aggregateId", &aggregate_id);
+        self.run(env, move |repo| async move { repo.get_snapshot_and_tail(id?).await })
     }
 
     /// Closes the connection pool; later calls reject with `CONNECTION_FAILED`. On a handle from

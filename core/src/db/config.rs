@@ -66,6 +66,10 @@ pub struct RepositoryConfig {
     /// statement, so old readers keep working. A lowercase identifier, optionally
     /// schema-qualified (`events`, `public.events`). `None` (the default) turns it off.
     pub dual_write_legacy_table: Option<String>,
+    /// Snapshot policy: a replay that folds at least this many events past the newest usable
+    /// snapshot stores a snapshot of its result, so the next replay folds only what came after.
+    /// `None` (the default): snapshots are written only by `snapshot()` and retention.
+    pub snapshot_every: Option<u32>,
 }
 
 impl RepositoryConfig {
@@ -81,6 +85,7 @@ impl RepositoryConfig {
             storage_mode: StorageMode::Auto,
             limits: Limits::default(),
             dual_write_legacy_table: None,
+            snapshot_every: None,
         }
     }
 

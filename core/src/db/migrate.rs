@@ -80,6 +80,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0008_correctness.sql"),
         earlier_checksums: &[],
     },
+    Migration {
+        version: 9,
+        name: "snapshots",
+        sql: include_str!("../../../migrations/0009_snapshots.sql"),
+        earlier_checksums: &[],
+    },
 ];
 
 /// What a migration run did.

@@ -6,6 +6,7 @@ mod feed_plan;
 mod json;
 pub mod legacy;
 pub mod migrate;
+pub mod replay;
 pub mod repository;
 pub mod retention;
 pub(crate) mod sql;

@@ -842,7 +842,8 @@ impl EventRepository {
     /// The aggregate's events in version order (an empty list for an unknown aggregate).
     ///
     /// Reads only the chunks or partitions between the stream's first and last event. Fails with
-    /// [`Error::Validation`] for bad options.
+    /// [`Error::Validation`] for bad options, and with [`Error::HistoryRemoved`] when retention
+    /// removed versions the read asks for (`from_version` below the retained snapshot's).
     pub async fn get_aggregate_stream(&self, aggregate_id: Uuid, options: &StreamOptions) -> Result<Vec<EventRecord>> {
         let after = options.from_version.unwrap_or(0);
         if after < 0 {
@@ -860,7 +861,7 @@ impl EventRepository {
         in_session!(self, |client| {
             let Some(span) = client
                 .query_opt(
-                    "SELECT first_timestamp, last_timestamp, version FROM event_streams WHERE aggregate_id = $1",
+                    "SELECT first_timestamp, last_timestamp, version, retained_from FROM event_streams WHERE aggregate_id = $1",
                     &[&aggregate_id],
                 )
                 .await?
@@ -869,6 +870,16 @@ impl EventRepository {
             };
             let first: DateTime<Utc> = span.get(0);
             let last: DateTime<Utc> = span.get(1);
+            // Retention removed the versions before retained_from (a snapshot keeps their state):
+            // say so rather than return a stream with its start missing.
+            let retained_from: i32 = span.get(3);
+            if retained_from > 1 && after < retained_from - 1 {
+                return Err(Error::HistoryRemoved {
+                    aggregate_id,
+                    retained_from,
+                    snapshot_version: retained_from - 1,
+                });
+            }
             // The versions the stream row counts: an append that commits between the two reads
             // may extend the span, so without this bound a read could return 1..n and n + 2.
             let to = to.min(span.get::<_, i32>(2));

@@ -5,6 +5,7 @@ use chrono::{DateTime, Days, Months, NaiveDate, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::db::replay::keep_before_cutoff;
 use crate::db::repository::EventRepository;
 use crate::error::{Error, Result};
 
@@ -69,7 +70,8 @@ pub struct RetentionOptions {
     pub cutoff: DateTime<Utc>,
     /// List what would go; change nothing.
     pub dry_run: bool,
-    /// Go ahead even when the cut-off cuts through aggregate streams.
+    /// Go ahead even when some aggregates cannot be kept by a snapshot (their stored events do
+    /// not fold): their events before the cut-off are lost.
     pub force: bool,
 }
 
@@ -108,9 +110,20 @@ pub struct RetentionReport {
     pub cut_through_count: i64,
     /// Some of them.
     pub cut_through_sample: Vec<Uuid>,
-    /// event_streams rows whose events all go (deleted).
+    /// Snapshots stored so that aggregates keep their state without the removed events (one per
+    /// aggregate with events before the cut-off, at its last version before it).
+    pub snapshots_stored: i64,
+    /// Live aggregates whose every event goes: kept, as a snapshot.
+    pub streams_kept: i64,
+    /// Aggregates no snapshot can stand for (their events do not fold); with `force`, their
+    /// events before the cut-off go anyway.
+    pub unfoldable_count: i64,
+    /// Some of them.
+    pub unfoldable_sample: Vec<Uuid>,
+    /// event_streams rows deleted: deleted aggregates whose every event goes (and, forced,
+    /// unfoldable ones).
     pub streams_deleted: i64,
-    /// Cut-through streams whose first_timestamp moves to their oldest remaining event (forced).
+    /// Cut-through streams whose first_timestamp moves to their oldest remaining event.
     pub streams_trimmed: i64,
     /// events_daily rows deleted (days before the cut-off).
     pub daily_rows_deleted: i64,
@@ -201,14 +214,19 @@ impl EventRepository {
     /// Removes the events before `options.cutoff` (rounded down to a UTC midnight) by dropping
     /// whole chunks (TimescaleDB `drop_chunks`) or whole native daily partitions (DETACH + DROP).
     /// Rows of the native default partition before the cut-off are first moved into their days'
-    /// partitions (`synap_ensure_partitions`), which are then dropped too. In the same
-    /// transaction, which holds back appends while it runs: event_streams rows whose events all
-    /// went are deleted, cut-through streams (forced) get their oldest remaining event's
-    /// timestamp as first_timestamp (their version stays), and events_daily and
-    /// events_daily_dirty lose the days before the cut-off.
+    /// partitions (`synap_ensure_partitions`), which are then dropped too.
     ///
-    /// Fails with [`Error::RetentionRefused`] when the cut-off cuts through aggregates' streams
-    /// and `options.force` is false (a dry run reports them instead); nothing changes then.
+    /// Aggregates stay whole: first, every aggregate with events before the cut-off is folded
+    /// (default fold rules, from its newest snapshot) into a snapshot at its last version before
+    /// the cut-off, and its stream's `retained_from` moves past it, so that
+    /// [`EventRepository::replay`] returns the same state after the drop, and reads of removed
+    /// versions fail with [`Error::HistoryRemoved`]. Deleted aggregates whose every event goes
+    /// are removed entirely. All in one transaction, which holds back appends while it runs;
+    /// events_daily and events_daily_dirty lose the days before the cut-off.
+    ///
+    /// Fails with [`Error::RetentionRefused`] when some aggregate's events do not fold (no
+    /// snapshot can stand for them) and `options.force` is false (a dry run reports them
+    /// instead); nothing changes then.
     pub async fn apply_retention(&self, options: &RetentionOptions) -> Result<RetentionReport> {
         let cutoff = midnight(options.cutoff.date_naive());
         let cutoff_day = cutoff.date_naive();
@@ -230,6 +248,9 @@ impl EventRepository {
             }
         }
         let cut = tx.query_one(CUT_THROUGH_SQL, &[&cutoff]).await?;
+        // Every aggregate with events before the cut-off keeps its state as a snapshot at its
+        // last version before it (written now, before the events go; counted in a dry run).
+        let kept = keep_before_cutoff(&tx, cutoff, !options.dry_run).await?;
         let mut report = RetentionReport {
             storage_mode: mode.clone(),
             cutoff,
@@ -238,17 +259,36 @@ impl EventRepository {
             rows: 0,
             cut_through_count: cut.get(0),
             cut_through_sample: cut.get(1),
+            snapshots_stored: kept.snapshots,
+            streams_kept: kept.whole_streams_kept,
+            unfoldable_count: kept.unfoldable.len() as i64,
+            unfoldable_sample: kept.unfoldable.iter().take(10).copied().collect(),
             streams_deleted: 0,
             streams_trimmed: 0,
             daily_rows_deleted: 0,
         };
-        if report.cut_through_count > 0 && !options.force && !options.dry_run {
+        if !kept.unfoldable.is_empty() && !options.force && !options.dry_run {
             tx.rollback().await?;
             return Err(Error::RetentionRefused {
                 cutoff: cutoff.to_rfc3339(),
-                aggregates: report.cut_through_count,
-                sample: report.cut_through_sample,
+                aggregates: report.unfoldable_count,
+                sample: report.unfoldable_sample,
             });
+        }
+        // Streams that go entirely: deleted aggregates with nothing after the cut-off, and,
+        // forced, unfoldable ones with nothing after it.
+        let mut gone = kept.deleted_streams.clone();
+        if options.force && !kept.unfoldable.is_empty() {
+            let whole: Vec<Uuid> = tx
+                .query(
+                    "SELECT aggregate_id FROM event_streams WHERE aggregate_id = ANY($1) AND last_timestamp < $2",
+                    &[&kept.unfoldable, &cutoff],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            gone.extend(whole);
         }
 
         if mode == "timescaledb" {
@@ -332,14 +372,8 @@ impl EventRepository {
         report.rows = report.targets.iter().map(|t| t.rows).sum();
 
         if options.dry_run {
-            report.streams_deleted = tx
-                .query_one(
-                    "SELECT count(*) FROM event_streams WHERE last_timestamp < $1",
-                    &[&cutoff],
-                )
-                .await?
-                .get(0);
-            report.streams_trimmed = if options.force { report.cut_through_count } else { 0 };
+            report.streams_deleted = gone.len() as i64;
+            report.streams_trimmed = report.cut_through_count;
             report.daily_rows_deleted = tx
                 .query_one("SELECT count(*) FROM events_daily WHERE day < $1", &[&cutoff_day])
                 .await?
@@ -348,8 +382,10 @@ impl EventRepository {
             return Ok(report);
         }
         report.streams_deleted = tx
-            .execute("DELETE FROM event_streams WHERE last_timestamp < $1", &[&cutoff])
+            .execute("DELETE FROM event_streams WHERE aggregate_id = ANY($1)", &[&gone])
             .await? as i64;
+        tx.execute("DELETE FROM event_snapshots WHERE aggregate_id = ANY($1)", &[&gone])
+            .await?;
         report.streams_trimmed = tx
             .execute(
                 "UPDATE event_streams s
@@ -357,7 +393,7 @@ impl EventRepository {
                         (SELECT min(e.\"timestamp\") FROM events_v2 e
                           WHERE e.aggregate_id = s.aggregate_id
                             AND e.\"timestamp\" >= $1 AND e.\"timestamp\" <= s.last_timestamp), $1)
-                  WHERE s.first_timestamp < $1",
+                  WHERE s.first_timestamp < $1 AND s.last_timestamp >= $1",
                 &[&cutoff],
             )
             .await? as i64;
