@@ -133,6 +133,26 @@ export declare class EventRepository {
    */
   repairConsumer(consumer: string, options?: RepairConsumerOptions | undefined | null): Promise<Record<string, unknown>>
   /**
+   * The aggregate's state, folded where the events are read (no JavaScript object per event):
+   * from the newest snapshot made by the same fold rules, then the events after it. Options
+   * as `foldEvents`: `toVersion`, `toTimestamp`, `bookkeeping` (not `history` or `from`). An
+   * unknown aggregate gives `null` at version 0.
+   *
+   * Rejects with `HISTORY_REMOVED` when retention removed versions the target needs, and
+   * with the fold's codes (`INVALID_OPTIONS`, ...).
+   */
+  replay(aggregateId: string, options?: ReplayOptions): Promise<ReplayResult>
+  /**
+   * Replays the aggregate to its current version and stores a snapshot of the result, so
+   * that later replays fold only the events after it.
+   */
+  snapshot(aggregateId: string): Promise<ReplayResult>
+  /**
+   * The newest snapshot of the aggregate and the events after it, read together: what a
+   * browser needs to finish the fold itself with the wasm build's `foldEvents`.
+   */
+  getSnapshotAndTail(aggregateId: string): Promise<SnapshotAndTail>
+  /**
    * Closes the connection pool; later calls reject with `CONNECTION_FAILED`. On a handle from
    * `forUser`, ends only that handle: the pool stays open for the repository it came from.
    */
@@ -369,6 +389,8 @@ export interface FoldSnapshot {
   version: number
   /** Whether it was deleted. */
   deleted?: boolean
+  /** When its last event happened: the result's `lastTimestamp` when no event follows. */
+  lastTimestamp?: Date | string | number
 }
 
 /** Options of `migrateLegacyEvents`. */
@@ -424,6 +446,37 @@ export interface RepairConsumerOptions {
   dryRun?: boolean
 }
 
+/** Options of `replay`: the time travel and bookkeeping options of `foldEvents`. */
+export interface ReplayOptions {
+  /** Stop after this version (inclusive). */
+  toVersion?: number
+  /** Include only events at or before this time (a Date, an ISO string or ms). */
+  toTimestamp?: Date | string | number
+  /** Which data keys are bookkeeping rather than state. */
+  bookkeeping?: BookkeepingRule
+}
+
+/**
+ * What `replay` and `snapshot` resolve to: the fold's result, as `foldEvents` gives it, and how
+ * it was reached.
+ */
+export interface ReplayResult {
+  /** The state; `null` when the aggregate has no events. */
+  state: Record<string, unknown> | null
+  /** Version of the last applied event (0 when none). */
+  version: number
+  /** Whether the aggregate is deleted. */
+  deleted: boolean
+  /** ISO time of the last applied event; `null` when none. */
+  lastTimestamp: string | null
+  /** The version of the snapshot the fold started from; `null` when it started at version 0. */
+  snapshotVersion: number | null
+  /** How many stored events were folded after it. */
+  eventsFolded: number
+  /** Whether this call stored a snapshot of the result. */
+  snapshotStored: boolean
+}
+
 /** Settings of `new EventRepository(options)`. */
 export interface RepositoryOptions {
   /** PostgreSQL connection string; default `process.env.DATABASE_URL` at first use. */
@@ -447,6 +500,12 @@ export interface RepositoryOptions {
    * `events`), in the same statement, so old readers keep working.
    */
   dualWriteLegacyTable?: string
+  /**
+   * Snapshot policy: a `replay` that folds at least this many events past the newest
+   * snapshot stores a snapshot of its result. Default: none (only `snapshot()` and retention
+   * write them).
+   */
+  snapshotEvery?: number
 }
 
 /** Options of `applyRetention`. */
@@ -457,6 +516,17 @@ export interface RetentionOptions {
   dryRun?: boolean
   /** Cut through aggregates that have events on both sides of the cut-off. */
   force?: boolean
+}
+
+/**
+ * What `getSnapshotAndTail` resolves to: finish the fold with
+ * `foldEvents(events, { from: snapshot ?? undefined })`.
+ */
+export interface SnapshotAndTail {
+  /** The newest snapshot (default fold rules), or `null`. */
+  snapshot: FoldSnapshot | null
+  /** The events after it, in version order. */
+  events: Array<EventRecord>
 }
 
 /** Options of `subscribe`. */
