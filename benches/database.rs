@@ -85,6 +85,27 @@ fn database(c: &mut Criterion) {
                 .unwrap()
         })
     });
+    // Replay of that stream folded in Rust as the rows arrive, without a snapshot; then the
+    // latest state of a 10,000-event stream with a snapshot 1,000 events behind.
+    let folding = synap_events::FoldOptions::default();
+    c.bench_function("db/replay_1000", |b| {
+        b.iter(|| rt.block_on(repo.replay(stream, &folding)).unwrap())
+    });
+    let long = Uuid::now_v7();
+    for start in (1..=9_000).step_by(1_000) {
+        let events: Vec<NewEvent> = (start..start + 1_000).map(|v| event(long, v, "replayer")).collect();
+        rt.block_on(repo.append_batch(events)).unwrap();
+    }
+    rt.block_on(repo.snapshot(long)).unwrap();
+    let events: Vec<NewEvent> = (9_001..=10_000).map(|v| event(long, v, "replayer")).collect();
+    rt.block_on(repo.append_batch(events)).unwrap();
+    c.bench_function("db/replay_latest_snapshot_1000_behind", |b| {
+        b.iter(|| {
+            let replay = rt.block_on(repo.replay(long, &folding)).unwrap();
+            assert_eq!((replay.snapshot_version, replay.result.version), (Some(9_000), 10_000));
+            replay
+        })
+    });
     let options = UserStreamOptions {
         limit: 100,
         ..Default::default()
