@@ -211,6 +211,19 @@ async fn batches_are_all_or_nothing() {
     assert_eq!(count_rows(&repo).await, (5, 2));
     assert_eq!(repo.get_aggregate_version(a).await.unwrap(), Some(3));
     assert_eq!(repo.get_aggregate_version(c).await.unwrap(), None);
+    // Creating an aggregate that exists (its guard row is a plain INSERT in a batch): the same
+    // conflict, and the new aggregate beside it is not created either.
+    let err = repo.append_batch(vec![event(c, 1), event(a, 1)]).await.unwrap_err();
+    match err {
+        Error::ConcurrencyConflict {
+            aggregate_id,
+            expected_version,
+            actual_version,
+        } => assert_eq!((aggregate_id, expected_version, actual_version), (a, 0, 3)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(count_rows(&repo).await, (5, 2));
+    assert_eq!(repo.get_aggregate_version(c).await.unwrap(), None);
     // Versions of one aggregate must be consecutive inside the batch.
     let err = repo.append_batch(vec![event(c, 1), event(c, 3)]).await.unwrap_err();
     assert_eq!(err.code(), "VALIDATION_FAILED");

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::db::config::RepositoryConfig;
 use crate::db::json::StoredJson;
 use crate::db::migrate::{self, MigrationReport, MigrationStatus};
-use crate::db::sql::{feed_days_ctes, feed_days_mark, stream_guard_ctes};
+use crate::db::sql::{batch_stream_guard_ctes, feed_days_ctes, feed_days_mark};
 use crate::error::{Error, Result};
 use crate::model::{AggregateType, EventRecord, EventSource, NewEvent};
 use crate::query::{can_match, CountFilter, StreamOptions, UserStreamOptions};
@@ -224,7 +224,7 @@ WITH ev AS (
       JOIN span USING (aggregate_id)
      ORDER BY r.aggregate_id
 ), "#,
-    stream_guard_ctes!(),
+    batch_stream_guard_ctes!(),
     r#", passed AS (
     SELECT (SELECT count(*) FROM created) + (SELECT count(*) FROM advanced) = cardinality($13::uuid[]) AS ok
 ), inserted AS (
@@ -739,7 +739,7 @@ impl EventRepository {
         let inserted = match tx.query(&stmt, &params).await {
             Ok(rows) if rows.len() == n => Some(rows),
             Ok(_) => None,
-            Err(e) if is_duplicate_id(&e) => None,
+            Err(e) if is_duplicate_id(&e) || is_existing_stream(&e) => None,
             Err(e) => return Err(e.into()),
         };
         let Some(mut rows) = inserted else {
@@ -1159,6 +1159,13 @@ async fn stored_batch(client: &Session<'_, '_>, events: &[NewEvent], ids: &[Uuid
 fn is_duplicate_id(e: &tokio_postgres::Error) -> bool {
     e.as_db_error().is_some_and(|db| {
         *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION && db.constraint() == Some("events_v2_ids_pkey")
+    })
+}
+
+/// A batch's version 1 for an aggregate that exists (see `batch_stream_guard_ctes`).
+fn is_existing_stream(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION && db.constraint() == Some("event_streams_pkey")
     })
 }
 
