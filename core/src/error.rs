@@ -191,14 +191,15 @@ pub enum Error {
     /// the state they made): the versions asked for are not stored any more. A replay of the
     /// current state works; a stream read from `retained_from - 1` on does too.
     #[error(
-        "aggregate {aggregate_id}: versions before {retained_from} were removed by retention (a snapshot at version {snapshot_version} keeps their state); read from fromVersion {snapshot_version} on, or replay"
+        "aggregate {aggregate_id}: versions before {retained_from} were removed by retention; read from fromVersion {snapshot_version} on, or replay (which starts from the snapshot at version {snapshot_version} that keeps their state)"
     )]
     HistoryRemoved {
         /// The aggregate.
         aggregate_id: Uuid,
         /// The first version still stored.
         retained_from: i32,
-        /// The version of the snapshot that stands for the removed events.
+        /// The last removed version: a snapshot at it stands for the removed events (unless
+        /// retention was forced past an aggregate whose events did not fold).
         snapshot_version: i32,
     },
 

@@ -310,3 +310,85 @@ async fn drops_whole_partitions_and_keeps_every_live_aggregate_whole() {
         .unwrap();
     assert_eq!((again.rows, again.targets.len(), again.snapshots_stored), (0, 0, 0));
 }
+
+/// Snapshots stored before retention by `snapshot()` (at exactly the last version before the
+/// cut-off) are reused, and the removed history is still said; a forced drop past a broken
+/// stream says it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_stored_before_retention_still_mark_the_removed_history() {
+    let repo = common::repo("retention_pre").await;
+    let c = common::sql(&repo).await;
+    let jan = |d| NaiveDate::from_ymd_opt(2024, 1, d).unwrap();
+    repo.ensure_partitions(jan(1), jan(20)).await.unwrap();
+    let (a, b, g) = (Uuid::from_u128(11), Uuid::from_u128(12), Uuid::from_u128(13));
+    // A: versions 1-3 before the cut-off, a snapshot at 3, version 4 after it.
+    put(&repo, a, 1, at(1, 2)).await;
+    put(&repo, a, 2, at(1, 3)).await;
+    put(&repo, a, 3, at(1, 4)).await;
+    assert!(repo.snapshot(a).await.unwrap().snapshot_stored);
+    put(&repo, a, 4, at(1, 15)).await;
+    // B: every event before the cut-off, a snapshot at its last version.
+    put(&repo, b, 1, at(1, 2)).await;
+    put(&repo, b, 2, at(1, 3)).await;
+    assert!(repo.snapshot(b).await.unwrap().snapshot_stored);
+    // G: broken (its version 1 deleted), events on both sides of the cut-off.
+    put(&repo, g, 1, at(1, 5)).await;
+    put(&repo, g, 2, at(1, 6)).await;
+    put(&repo, g, 3, at(1, 16)).await;
+    c.execute("DELETE FROM events_v2 WHERE aggregate_id = $1 AND version = 1", &[&g])
+        .await
+        .unwrap();
+    let (a_before, b_before) = (state(&repo, a).await, state(&repo, b).await);
+    let to = |v| FoldOptions {
+        to_version: Some(v),
+        ..Default::default()
+    };
+    let a_at_3 = repo.replay(a, &to(3)).await.unwrap().result;
+
+    let done = repo
+        .apply_retention(&RetentionOptions {
+            cutoff: Utc.with_ymd_and_hms(2024, 1, 10, 0, 0, 0).unwrap(),
+            dry_run: false,
+            force: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(done.snapshots_stored, 0, "A's and B's were stored already");
+    assert_eq!((done.unfoldable_count, done.unfoldable_sample.clone()), (1, vec![g]));
+    assert_eq!(state(&repo, a).await, a_before);
+    assert_eq!(state(&repo, b).await, b_before);
+
+    // The start of each stream is gone: said, not a partial or empty list.
+    for (id, retained_from) in [(a, 4), (b, 3), (g, 3)] {
+        let err = repo
+            .get_aggregate_stream(id, &StreamOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "HISTORY_REMOVED", "{id}: {err}");
+        assert_eq!(err.details()["retainedFrom"], retained_from, "{id}");
+        assert_eq!(err.details()["snapshotVersion"], retained_from - 1, "{id}");
+    }
+    let rest = repo
+        .get_aggregate_stream(
+            a,
+            &StreamOptions {
+                from_version: Some(3),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(rest.iter().map(|e| e.version).collect::<Vec<_>>(), vec![4]);
+    // The snapshot at a target answers a replay to it; below it, the history is gone.
+    let at_3 = repo.replay(a, &to(3)).await.unwrap();
+    assert_eq!(
+        (at_3.result, at_3.snapshot_version, at_3.events_folded),
+        (a_at_3, Some(3), 0)
+    );
+    assert_eq!(repo.replay(a, &to(2)).await.unwrap_err().code(), "HISTORY_REMOVED");
+    // G has no snapshot: its replay says its history was removed, rather than a version gap.
+    assert_eq!(
+        repo.replay(g, &FoldOptions::default()).await.unwrap_err().code(),
+        "HISTORY_REMOVED"
+    );
+}

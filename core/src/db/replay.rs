@@ -186,7 +186,7 @@ impl EventRepository {
                     });
                 };
                 let stored = newest_snapshot(tx, aggregate_id, &rules, stream.version, None).await?;
-                check_retained(aggregate_id, &stream, stored.as_ref())?;
+                check_retained(aggregate_id, &stream, stored.as_ref(), stream.version)?;
                 let after = stored.as_ref().map_or(0, |s| s.snapshot.version);
                 let mut events = Vec::new();
                 let mut from = after;
@@ -230,9 +230,7 @@ impl EventRepository {
                 };
                 let target = options.to_version.unwrap_or(i32::MAX).min(stream.version);
                 let stored = newest_snapshot(tx, aggregate_id, &rules, target, options.to_timestamp).await?;
-                if target > 0 {
-                    check_retained(aggregate_id, &stream, stored.as_ref())?;
-                }
+                check_retained(aggregate_id, &stream, stored.as_ref(), target)?;
                 let mut max_timestamp = stored.as_ref().map(|s| s.max_timestamp);
                 let snapshot_version = stored.as_ref().map(|s| s.snapshot.version);
                 let fold_options = FoldOptions {
@@ -386,10 +384,10 @@ async fn newest_snapshot(
 }
 
 /// `HISTORY_REMOVED` when retention removed versions a fold from `stored` (or from version 0)
-/// would need.
-fn check_retained(aggregate_id: Uuid, stream: &StreamRow, stored: Option<&StoredSnapshot>) -> Result<()> {
+/// to `target` would need. A snapshot at the target itself needs none.
+fn check_retained(aggregate_id: Uuid, stream: &StreamRow, stored: Option<&StoredSnapshot>, target: i32) -> Result<()> {
     let start = stored.map_or(0, |s| s.snapshot.version);
-    if stream.retained_from > 1 && start < stream.retained_from - 1 {
+    if stream.retained_from > 1 && start < stream.retained_from - 1 && start < target {
         return Err(Error::HistoryRemoved {
             aggregate_id,
             retained_from: stream.retained_from,
@@ -621,8 +619,13 @@ fn finish_aggregate(
         return;
     };
     let Some(folded) = folded.filter(|f| f.version == a.d) else {
-        // A fold error, or versions missing below the cut-off's last one.
+        // A fold error, or versions missing below the cut-off's last one. Forced, the events
+        // before the cut-off go without a snapshot: reads of them must still say so. (Not
+        // forced, the caller rolls back.)
         kept.unfoldable.push(id);
+        if a.cut_through {
+            batch.retain(id, a.d);
+        }
         return;
     };
     if folded.deleted && !a.cut_through {
@@ -633,7 +636,9 @@ fn finish_aggregate(
         kept.whole_streams_kept += 1;
     }
     if a.base.as_ref().is_some_and(|b| b.snapshot.version == a.d) {
-        return; // already stored
+        // Already stored (by `snapshot()` or the policy): the events still go.
+        batch.retain(id, a.d);
+        return;
     }
     kept.snapshots += 1;
     batch.push(id, folded);
@@ -648,11 +653,20 @@ struct SnapshotBatch {
     deleted: Vec<bool>,
     last: Vec<DateTime<Utc>>,
     max: Vec<DateTime<Utc>>,
+    /// Every aggregate whose events up to a version go, with that version: its stream's
+    /// `retained_from` moves past it (a superset of `ids`).
+    retain_ids: Vec<Uuid>,
+    retain_versions: Vec<i32>,
 }
 
 impl SnapshotBatch {
     fn len(&self) -> usize {
-        self.ids.len()
+        self.retain_ids.len()
+    }
+
+    fn retain(&mut self, id: Uuid, version: i32) {
+        self.retain_ids.push(id);
+        self.retain_versions.push(version);
     }
 
     fn push(&mut self, id: Uuid, folded: FoldedSnapshot) {
@@ -665,32 +679,35 @@ impl SnapshotBatch {
         self.deleted.push(folded.deleted);
         self.last.push(last);
         self.max.push(max);
+        self.retain(id, folded.version);
     }
 
     /// Stores the snapshots, moves their streams' `retained_from` past them, and empties the
     /// batch.
     async fn store(&mut self, tx: &tokio_postgres::Transaction<'_>, rules: &str) -> Result<()> {
-        if self.ids.is_empty() {
+        if self.retain_ids.is_empty() {
             return Ok(());
         }
-        tx.execute(
-            STORE_SNAPSHOTS_SQL,
-            &[
-                &rules,
-                &self.ids,
-                &self.versions,
-                &self.states,
-                &self.deleted,
-                &self.last,
-                &self.max,
-            ],
-        )
-        .await?;
+        if !self.ids.is_empty() {
+            tx.execute(
+                STORE_SNAPSHOTS_SQL,
+                &[
+                    &rules,
+                    &self.ids,
+                    &self.versions,
+                    &self.states,
+                    &self.deleted,
+                    &self.last,
+                    &self.max,
+                ],
+            )
+            .await?;
+        }
         tx.execute(
             "UPDATE event_streams s SET retained_from = u.version + 1
                FROM unnest($1::uuid[], $2::integer[]) AS u(aggregate_id, version)
               WHERE s.aggregate_id = u.aggregate_id AND s.retained_from < u.version + 1",
-            &[&self.ids, &self.versions],
+            &[&self.retain_ids, &self.retain_versions],
         )
         .await?;
         *self = SnapshotBatch::default();
