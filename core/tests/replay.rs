@@ -252,6 +252,14 @@ async fn a_snapshot_is_used_only_where_it_holds() {
     let r = repo.replay(id, &after).await.unwrap();
     assert_eq!((r.snapshot_version, r.result.version), (Some(10), 12));
     assert_eq!(r.result, model(&repo, id, &after).await);
+    // As of a time before PostgreSQL's earliest: nothing yet, as the fold says, not a failure.
+    let ancient = FoldOptions {
+        to_timestamp: Some(Utc.with_ymd_and_hms(-100_000, 1, 1, 0, 0, 0).unwrap()),
+        ..Default::default()
+    };
+    let r = repo.replay(id, &ancient).await.unwrap();
+    assert_eq!((r.result.version, r.snapshot_version), (0, None));
+    assert_eq!(r.result, model(&repo, id, &ancient).await);
     // Unknown aggregate: null at version 0, nothing stored.
     let none = repo.snapshot(Uuid::now_v7()).await.unwrap();
     assert_eq!(

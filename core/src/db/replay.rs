@@ -356,6 +356,21 @@ async fn stream_row(tx: &deadpool_postgres::Transaction<'_>, aggregate_id: Uuid)
     }))
 }
 
+/// A time limit as PostgreSQL compares it with stored times, which have microseconds: rounded
+/// down to a microsecond (the driver would round times before 2000 toward zero, i.e. up, and a
+/// snapshot 1 µs past the limit would pass), and raised to PostgreSQL's earliest time (no stored
+/// time is earlier; an earlier one would fail the query, where the fold gives version 0).
+fn as_stored(t: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::{Duration, Timelike};
+    /// 4713-01-01 BC 00:00 UTC, PostgreSQL's earliest timestamptz.
+    const EARLIEST_SECS: i64 = -210_866_803_200;
+    let floored = t - Duration::nanoseconds(i64::from(t.nanosecond() % 1_000));
+    match DateTime::from_timestamp(EARLIEST_SECS, 0) {
+        Some(earliest) => floored.max(earliest),
+        None => floored,
+    }
+}
+
 async fn newest_snapshot(
     tx: &deadpool_postgres::Transaction<'_>,
     aggregate_id: Uuid,
@@ -363,6 +378,7 @@ async fn newest_snapshot(
     target: i32,
     as_of: Option<DateTime<Utc>>,
 ) -> Result<Option<StoredSnapshot>> {
+    let as_of = as_of.map(as_stored);
     let row = tx
         .query_opt(SNAPSHOT_SQL, &[&aggregate_id, &rules, &target, &as_of])
         .await?;
@@ -712,5 +728,28 @@ impl SnapshotBatch {
         .await?;
         *self = SnapshotBatch::default();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::as_stored;
+    use chrono::{DateTime, TimeZone, Utc};
+
+    #[test]
+    fn time_limits_round_down_to_a_microsecond_and_up_to_postgres_earliest() {
+        let before_2000 = Utc.with_ymd_and_hms(1999, 6, 1, 0, 0, 0).unwrap() + chrono::Duration::nanoseconds(500);
+        assert_eq!(
+            as_stored(before_2000),
+            Utc.with_ymd_and_hms(1999, 6, 1, 0, 0, 0).unwrap()
+        );
+        let after = Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::nanoseconds(1_999);
+        assert_eq!(as_stored(after).timestamp_subsec_nanos(), 1_000);
+        let ancient = Utc.with_ymd_and_hms(-100_000, 1, 1, 0, 0, 0).unwrap();
+        assert_eq!(
+            as_stored(ancient),
+            DateTime::from_timestamp(-210_866_803_200, 0).unwrap()
+        );
+        assert_eq!(as_stored(after - chrono::Duration::nanoseconds(999)), as_stored(after));
     }
 }
