@@ -43,9 +43,15 @@ const SNAPSHOT_SQL: &str = "SELECT version, state, deleted, last_timestamp, max_
     AND ($4::timestamptz IS NULL OR max_timestamp <= $4)
   ORDER BY version DESC LIMIT 1";
 
+/// Stores a snapshot made in an earlier transaction. `FOR SHARE` waits for a retention run that
+/// holds `event_streams` (EXCLUSIVE) and then sees its outcome: a stream it removed gets no
+/// snapshot (which could otherwise outlive it and be used by a later aggregate with the same
+/// id), nor does a stream that is not at that version any more.
 const STORE_SNAPSHOT_SQL: &str = "INSERT INTO event_snapshots
        (aggregate_id, rules, version, user_id, state, deleted, last_timestamp, max_timestamp)
-SELECT $1, $2, $3, s.user_id, $4, $5, $6, $7 FROM event_streams s WHERE s.aggregate_id = $1
+SELECT $1, $2, $3, s.user_id, $4, $5, $6, $7 FROM event_streams s
+ WHERE s.aggregate_id = $1 AND s.version >= $3
+   FOR SHARE
 ON CONFLICT DO NOTHING";
 
 /// The name of a fold's rules, stored with each snapshot: a replay uses only snapshots made by
