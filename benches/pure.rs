@@ -31,7 +31,38 @@ fn fold(c: &mut Criterion) {
             b.iter(|| fold_events(black_box(events), &FoldOptions::default()).unwrap())
         });
     }
+    // The shape of the comparison harness's fold input, as JSON text (what foldEventsJson gets).
+    let text = serde_json::to_string(&harness_fold_input(100_000)).unwrap();
+    group.throughput(Throughput::Elements(100_000));
+    group.bench_function("json_text/100000", |b| {
+        b.iter(|| synap_events::interop::fold_events_json_text(black_box(&text), &serde_json::Value::Null).unwrap())
+    });
     group.finish();
+}
+
+/// The events `benches/compare/compare.mjs` folds: one aggregate, a title change with its
+/// bookkeeping companions and a nested object per event.
+fn harness_fold_input(n: usize) -> serde_json::Value {
+    let start = chrono::DateTime::from_timestamp(1_767_225_600, 0).unwrap();
+    serde_json::Value::Array(
+        (0..n)
+            .map(|i| {
+                let data = if i == 0 {
+                    json!({ "title": "Task", "status": "todo", "meta": { "p": 1 } })
+                } else {
+                    json!({ "title": format!("Task {i}"), "previousTitle": format!("Task {}", i - 1),
+                            "updatedFields": ["title"], "meta": { "p": i % 5, "t": if i % 3 != 0 { json!(i) } else { json!(null) } } })
+                };
+                json!({
+                    "aggregateId": "0190c6d2-5a4e-7c1b-9a51-3f2d8e7b6a10",
+                    "eventType": if i == 0 { "task.created" } else { "task.updated" },
+                    "version": i + 1,
+                    "timestamp": synap_events::format_timestamp(&(start + chrono::Duration::seconds(i as i64))),
+                    "data": data,
+                })
+            })
+            .collect(),
+    )
 }
 
 fn merge_patch(c: &mut Criterion) {

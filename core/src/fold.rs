@@ -503,6 +503,62 @@ fn read_json_event(index: usize, value: &Value) -> Result<FoldEvent<'_, &str>> {
     })
 }
 
+/// Folds events given as JSON text (an array in the shape of [`fold_events`]), parsing one event
+/// at a time and folding it before the next is parsed, so the whole array never exists as a
+/// tree of values. Returns `None` when the text is not a JSON array or any event fails to fold:
+/// the caller then takes the path that parses everything first, whose errors (and their
+/// precedence: a syntax error anywhere before a fold error) are the contract.
+pub fn fold_events_text_streaming(text: &str, options: &FoldOptions) -> Option<FoldResult> {
+    let mut fold = StreamingFold {
+        folder: Folder::new(options),
+        index: 0,
+        failed: false,
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
+    let is_array = de.deserialize_seq(&mut fold).is_ok() && de.end().is_ok();
+    (is_array && !fold.failed).then(|| fold.folder.finish())
+}
+
+struct StreamingFold<'o> {
+    folder: Folder<'o, String>,
+    index: usize,
+    failed: bool,
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut StreamingFold<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of events")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+        while !self.failed && !self.folder.is_done() {
+            let Some(value) = seq.next_element::<Value>()? else {
+                return Ok(());
+            };
+            let index = self.index;
+            self.index += 1;
+            match self.folder.apply(index, || {
+                read_json_event(index, &value).map(|e| FoldEvent {
+                    aggregate_id: e.aggregate_id.to_owned(),
+                    event_type: e.event_type,
+                    version: e.version,
+                    data: e.data,
+                    timestamp: e.timestamp,
+                })
+            }) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(_) => self.failed = true,
+            }
+        }
+        // The rest is parsed (a syntax error there must still fail) but not kept.
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+}
+
 /// The one fold algorithm; `read` turns the event at an index into the fields the fold needs.
 fn fold<'a, T, Id>(
     events: &'a [T],
@@ -510,7 +566,7 @@ fn fold<'a, T, Id>(
     read: impl Fn(usize, &'a T) -> Result<FoldEvent<'a, Id>>,
 ) -> Result<FoldResult>
 where
-    Id: Copy + PartialEq + fmt::Display,
+    Id: Clone + PartialEq + fmt::Display,
 {
     let mut folder = Folder::new(options);
     for (index, raw) in events.iter().enumerate() {
@@ -591,7 +647,7 @@ struct Folder<'o, Id> {
 
 impl<'o, Id> Folder<'o, Id>
 where
-    Id: Copy + PartialEq + fmt::Display,
+    Id: Clone + PartialEq + fmt::Display,
 {
     fn new(options: &'o FoldOptions) -> Folder<'o, Id> {
         let (state, version, deleted, last_timestamp) = match &options.from {
@@ -630,7 +686,10 @@ where
             self.stopped = true;
             return Ok(false);
         }
-        let first = *self.first_aggregate.get_or_insert(event.aggregate_id);
+        let first = self
+            .first_aggregate
+            .get_or_insert_with(|| event.aggregate_id.clone())
+            .clone();
         if event.aggregate_id != first {
             return Err(Error::Fold {
                 reason: FoldErrorKind::MixedAggregates,

@@ -35,6 +35,13 @@ pub fn fold_events_json(events: &Value, options: &Value) -> Result<Value> {
 ///
 /// Fails with [`Error::Validation`] when the text is not JSON, and like [`fold_events_json`].
 pub fn fold_events_json_text(events: &str, options: &Value) -> Result<Value> {
+    // Fast path: fold each event as it is parsed. Any failure takes the path below, which
+    // parses everything first and gives the errors their documented precedence.
+    if let Ok(parsed) = parse_fold_options(options) {
+        if let Some(result) = crate::fold::fold_events_text_streaming(events, &parsed) {
+            return serde_json::to_value(result).map_err(|e| Error::Internal { message: e.to_string() });
+        }
+    }
     let events: Value =
         serde_json::from_str(events).map_err(|e| Error::invalid_input(format!("events are not JSON: {e}")))?;
     fold_events_json(&events, options)

@@ -1343,6 +1343,14 @@ proptest! {
         if how == 0 {
             prop_assert!(fold_events(&events, &opts).is_ok(), "an in-order stream failed");
         }
+        // The streaming fold of the same events as text: the same result whenever the fold
+        // succeeds, and no result (the caller's full parse then reports) whenever it fails.
+        let text = serde_json::to_string(&events).unwrap();
+        let streamed = synap_events::fold::fold_events_text_streaming(&text, &opts);
+        match fold_events(&events, &opts) {
+            Ok(a) => prop_assert_eq!(streamed, Some(a)),
+            Err(_) => prop_assert!(streamed.is_none()),
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use napi_derive::napi;
 use serde_json::Value;
 use synap_events as core;
 
-use crate::{js_to_json, to_js_error, Checked, Json};
+use crate::{js_to_json, js_to_json_text, to_js_error, Checked, Json};
 
 /// Checks an event the way `append` does, returning the problems as data.
 #[napi(catch_unwind, ts_args_type = "event: unknown", ts_return_type = "ValidationReport")]
@@ -28,14 +28,18 @@ pub fn validate_event(env: &Env, event: Unknown) -> Result<Json> {
     ts_return_type = "FoldResult"
 )]
 pub fn fold_events(env: &Env, events: Unknown, options: Option<Unknown>) -> Result<Json> {
-    let events = js_to_json(env, events, Checked::Keys(&[])).map_err(|e| to_js_error(env, e))?;
+    let events = js_to_json_text(env, events, Checked::Keys(&[])).map_err(|e| to_js_error(env, e))?;
     let options = match options {
         Some(o) => js_to_json(env, o, Checked::AllKeys).map_err(|e| to_js_error(env, e))?,
         None => Value::Null,
     };
-    core::interop::fold_events_json(&events, &options)
-        .map(Json)
-        .map_err(|e| to_js_error(env, e))
+    // As JSON text, folded event by event as it is parsed (no tree of every event).
+    match events {
+        Some(text) => core::interop::fold_events_json_text(&text, &options),
+        None => core::interop::fold_events_json(&Value::Null, &options),
+    }
+    .map(Json)
+    .map_err(|e| to_js_error(env, e))
 }
 
 /// `foldEvents` for events given as JSON text: skips building and re-serializing JS objects.

@@ -132,6 +132,18 @@ pub(crate) enum Checked<'a> {
 /// `undefined` members dropped, Dates as ISO strings, `toJSON` honoured; but an invalid `Date`
 /// or a non-finite number in a `checked` member is refused rather than read as absent.
 pub(crate) fn js_to_json(env: &Env, value: Unknown, checked: Checked) -> core::Result<Value> {
+    match js_to_json_text(env, value, checked)? {
+        // serde_json refuses nesting deeper than 128 levels: bad input, not a bug.
+        Some(text) => {
+            serde_json::from_str(&text).map_err(|e| core::Error::invalid_input(format!("unreadable input: {e}")))
+        }
+        None => Ok(Value::Null),
+    }
+}
+
+/// [`js_to_json`] as text: what `JSON.stringify` makes of the value (`None` when nothing, as for
+/// `undefined`), for callers that parse it their own way.
+pub(crate) fn js_to_json_text(env: &Env, value: Unknown, checked: Checked) -> core::Result<Option<String>> {
     refuse_hidden_values(&value, &checked).map_err(|e| core::Error::invalid_input(e.reason))??;
     let text = (|| -> Result<Option<String>> {
         let json: Object = env.get_global()?.get_named_property("JSON")?;
@@ -143,11 +155,7 @@ pub(crate) fn js_to_json(env: &Env, value: Unknown, checked: Checked) -> core::R
         }
     })();
     match text {
-        // serde_json refuses nesting deeper than 128 levels: bad input, not a bug.
-        Ok(Some(text)) => {
-            serde_json::from_str(&text).map_err(|e| core::Error::invalid_input(format!("unreadable input: {e}")))
-        }
-        Ok(None) => Ok(Value::Null),
+        Ok(text) => Ok(text),
         Err(e) => Err(core::Error::invalid_input(format!(
             "not JSON-serializable: {}",
             e.reason

@@ -107,9 +107,13 @@ pub fn fold_events(
     #[wasm_bindgen(unchecked_param_type = "FoldEvent[]")] events: JsValue,
     #[wasm_bindgen(unchecked_param_type = "FoldOptions")] options: Option<JsValue>,
 ) -> Result<JsValue, JsValue> {
-    let events = to_json(&events)?;
     let options = to_json(&options.unwrap_or(JsValue::UNDEFINED))?;
-    let result = interop::fold_events_json(&events, &options).map_err(|e| js_error(&e))?;
+    // As JSON text, folded event by event as it is parsed (no tree of every event).
+    let result = match to_json_text(&events)? {
+        Some(text) => interop::fold_events_json_text(&text, &options),
+        None => interop::fold_events_json(&Value::Null, &options),
+    }
+    .map_err(|e| js_error(&e))?;
     from_json(&result)
 }
 
@@ -153,6 +157,14 @@ extern "C" {
 }
 
 /// JavaScript value → JSON, as `JSON.stringify` sees it (`undefined` → null).
+/// `JSON.stringify(value)`; `None` for `undefined` and what it turns into nothing.
+fn to_json_text(value: &JsValue) -> Result<Option<String>, JsValue> {
+    if value.is_undefined() {
+        return Ok(None);
+    }
+    Ok(js_sys::JSON::stringify(value)?.as_string())
+}
+
 fn to_json(value: &JsValue) -> Result<Value, JsValue> {
     if value.is_undefined() {
         return Ok(Value::Null);
