@@ -50,6 +50,14 @@ for (const [buildName, impl] of Object.entries(builds)) {
       else assert.deepEqual(JSON.parse(JSON.stringify(got)), { ok: c.expect }, c.name)
     }
     assert.throws(() => impl.foldEventsJson('[{"not json'), { code: 'VALIDATION_FAILED' })
+    for (const notText of [42, null, undefined, {}, ['[]']]) {
+      assert.throws(() => impl.foldEventsJson(notText), { code: 'VALIDATION_FAILED' }, String(notText))
+    }
+    // Text past the first event is still checked: a fold that stops early does not hide bad JSON.
+    assert.throws(() => impl.foldEventsJson('[{"aggregateId":"a","eventType":"x.created","version":1,"timestamp":0,"data":{}}, oops]', { toVersion: 1 }), { code: 'VALIDATION_FAILED' })
+    // Non-ASCII text crosses intact (the wasm build encodes it with TextEncoder).
+    const text = JSON.stringify([{ aggregateId: 'a', eventType: 'x.created', version: 1, timestamp: 0, data: { t: 'Zoë 🚀 \u2028' } }])
+    assert.equal(impl.foldEventsJson(text).state.t, 'Zoë 🚀 \u2028')
   })
 
   test(`${buildName}: input nested deeper than JSON allows is a validation error, not a crash`, () => {

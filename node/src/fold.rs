@@ -50,7 +50,16 @@ pub fn fold_events(env: &Env, events: Unknown, options: Option<Unknown>) -> Resu
     ts_args_type = "eventsJson: string, options?: FoldOptions",
     ts_return_type = "FoldResult"
 )]
-pub fn fold_events_json(env: &Env, events_json: String, options: Option<Unknown>) -> Result<Json> {
+pub fn fold_events_json(env: &Env, events_json: Unknown, options: Option<Unknown>) -> Result<Json> {
+    let events_json = match events_json.get_type()? {
+        ValueType::String => unsafe { events_json.cast::<String>() }?,
+        _ => {
+            return Err(to_js_error(
+                env,
+                core::Error::invalid_input("eventsJson must be a string"),
+            ))
+        }
+    };
     let options = match options {
         Some(o) => js_to_json(env, o, Checked::AllKeys).map_err(|e| to_js_error(env, e))?,
         None => Value::Null,
