@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{event, repo, sql};
-use synap_events::{Checkpoint, SubscribeOptions};
+use synap_events::{Checkpoint, EventRepository, SubscribeOptions};
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,16 +160,41 @@ async fn a_waiting_subscriber_is_woken_by_notify() {
         })
         .await
         .unwrap();
-    let writer = repo.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        writer.append(event(Uuid::now_v7(), 1)).await.unwrap();
-    });
-    let batch = tokio::time::timeout(Duration::from_secs(30), sub.next_batch())
-        .await
-        .expect("woken by NOTIFY")
-        .unwrap();
-    assert_eq!(batch.len(), 1);
+    // Three kinds of writer: a single append and a batch through another repository (another
+    // pool, as another process would have; they notify after their commit), and a plain INSERT
+    // from elsewhere (the trigger notifies).
+    let other = EventRepository::new(repo.config().clone()).unwrap();
+    let raw = sql(&repo).await;
+    for writer in 0..3 {
+        let (other, raw) = (other.clone(), sql(&repo).await);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            match writer {
+                0 => drop(other.append(event(Uuid::now_v7(), 1)).await.unwrap()),
+                1 => drop(
+                    other
+                        .append_batch(vec![event(Uuid::now_v7(), 1), event(Uuid::now_v7(), 1)])
+                        .await
+                        .unwrap(),
+                ),
+                _ => drop(
+                    raw.execute(
+                        "INSERT INTO events_v2 (id, aggregate_id, aggregate_type, event_type, user_id, data, version)
+                         VALUES (gen_random_uuid(), gen_random_uuid(), 'entity', 'entity.created', 'u', '{}', 1)",
+                        &[],
+                    )
+                    .await
+                    .unwrap(),
+                ),
+            }
+        });
+        let batch = tokio::time::timeout(Duration::from_secs(30), sub.next_batch())
+            .await
+            .unwrap_or_else(|_| panic!("writer {writer}: not woken by NOTIFY"))
+            .unwrap();
+        assert_eq!(batch.len(), if writer == 1 { 2 } else { 1 }, "writer {writer}");
+    }
+    drop(raw);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

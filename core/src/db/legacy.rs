@@ -966,6 +966,9 @@ impl EventRepository {
         )
         .await?;
         tx.commit().await?;
+        if migrated > 0 {
+            self.wake_subscribers();
+        }
         Ok(BatchOutcome {
             migrated,
             failures,

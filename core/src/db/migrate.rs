@@ -86,6 +86,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0009_snapshots.sql"),
         earlier_checksums: &[],
     },
+    Migration {
+        version: 10,
+        name: "notify_after_commit",
+        sql: include_str!("../../../migrations/0010_notify_after_commit.sql"),
+        earlier_checksums: &[],
+    },
 ];
 
 /// What a migration run did.

@@ -35,6 +35,8 @@ pub struct EventRepository {
     pub(crate) pg_config: std::sync::Arc<tokio_postgres::Config>,
     /// Set once the dual-write legacy table's history is known to be migrated.
     dual_write_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set while a wake-up of subscribers is scheduled ([`EventRepository::wake_subscribers`]).
+    wake_pending: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Sets the user for row-level security until the end of the current transaction only, so a
@@ -385,6 +387,7 @@ impl EventRepository {
             scope: None,
             pg_config,
             dual_write_ready: Default::default(),
+            wake_pending: Default::default(),
         })
     }
 
@@ -552,7 +555,33 @@ impl EventRepository {
     async fn append_valid(&self, event: NewEvent) -> Result<EventRecord> {
         self.check_dual_write().await?;
         let id = event.id.unwrap_or_else(Uuid::now_v7);
-        in_session!(self, |client| { self.append_in(&client, event, id).await })
+        let stored = in_session!(self, |client| { self.append_in(&client, event, id).await })?;
+        self.wake_subscribers();
+        Ok(stored)
+    }
+
+    /// Tells LISTENing subscribers that events were committed: one `pg_notify` on a pooled
+    /// connection, after the commit, shared by every commit that finished before it is sent. A
+    /// NOTIFY inside the writing transaction would hold PostgreSQL's database-wide notify lock
+    /// through that commit and serialise concurrent writers (migration 0010). Best effort: a
+    /// subscriber that misses it finds the events at its next poll.
+    pub(crate) fn wake_subscribers(&self) {
+        use std::sync::atomic::Ordering;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.wake_pending.swap(true, Ordering::AcqRel) {
+            return; // a wake-up is scheduled and not yet sent: it covers this commit
+        }
+        let pending = self.wake_pending.clone();
+        let pool = self.pool.clone();
+        runtime.spawn(async move {
+            // Cleared before sending: a commit after this point schedules the next wake-up.
+            pending.store(false, Ordering::Release);
+            if let Ok(client) = pool.get().await {
+                let _ = client.batch_execute("SELECT pg_notify('synap_events', '')").await;
+            }
+        });
     }
 
     async fn append_in(&self, client: &Session<'_, '_>, event: NewEvent, id: Uuid) -> Result<EventRecord> {
@@ -762,6 +791,7 @@ impl EventRepository {
             return outcome;
         };
         tx.commit().await?;
+        self.wake_subscribers();
 
         // Positions are drawn in batch order, so sorting by position restores it.
         rows.sort_by_key(|r| r.get::<_, i64>(2));
