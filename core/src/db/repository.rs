@@ -35,9 +35,22 @@ pub struct EventRepository {
     pub(crate) pg_config: std::sync::Arc<tokio_postgres::Config>,
     /// Set once the dual-write legacy table's history is known to be migrated.
     dual_write_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// Set while a wake-up of subscribers is scheduled ([`EventRepository::wake_subscribers`]).
-    wake_pending: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Subscriber wake-ups ([`EventRepository::wake_subscribers`]).
+    wake: std::sync::Arc<Wake>,
 }
+
+/// The state of [`EventRepository::wake_subscribers`], shared by clones and scoped handles.
+#[derive(Default)]
+struct Wake {
+    /// Set while a wake-up is scheduled and not yet sent.
+    pending: std::sync::atomic::AtomicBool,
+    /// When the last one was sent.
+    last_sent: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+/// The least time between two wake-ups from one repository: a writer appending in a loop
+/// (0.4 ms an append) would otherwise pay for a `pg_notify` after each one.
+const WAKE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Sets the user for row-level security until the end of the current transaction only, so a
 /// pooled connection never carries it into another caller's query.
@@ -387,7 +400,7 @@ impl EventRepository {
             scope: None,
             pg_config,
             dual_write_ready: Default::default(),
-            wake_pending: Default::default(),
+            wake: Default::default(),
         })
     }
 
@@ -561,23 +574,29 @@ impl EventRepository {
     }
 
     /// Tells LISTENing subscribers that events were committed: one `pg_notify` on a pooled
-    /// connection, after the commit, shared by every commit that finished before it is sent. A
-    /// NOTIFY inside the writing transaction would hold PostgreSQL's database-wide notify lock
-    /// through that commit and serialise concurrent writers (migration 0010). Best effort: a
-    /// subscriber that misses it finds the events at its next poll.
+    /// connection, after the commit, shared by every commit that finished before it is sent, and
+    /// at most one per [`WAKE_INTERVAL`]. A NOTIFY inside the writing transaction would hold
+    /// PostgreSQL's database-wide notify lock through that commit and serialise concurrent
+    /// writers (migration 0010). Best effort: a subscriber that misses it finds the events at
+    /// its next poll.
     pub(crate) fn wake_subscribers(&self) {
         use std::sync::atomic::Ordering;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if self.wake_pending.swap(true, Ordering::AcqRel) {
+        if self.wake.pending.swap(true, Ordering::AcqRel) {
             return; // a wake-up is scheduled and not yet sent: it covers this commit
         }
-        let pending = self.wake_pending.clone();
+        let wake = self.wake.clone();
         let pool = self.pool.clone();
         runtime.spawn(async move {
+            let last = *wake.last_sent.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(last) = last {
+                tokio::time::sleep_until(last + WAKE_INTERVAL).await;
+            }
             // Cleared before sending: a commit after this point schedules the next wake-up.
-            pending.store(false, Ordering::Release);
+            wake.pending.store(false, Ordering::Release);
+            *wake.last_sent.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
             if let Ok(client) = pool.get().await {
                 let _ = client.batch_execute("SELECT pg_notify('synap_events', '')").await;
             }
