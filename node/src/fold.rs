@@ -5,7 +5,7 @@ use napi_derive::napi;
 use serde_json::Value;
 use synap_events as core;
 
-use crate::{js_to_json, js_to_json_text, to_js_error, Checked, Json};
+use crate::{js_to_json, js_to_json_text, options_json, to_js_error, Checked, Json};
 
 /// Checks an event the way `append` does, returning the problems as data.
 #[napi(catch_unwind, ts_args_type = "event: unknown", ts_return_type = "ValidationReport")]
@@ -29,10 +29,7 @@ pub fn validate_event(env: &Env, event: Unknown) -> Result<Json> {
 )]
 pub fn fold_events(env: &Env, events: Unknown, options: Option<Unknown>) -> Result<Json> {
     let events = js_to_json_text(env, events, Checked::Keys(&[])).map_err(|e| to_js_error(env, e))?;
-    let options = match options {
-        Some(o) => js_to_json(env, o, Checked::AllKeys).map_err(|e| to_js_error(env, e))?,
-        None => Value::Null,
-    };
+    let options = options_json(env, options).map_err(|e| to_js_error(env, e))?;
     // As JSON text, folded event by event as it is parsed (no tree of every event).
     match events {
         Some(text) => core::interop::fold_events_json_text(&text, &options),
@@ -60,10 +57,7 @@ pub fn fold_events_json(env: &Env, events_json: Unknown, options: Option<Unknown
             ))
         }
     };
-    let options = match options {
-        Some(o) => js_to_json(env, o, Checked::AllKeys).map_err(|e| to_js_error(env, e))?,
-        None => Value::Null,
-    };
+    let options = options_json(env, options).map_err(|e| to_js_error(env, e))?;
     core::interop::fold_events_json_text(&events_json, &options)
         .map(Json)
         .map_err(|e| to_js_error(env, e))

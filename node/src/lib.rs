@@ -141,6 +141,14 @@ pub(crate) fn js_to_json(env: &Env, value: Unknown, checked: Checked) -> core::R
     }
 }
 
+/// Call options as JSON (every member checked, see [`Checked::AllKeys`]); `null` when absent.
+pub(crate) fn options_json(env: &Env, options: Option<Unknown>) -> core::Result<Value> {
+    match options {
+        Some(o) => js_to_json(env, o, Checked::AllKeys),
+        None => Ok(Value::Null),
+    }
+}
+
 /// [`js_to_json`] as text: what `JSON.stringify` makes of the value (`None` when nothing, as for
 /// `undefined`), for callers that parse it their own way.
 pub(crate) fn js_to_json_text(env: &Env, value: Unknown, checked: Checked) -> core::Result<Option<String>> {

@@ -16,7 +16,7 @@ use crate::records::{
     RepairConsumerOptions, ReplayResult, RepositoryOptions, RetentionOptions, SnapshotAndTail,
 };
 use crate::subscription::EventSubscription;
-use crate::{js_to_json, spawn, to_js_error, to_json_value, Checked, IntoJs, Json};
+use crate::{js_to_json, options_json, spawn, to_js_error, to_json_value, Checked, IntoJs, Json};
 
 enum Source {
     Env,
@@ -499,13 +499,5 @@ impl EventRepository {
                 repo.close();
             }
         }
-    }
-}
-
-/// Call options as JSON (every member checked, see [`Checked::AllKeys`]); `null` when absent.
-fn options_json(env: &Env, options: Option<Unknown>) -> core::Result<Value> {
-    match options {
-        Some(o) => js_to_json(env, o, Checked::AllKeys),
-        None => Ok(Value::Null),
     }
 }

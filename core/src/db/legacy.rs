@@ -379,7 +379,7 @@ WITH src AS (
                          $19::timestamptz[])
            AS r(aggregate_id, aggregate_type, user_id, first_version, last_version, first_ts, last_ts)
 ), "#,
-    stream_guard_ctes!(),
+    stream_guard_ctes!("ON CONFLICT (aggregate_id) DO NOTHING"),
     r#", passed AS (
     SELECT (SELECT count(*) FROM created) + (SELECT count(*) FROM advanced) = cardinality($11::uuid[]) AS ok
 ), inserted AS (

@@ -16,24 +16,14 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use crate::db::json::StoredJson;
-use crate::db::repository::{record_from_row, EventRepository, SET_USER_SQL};
+use crate::db::repository::{record_from_row, EventRepository, SET_USER_SQL, STREAM_SQL};
 use crate::error::{Error, Result};
 use crate::fold::{Bookkeeping, FoldErrorKind, FoldOptions, FoldResult, RecordFolder, Snapshot};
 use crate::model::EventRecord;
 
-/// Versions read per page.
+/// Versions read per page (each page is the ordinary stream read, `STREAM_SQL`, over a version
+/// window).
 const PAGE: i32 = 5_000;
-
-/// The stream's events in a version window, with the stream's time span as constant bounds.
-const PAGE_SQL: &str = r#"
-SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
-       version, causation_id, correlation_id, source, position
-  FROM events_v2
- WHERE aggregate_id = $1
-   AND "timestamp" >= $2 AND "timestamp" <= $3
-   AND version > $4 AND version <= $5
- ORDER BY version
-"#;
 
 /// The newest snapshot of these rules at or below a version, usable as of a time (`$4`, NULL
 /// for no time limit).
@@ -428,13 +418,14 @@ async fn page(
 ) -> Result<Vec<tokio_postgres::Row>> {
     Ok(tx
         .query_typed(
-            PAGE_SQL,
+            STREAM_SQL,
             &[
                 (&aggregate_id, Type::UUID),
                 (&stream.first, Type::TIMESTAMPTZ),
                 (&stream.last, Type::TIMESTAMPTZ),
                 (&after, Type::INT4),
                 (&to, Type::INT4),
+                (&None::<Vec<String>>, Type::TEXT_ARRAY),
             ],
         )
         .await?)

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::db::config::RepositoryConfig;
 use crate::db::json::StoredJson;
 use crate::db::migrate::{self, MigrationReport, MigrationStatus};
-use crate::db::sql::{batch_stream_guard_ctes, feed_days_ctes, feed_days_mark};
+use crate::db::sql::{feed_days_ctes, feed_days_mark, stream_guard_ctes};
 use crate::error::{Error, Result};
 use crate::model::{AggregateType, EventRecord, EventSource, NewEvent};
 use crate::query::{can_match, CountFilter, StreamOptions, UserStreamOptions};
@@ -239,7 +239,7 @@ WITH ev AS (
       JOIN span USING (aggregate_id)
      ORDER BY r.aggregate_id
 ), "#,
-    batch_stream_guard_ctes!(),
+    stream_guard_ctes!(""),
     r#", passed AS (
     SELECT (SELECT count(*) FROM created) + (SELECT count(*) FROM advanced) = cardinality($13::uuid[]) AS ok
 ), inserted AS (
@@ -299,7 +299,7 @@ fn with_dual_write(sql: &str, legacy_table: Option<&str>) -> Result<String> {
 
 /// The stream read, bounded by the stream's first and last timestamps so that only the chunks
 /// or partitions in its time span are scanned.
-const STREAM_SQL: &str = r#"
+pub(crate) const STREAM_SQL: &str = r#"
 SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
        version, causation_id, correlation_id, source, position
   FROM events_v2
@@ -1211,7 +1211,7 @@ fn is_duplicate_id(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-/// A batch's version 1 for an aggregate that exists (see `batch_stream_guard_ctes`).
+/// A batch's version 1 for an aggregate that exists (see `stream_guard_ctes`).
 fn is_existing_stream(e: &tokio_postgres::Error) -> bool {
     e.as_db_error().is_some_and(|db| {
         *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION && db.constraint() == Some("event_streams_pkey")
