@@ -16,7 +16,7 @@ SCHEMA=bench_legacy
 cargo build --release -q -p synap-events-cli
 BIN=target/release/synap-events
 
-psql "$DATABASE_URL" -qX -v ON_ERROR_STOP=1 <<SQL
+psql "$DATABASE_URL" -qX -v ON_ERROR_STOP=1 -c "SET client_min_messages = warning" -f - <<SQL
 DROP SCHEMA IF EXISTS $SCHEMA CASCADE;
 CREATE SCHEMA $SCHEMA;
 SET search_path = $SCHEMA;
@@ -39,6 +39,6 @@ SQL
 "$BIN" --schema "$SCHEMA" migrate
 [ -n "${BENCH_ONLY_SETUP:-}" ] && exit 0
 echo "== migrate-events: $ROWS rows, batch size $BATCH"
-/usr/bin/time -f "wall %e s, max RSS %M KB" "$BIN" --schema "$SCHEMA" migrate-events --batch-size "$BATCH" || true
+/usr/bin/time -f "wall %e s, max RSS %M KB" "$BIN" --schema "$SCHEMA" migrate-events --batch-size "$BATCH" --writers "${WRITERS:-2}" || true
 echo "== verify"
 /usr/bin/time -f "wall %e s" "$BIN" --schema "$SCHEMA" verify | head -3 || true

@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use synap_events::{
     Error, EventRepository, LegacyMigrationOptions, LegacyMigrationProgress, OnInvalid, RepositoryConfig, RetentionAge,
-    RetentionOptions, DEFAULT_LEGACY_TABLE,
+    RetentionOptions, DEFAULT_LEGACY_TABLE, DEFAULT_WRITERS,
 };
 
 #[derive(Parser)]
@@ -52,6 +52,10 @@ enum Command {
         /// Rows per transaction.
         #[arg(long, value_name = "N", default_value_t = 5000)]
         batch_size: usize,
+        /// Connections writing at once, each for its own share of the aggregates (1 with
+        /// --on-invalid=fail).
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_WRITERS)]
+        writers: usize,
         /// Continue a migration that already ran (fully or in part).
         #[arg(long)]
         resume: bool,
@@ -281,6 +285,7 @@ async fn run(cli: Cli) -> Result<Outcome, Error> {
             dry_run,
             limit,
             batch_size,
+            writers,
             resume,
             legacy_table,
             on_invalid,
@@ -290,6 +295,7 @@ async fn run(cli: Cli) -> Result<Outcome, Error> {
             let options = LegacyMigrationOptions {
                 legacy_table,
                 batch_size,
+                writers,
                 limit,
                 dry_run,
                 resume,

@@ -29,7 +29,8 @@ pub use validate::{Issue, IssueCode, Limits, Report};
 #[cfg(feature = "postgres")]
 pub use db::legacy::{
     infer_aggregate_type, CountDifference, DropLegacyReport, LegacyMigrationOptions, LegacyMigrationProgress,
-    LegacyMigrationReport, LegacyRowFailure, Mismatch, OnInvalid, VerifyReport, DEFAULT_LEGACY_TABLE, MAX_LISTED,
+    LegacyMigrationReport, LegacyRowFailure, Mismatch, OnInvalid, VerifyReport, DEFAULT_LEGACY_TABLE, DEFAULT_WRITERS,
+    MAX_LISTED,
 };
 #[cfg(feature = "postgres")]
 pub use db::retention::{

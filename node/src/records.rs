@@ -350,6 +350,9 @@ pub struct LegacyMigrationOptions {
     pub legacy_table: Option<String>,
     /// Rows per transaction; default 5000.
     pub batch_size: Option<u32>,
+    /// Connections writing at once, each for its own share of the aggregates; default 2 (1 with
+    /// `onInvalid: 'fail'`).
+    pub writers: Option<u32>,
     /// Migrate at most this many rows in this call.
     pub limit: Option<i64>,
     /// Check every row and report, writing nothing.

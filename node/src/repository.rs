@@ -350,6 +350,9 @@ impl EventRepository {
             if let Some(n) = o.batch_size {
                 opts.batch_size = n as usize;
             }
+            if let Some(n) = o.writers {
+                opts.writers = n as usize;
+            }
             opts.limit = o.limit.map(|n| n.max(0) as u64);
             opts.dry_run = o.dry_run.unwrap_or(false);
             opts.resume = o.resume.unwrap_or(false);
