@@ -399,6 +399,11 @@ export interface LegacyMigrationOptions {
   legacyTable?: string
   /** Rows per transaction; default 5000. */
   batchSize?: number
+  /**
+   * Connections writing at once, each for its own share of the aggregates; default 2 (1 with
+   * `onInvalid: 'fail'`).
+   */
+  writers?: number
   /** Migrate at most this many rows in this call. */
   limit?: number
   /** Check every row and report, writing nothing. */

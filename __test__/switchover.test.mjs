@@ -27,7 +27,10 @@ test('legacy events migrate exactly once; dual-write keeps old readers working',
     assert.equal(dry.dryRun, true)
     assert.equal((await db.rows()).events, 0)
 
-    const report = await db.repo.migrateLegacyEvents({ batchSize: 2 })
+    await assert.rejects(db.repo.migrateLegacyEvents({ writers: 0 }), { code: 'INVALID_CONFIG' })
+    await assert.rejects(db.repo.migrateLegacyEvents({ writers: 17 }), { code: 'INVALID_CONFIG' })
+    assert.equal((await db.rows()).events, 0, 'a refused run writes nothing')
+    const report = await db.repo.migrateLegacyEvents({ batchSize: 2, writers: 3 })
     assert.equal(report.migrated, 3)
     assert.equal(report.failed, 1)
     assert.equal(report.failures[0].legacyId, rows[3][0])
