@@ -114,10 +114,7 @@ async fn exit_codes_and_json_reports() {
         (Some(true), Some(48))
     );
 
-    let out = run(
-        s,
-        &["--json", "migrate-events", "--batch-size", "10", "--writers", "1"],
-    );
+    let out = run(s, &["--json", "migrate-events", "--batch-size", "10", "--writers", "1"]);
     assert_eq!(code(&out), 3, "failed rows give exit 3");
     let report = json(&out);
     assert_eq!(report["migrated"], 48);
@@ -366,4 +363,105 @@ async fn a_rerun_after_a_kill_goes_ahead_while_the_dead_runs_backend_still_works
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(scalar(&c, "SELECT count(*) FROM events_v2").await, 500);
     assert_eq!(scalar(&c, "SELECT count(*) FROM legacy_migration_map").await, 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_ends_a_dead_runs_other_writers_before_it_reads() {
+    let (schema, c) = fresh("orphan_writer").await;
+    let s = schema.as_str();
+    assert_eq!(code(&run(s, &["migrate"])), 0);
+    c.batch_execute(LEGACY_DDL).await.unwrap();
+    // Each row its own aggregate: both writers get rows.
+    c.batch_execute(
+        "INSERT INTO events (id, user_id, \"timestamp\", type, data)
+         SELECT gen_random_uuid(), 'u', timestamptz '2024-06-01' + make_interval(secs => g), 'entity.updated', '{}'
+           FROM generate_series(1, 1000) g",
+    )
+    .await
+    .unwrap();
+    let mut child = cli(
+        s,
+        &[
+            "migrate-events",
+            "--batch-size",
+            "20",
+            "--writers",
+            "2",
+            "--batch-delay-ms",
+            "30",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let started = Instant::now();
+    while scalar(&c, "SELECT count(*) FROM legacy_migration_map").await == 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Once batches are going, every writer's next batch waits for this lock.
+    let (blocker, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    blocker
+        .batch_execute(&format!(
+            "SET search_path = {s}; BEGIN; LOCK TABLE legacy_migration_map IN SHARE MODE"
+        ))
+        .await
+        .unwrap();
+    let name = format!("synap-events migrate-events pid={}%", child.id());
+    let waiting = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '{name}' AND wait_event_type = 'Lock'"
+    );
+    let started = Instant::now();
+    while scalar(&c, &waiting).await < 2 {
+        assert!(started.elapsed() < Duration::from_secs(30), "the writers never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The writer that holds the migration lock dies first (its lock goes with it); then the
+    // process. The other writer's backend is left inside its batch.
+    let holder = format!(
+        "SELECT pg_terminate_backend(a.pid, 5000) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+          WHERE l.locktype = 'advisory' AND l.granted AND a.application_name LIKE '{name}'
+            AND l.classid = (hashtext('synap.legacy_migration')::bigint & 4294967295)::text::oid"
+    );
+    c.execute(holder.as_str(), &[]).await.unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let alive = format!("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '{name}'");
+    assert_eq!(scalar(&c, &alive).await, 1, "one writer of the dead run is still there");
+
+    // A rerun takes the free migration lock, finds the dead run's writer and ends it before it
+    // reads anything; then it waits for the blocker like any batch.
+    let rerun = cli(
+        s,
+        &[
+            "--json",
+            "migrate-events",
+            "--resume",
+            "--batch-size",
+            "100",
+            "--busy-timeout",
+            "1",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let started = Instant::now();
+    while scalar(&c, &alive).await > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the dead run's writer was not ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let out = rerun.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(scalar(&c, "SELECT count(*) FROM events_v2").await, 1000);
+    assert_eq!(scalar(&c, "SELECT count(*) FROM legacy_migration_map").await, 1000);
 }

@@ -1662,6 +1662,51 @@ mod tests {
     use super::*;
 
     #[test]
+    fn writers_share_the_aggregates_evenly() {
+        let row = |id: Uuid, entity: Option<String>| LegacyRow {
+            id,
+            timestamp: None,
+            user_id: None,
+            event_type: None,
+            entity_id: entity,
+            data: None,
+            source: None,
+            correlation_id: None,
+        };
+        // Random (v4-shaped) ids from a fixed sequence.
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut random = move || {
+            let mut bytes = [0u8; 16];
+            for half in bytes.chunks_mut(8) {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                half.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+            }
+            uuid::Builder::from_random_bytes(bytes).into_uuid()
+        };
+        for lanes in [2, 3, 4] {
+            let mut counts = vec![0usize; lanes];
+            for i in 0..6000u128 {
+                // Random ids, and sequential ones with structure in the low bits only.
+                let id = if i % 2 == 0 { random() } else { Uuid::from_u128(i) };
+                counts[writer_of(&row(id, None), lanes)] += 1;
+            }
+            let fair = 6000 / lanes;
+            assert!(
+                counts.iter().all(|&c| c > fair * 8 / 10 && c < fair * 12 / 10),
+                "{lanes} writers: {counts:?}"
+            );
+        }
+        // The entity id decides, as for the aggregate.
+        let entity = random();
+        let a = writer_of(&row(random(), Some(entity.to_string())), 4);
+        assert!((0..50).all(|_| writer_of(&row(random(), Some(entity.to_string())), 4) == a));
+        assert_eq!(writer_of(&row(entity, None), 4), a);
+    }
+
+    #[test]
     fn aggregate_type_comes_from_the_first_segment() {
         assert_eq!(infer_aggregate_type("relation.created"), AggregateType::Relation);
         assert_eq!(infer_aggregate_type("user.renamed"), AggregateType::User);
