@@ -230,6 +230,58 @@ async fn batches_are_all_or_nothing() {
     assert_eq!(repo.append_batch(vec![]).await.unwrap_err().code(), "VALIDATION_FAILED");
 }
 
+/// A batch keeps each stream's first and last event times, with given times, the server's time,
+/// and both in one aggregate, for aggregates given in any order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_keep_each_streams_time_span() {
+    use chrono::TimeZone;
+    let repo = repo("batch_span").await;
+    let at = |d: u32| chrono::Utc.with_ymd_and_hms(2025, 3, d, 12, 0, 0).unwrap();
+    let timed = |id: Uuid, v: i32, t: Option<chrono::DateTime<chrono::Utc>>| {
+        let mut e = event(id, v);
+        e.timestamp = t;
+        e
+    };
+    // Ids out of order (the batch takes the streams in id order).
+    let (given, server, mixed) = (
+        Uuid::from_u128(3 << 100),
+        Uuid::from_u128(1 << 100),
+        Uuid::from_u128(2 << 100),
+    );
+    repo.append_batch(vec![
+        timed(given, 1, Some(at(9))),
+        timed(mixed, 1, Some(at(2))),
+        timed(server, 1, None),
+        timed(given, 2, Some(at(4))),
+        timed(mixed, 2, None),
+        timed(given, 3, Some(at(6))),
+    ])
+    .await
+    .unwrap();
+    repo.append_batch(vec![timed(given, 4, Some(at(1))), timed(mixed, 3, Some(at(3)))])
+        .await
+        .unwrap();
+    let c = common::sql(&repo).await;
+    let rows = c
+        .query(
+            "SELECT s.aggregate_id, s.first_timestamp = min(e.\"timestamp\"), s.last_timestamp = max(e.\"timestamp\"),
+                    s.version = count(*)
+               FROM event_streams s JOIN events_v2 e USING (aggregate_id)
+              GROUP BY s.aggregate_id, s.first_timestamp, s.last_timestamp, s.version",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    for r in rows {
+        let id: Uuid = r.get(0);
+        assert!(
+            r.get::<_, bool>(1) && r.get::<_, bool>(2) && r.get::<_, bool>(3),
+            "{id}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_thousand_event_batch() {
     let repo = repo("bigbatch").await;
