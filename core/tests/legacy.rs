@@ -689,3 +689,29 @@ fn migration_against_a_model_with_several_writers() {
         )
         .unwrap();
 }
+
+/// A round whose rows all belong to one aggregate goes to one writer, which still writes
+/// batches of at most the batch size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_writers_share_is_written_in_batches_of_the_batch_size() {
+    let repo = common::repo("legacy_share").await;
+    let c = common::sql(&repo).await;
+    c.batch_execute(LEGACY_DDL).await.unwrap();
+    let a = Uuid::from_u128(0xA);
+    for i in 0..10u32 {
+        let data = json!({"entityId": a, "i": i});
+        insert_legacy(
+            &c,
+            Uuid::from_u128(0x100 + i as u128),
+            "u1",
+            at(1, i),
+            "entity.updated",
+            data,
+        )
+        .await;
+    }
+    let report = migrate(&repo, &LegacyMigrationOptions { writers: 2, ..opts(3) }).await;
+    // Rounds of 6 rows (3 per writer), all for one writer: 3 + 3, then 3 + 1.
+    assert_eq!((report.migrated, report.batches), (10, 4));
+    assert_eq!(repo.get_aggregate_version(a).await.unwrap(), Some(10));
+}

@@ -278,8 +278,10 @@ fn orphaned_here(name: &str) -> bool {
         return false;
     };
     let here = host_name();
+    // The server keeps 63 bytes of an application name: a long host name arrives cut short.
+    let same_host = host == here || (name.len() >= 63 && !host.is_empty() && here.starts_with(host));
     !here.is_empty()
-        && host == here
+        && same_host
         && pid.parse::<u32>().is_ok_and(|p| p != std::process::id())
         && std::path::Path::new("/proc/self").exists()
         && !std::path::Path::new(&format!("/proc/{pid}")).exists()
@@ -422,7 +424,7 @@ WITH src AS (
     RETURNING "timestamp"
 ), dirty AS (
     INSERT INTO events_daily_dirty (day)
-    SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
+    SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted ORDER BY 1
     ON CONFLICT (day) DO NOTHING
 ), "#,
     feed_days_ctes!(),
@@ -495,11 +497,15 @@ const DELETE_CHUNK_PLACEHOLDERS_SQL: &str =
 const CHUNK_PLACEHOLDER_USER: &str = "synap:chunk-placeholder";
 
 /// See [`CHUNK_PLACEHOLDERS_SQL`]. Best effort: where it fails (a role that row-level security
-/// keeps from writing the placeholder), the batches create the chunks as they go.
+/// keeps from writing the placeholder, or without EXECUTE on `synap_secure_partitions`), or where
+/// the database has a publication, the batches create the chunks as they go.
 async fn create_chunks_ahead(client: &mut tokio_postgres::Client, days: &[chrono::NaiveDate]) {
     let timescaledb = client
         .query_opt(
-            "SELECT 1 FROM synap_settings WHERE key = 'storage_mode' AND value = 'timescaledb'",
+            // Not where a publication exists: logical decoding would send the placeholders' inserts
+            // (and deletes) to subscribers and change-data-capture readers.
+            "SELECT 1 FROM synap_settings WHERE key = 'storage_mode' AND value = 'timescaledb'
+                AND NOT EXISTS (SELECT 1 FROM pg_publication)",
             &[],
         )
         .await;
@@ -844,7 +850,7 @@ impl EventRepository {
         // TimescaleDB chunks are created by a connection of their own, ahead of the writers.
         let mut chunk_client = match days.is_empty() {
             true => None,
-            false => Some(self.client().await?),
+            false => self.client().await.ok(),
         };
         let chunks = async {
             if let Some(client) = chunk_client.as_mut() {
@@ -930,10 +936,13 @@ impl EventRepository {
                         .zip(&batch_stmts)
                         .zip(&shares)
                         .filter(|(_, share)| !share.is_empty())
-                        .map(|((writer, stmt), share)| self.write_batch_retrying(writer, stmt, table, share, options));
+                        .map(|((writer, stmt), share)| self.write_share(writer, stmt, table, share, options));
                     let (written, prefetched) =
                         futures_util::future::join(futures_util::future::join_all(writes), prefetch).await;
-                    let outcomes = written.into_iter().collect::<Result<Vec<_>>>()?;
+                    let mut outcomes = Vec::new();
+                    for share in written {
+                        outcomes.extend(share?);
+                    }
                     (outcomes, prefetched)
                 };
                 next = prefetched?;
@@ -946,7 +955,11 @@ impl EventRepository {
                 for outcome in &outcomes {
                     recorded.0 += outcome.migrated as i64;
                     recorded.1 += (outcome.failures.len() - usize::from(outcome.stopped)) as i64;
-                    last = last.max(outcome.last);
+                    // In the read's order: by timestamp (nulls last), then id.
+                    let key = |l: &Option<(Option<DateTime<Utc>>, Uuid)>| l.map(|(t, id)| (t.is_none(), t, id));
+                    if key(&outcome.last) > key(&last) {
+                        last = outcome.last;
+                    }
                 }
                 if !options.dry_run {
                     let (last_ts, last_id) = (last.and_then(|l| l.0), last.map(|l| l.1));
@@ -1019,6 +1032,28 @@ impl EventRepository {
         Ok(report)
     }
 
+    /// A writer's share of a round, in batches of at most `batch_size` rows one after another
+    /// (a round whose rows belong to few aggregates gives one writer more than a batch).
+    async fn write_share(
+        &self,
+        writer: &mut tokio_postgres::Client,
+        stmt: &tokio_postgres::Statement,
+        table: &str,
+        share: &[LegacyRow],
+        options: &LegacyMigrationOptions,
+    ) -> Result<Vec<BatchOutcome>> {
+        let mut outcomes = Vec::new();
+        for rows in share.chunks(options.batch_size) {
+            let outcome = self.write_batch_retrying(writer, stmt, table, rows, options).await?;
+            let stopped = outcome.stopped;
+            outcomes.push(outcome);
+            if stopped {
+                break;
+            }
+        }
+        Ok(outcomes)
+    }
+
     /// [`EventRepository::write_batch`], again (up to five times) when it fails in a way that a
     /// new try can mend (a concurrent append moved one of the batch's aggregates, a
     /// serialization failure).
@@ -1033,10 +1068,7 @@ impl EventRepository {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self
-                .write_batch(writer, stmt, table, rows, options.on_invalid, attempt > 1)
-                .await
-            {
+            match self.write_batch(writer, stmt, table, rows, options.on_invalid).await {
                 Err(e) if attempt < 5 && e.is_retryable() && !matches!(e, Error::ConnectionFailed { .. }) => continue,
                 other => break other,
             }
@@ -1052,7 +1084,6 @@ impl EventRepository {
         table: &str,
         rows: &[LegacyRow],
         on_invalid: OnInvalid,
-        lock_streams: bool,
     ) -> Result<BatchOutcome> {
         let limits = self.config().limits;
         let checked: Vec<_> = rows.iter().map(|r| check_row(r, &limits)).collect();
@@ -1064,19 +1095,13 @@ impl EventRepository {
         agg_ids.dedup();
 
         let tx = writer.transaction().await?;
-        // event_streams is the source of truth for versions. A first try reads the batch's known
-        // streams without locking them (a lock costs a WAL record per stream, and the batch's
-        // guards refuse a stream that an append moved meanwhile); a retry locks them (in a fixed
-        // order) so that no append can move them before this batch commits.
+        // event_streams is the source of truth for versions: lock the known streams of this
+        // batch (in a fixed order) so no append moves them before this batch commits, and so
+        // that a live append and a batch never take two streams in opposite orders.
         let known = tx
             .query(
-                if lock_streams {
-                    "SELECT aggregate_id, version, aggregate_type, last_timestamp FROM event_streams
-                      WHERE aggregate_id = ANY ($1) ORDER BY aggregate_id FOR UPDATE"
-                } else {
-                    "SELECT aggregate_id, version, aggregate_type, last_timestamp FROM event_streams
-                      WHERE aggregate_id = ANY ($1)"
-                },
+                "SELECT aggregate_id, version, aggregate_type, last_timestamp FROM event_streams
+                  WHERE aggregate_id = ANY ($1) ORDER BY aggregate_id FOR UPDATE",
                 &[&agg_ids],
             )
             .await?;

@@ -259,7 +259,7 @@ WITH ev AS (
     SELECT id, aggregate_id, version FROM ev WHERE (SELECT ok FROM passed)
 ), dirty AS (
     INSERT INTO events_daily_dirty (day)
-    SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
+    SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted ORDER BY 1
     ON CONFLICT (day) DO NOTHING
 ), "#,
     feed_days_ctes!(),
