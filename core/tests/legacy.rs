@@ -715,3 +715,56 @@ async fn one_writers_share_is_written_in_batches_of_the_batch_size() {
     assert_eq!((report.migrated, report.batches), (10, 4));
     assert_eq!(repo.get_aggregate_version(a).await.unwrap(), Some(10));
 }
+
+/// A run with a limit makes the partitions (or chunks) of the days it writes, not of every
+/// pending day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_run_makes_only_its_days() {
+    let repo = common::repo("legacy_limit_days").await;
+    let c = common::sql(&repo).await;
+    c.batch_execute(LEGACY_DDL).await.unwrap();
+    for day in [1u32, 1, 26, 27] {
+        let id = Uuid::now_v7();
+        insert_legacy(&c, id, "u1", at(day, 0), "entity.updated", json!({})).await;
+    }
+    let report = migrate(
+        &repo,
+        &LegacyMigrationOptions {
+            limit: Some(2),
+            ..opts(5)
+        },
+    )
+    .await;
+    assert_eq!((report.migrated, report.remaining), (2, 2));
+    let days_made = |day: &'static str| {
+        let c = &c;
+        async move {
+            let sql = if common::timescaledb() {
+                format!(
+                    "SELECT count(*) FROM timescaledb_information.chunks
+                      WHERE hypertable_schema = current_schema() AND hypertable_name = 'events_v2'
+                        AND range_start <= '{day} 12:00+00' AND range_end > '{day} 12:00+00'"
+                )
+            } else {
+                format!(
+                    "SELECT count(*) FROM pg_class WHERE relnamespace = current_schema()::regnamespace
+                        AND relname = 'events_v2_p{}'",
+                    day.replace('-', "")
+                )
+            };
+            c.query_one(sql.as_str(), &[]).await.unwrap().get::<_, i64>(0)
+        }
+    };
+    assert_eq!(days_made("2024-03-01").await, 1);
+    assert_eq!(days_made("2024-03-26").await, 0, "a day this run does not write");
+    let rest = migrate(
+        &repo,
+        &LegacyMigrationOptions {
+            resume: true,
+            ..opts(5)
+        },
+    )
+    .await;
+    assert_eq!(rest.migrated, 2);
+    assert_eq!(days_made("2024-03-26").await, 1);
+}
