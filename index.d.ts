@@ -96,6 +96,8 @@ export declare class EventRepository {
   /**
    * Copies the legacy `events` table into events_v2 exactly once (see docs/migration.md);
    * safe to interrupt and resume. Resolves to the report (migrated, skipped, failed rows).
+   * A bad option rejects with `INVALID_CONFIG` (or `VALIDATION_FAILED` for a number that is
+   * not whole) and writes nothing.
    */
   migrateLegacyEvents(options?: LegacyMigrationOptions | undefined | null): Promise<Record<string, unknown>>
   /**

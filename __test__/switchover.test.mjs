@@ -27,8 +27,15 @@ test('legacy events migrate exactly once; dual-write keeps old readers working',
     assert.equal(dry.dryRun, true)
     assert.equal((await db.rows()).events, 0)
 
-    await assert.rejects(db.repo.migrateLegacyEvents({ writers: 0 }), { code: 'INVALID_CONFIG' })
-    await assert.rejects(db.repo.migrateLegacyEvents({ writers: 17 }), { code: 'INVALID_CONFIG' })
+    for (const writers of [0, -1, 17, 1e10]) {
+      await assert.rejects(db.repo.migrateLegacyEvents({ writers }), { code: 'INVALID_CONFIG' }, `writers ${writers}`)
+    }
+    await assert.rejects(db.repo.migrateLegacyEvents({ writers: 2.5 }), { code: 'VALIDATION_FAILED' })
+    await assert.rejects(db.repo.migrateLegacyEvents({ batchSize: -1 }), { code: 'INVALID_CONFIG' })
+    await assert.rejects(db.repo.migrateLegacyEvents({ batchSize: 0.5 }), { code: 'VALIDATION_FAILED' })
+    for (const options of [{ writers: '2' }, { dryRun: 'yes' }, { legacyTable: 5 }, { onInvalid: 'maybe' }, { limit: -1 }, 'x']) {
+      await assert.rejects(db.repo.migrateLegacyEvents(options), { code: 'INVALID_CONFIG' }, JSON.stringify(options))
+    }
     assert.equal((await db.rows()).events, 0, 'a refused run writes nothing')
     const report = await db.repo.migrateLegacyEvents({ batchSize: 2, writers: 3 })
     assert.equal(report.migrated, 3)

@@ -349,10 +349,10 @@ pub struct LegacyMigrationOptions {
     /// The legacy table; default `events`.
     pub legacy_table: Option<String>,
     /// Rows per transaction; default 5000.
-    pub batch_size: Option<u32>,
+    pub batch_size: Option<f64>,
     /// Connections writing at once, each for its own share of the aggregates; default 2 (1 with
     /// `onInvalid: 'fail'`).
-    pub writers: Option<u32>,
+    pub writers: Option<f64>,
     /// Migrate at most this many rows in this call.
     pub limit: Option<i64>,
     /// Check every row and report, writing nothing.

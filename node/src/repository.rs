@@ -12,8 +12,8 @@ use serde_json::Value;
 use synap_events as core;
 
 use crate::records::{
-    checkpoint_arg, DropLegacyOptions, EventRecord, LegacyMigrationOptions, MigrationReport, ReadAllPage, Records,
-    RepairConsumerOptions, ReplayResult, RepositoryOptions, RetentionOptions, SnapshotAndTail,
+    checkpoint_arg, DropLegacyOptions, EventRecord, MigrationReport, ReadAllPage, Records, RepairConsumerOptions,
+    ReplayResult, RepositoryOptions, RetentionOptions, SnapshotAndTail,
 };
 use crate::subscription::EventSubscription;
 use crate::{js_to_json, options_json, spawn, to_js_error, to_json_value, Checked, IntoJs, Json};
@@ -335,34 +335,21 @@ impl EventRepository {
 
     /// Copies the legacy `events` table into events_v2 exactly once (see docs/migration.md);
     /// safe to interrupt and resume. Resolves to the report (migrated, skipped, failed rows).
-    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    /// A bad option rejects with `INVALID_CONFIG` (or `VALIDATION_FAILED` for a number that is
+    /// not whole) and writes nothing.
+    #[napi(
+        catch_unwind,
+        ts_args_type = "options?: LegacyMigrationOptions | undefined | null",
+        ts_return_type = "Promise<Record<string, unknown>>"
+    )]
     pub fn migrate_legacy_events<'env>(
         &self,
         env: &'env Env,
-        options: Option<LegacyMigrationOptions>,
+        options: Option<Unknown<'env>>,
     ) -> Result<PromiseRaw<'env, Json>> {
-        let mut opts = core::LegacyMigrationOptions::default();
-        let mut on_invalid = Ok(core::OnInvalid::Skip);
-        if let Some(o) = options {
-            if let Some(t) = o.legacy_table {
-                opts.legacy_table = t;
-            }
-            if let Some(n) = o.batch_size {
-                opts.batch_size = n as usize;
-            }
-            if let Some(n) = o.writers {
-                opts.writers = n as usize;
-            }
-            opts.limit = o.limit.map(|n| n.max(0) as u64);
-            opts.dry_run = o.dry_run.unwrap_or(false);
-            opts.resume = o.resume.unwrap_or(false);
-            if let Some(mode) = o.on_invalid {
-                on_invalid = core::OnInvalid::parse(&mode);
-            }
-        }
+        let opts = options_json(env, options).and_then(|o| legacy_migration_options(&o));
         self.run(env, move |repo| async move {
-            opts.on_invalid = on_invalid?;
-            let report = repo.migrate_legacy_events(&opts, &mut |_| {}).await?;
+            let report = repo.migrate_legacy_events(&opts?, &mut |_| {}).await?;
             to_json_value(&report)
         })
     }
@@ -503,4 +490,57 @@ impl EventRepository {
             }
         }
     }
+}
+
+/// `migrateLegacyEvents` options (the `LegacyMigrationOptions` of node/src/records.rs) from their JSON.
+fn legacy_migration_options(o: &Value) -> core::Result<core::LegacyMigrationOptions> {
+    let mut opts = core::LegacyMigrationOptions::default();
+    let Some(o) = (match o {
+        Value::Null => None,
+        Value::Object(o) => Some(o),
+        _ => {
+            return Err(core::Error::InvalidConfig {
+                message: "options must be an object".into(),
+            })
+        }
+    }) else {
+        return Ok(opts);
+    };
+    let wrong = |field: &str, expected: &str| core::Error::InvalidConfig {
+        message: format!("{field} must be {expected}"),
+    };
+    let get = |field: &str| o.get(field).filter(|v| !v.is_null());
+    // A whole number of at least `min` (the core checks the upper bounds).
+    let count = |field: &str, min: i64| -> core::Result<Option<i64>> {
+        let Some(v) = get(field) else { return Ok(None) };
+        let n = core::query::whole_number_arg(field, v.as_f64().ok_or_else(|| wrong(field, "a number"))?)?;
+        if n < min {
+            return Err(core::Error::InvalidConfig {
+                message: format!("{field} must be at least {min}, not {n}"),
+            });
+        }
+        Ok(Some(n))
+    };
+    let flag = |field: &str| -> core::Result<bool> {
+        match get(field) {
+            None => Ok(false),
+            Some(v) => v.as_bool().ok_or_else(|| wrong(field, "true or false")),
+        }
+    };
+    if let Some(t) = get("legacyTable") {
+        opts.legacy_table = t.as_str().ok_or_else(|| wrong("legacyTable", "a string"))?.to_owned();
+    }
+    if let Some(n) = count("batchSize", 1)? {
+        opts.batch_size = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    if let Some(n) = count("writers", 1)? {
+        opts.writers = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    opts.limit = count("limit", 0)?.map(|n| n as u64);
+    opts.dry_run = flag("dryRun")?;
+    opts.resume = flag("resume")?;
+    if let Some(mode) = get("onInvalid") {
+        opts.on_invalid = core::OnInvalid::parse(mode.as_str().ok_or_else(|| wrong("onInvalid", "skip or fail"))?)?;
+    }
+    Ok(opts)
 }
