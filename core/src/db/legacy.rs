@@ -822,17 +822,21 @@ impl EventRepository {
             let mut days = Vec::new();
             if !options.dry_run && total > 0 {
                 // The days of the rows this run will write: with a limit, only the first rows'.
-                let limit = total as i64;
-                days = writers[0]
-                    .query(
-                        &format!(
-                            "SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date FROM (
-                                 SELECT l.\"timestamp\" AS ts FROM {legacy} l WHERE {PENDING_FILTER}
-                                  ORDER BY l.\"timestamp\", l.id LIMIT $2) r
-                              WHERE ts IS NOT NULL ORDER BY 1"
-                        ),
-                        &[&table, &limit],
+                let days_sql = if total < pending {
+                    format!(
+                        "SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date FROM (
+                             SELECT l.\"timestamp\" AS ts FROM {legacy} l WHERE {PENDING_FILTER}
+                              ORDER BY l.\"timestamp\", l.id LIMIT {total}) r
+                          WHERE ts IS NOT NULL ORDER BY 1"
                     )
+                } else {
+                    format!(
+                        "SELECT DISTINCT (l.\"timestamp\" AT TIME ZONE 'UTC')::date
+                           FROM {legacy} l WHERE {PENDING_FILTER} AND l.\"timestamp\" IS NOT NULL ORDER BY 1"
+                    )
+                };
+                days = writers[0]
+                    .query(&days_sql, &[&table])
                     .await?
                     .iter()
                     .map(|r| r.get::<_, chrono::NaiveDate>(0))
