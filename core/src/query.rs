@@ -178,7 +178,7 @@ fn options_object(value: &Value) -> Result<Option<&Map<String, Value>>> {
 }
 
 /// A key's value, with `null` (and an absent key) as `None`.
-fn present<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+pub(crate) fn present<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     obj.get(key).filter(|v| !v.is_null())
 }
 

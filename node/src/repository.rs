@@ -347,7 +347,7 @@ impl EventRepository {
         env: &'env Env,
         options: Option<Unknown<'env>>,
     ) -> Result<PromiseRaw<'env, Json>> {
-        let opts = options_json(env, options).and_then(|o| legacy_migration_options(&o));
+        let opts = options_json(env, options).and_then(|o| core::LegacyMigrationOptions::from_json(&o));
         self.run(env, move |repo| async move {
             let report = repo.migrate_legacy_events(&opts?, &mut |_| {}).await?;
             to_json_value(&report)
@@ -490,57 +490,4 @@ impl EventRepository {
             }
         }
     }
-}
-
-/// `migrateLegacyEvents` options (the `LegacyMigrationOptions` of node/src/records.rs) from their JSON.
-fn legacy_migration_options(o: &Value) -> core::Result<core::LegacyMigrationOptions> {
-    let mut opts = core::LegacyMigrationOptions::default();
-    let Some(o) = (match o {
-        Value::Null => None,
-        Value::Object(o) => Some(o),
-        _ => {
-            return Err(core::Error::InvalidConfig {
-                message: "options must be an object".into(),
-            })
-        }
-    }) else {
-        return Ok(opts);
-    };
-    let wrong = |field: &str, expected: &str| core::Error::InvalidConfig {
-        message: format!("{field} must be {expected}"),
-    };
-    let get = |field: &str| o.get(field).filter(|v| !v.is_null());
-    // A whole number of at least `min` (the core checks the upper bounds).
-    let count = |field: &str, min: i64| -> core::Result<Option<i64>> {
-        let Some(v) = get(field) else { return Ok(None) };
-        let n = core::query::whole_number_arg(field, v.as_f64().ok_or_else(|| wrong(field, "a number"))?)?;
-        if n < min {
-            return Err(core::Error::InvalidConfig {
-                message: format!("{field} must be at least {min}, not {n}"),
-            });
-        }
-        Ok(Some(n))
-    };
-    let flag = |field: &str| -> core::Result<bool> {
-        match get(field) {
-            None => Ok(false),
-            Some(v) => v.as_bool().ok_or_else(|| wrong(field, "true or false")),
-        }
-    };
-    if let Some(t) = get("legacyTable") {
-        opts.legacy_table = t.as_str().ok_or_else(|| wrong("legacyTable", "a string"))?.to_owned();
-    }
-    if let Some(n) = count("batchSize", 1)? {
-        opts.batch_size = usize::try_from(n).unwrap_or(usize::MAX);
-    }
-    if let Some(n) = count("writers", 1)? {
-        opts.writers = usize::try_from(n).unwrap_or(usize::MAX);
-    }
-    opts.limit = count("limit", 0)?.map(|n| n as u64);
-    opts.dry_run = flag("dryRun")?;
-    opts.resume = flag("resume")?;
-    if let Some(mode) = get("onInvalid") {
-        opts.on_invalid = core::OnInvalid::parse(mode.as_str().ok_or_else(|| wrong("onInvalid", "skip or fail"))?)?;
-    }
-    Ok(opts)
 }

@@ -104,6 +104,62 @@ impl Default for LegacyMigrationOptions {
     }
 }
 
+impl LegacyMigrationOptions {
+    /// The options as JavaScript passes them (`legacyTable`, `batchSize`, `writers`, `limit`,
+    /// `dryRun`, `resume`, `onInvalid`; `null` or absent keys keep the defaults, other keys are
+    /// ignored).
+    ///
+    /// Fails with [`Error::InvalidConfig`] for a value of the wrong type or below its least
+    /// value, and [`Error::Validation`] for a number that is not whole; upper bounds are checked
+    /// when the migration starts.
+    pub fn from_json(value: &serde_json::Value) -> Result<LegacyMigrationOptions> {
+        let mut opts = LegacyMigrationOptions::default();
+        let o = match value {
+            serde_json::Value::Null => return Ok(opts),
+            serde_json::Value::Object(o) => o,
+            _ => {
+                return Err(Error::InvalidConfig {
+                    message: "options must be an object".into(),
+                })
+            }
+        };
+        let wrong = |field: &str, expected: &str| Error::InvalidConfig {
+            message: format!("{field} must be {expected}"),
+        };
+        let get = |field: &str| crate::query::present(o, field);
+        // A whole number of at least `min`.
+        let count = |field: &str, min: i64| -> Result<Option<i64>> {
+            let Some(v) = get(field) else { return Ok(None) };
+            let n = crate::query::whole_number_arg(field, v.as_f64().ok_or_else(|| wrong(field, "a number"))?)?;
+            if n < min {
+                return Err(Error::InvalidConfig {
+                    message: format!("{field} must be at least {min}, not {n}"),
+                });
+            }
+            Ok(Some(n))
+        };
+        let flag = |field: &str| -> Result<bool> {
+            get(field).map_or(Ok(false), |v| v.as_bool().ok_or_else(|| wrong(field, "true or false")))
+        };
+        if let Some(t) = get("legacyTable") {
+            opts.legacy_table = t.as_str().ok_or_else(|| wrong("legacyTable", "a string"))?.to_owned();
+        }
+        if let Some(n) = count("batchSize", 1)? {
+            opts.batch_size = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(n) = count("writers", 1)? {
+            opts.writers = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        opts.limit = count("limit", 0)?.map(|n| n as u64);
+        opts.dry_run = flag("dryRun")?;
+        opts.resume = flag("resume")?;
+        if let Some(mode) = get("onInvalid") {
+            opts.on_invalid = OnInvalid::parse(mode.as_str().ok_or_else(|| wrong("onInvalid", "skip or fail"))?)?;
+        }
+        Ok(opts)
+    }
+}
+
 /// Where a running migration is, passed to the progress callback after every batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
