@@ -177,6 +177,26 @@ async fn exit_codes_and_json_reports() {
     assert_eq!(json(&out)["events"], 0);
 }
 
+/// A resumed run, in batches of 100, that waits at most a second for another run's lock.
+fn resume_at_once(schema: &str) -> std::process::Child {
+    cli(
+        schema,
+        &[
+            "--json",
+            "migrate-events",
+            "--resume",
+            "--batch-size",
+            "100",
+            "--busy-timeout",
+            "1",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
 async fn scalar(c: &tokio_postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -341,22 +361,7 @@ async fn a_rerun_after_a_kill_goes_ahead_while_the_dead_runs_backend_still_works
     // Re-run at once, willing to wait 1 s for the lock while the orphan would hold it for 3: it
     // is recognised (its process is gone) and ended, and the run goes ahead as soon as the
     // blocker lets go.
-    let rerun = cli(
-        s,
-        &[
-            "--json",
-            "migrate-events",
-            "--resume",
-            "--batch-size",
-            "100",
-            "--busy-timeout",
-            "1",
-        ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let rerun = resume_at_once(s);
     tokio::time::sleep(Duration::from_millis(3000)).await;
     blocker.batch_execute("COMMIT").await.unwrap();
     let out = rerun.wait_with_output().unwrap();
@@ -375,7 +380,7 @@ async fn a_rerun_ends_a_dead_runs_other_writers_before_it_reads() {
     c.batch_execute(
         "INSERT INTO events (id, user_id, \"timestamp\", type, data)
          SELECT gen_random_uuid(), 'u', timestamptz '2024-06-01' + make_interval(secs => g), 'entity.updated', '{}'
-           FROM generate_series(1, 1000) g",
+           FROM generate_series(1, 4000) g",
     )
     .await
     .unwrap();
@@ -388,7 +393,7 @@ async fn a_rerun_ends_a_dead_runs_other_writers_before_it_reads() {
             "--writers",
             "2",
             "--batch-delay-ms",
-            "30",
+            "100",
         ],
     )
     .stdout(Stdio::null())
@@ -400,25 +405,49 @@ async fn a_rerun_ends_a_dead_runs_other_writers_before_it_reads() {
         assert!(started.elapsed() < Duration::from_secs(30), "no progress");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // Once batches are going, every writer's next batch waits for this lock.
+    // Both writers must be inside their next batches, waiting for this lock. A writer whose batch
+    // took the map before the lock was asked for commits and then waits for the round (the
+    // other writer), not for the lock: then let go and ask again, between rounds.
     let (blocker, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);
-    blocker
-        .batch_execute(&format!(
-            "SET search_path = {s}; BEGIN; LOCK TABLE legacy_migration_map IN SHARE MODE"
-        ))
-        .await
-        .unwrap();
+    blocker.batch_execute(&format!("SET search_path = {s}")).await.unwrap();
     let name = format!("synap-events migrate-events pid={}%", child.id());
     let waiting = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '{name}' AND wait_event_type = 'Lock'"
     );
     let started = Instant::now();
-    while scalar(&c, &waiting).await < 2 {
-        assert!(started.elapsed() < Duration::from_secs(30), "the writers never waited");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    loop {
+        blocker
+            .batch_execute("BEGIN; LOCK TABLE legacy_migration_map IN SHARE MODE")
+            .await
+            .unwrap();
+        let asked = Instant::now();
+        while scalar(&c, &waiting).await < 2 && asked.elapsed() < Duration::from_secs(2) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if scalar(&c, &waiting).await >= 2 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let activity = c
+                .query(
+                    "SELECT application_name || ' ' || state || ' ' || coalesce(wait_event_type || ':' || wait_event, '')
+                            || ' ' || left(query, 60)
+                       FROM pg_stat_activity WHERE application_name LIKE 'synap-events%'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let activity: Vec<String> = activity.iter().map(|r| r.get(0)).collect();
+            panic!("the writers never waited: {activity:#?}");
+        }
+        blocker.batch_execute("COMMIT").await.unwrap();
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before both writers waited"
+        );
     }
     // The writer that holds the migration lock dies first (its lock goes with it); then the
     // process. The other writer's backend is left inside its batch.
@@ -435,22 +464,7 @@ async fn a_rerun_ends_a_dead_runs_other_writers_before_it_reads() {
 
     // A rerun takes the free migration lock, finds the dead run's writer and ends it before it
     // reads anything; then it waits for the blocker like any batch.
-    let rerun = cli(
-        s,
-        &[
-            "--json",
-            "migrate-events",
-            "--resume",
-            "--batch-size",
-            "100",
-            "--busy-timeout",
-            "1",
-        ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let rerun = resume_at_once(s);
     let started = Instant::now();
     while scalar(&c, &alive).await > 0 {
         assert!(
@@ -462,6 +476,6 @@ async fn a_rerun_ends_a_dead_runs_other_writers_before_it_reads() {
     blocker.batch_execute("COMMIT").await.unwrap();
     let out = rerun.wait_with_output().unwrap();
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
-    assert_eq!(scalar(&c, "SELECT count(*) FROM events_v2").await, 1000);
-    assert_eq!(scalar(&c, "SELECT count(*) FROM legacy_migration_map").await, 1000);
+    assert_eq!(scalar(&c, "SELECT count(*) FROM events_v2").await, 4000);
+    assert_eq!(scalar(&c, "SELECT count(*) FROM legacy_migration_map").await, 4000);
 }

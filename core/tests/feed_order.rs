@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::{advance_xid_to, current_xid, event, sql, PrivateCluster};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
 use synap_events::{Checkpoint, EventRepository, SubscribeOptions};
 use uuid::Uuid;
 
@@ -457,16 +456,7 @@ async fn run_interleaving(steps: Vec<Step>) {
 
 #[test]
 fn random_interleavings_of_writers_and_a_paging_reader() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut runner = TestRunner::new(Config {
-        cases: 12,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let (runtime, mut runner) = common::model_runner(12);
     runner
         .run(&proptest::collection::vec(step(), 10..40), |steps| {
             runtime.block_on(run_interleaving(steps));

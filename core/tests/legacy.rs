@@ -563,17 +563,7 @@ struct ModelRow {
 #[test]
 fn migration_against_a_model_with_several_writers() {
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, TestRunner};
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut runner = TestRunner::new(Config {
-        cases: 10,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let (runtime, mut runner) = common::model_runner(10);
     let row = (
         prop::option::weighted(0.8, 0..5u8),
         1..7u32,

@@ -423,17 +423,7 @@ fn stream() -> impl proptest::strategy::Strategy<Value = Stream> {
 /// version fails with HISTORY_REMOVED, and one from it on returns exactly the kept events.
 #[test]
 fn retention_against_a_model_keeps_every_replay() {
-    use proptest::test_runner::{Config, TestRunner};
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut runner = TestRunner::new(Config {
-        cases: 12,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let (runtime, mut runner) = common::model_runner(12);
     let day = |d: u32| Utc.with_ymd_and_hms(2024, 1, 1 + d, 12, 0, 0).unwrap();
     runner
         .run(

@@ -9,6 +9,22 @@ use serde_json::json;
 use synap_events::{AggregateType, EventRepository, NewEvent, RepositoryConfig, StorageMode};
 use uuid::Uuid;
 
+/// A runtime for the database calls of a model-based test and a proptest runner of `cases`
+/// cases that keeps no failure files.
+pub fn model_runner(cases: u32) -> (tokio::runtime::Runtime, proptest::test_runner::TestRunner) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    });
+    (runtime, runner)
+}
+
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL").expect("DATABASE_URL must point at a PostgreSQL server: run `eval $(scripts/db.sh start >/dev/null; scripts/db.sh env)`")
 }
