@@ -268,6 +268,15 @@ pub enum Error {
         consumer: String,
     },
 
+    /// A consumer group member's lease on a partition was taken by another member (it stalled
+    /// past its lease, or its connection was lost) while it handled events. Nothing was stored;
+    /// the partition's new holder hands the events out again.
+    #[error("a partition lease of consumer group \"{group}\" was taken by another member; nothing was stored")]
+    LeaseLost {
+        /// The group.
+        group: String,
+    },
+
     /// A named consumer's checkpoint would move backwards: another instance of the same consumer
     /// has stored a later one. Nothing was stored.
     #[error(
@@ -370,6 +379,7 @@ impl Error {
             Error::RetentionRefused { .. } => "RETENTION_REFUSED",
             Error::ConsumerNeedsRepair { .. } => "CONSUMER_NEEDS_REPAIR",
             Error::CheckpointConflict { .. } => "CHECKPOINT_CONFLICT",
+            Error::LeaseLost { .. } => "LEASE_LOST",
             Error::FeedRebaseRequired { .. } => "FEED_REBASE_REQUIRED",
             Error::CheckpointFromAnotherStore => "CHECKPOINT_FROM_ANOTHER_STORE",
             Error::Internal { .. } => "INTERNAL_ERROR",
@@ -451,6 +461,7 @@ impl Error {
             Error::Database { sqlstate, .. } => json!({ "sqlstate": sqlstate }),
             Error::StorageModeUnavailable { requested, .. } => json!({ "storageMode": requested }),
             Error::ConsumerNeedsRepair { consumer } => json!({ "consumer": consumer }),
+            Error::LeaseLost { group } => json!({ "group": group }),
             Error::CheckpointConflict {
                 consumer,
                 stored,

@@ -214,3 +214,67 @@ async fn bad_feed_arguments_are_refused() {
         .unwrap_err();
     assert_eq!(err.code(), "VALIDATION_FAILED");
 }
+
+/// Batches over several aggregates lock their streams one after another; a batch that already
+/// has a transaction id when it waits for a stream that another transaction then advances would
+/// put its event before its predecessor in `(txid, position)` order. The feed must give every
+/// aggregate's events in version order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_aggregates_events_come_in_version_order_on_the_feed() {
+    let repo = repo("feed_version_order").await;
+    let aggregates: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+    let mut tasks = Vec::new();
+    for worker in 0..4u64 {
+        let repo = repo.clone();
+        let aggregates = aggregates.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut written = 0;
+            for round in 0..150u64 {
+                // Two of the aggregates, a different pair each round.
+                let first = ((worker * 7 + round * 3) % 4) as usize;
+                let second = (first + 1 + ((worker + round) % 3) as usize) % 4;
+                let chosen = [aggregates[first], aggregates[second]];
+                let mut batch = Vec::new();
+                for a in &chosen {
+                    let version = repo.get_aggregate_version(*a).await.unwrap().unwrap_or(0);
+                    batch.push(event(*a, version + 1));
+                }
+                match repo.append_batch(batch).await {
+                    Ok(_) => written += 1,
+                    Err(e) if e.code() == "CONCURRENCY_CONFLICT" => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            written
+        }));
+    }
+    let mut written = 0;
+    for t in tasks {
+        written += t.await.unwrap();
+    }
+    assert!(written > 0);
+
+    let mut last: std::collections::HashMap<Uuid, i32> = std::collections::HashMap::new();
+    let mut checkpoint = None;
+    let mut out_of_order = Vec::new();
+    let mut seen = 0;
+    loop {
+        let page = repo.read_all(checkpoint.as_ref(), 7).await.unwrap();
+        checkpoint = Some(page.checkpoint);
+        for e in &page.events {
+            let previous = last.insert(e.aggregate_id, e.version).unwrap_or(0);
+            if e.version != previous + 1 {
+                out_of_order.push((e.aggregate_id, previous, e.version));
+            }
+            seen += 1;
+        }
+        if page.events.is_empty() {
+            let total = repo.count_events(&Default::default()).await.unwrap();
+            if seen as i64 >= total {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(out_of_order.is_empty(), "{} events out of version order: {:?}", out_of_order.len(), &out_of_order[..out_of_order.len().min(5)]);
+}

@@ -196,38 +196,66 @@ const FEED_PLAN_SQL: &str = "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_
 /// (txid, position) starts at the checkpoint, and the scans are merged in order, with no sort.
 /// Parameters: $1 the checkpoint's txid (text), $2 its position, $3 the window's end (text), then
 /// each run's first and next-after-last midnight, then the limit.
-fn read_window_sql(runs: usize) -> String {
+fn read_window_sql(runs: usize, filter: bool) -> String {
     let limit = 4 + 2 * runs;
+    let (part, only) = partition_sql(limit, filter);
     let branches: Vec<String> = (0..runs)
         .map(|i| {
             format!(
                 "(SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, metadata, \
-                         version, causation_id, correlation_id, source, position, txid, txid::text AS txid_text \
+                         version, causation_id, correlation_id, source, position, txid, txid::text AS txid_text{part} \
                     FROM events_v2 e \
                    WHERE (e.txid, e.position) > ($1::text::xid8, $2) AND e.txid < $3::text::xid8 \
-                     AND e.\"timestamp\" >= ${} AND e.\"timestamp\" < ${} \
+                     AND e.\"timestamp\" >= ${} AND e.\"timestamp\" < ${}{only} \
                    ORDER BY e.txid, e.position LIMIT ${limit})",
                 4 + 2 * i,
                 5 + 2 * i
             )
         })
         .collect();
+    let outer_part = if filter { ", part" } else { "" };
     format!(
         "SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, metadata, version, \
-                causation_id, correlation_id, source, position, txid_text \
+                causation_id, correlation_id, source, position, txid_text{outer_part} \
            FROM ({}) w ORDER BY w.txid, w.position LIMIT ${limit}",
         branches.join(" UNION ALL ")
     )
 }
 
+/// For a read of some partitions of a consumer group (parameters `$limit + 1`, the group's
+/// partition count, and `$limit + 2`, the partitions read): the selected partition column and
+/// the condition. Empty for a read of everything.
+fn partition_sql(limit: usize, filter: bool) -> (String, String) {
+    if !filter {
+        return (String::new(), String::new());
+    }
+    let (count, owned) = (limit + 1, limit + 2);
+    (
+        format!(", synap_group_partition(e.aggregate_id, ${count}::integer) AS part"),
+        format!(" AND synap_group_partition(e.aggregate_id, ${count}::integer) = ANY (${owned}::integer[])"),
+    )
+}
+
 /// [`read_window_sql`] for a window whose days are unknown: every partition or chunk.
-const READ_WINDOW_ANY_DAY_SQL: &str = "SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, \
-            data, metadata, version, causation_id, correlation_id, source, position, txid::text AS txid_text \
-       FROM events_v2 e \
-      WHERE (e.txid, e.position) > ($1::text::xid8, $2) \
-        AND e.txid < $3::text::xid8 \
-      ORDER BY e.txid, e.position \
-      LIMIT $4";
+fn read_window_any_day_sql(filter: bool) -> String {
+    let (part, only) = partition_sql(4, filter);
+    format!(
+        "SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, \
+                data, metadata, version, causation_id, correlation_id, source, position, txid::text AS txid_text{part} \
+           FROM events_v2 e \
+          WHERE (e.txid, e.position) > ($1::text::xid8, $2) \
+            AND e.txid < $3::text::xid8{only} \
+          ORDER BY e.txid, e.position \
+          LIMIT $4"
+    )
+}
+
+/// Some partitions of a consumer group: `owned` of `partitions`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PartitionFilter {
+    pub partitions: i32,
+    pub owned: Vec<i32>,
+}
 
 fn midnight(day: NaiveDate) -> DateTime<Utc> {
     day.and_time(NaiveTime::MIN).and_utc()
@@ -240,8 +268,20 @@ impl EventRepository {
     /// Fails with [`Error::Validation`] for a limit outside 1..=10,000.
     pub async fn read_all(&self, after: Option<&Checkpoint>, limit: i64) -> Result<Page> {
         let limit = validate::check_limit("limit", limit, &self.config().limits)?;
+        Ok(self.read_feed(after, limit, None).await?.0)
+    }
+
+    /// [`EventRepository::read_all`], of only some partitions of a consumer group when `filter`
+    /// is given; with each event's partition and place in the order then (empty otherwise).
+    pub(crate) async fn read_feed(
+        &self,
+        after: Option<&Checkpoint>,
+        limit: i64,
+        filter: Option<&PartitionFilter>,
+    ) -> Result<(Page, Vec<(i32, Checkpoint)>)> {
         let after = after.copied().unwrap_or(Checkpoint::START);
         in_session!(self, |client| {
+            let mut parts = Vec::new();
             let mut checkpoint = after;
             let mut events = Vec::new();
             // Where the next window's query starts: the checkpoint, or the end of a window read
@@ -263,14 +303,17 @@ impl EventRepository {
                     }
                     if !window.days.is_empty() {
                         let want = limit - events.len() as i64;
-                        let rows = read_window(&client, &scan_from, window, want, false).await?;
+                        let rows = read_window(&client, &scan_from, window, want, filter, false).await?;
                         let got = rows.len() as i64;
                         for row in &rows {
                             checkpoint = parse_checkpoint(row.get(13), row.get(12), store)?;
                             events.push(record_from_row(row)?);
+                            if filter.is_some() {
+                                parts.push((row.get(14), checkpoint));
+                            }
                         }
                         if got == want {
-                            return Ok(Page { events, checkpoint });
+                            return Ok((Page { events, checkpoint }, parts));
                         }
                     }
                     scan_from = scan_from.max(Checkpoint::at(window.end, 0));
@@ -284,10 +327,13 @@ impl EventRepository {
                             store,
                             ..Checkpoint::at(horizon, 0)
                         };
-                        return Ok(Page {
-                            events,
-                            checkpoint: checkpoint.max(horizon),
-                        });
+                        return Ok((
+                            Page {
+                                events,
+                                checkpoint: checkpoint.max(horizon),
+                            },
+                            parts,
+                        ));
                     }
                 }
             }
@@ -305,7 +351,7 @@ impl EventRepository {
         let Some(window) = windows.iter().find(|w| w.end > after.txid && !w.days.is_empty()) else {
             return Ok(String::new());
         };
-        let rows = read_window(&session, &after, window, limit, true).await?;
+        let rows = read_window(&session, &after, window, limit, None, true).await?;
         Ok(rows
             .iter()
             .map(|r| r.get::<_, String>(0))
@@ -572,7 +618,7 @@ impl EventRepository {
     }
 
     /// A connection outside the pool that LISTENs on `synap_events` and wakes `notify`.
-    async fn listen(&self, notify: Arc<Notify>) -> Result<tokio_postgres::Client> {
+    pub(crate) async fn listen(&self, notify: Arc<Notify>) -> Result<tokio_postgres::Client> {
         let (client, mut connection) = self.pg_config.connect(NoTls).await?;
         tokio::spawn(async move {
             while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
@@ -722,6 +768,7 @@ async fn read_window(
     from: &Checkpoint,
     window: &Window,
     limit: i64,
+    filter: Option<&PartitionFilter>,
     explain: bool,
 ) -> Result<Vec<tokio_postgres::Row>> {
     use tokio_postgres::types::Type;
@@ -733,13 +780,17 @@ async fn read_window(
         ""
     };
     let Some(runs) = window.days.runs() else {
-        let sql = format!("{prefix}{READ_WINDOW_ANY_DAY_SQL}");
-        let params: [(&(dyn ToSql + Sync), Type); 4] = [
+        let sql = format!("{prefix}{}", read_window_any_day_sql(filter.is_some()));
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
             (&txid, Type::TEXT),
             (&from.position, Type::INT8),
             (&end, Type::TEXT),
             (&limit, Type::INT8),
         ];
+        if let Some(f) = filter {
+            params.push((&f.partitions, Type::INT4));
+            params.push((&f.owned, Type::INT4_ARRAY));
+        }
         return Ok(client.query_typed(&sql, &params).await?);
     };
     // Each run as [first midnight, midnight after its last day).
@@ -747,11 +798,15 @@ async fn read_window(
         .iter()
         .flat_map(|(first, last)| [midnight(*first), midnight(*last + Days::new(1))])
         .collect();
-    let sql = format!("{prefix}{}", read_window_sql(runs.len()));
+    let sql = format!("{prefix}{}", read_window_sql(runs.len(), filter.is_some()));
     let mut params: Vec<(&(dyn ToSql + Sync), Type)> =
         vec![(&txid, Type::TEXT), (&from.position, Type::INT8), (&end, Type::TEXT)];
     params.extend(bounds.iter().map(|b| (b as &(dyn ToSql + Sync), Type::TIMESTAMPTZ)));
     params.push((&limit, Type::INT8));
+    if let Some(f) = filter {
+        params.push((&f.partitions, Type::INT4));
+        params.push((&f.owned, Type::INT4_ARRAY));
+    }
     Ok(client.query_typed(&sql, &params).await?)
 }
 

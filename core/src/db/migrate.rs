@@ -92,6 +92,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0010_notify_after_commit.sql"),
         earlier_checksums: &[],
     },
+    Migration {
+        version: 11,
+        name: "consumer_groups",
+        sql: include_str!("../../../migrations/0011_consumer_groups.sql"),
+        earlier_checksums: &[],
+    },
 ];
 
 /// What a migration run did.

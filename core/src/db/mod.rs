@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod feed;
+pub mod groups;
 mod feed_plan;
 mod json;
 pub mod legacy;

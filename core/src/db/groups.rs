@@ -1,0 +1,1132 @@
+//! Consumer groups: several members share one projection of the global feed.
+//!
+//! The feed is split into a fixed number of partitions by aggregate
+//! (`synap_group_partition(aggregate_id, partitions)`, migration 0011). Each partition has a
+//! lease row: one member at a time holds it, reads that partition's events in the feed's
+//! `(txid, position)` order and stores the partition's checkpoint. Every takeover increments the
+//! partition's epoch, and every write of a member names the epoch it holds, so a member whose
+//! lease was taken (it stalled, or its connection died) writes nothing: its transaction finds no
+//! row to move and rolls back. Members renew their leases every third of a lease period and
+//! share the partitions out evenly among the live members, so a member that joins, leaves or
+//! dies has its partitions taken over within one lease period and one renewal.
+//!
+//! An aggregate's events all fall in one partition, and one member hands them out in feed order,
+//! which is version order (an append's version guard reads the committed previous version in the
+//! same statement that writes, so the previous version's transaction id is the smaller one).
+//!
+//! A handler that fails is retried with backoff; after the last try its events are handed out
+//! one at a time, and the one that still fails is parked (`consumer_group_parked`) with the error.
+//! The aggregate's later events are queued behind it; other aggregates flow on. Once the parked
+//! event is retried ([`EventRepository::retry_parked`]) or skipped
+//! ([`EventRepository::skip_parked`]), the partition's holder hands out the queue in order.
+//!
+//! [`GroupMember::project`] runs the handler inside a transaction on the same database and stores
+//! the checkpoint in that transaction: the read model and the checkpoint commit together, so a
+//! crash at any point neither loses nor repeats an event. [`GroupMember::consume`] stores the
+//! checkpoint after the handler returns: at least once.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::db::feed::{Checkpoint, PartitionFilter};
+use crate::db::repository::{record_from_row, EventRepository, EVENT_COLUMNS};
+use crate::error::{Error, Result};
+use crate::model::EventRecord;
+use crate::validate::{self, IssueCode};
+
+/// What a handler returns when it fails.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A boxed handler future.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = std::result::Result<(), HandlerError>> + Send>>;
+
+/// Default number of partitions of a new group.
+pub const DEFAULT_PARTITIONS: i32 = 16;
+
+/// Options of [`EventRepository::join_group`].
+#[derive(Debug, Clone)]
+pub struct GroupOptions {
+    /// The group's name (1 to 200 bytes).
+    pub group: String,
+    /// This member's name; a fresh unique one when `None`. Two running members must not share a
+    /// name.
+    pub member: Option<String>,
+    /// Partitions of a new group (1 to 1,024, default 16). An existing group keeps its own; a
+    /// different number given here is refused.
+    pub partitions: Option<i32>,
+    /// Most events per handler call. Default 100.
+    pub batch_size: i64,
+    /// Most events handed out to this member and not yet settled. Default 1,000; a batch is
+    /// never larger.
+    pub max_in_flight: i64,
+    /// How long a lease lasts without renewal. Default 10 s.
+    pub lease: Duration,
+    /// How often to look for new events when no notification arrives. Default 1 s.
+    pub poll_interval: Duration,
+    /// Tries of a failing batch before its events are tried one at a time, and of a failing event
+    /// before it is parked. Default 5.
+    pub max_attempts: u32,
+    /// The wait before the second try, doubled for each further one (at most 30 s). Default
+    /// 100 ms.
+    pub retry_backoff: Duration,
+}
+
+impl GroupOptions {
+    /// The defaults, for `group`.
+    pub fn new(group: impl Into<String>) -> GroupOptions {
+        GroupOptions {
+            group: group.into(),
+            member: None,
+            partitions: None,
+            batch_size: 100,
+            max_in_flight: 1000,
+            lease: Duration::from_secs(10),
+            poll_interval: Duration::from_secs(1),
+            max_attempts: 5,
+            retry_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A partition this member holds.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    epoch: i64,
+    /// Read up to here: events at or before it were handed out, or there were none.
+    cursor: Checkpoint,
+}
+
+/// An event of a group's queue (`consumer_group_parked`).
+#[derive(Debug, Clone)]
+struct Queued {
+    event_id: Uuid,
+    partition: i32,
+    aggregate_id: Uuid,
+    place: Checkpoint,
+}
+
+/// A change to the queue, written with a settlement.
+#[derive(Debug, Clone)]
+struct Park {
+    event: Queued,
+    failed: Option<(i32, String)>,
+}
+
+/// What a settlement stores, in one transaction, fenced by the epochs held: the partitions'
+/// checkpoints, events parked or queued, and queued events handed out.
+#[derive(Debug, Default, Clone)]
+struct Settlement {
+    advance: Vec<(i32, i64, Checkpoint)>,
+    park: Vec<Park>,
+    release: Vec<Uuid>,
+}
+
+/// One handing-out: events for the handler, and what to store once they are handled.
+#[derive(Debug)]
+struct Delivery {
+    events: Vec<EventRecord>,
+    /// Each event's partition and place in the feed (for a queued event, its queue row's).
+    meta: Vec<(i32, Checkpoint)>,
+    /// Queued events handed out again (empty for a delivery from the feed).
+    released: bool,
+    settlement: Settlement,
+}
+
+/// A member of a consumer group; see the module documentation. Made by
+/// [`EventRepository::join_group`].
+pub struct GroupMember {
+    repo: EventRepository,
+    options: GroupOptions,
+    member: String,
+    partitions: i32,
+    held: BTreeMap<i32, Held>,
+    /// Aggregates of held partitions with events in the queue: their new events queue too.
+    queued: HashSet<Uuid>,
+    /// Whether the queue may hold events to hand out (aggregates with no failed event).
+    releasable: bool,
+    next_heartbeat: Instant,
+    /// Partitions the last renewal found this member should hold.
+    share: usize,
+    notify: Arc<Notify>,
+    _listener: Option<tokio_postgres::Client>,
+}
+
+impl std::fmt::Debug for GroupMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupMember")
+            .field("group", &self.options.group)
+            .field("member", &self.member)
+            .field("held", &self.held.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The transaction a projection's handler writes in; see [`GroupMember::project`]. Cloning it
+/// shares the one transaction.
+#[derive(Clone)]
+pub struct ProjectionTx(Arc<TxInner>);
+
+struct TxInner {
+    client: Option<deadpool_postgres::Object>,
+    finished: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for TxInner {
+    fn drop(&mut self) {
+        // A transaction neither committed nor rolled back (its task was cancelled) must not go
+        // back to the pool: the connection is closed instead, and the server rolls it back.
+        if !self.finished.load(std::sync::atomic::Ordering::Acquire) {
+            if let Some(client) = self.client.take() {
+                drop(deadpool_postgres::Object::take(client));
+            }
+        }
+    }
+}
+
+impl ProjectionTx {
+    /// The connection, inside the transaction.
+    pub fn client(&self) -> &tokio_postgres::Client {
+        self.0.client.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::fmt::Debug for ProjectionTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProjectionTx")
+    }
+}
+
+/// A handler's outcome for one delivery.
+enum Outcome {
+    Done,
+    Failed(String),
+    /// A lease of the delivery was taken: nothing was stored.
+    LeaseLost,
+}
+
+/// A handler: called with a batch and, for projections, the transaction to write in.
+pub trait Handler: Send {
+    /// Handles a batch.
+    fn handle(&mut self, events: Vec<EventRecord>, tx: Option<ProjectionTx>) -> HandlerFuture;
+}
+
+struct Consume<F>(F);
+impl<F, Fut> Handler for Consume<F>
+where
+    F: FnMut(Vec<EventRecord>) -> Fut + Send,
+    Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+{
+    fn handle(&mut self, events: Vec<EventRecord>, _tx: Option<ProjectionTx>) -> HandlerFuture {
+        Box::pin((self.0)(events))
+    }
+}
+
+struct Project<F>(F);
+impl<F, Fut> Handler for Project<F>
+where
+    F: FnMut(Vec<EventRecord>, ProjectionTx) -> Fut + Send,
+    Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+{
+    fn handle(&mut self, events: Vec<EventRecord>, tx: Option<ProjectionTx>) -> HandlerFuture {
+        Box::pin((self.0)(events, tx.expect("a projection runs in a transaction")))
+    }
+}
+
+impl EventRepository {
+    /// Joins a consumer group (made with `options.partitions` partitions when new), as a member
+    /// holding no partition yet; it takes its share on its first
+    /// [`GroupMember::consume`] / [`GroupMember::project`] call.
+    ///
+    /// Fails with [`Error::Validation`] for a bad option, a user-scoped handle, or a partition
+    /// count other than the existing group's.
+    pub async fn join_group(&self, options: GroupOptions) -> Result<GroupMember> {
+        check_group(&options.group)?;
+        if self.scoped_user().is_some() {
+            return Err(Error::invalid(
+                "group",
+                IssueCode::OutOfRange,
+                "consumer groups belong to unscoped handles: a user-scoped one sees only that user's events",
+            ));
+        }
+        let limits = &self.config().limits;
+        validate::check_limit("batchSize", options.batch_size, limits)?;
+        validate::check_limit("maxInFlight", options.max_in_flight, limits)?;
+        if let Some(p) = options.partitions {
+            if !(1..=1024).contains(&p) {
+                return Err(Error::invalid(
+                    "partitions",
+                    IssueCode::OutOfRange,
+                    format!("a group has 1 to 1024 partitions, not {p}"),
+                ));
+            }
+        }
+        for (field, value) in [
+            ("lease", options.lease),
+            ("pollInterval", options.poll_interval),
+        ] {
+            if value < Duration::from_millis(10) || value > Duration::from_secs(3600) {
+                return Err(Error::invalid(
+                    field,
+                    IssueCode::OutOfRange,
+                    format!("{field} is 10 ms to 1 hour"),
+                ));
+            }
+        }
+        if !(1..=100).contains(&options.max_attempts) {
+            return Err(Error::invalid(
+                "maxAttempts",
+                IssueCode::OutOfRange,
+                "maxAttempts is 1 to 100",
+            ));
+        }
+        if options.retry_backoff > Duration::from_secs(30) {
+            return Err(Error::invalid(
+                "retryBackoff",
+                IssueCode::OutOfRange,
+                "retryBackoff is at most 30 s",
+            ));
+        }
+        let member = match &options.member {
+            Some(m) => {
+                check_name("member", m)?;
+                m.clone()
+            }
+            None => format!("{}-{}", std::process::id(), Uuid::now_v7().simple()),
+        };
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "WITH made AS (INSERT INTO consumer_groups (name, partitions) VALUES ($1, $2) \
+                                ON CONFLICT (name) DO NOTHING RETURNING partitions) \
+                 SELECT partitions FROM made UNION ALL SELECT partitions FROM consumer_groups WHERE name = $1",
+                &[&options.group, &options.partitions.unwrap_or(DEFAULT_PARTITIONS)],
+            )
+            .await?;
+        let partitions: i32 = row.get(0);
+        if let Some(given) = options.partitions {
+            if given != partitions {
+                return Err(Error::invalid(
+                    "partitions",
+                    IssueCode::OutOfRange,
+                    format!(
+                        "group \"{}\" has {partitions} partitions, not {given}",
+                        options.group
+                    ),
+                ));
+            }
+        }
+        client
+            .execute(
+                "INSERT INTO consumer_group_partitions (group_name, partition) \
+                 SELECT $1, g FROM generate_series(0, $2 - 1) g ON CONFLICT DO NOTHING",
+                &[&options.group, &partitions],
+            )
+            .await?;
+        drop(client);
+        let notify = Arc::new(Notify::new());
+        let listener = self.listen(notify.clone()).await.ok();
+        Ok(GroupMember {
+            repo: self.clone(),
+            options,
+            member,
+            partitions,
+            held: BTreeMap::new(),
+            queued: HashSet::new(),
+            releasable: false,
+            next_heartbeat: Instant::now(),
+            share: 0,
+            notify,
+            _listener: listener,
+        })
+    }
+}
+
+impl GroupMember {
+    /// This member's name.
+    pub fn name(&self) -> &str {
+        &self.member
+    }
+
+    /// The partitions it holds now.
+    pub fn held(&self) -> Vec<i32> {
+        self.held.keys().copied().collect()
+    }
+
+    /// Runs `handler` on batches of the group's events until `stop` completes (a batch in hand
+    /// is finished first), then leaves the group. The checkpoint is stored after the handler
+    /// returns: at least once.
+    ///
+    /// Fails on database errors; the handler's own errors are retried and then parked.
+    pub async fn consume<F, Fut>(&mut self, handler: F, stop: impl Future<Output = ()>) -> Result<()>
+    where
+        F: FnMut(Vec<EventRecord>) -> Fut + Send,
+        Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        self.run(Consume(handler), false, stop).await
+    }
+
+    /// Runs `handler` on batches of the group's events until `stop` completes, each batch in a
+    /// transaction ([`ProjectionTx`]) in which the group's checkpoint is stored too: exactly once.
+    ///
+    /// Fails on database errors; the handler's own errors are retried and then parked.
+    pub async fn project<F, Fut>(&mut self, handler: F, stop: impl Future<Output = ()>) -> Result<()>
+    where
+        F: FnMut(Vec<EventRecord>, ProjectionTx) -> Fut + Send,
+        Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        self.run(Project(handler), true, stop).await
+    }
+
+    /// [`GroupMember::consume`] or [`GroupMember::project`] with a [`Handler`].
+    pub async fn run<H: Handler>(&mut self, mut handler: H, transactional: bool, stop: impl Future<Output = ()>) -> Result<()> {
+        tokio::pin!(stop);
+        let result = loop {
+            let delivery = tokio::select! {
+                biased;
+                () = &mut stop => break Ok(()),
+                d = self.next_delivery() => d,
+            };
+            match delivery {
+                Ok(d) => {
+                    if let Err(e) = self.handle(d, &mut handler, transactional).await {
+                        break Err(e);
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let left = self.leave().await;
+        result.and(left)
+    }
+
+    /// Gives back every partition and leaves the group's members.
+    pub async fn leave(&mut self) -> Result<()> {
+        let client = self.repo.client().await?;
+        client
+            .execute(
+                "UPDATE consumer_group_partitions SET owner = NULL, lease_expires = NULL \
+                  WHERE group_name = $1 AND owner = $2",
+                &[&self.options.group, &self.member],
+            )
+            .await?;
+        client
+            .execute(
+                "DELETE FROM consumer_group_members WHERE group_name = $1 AND member = $2",
+                &[&self.options.group, &self.member],
+            )
+            .await?;
+        self.held.clear();
+        self.queued.clear();
+        Ok(())
+    }
+
+    /// Renews this member, its leases and its share: gives back partitions above its share and
+    /// takes free or expired ones up to it.
+    async fn heartbeat(&mut self) -> Result<()> {
+        let lease = self.options.lease.as_secs_f64();
+        let group = &self.options.group;
+        let client = self.repo.client().await?;
+        let members = client
+            .query(
+                "WITH me AS (INSERT INTO consumer_group_members (group_name, member, expires) \
+                              VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3)) \
+                              ON CONFLICT (group_name, member) DO UPDATE SET expires = EXCLUDED.expires \
+                              RETURNING member) \
+                 SELECT member FROM me \
+                 UNION SELECT member FROM consumer_group_members \
+                  WHERE group_name = $1 AND expires > clock_timestamp() ORDER BY 1",
+                &[group, &self.member, &lease],
+            )
+            .await?;
+        let names: Vec<String> = members.iter().map(|r| r.get(0)).collect();
+        let count = names.len().max(1);
+        let rank = names.iter().position(|m| *m == self.member).unwrap_or(0);
+        let p = self.partitions as usize;
+        let share = p / count + usize::from(rank < p % count);
+        self.share = share;
+
+        // Renew: what still names this member is still its own (a takeover changes the owner).
+        let renewed = client
+            .query(
+                "UPDATE consumer_group_partitions SET lease_expires = clock_timestamp() + make_interval(secs => $3) \
+                  WHERE group_name = $1 AND owner = $2 RETURNING partition, epoch",
+                &[group, &self.member, &lease],
+            )
+            .await?;
+        let mine: HashMap<i32, i64> = renewed.iter().map(|r| (r.get(0), r.get(1))).collect();
+        self.held.retain(|p, h| mine.get(p) == Some(&h.epoch));
+        let mut taken = Vec::new();
+        if self.held.len() > share {
+            let extra: Vec<i32> = self.held.keys().rev().take(self.held.len() - share).copied().collect();
+            client
+                .execute(
+                    "UPDATE consumer_group_partitions SET owner = NULL, lease_expires = NULL \
+                      WHERE group_name = $1 AND owner = $2 AND partition = ANY ($3)",
+                    &[group, &self.member, &extra],
+                )
+                .await?;
+            for p in extra {
+                self.held.remove(&p);
+            }
+        } else if self.held.len() < share {
+            let want = (share - self.held.len()) as i64;
+            let rows = client
+                .query(
+                    "UPDATE consumer_group_partitions p \
+                        SET owner = $2, epoch = p.epoch + 1, lease_expires = clock_timestamp() + make_interval(secs => $3) \
+                      WHERE (p.group_name, p.partition) IN ( \
+                            SELECT group_name, partition FROM consumer_group_partitions \
+                             WHERE group_name = $1 AND (owner IS NULL OR lease_expires < clock_timestamp()) \
+                             ORDER BY partition LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                      RETURNING partition, epoch, txid::text, position",
+                    &[group, &self.member, &lease, &want],
+                )
+                .await?;
+            for r in &rows {
+                let cursor = checkpoint(r.get(2), r.get(3))?;
+                self.held.insert(r.get(0), Held { epoch: r.get(1), cursor });
+                taken.push(r.get::<_, i32>(0));
+            }
+        }
+        drop(client);
+        self.refresh_queue().await?;
+        // Renew at a third of the lease; sooner while short of the share (a member that left or
+        // died frees partitions when its lease ends).
+        let every = if self.held.len() < share {
+            self.options.lease / 10
+        } else {
+            self.options.lease / 3
+        };
+        self.next_heartbeat = Instant::now() + every;
+        Ok(())
+    }
+
+    /// The next delivery, waiting until there is one.
+    async fn next_delivery(&mut self) -> Result<Delivery> {
+        loop {
+            if Instant::now() >= self.next_heartbeat {
+                self.heartbeat().await?;
+            }
+            if self.held.is_empty() {
+                self.wait().await;
+                continue;
+            }
+            if self.releasable {
+                if let Some(d) = self.next_release().await? {
+                    return Ok(d);
+                }
+                self.releasable = false;
+                self.refresh_queue().await?;
+            }
+            let limit = self.options.batch_size.min(self.options.max_in_flight);
+            let from = self.held.values().map(|h| h.cursor).min().unwrap_or(Checkpoint::START);
+            let filter = PartitionFilter {
+                partitions: self.partitions,
+                owned: self.held.keys().copied().collect(),
+            };
+            let (page, meta) = self.repo.read_feed(Some(&from), limit, Some(&filter)).await?;
+            let through = page.checkpoint;
+            let mut delivery = Delivery {
+                events: Vec::new(),
+                meta: Vec::new(),
+                released: false,
+                settlement: Settlement::default(),
+            };
+            let full = page.events.len() as i64 == limit;
+            for (event, (part, place)) in page.events.into_iter().zip(meta) {
+                let Some(held) = self.held.get(&part) else { continue };
+                if place <= held.cursor {
+                    continue;
+                }
+                if self.queued.contains(&event.aggregate_id) {
+                    delivery.settlement.park.push(Park {
+                        event: Queued {
+                            event_id: event.id,
+                            partition: part,
+                            aggregate_id: event.aggregate_id,
+                            place,
+                        },
+                        failed: None,
+                    });
+                } else {
+                    delivery.events.push(event);
+                    delivery.meta.push((part, place));
+                }
+            }
+            let store = through.store;
+            for (p, held) in self.held.iter_mut() {
+                let to = held.cursor.max(Checkpoint { store, ..through });
+                held.cursor = to;
+                delivery.settlement.advance.push((*p, held.epoch, to));
+            }
+            if !delivery.settlement.park.is_empty() {
+                // Queued behind nothing that failed: handed out once this delivery is stored.
+                self.releasable = true;
+            }
+            if !delivery.events.is_empty() || !delivery.settlement.park.is_empty() {
+                return Ok(delivery);
+            }
+            if !full {
+                self.wait().await;
+            }
+        }
+    }
+
+    /// Reads which aggregates of the held partitions have queued events, and whether any of them
+    /// can be handed out (its aggregate has no failed event).
+    async fn refresh_queue(&mut self) -> Result<()> {
+        let held: Vec<i32> = self.held.keys().copied().collect();
+        let client = self.repo.client().await?;
+        let rows = client
+            .query(
+                "SELECT aggregate_id, bool_or(state = 'failed') FROM consumer_group_parked \
+                  WHERE group_name = $1 AND partition = ANY ($2) GROUP BY aggregate_id",
+                &[&self.options.group, &held],
+            )
+            .await?;
+        self.queued = rows.iter().map(|r| r.get(0)).collect();
+        self.releasable = rows.iter().any(|r| !r.get::<_, bool>(1));
+        Ok(())
+    }
+
+    /// Queued events of aggregates with no failed one, in feed order.
+    async fn next_release(&mut self) -> Result<Option<Delivery>> {
+        let limit = self.options.batch_size.min(self.options.max_in_flight);
+        let held: Vec<i32> = self.held.keys().copied().collect();
+        let client = self.repo.client().await?;
+        let rows = client
+            .query(
+                "SELECT q.event_id, q.partition, q.aggregate_id, q.txid::text, q.position FROM consumer_group_parked q \
+                  WHERE q.group_name = $1 AND q.partition = ANY ($2) \
+                    AND NOT EXISTS (SELECT 1 FROM consumer_group_parked f WHERE f.group_name = q.group_name \
+                                       AND f.aggregate_id = q.aggregate_id AND f.state = 'failed') \
+                  ORDER BY q.txid, q.position LIMIT $3",
+                &[&self.options.group, &held, &limit],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+        let stored = client
+            .query(
+                &format!("SELECT {EVENT_COLUMNS} FROM events_v2 WHERE id = ANY ($1)"),
+                &[&ids],
+            )
+            .await?;
+        let mut by_id: HashMap<Uuid, EventRecord> = HashMap::new();
+        for r in &stored {
+            let e = record_from_row(r)?;
+            by_id.insert(e.id, e);
+        }
+        let mut delivery = Delivery {
+            events: Vec::new(),
+            meta: Vec::new(),
+            released: true,
+            settlement: Settlement::default(),
+        };
+        for r in &rows {
+            let id: Uuid = r.get(0);
+            let part: i32 = r.get(1);
+            let place = checkpoint(r.get(3), r.get(4))?;
+            delivery.settlement.release.push(id);
+            // An event removed since it was queued (retention) has nothing left to hand out.
+            if let Some(e) = by_id.remove(&id) {
+                delivery.events.push(e);
+                delivery.meta.push((part, place));
+            }
+        }
+        let parts: HashSet<i32> = rows.iter().map(|r| r.get(1)).collect();
+        for p in parts {
+            if let Some(h) = self.held.get(&p) {
+                delivery.settlement.advance.push((p, h.epoch, Checkpoint::START));
+            }
+        }
+        Ok(Some(delivery))
+    }
+
+    /// Waits for a notification, the polling interval or the next renewal, whichever is first.
+    async fn wait(&self) {
+        let until = self.next_heartbeat.min(Instant::now() + self.options.poll_interval);
+        let _ = tokio::time::timeout_at(until, self.notify.notified()).await;
+    }
+
+    /// Hands a delivery to the handler, with retries, the one-at-a-time fallback and parking.
+    async fn handle<H: Handler>(&mut self, delivery: Delivery, handler: &mut H, transactional: bool) -> Result<()> {
+        if delivery.events.is_empty() {
+            return self.settle_alone(&delivery.settlement).await;
+        }
+        // A batch of several is tried whole first; then one event at a time, to find the events
+        // that fail, park them, and queue their aggregates' later events behind them.
+        if delivery.events.len() > 1 {
+            for attempt in 0..self.options.max_attempts {
+                if attempt > 0 {
+                    tokio::time::sleep(self.backoff(attempt)).await;
+                }
+                match self
+                    .apply(handler, transactional, delivery.events.clone(), &delivery.settlement)
+                    .await?
+                {
+                    Outcome::Done => return Ok(()),
+                    Outcome::LeaseLost => return self.lost().await,
+                    Outcome::Failed(_) => {}
+                }
+            }
+        }
+        let mut parked: HashSet<Uuid> = HashSet::new();
+        let epochs: HashMap<i32, i64> = delivery.settlement.advance.iter().map(|(p, e, _)| (*p, *e)).collect();
+        for (event, (part, place)) in delivery.events.into_iter().zip(delivery.meta) {
+            let epoch = epochs.get(&part).copied().unwrap_or_default();
+            let queued = Queued {
+                event_id: event.id,
+                partition: part,
+                aggregate_id: event.aggregate_id,
+                place,
+            };
+            let mut one = Settlement::default();
+            if delivery.released {
+                one.release.push(event.id);
+                one.advance.push((part, epoch, Checkpoint::START));
+            } else {
+                one.advance.push((part, epoch, place));
+            }
+            if parked.contains(&event.aggregate_id) {
+                if !delivery.released {
+                    one.park.push(Park { event: queued, failed: None });
+                    match self.settle_alone(&one).await {
+                        Ok(()) => {}
+                        Err(Error::LeaseLost { .. }) => return self.lost().await,
+                        Err(e) => return Err(e),
+                    }
+                }
+                continue;
+            }
+            let mut outcome = Outcome::Failed(String::new());
+            for attempt in 0..self.options.max_attempts {
+                if attempt > 0 {
+                    tokio::time::sleep(self.backoff(attempt)).await;
+                }
+                outcome = self.apply(handler, transactional, vec![event.clone()], &one).await?;
+                if !matches!(outcome, Outcome::Failed(_)) {
+                    break;
+                }
+            }
+            match outcome {
+                Outcome::Done => {}
+                Outcome::LeaseLost => return self.lost().await,
+                Outcome::Failed(error) => {
+                    parked.insert(event.aggregate_id);
+                    self.queued.insert(event.aggregate_id);
+                    let mut park = one.clone();
+                    park.release.clear();
+                    park.park.push(Park {
+                        event: queued,
+                        failed: Some((self.options.max_attempts as i32, error)),
+                    });
+                    match self.settle_alone(&park).await {
+                        Ok(()) => {}
+                        Err(Error::LeaseLost { .. }) => return self.lost().await,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        if delivery.released {
+            // Queued events behind a newly failed one stay queued.
+            return Ok(());
+        }
+        match self.settle_alone(&delivery.settlement).await {
+            Ok(()) => Ok(()),
+            Err(Error::LeaseLost { .. }) => self.lost().await,
+            Err(e) => Err(e),
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 1u32 << (attempt - 1).min(16);
+        (self.options.retry_backoff * factor).min(Duration::from_secs(30))
+    }
+
+    /// A lease was taken while handling: forget every partition and renew at once (what was
+    /// read and not stored is read again by whoever holds each partition now).
+    async fn lost(&mut self) -> Result<()> {
+        self.held.clear();
+        self.queued.clear();
+        self.next_heartbeat = Instant::now();
+        Ok(())
+    }
+
+    /// Calls the handler and settles: in the handler's transaction for a projection, after it
+    /// for a consumer.
+    async fn apply<H: Handler>(
+        &mut self,
+        handler: &mut H,
+        transactional: bool,
+        events: Vec<EventRecord>,
+        settlement: &Settlement,
+    ) -> Result<Outcome> {
+        if !transactional {
+            if let Err(e) = handler.handle(events, None).await {
+                return Ok(Outcome::Failed(e.to_string()));
+            }
+            return match self.settle_alone(settlement).await {
+                Ok(()) => Ok(Outcome::Done),
+                Err(Error::LeaseLost { .. }) => Ok(Outcome::LeaseLost),
+                Err(e) => Err(e),
+            };
+        }
+        let client = self.repo.client().await?;
+        client.batch_execute("BEGIN").await?;
+        let tx = ProjectionTx(Arc::new(TxInner {
+            client: Some(client),
+            finished: std::sync::atomic::AtomicBool::new(false),
+        }));
+        let handled = handler.handle(events, Some(tx.clone())).await;
+        let outcome = match handled {
+            Err(e) => Outcome::Failed(e.to_string()),
+            Ok(()) => match settle(tx.client(), &self.options.group, &self.member, settlement).await {
+                Ok(true) => {
+                    tx.client().batch_execute("COMMIT").await?;
+                    tx.0.finished.store(true, std::sync::atomic::Ordering::Release);
+                    return Ok(Outcome::Done);
+                }
+                Ok(false) => Outcome::LeaseLost,
+                Err(e) => {
+                    // A failed statement leaves the transaction aborted: roll back (or drop the
+                    // connection) before giving the error back.
+                    let _ = tx.client().batch_execute("ROLLBACK").await.map(|()| {
+                        tx.0.finished.store(true, std::sync::atomic::Ordering::Release);
+                    });
+                    return Err(e);
+                }
+            },
+        };
+        if tx.client().batch_execute("ROLLBACK").await.is_ok() {
+            tx.0.finished.store(true, std::sync::atomic::Ordering::Release);
+        }
+        Ok(outcome)
+    }
+
+    /// Stores a settlement in a transaction of its own.
+    async fn settle_alone(&mut self, settlement: &Settlement) -> Result<()> {
+        let mut client = self.repo.client().await?;
+        let tx = client.transaction().await?;
+        if settle(&*tx, &self.options.group, &self.member, settlement).await? {
+            tx.commit().await?;
+            Ok(())
+        } else {
+            tx.rollback().await?;
+            Err(Error::LeaseLost {
+                group: self.options.group.clone(),
+            })
+        }
+    }
+}
+
+/// Writes a settlement; false (and the caller rolls back) when a partition it names is no longer
+/// held at the epoch it names.
+async fn settle<C: tokio_postgres::GenericClient>(client: &C, group: &str, member: &str, s: &Settlement) -> Result<bool> {
+    let parts: Vec<i32> = s.advance.iter().map(|a| a.0).collect();
+    let epochs: Vec<i64> = s.advance.iter().map(|a| a.1).collect();
+    let txids: Vec<String> = s.advance.iter().map(|a| a.2.txid.to_string()).collect();
+    let positions: Vec<i64> = s.advance.iter().map(|a| a.2.position).collect();
+    // Checkpoints only move forward; the row is locked (and its epoch checked) either way.
+    let moved = client
+        .query(
+            "UPDATE consumer_group_partitions p \
+                SET txid = CASE WHEN (u.txid::xid8, u.position) > (p.txid, p.position) THEN u.txid::xid8 ELSE p.txid END, \
+                    position = CASE WHEN (u.txid::xid8, u.position) > (p.txid, p.position) THEN u.position ELSE p.position END, \
+                    updated_at = CASE WHEN (u.txid::xid8, u.position) > (p.txid, p.position) THEN now() ELSE p.updated_at END \
+               FROM unnest($3::integer[], $4::bigint[], $5::text[], $6::bigint[]) AS u(partition, epoch, txid, position) \
+              WHERE p.group_name = $1 AND p.partition = u.partition AND p.owner = $2 AND p.epoch = u.epoch \
+             RETURNING p.partition",
+            &[&group, &member, &parts, &epochs, &txids, &positions],
+        )
+        .await?;
+    if moved.len() != parts.len() {
+        return Ok(false);
+    }
+    if !s.park.is_empty() {
+        let ids: Vec<Uuid> = s.park.iter().map(|p| p.event.event_id).collect();
+        let partitions: Vec<i32> = s.park.iter().map(|p| p.event.partition).collect();
+        let aggregates: Vec<Uuid> = s.park.iter().map(|p| p.event.aggregate_id).collect();
+        let txids: Vec<String> = s.park.iter().map(|p| p.event.place.txid.to_string()).collect();
+        let positions: Vec<i64> = s.park.iter().map(|p| p.event.place.position).collect();
+        let states: Vec<&str> = s
+            .park
+            .iter()
+            .map(|p| if p.failed.is_some() { "failed" } else { "waiting" })
+            .collect();
+        let attempts: Vec<i32> = s.park.iter().map(|p| p.failed.as_ref().map_or(0, |f| f.0)).collect();
+        let errors: Vec<Option<&str>> = s.park.iter().map(|p| p.failed.as_ref().map(|f| f.1.as_str())).collect();
+        client
+            .execute(
+                "INSERT INTO consumer_group_parked (group_name, event_id, partition, aggregate_id, txid, position, state, attempts, error) \
+                 SELECT $1, u.* FROM unnest($2::uuid[], $3::integer[], $4::uuid[], $5::text[]::xid8[], $6::bigint[], \
+                                            $7::text[], $8::integer[], $9::text[]) AS u \
+                 ON CONFLICT (group_name, event_id) DO UPDATE \
+                    SET state = EXCLUDED.state, attempts = consumer_group_parked.attempts + EXCLUDED.attempts, \
+                        error = EXCLUDED.error, parked_at = now()",
+                &[&group, &ids, &partitions, &aggregates, &txids, &positions, &states, &attempts, &errors],
+            )
+            .await?;
+    }
+    if !s.release.is_empty() {
+        client
+            .execute(
+                "DELETE FROM consumer_group_parked WHERE group_name = $1 AND event_id = ANY ($2)",
+                &[&group, &s.release],
+            )
+            .await?;
+    }
+    Ok(true)
+}
+
+/// A parked or queued event of a group, as [`EventRepository::parked`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParkedEvent {
+    /// The event.
+    pub event_id: Uuid,
+    /// Its aggregate.
+    pub aggregate_id: Uuid,
+    /// Its partition.
+    pub partition: i32,
+    /// `failed` (the handler gave up on it) or `waiting` (behind a failed event of its aggregate,
+    /// or retried and not yet handed out).
+    pub state: String,
+    /// Tries so far.
+    pub attempts: i32,
+    /// The handler's last error.
+    pub error: Option<String>,
+    /// When it was parked or queued.
+    pub parked_at: DateTime<Utc>,
+}
+
+/// A partition of a group, as [`EventRepository::groups`] lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupPartitionStatus {
+    /// Its number.
+    pub partition: i32,
+    /// The member holding its lease, if the lease has not ended.
+    pub owner: Option<String>,
+    /// When the lease ends.
+    pub lease_expires: Option<DateTime<Utc>>,
+    /// Its checkpoint as `txid:position`.
+    pub checkpoint: String,
+    /// Committed events after its checkpoint.
+    pub lag_events: i64,
+    /// Seconds since its checkpoint last moved, when events wait after it (0 otherwise).
+    pub lag_seconds: f64,
+}
+
+/// A consumer group's state, as [`EventRepository::groups`] lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupStatus {
+    /// The group.
+    pub group: String,
+    /// Live members, by name.
+    pub members: Vec<String>,
+    /// Every partition.
+    pub partitions: Vec<GroupPartitionStatus>,
+    /// Events waiting after the checkpoints, over all partitions.
+    pub lag_events: i64,
+    /// The largest partition lag in seconds.
+    pub lag_seconds: f64,
+    /// Failed events.
+    pub parked: i64,
+    /// Events queued behind failed ones (or retried, not yet handed out).
+    pub waiting: i64,
+}
+
+impl EventRepository {
+    /// Every consumer group with its members, partitions, lag and parked events, by name.
+    pub async fn groups(&self) -> Result<Vec<GroupStatus>> {
+        let client = self.client().await?;
+        let groups = client
+            .query("SELECT name, partitions FROM consumer_groups ORDER BY name", &[])
+            .await?;
+        let mut out = Vec::new();
+        for g in &groups {
+            let name: String = g.get(0);
+            let count: i32 = g.get(1);
+            let members: Vec<String> = client
+                .query(
+                    "SELECT member FROM consumer_group_members WHERE group_name = $1 AND expires > clock_timestamp() \
+                     ORDER BY member",
+                    &[&name],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            // One pass over the feed from the earliest checkpoint, below the horizon.
+            let rows = client
+                .query(
+                    "WITH c AS (SELECT partition, owner, lease_expires, txid, position, updated_at \
+                                  FROM consumer_group_partitions WHERE group_name = $1), \
+                          h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon), \
+                          lag AS (SELECT synap_group_partition(e.aggregate_id, $2) AS partition, e.txid, e.position \
+                                    FROM events_v2 e, h \
+                                   WHERE (e.txid, e.position) > (SELECT txid, position FROM c ORDER BY 1, 2 LIMIT 1) \
+                                     AND e.txid < h.horizon) \
+                     SELECT c.partition, CASE WHEN c.lease_expires > clock_timestamp() THEN c.owner END, c.lease_expires, \
+                            c.txid::text || ':' || c.position, \
+                            (SELECT count(*) FROM lag l WHERE l.partition = c.partition \
+                                AND (l.txid, l.position) > (c.txid, c.position)), \
+                            extract(epoch FROM clock_timestamp() - c.updated_at)::float8 \
+                       FROM c ORDER BY c.partition",
+                    &[&name, &count],
+                )
+                .await?;
+            let partitions: Vec<GroupPartitionStatus> = rows
+                .iter()
+                .map(|r| {
+                    let lag_events: i64 = r.get(4);
+                    GroupPartitionStatus {
+                        partition: r.get(0),
+                        owner: r.get(1),
+                        lease_expires: r.get(2),
+                        checkpoint: r.get(3),
+                        lag_events,
+                        lag_seconds: if lag_events > 0 { r.get(5) } else { 0.0 },
+                    }
+                })
+                .collect();
+            let parked = client
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE state = 'failed'), count(*) FILTER (WHERE state = 'waiting') \
+                       FROM consumer_group_parked WHERE group_name = $1",
+                    &[&name],
+                )
+                .await?;
+            out.push(GroupStatus {
+                group: name,
+                members,
+                lag_events: partitions.iter().map(|p| p.lag_events).sum(),
+                lag_seconds: partitions.iter().map(|p| p.lag_seconds).fold(0.0, f64::max),
+                partitions,
+                parked: parked.get(0),
+                waiting: parked.get(1),
+            });
+        }
+        Ok(out)
+    }
+
+    /// A group's failed and queued events, in feed order.
+    ///
+    /// Fails with [`Error::Validation`] for an unknown group.
+    pub async fn parked(&self, group: &str) -> Result<Vec<ParkedEvent>> {
+        let client = self.group_client(group).await?;
+        let rows = client
+            .query(
+                "SELECT event_id, aggregate_id, partition, state, attempts, error, parked_at FROM consumer_group_parked \
+                  WHERE group_name = $1 ORDER BY txid, position",
+                &[&group],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ParkedEvent {
+                event_id: r.get(0),
+                aggregate_id: r.get(1),
+                partition: r.get(2),
+                state: r.get(3),
+                attempts: r.get(4),
+                error: r.get(5),
+                parked_at: r.get(6),
+            })
+            .collect())
+    }
+
+    /// Hands a failed event to the group again (with the events queued behind it, in order),
+    /// through the member holding its partition.
+    ///
+    /// Fails with [`Error::Validation`] when the group has no such failed event.
+    pub async fn retry_parked(&self, group: &str, event_id: Uuid) -> Result<()> {
+        let client = self.group_client(group).await?;
+        let n = client
+            .execute(
+                "UPDATE consumer_group_parked SET state = 'waiting' \
+                  WHERE group_name = $1 AND event_id = $2 AND state = 'failed'",
+                &[&group, &event_id],
+            )
+            .await?;
+        self.parked_done(n, group, event_id).await
+    }
+
+    /// Gives up on a failed event: it is never handed to the group again, and the events queued
+    /// behind it go on in order.
+    ///
+    /// Fails with [`Error::Validation`] when the group has no such failed event.
+    pub async fn skip_parked(&self, group: &str, event_id: Uuid) -> Result<()> {
+        let client = self.group_client(group).await?;
+        let n = client
+            .execute(
+                "DELETE FROM consumer_group_parked WHERE group_name = $1 AND event_id = $2 AND state = 'failed'",
+                &[&group, &event_id],
+            )
+            .await?;
+        self.parked_done(n, group, event_id).await
+    }
+
+    async fn parked_done(&self, changed: u64, group: &str, event_id: Uuid) -> Result<()> {
+        if changed == 0 {
+            return Err(Error::invalid(
+                "eventId",
+                IssueCode::OutOfRange,
+                format!("group \"{group}\" has no failed event {event_id}"),
+            ));
+        }
+        self.wake_subscribers();
+        Ok(())
+    }
+
+    async fn group_client(&self, group: &str) -> Result<deadpool_postgres::Object> {
+        check_group(group)?;
+        let client = self.client().await?;
+        let known = client
+            .query_opt("SELECT 1 FROM consumer_groups WHERE name = $1", &[&group])
+            .await?;
+        if known.is_none() {
+            return Err(Error::invalid(
+                "group",
+                IssueCode::OutOfRange,
+                format!("no consumer group named \"{group}\""),
+            ));
+        }
+        Ok(client)
+    }
+}
+
+fn check_group(name: &str) -> Result<()> {
+    check_name("group", name)
+}
+
+fn check_name(field: &str, name: &str) -> Result<()> {
+    if name.trim().is_empty() || name.len() > 200 || name.contains('\0') {
+        return Err(Error::invalid(
+            field,
+            IssueCode::OutOfRange,
+            format!("a {field} name is 1 to 200 bytes, not blank"),
+        ));
+    }
+    Ok(())
+}
+
+fn checkpoint(txid: String, position: i64) -> Result<Checkpoint> {
+    Checkpoint::parse(&txid, position).map_err(|_| Error::Internal {
+        message: format!("stored txid {txid} is not a number"),
+    })
+}

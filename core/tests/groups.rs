@@ -1,0 +1,496 @@
+//! Consumer groups against a real PostgreSQL: leases, rebalancing, exactly-once projections,
+//! parking, and members killed with SIGKILL in separate processes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{event, repo, sql};
+use synap_events::{EventRecord, EventRepository, GroupOptions, HandlerError, ProjectionTx};
+use uuid::Uuid;
+
+/// The read model of these tests: every event a projection applied, in the order applied.
+const READ_MODEL: &str = "CREATE TABLE IF NOT EXISTS applied (
+    event_id uuid PRIMARY KEY, aggregate_id uuid NOT NULL, version integer NOT NULL,
+    member text NOT NULL, seq bigserial)";
+
+/// Writes a batch into the read model in the projection's transaction. A second delivery of an
+/// event fails on the primary key.
+async fn apply(events: Vec<EventRecord>, tx: ProjectionTx, member: String) -> Result<(), HandlerError> {
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let aggregates: Vec<Uuid> = events.iter().map(|e| e.aggregate_id).collect();
+    let versions: Vec<i32> = events.iter().map(|e| e.version).collect();
+    tx.client()
+        .execute(
+            "INSERT INTO applied (event_id, aggregate_id, version, member)
+             SELECT u.id, u.agg, u.v, $4 FROM unnest($1::uuid[], $2::uuid[], $3::integer[]) WITH ORDINALITY AS u(id, agg, v, o)
+             ORDER BY u.o",
+            &[&ids, &aggregates, &versions, &member],
+        )
+        .await?;
+    Ok(())
+}
+
+fn options(group: &str, lease_ms: u64) -> GroupOptions {
+    let mut o = GroupOptions::new(group);
+    o.partitions = Some(8);
+    o.batch_size = 50;
+    o.lease = Duration::from_millis(lease_ms);
+    o.poll_interval = Duration::from_millis(100);
+    o.retry_backoff = Duration::from_millis(5);
+    o.max_attempts = 3;
+    o
+}
+
+/// Appends `per_writer` events from each of `writers` tasks over `aggregates` aggregates, in
+/// batches of 1 to 20 events of one or several aggregates; returns how many were written.
+async fn write(repo: &EventRepository, writers: usize, per_writer: usize, aggregates: usize) -> usize {
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let repo = repo.clone();
+        tasks.push(tokio::spawn(async move {
+            // Each writer owns its aggregates, so versions are known without reading.
+            let ids: Vec<Uuid> = (0..aggregates).map(|_| Uuid::now_v7()).collect();
+            let mut versions = vec![0i32; aggregates];
+            let mut written = 0;
+            let mut round = 0usize;
+            while written < per_writer {
+                let size = (1 + (round * 7 + w) % 20).min(per_writer - written);
+                let mut batch = Vec::new();
+                for k in 0..size {
+                    let a = (round * 13 + k * 5 + w) % aggregates;
+                    versions[a] += 1;
+                    batch.push(event(ids[a], versions[a]));
+                }
+                repo.append_batch(batch).await.expect("append");
+                written += size;
+                round += 1;
+            }
+            written
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total
+}
+
+/// Waits until the read model holds `n` events, or fails after `limit`.
+async fn await_applied(client: &tokio_postgres::Client, n: i64, limit: Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let got: i64 = client.query_one("SELECT count(*) FROM applied", &[]).await.unwrap().get(0);
+        if got == n {
+            return;
+        }
+        assert!(got < n, "{got} rows applied for {n} events");
+        assert!(start.elapsed() < limit, "only {got} of {n} events applied after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every event of the store applied once, each aggregate's in version order.
+async fn assert_read_model_is_the_feed(client: &tokio_postgres::Client) {
+    let events: i64 = client.query_one("SELECT count(*) FROM events_v2", &[]).await.unwrap().get(0);
+    let missing: i64 = client
+        .query_one(
+            "SELECT count(*) FROM events_v2 e WHERE NOT EXISTS (SELECT 1 FROM applied a WHERE a.event_id = e.id)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(missing, 0, "events never applied (of {events})");
+    let rows = client
+        .query("SELECT aggregate_id, version FROM applied ORDER BY seq", &[])
+        .await
+        .unwrap();
+    let mut last: HashMap<Uuid, i32> = HashMap::new();
+    for r in &rows {
+        let previous = last.insert(r.get(0), r.get(1)).unwrap_or(0);
+        assert_eq!(r.get::<_, i32>(1), previous + 1, "aggregate {} out of order", r.get::<_, Uuid>(0));
+    }
+    assert_eq!(rows.len() as i64, events);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_member_projects_every_event_once_in_order_with_writers_running() {
+    let repo = repo("groups_one").await;
+    let client = sql(&repo).await;
+    client.batch_execute(READ_MODEL).await.unwrap();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let member = {
+        let repo = repo.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut m = repo.join_group(options("one", 2000)).await.unwrap();
+            m.project(
+                |events, tx| apply(events, tx, "m".into()),
+                async move { stop.notified().await },
+            )
+            .await
+        })
+    };
+    let n = write(&repo, 2, 600, 17).await;
+    await_applied(&client, n as i64, Duration::from_secs(60)).await;
+    stop.notify_one();
+    member.await.unwrap().unwrap();
+    assert_read_model_is_the_feed(&client).await;
+    let status = repo.groups().await.unwrap();
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].lag_events, 0);
+    assert!(status[0].members.is_empty(), "the member left");
+    assert!(status[0].partitions.iter().all(|p| p.owner.is_none()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_share_the_partitions_and_take_over_from_one_that_leaves() {
+    let repo = repo("groups_share").await;
+    let mut a = repo.join_group(options("share", 600)).await.unwrap();
+    let mut b = repo.join_group(options("share", 600)).await.unwrap();
+    let stop_a = Arc::new(tokio::sync::Notify::new());
+    let stop_b = Arc::new(tokio::sync::Notify::new());
+    let (sa, sb) = (stop_a.clone(), stop_b.clone());
+    let ta = tokio::spawn(async move {
+        a.consume(|_events| async { Ok(()) }, async move { sa.notified().await }).await.unwrap();
+    });
+    let tb = tokio::spawn(async move {
+        b.consume(|_events| async { Ok(()) }, async move { sb.notified().await }).await.unwrap();
+    });
+    // Both hold four of the eight partitions within a few renewals.
+    let owners = |repo: EventRepository| async move {
+        let status = repo.groups().await.unwrap();
+        let mut count: HashMap<String, usize> = HashMap::new();
+        for p in &status[0].partitions {
+            if let Some(o) = &p.owner {
+                *count.entry(o.clone()).or_default() += 1;
+            }
+        }
+        count
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let c = owners(repo.clone()).await;
+        if c.len() == 2 && c.values().all(|n| *n == 4) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "never shared evenly: {c:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_a.notify_one();
+    ta.await.unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let c = owners(repo.clone()).await;
+        if c.len() == 1 && c.values().all(|n| *n == 8) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "the leaver's partitions were not taken: {c:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_b.notify_one();
+    tb.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_events_are_parked_their_aggregates_wait_and_the_rest_flow_on() {
+    let repo = repo("groups_park").await;
+    let client = sql(&repo).await;
+    client.batch_execute(READ_MODEL).await.unwrap();
+    // Three aggregates of five events; the handler fails on version 2 of the first two.
+    let aggs: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    for v in 1..=5 {
+        let batch = aggs.iter().map(|a| event(*a, v)).collect();
+        repo.append_batch(batch).await.unwrap();
+    }
+    let poisoned: Vec<Uuid> = aggs[..2].to_vec();
+    let healed = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let member = {
+        let repo = repo.clone();
+        let (healed, calls, stop) = (healed.clone(), calls.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut m = repo.join_group(options("park", 2000)).await.unwrap();
+            m.project(
+                move |events: Vec<EventRecord>, tx| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let bad = !healed.load(Ordering::SeqCst)
+                        && events.iter().any(|e| e.version == 2 && poisoned.contains(&e.aggregate_id));
+                    async move {
+                        if bad {
+                            return Err("poisoned event".into());
+                        }
+                        apply(events, tx, "m".into()).await
+                    }
+                },
+                async move { stop.notified().await },
+            )
+            .await
+        })
+    };
+    // The third aggregate's five events and the first event of each poisoned one arrive.
+    await_applied(&client, 7, Duration::from_secs(30)).await;
+    let start = std::time::Instant::now();
+    let parked = loop {
+        let parked = repo.parked("park").await.unwrap();
+        if parked.len() == 8 {
+            break parked;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{parked:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let failed: Vec<_> = parked.iter().filter(|p| p.state == "failed").collect();
+    assert_eq!(failed.len(), 2, "{parked:?}");
+    assert!(failed.iter().all(|p| p.error.as_deref() == Some("poisoned event") && p.attempts == 3));
+    assert_eq!(parked.iter().filter(|p| p.state == "waiting").count(), 6);
+    // New events of a parked aggregate queue behind it too.
+    repo.append(event(aggs[0], 6)).await.unwrap();
+    let status = loop {
+        let s = repo.groups().await.unwrap();
+        if s[0].waiting == 7 {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status[0].parked, 2);
+
+    // Retried with the handler fixed, the first aggregate's queue drains in order; the second's
+    // failed event is skipped and its queue goes on without it.
+    healed.store(true, Ordering::SeqCst);
+    let first_failed = failed.iter().find(|p| p.aggregate_id == aggs[0]).unwrap().event_id;
+    let second_failed = failed.iter().find(|p| p.aggregate_id == aggs[1]).unwrap().event_id;
+    repo.retry_parked("park", first_failed).await.unwrap();
+    repo.skip_parked("park", second_failed).await.unwrap();
+    assert_eq!(
+        repo.skip_parked("park", second_failed).await.unwrap_err().code(),
+        "VALIDATION_FAILED"
+    );
+    assert_eq!(
+        repo.retry_parked("nope", first_failed).await.unwrap_err().code(),
+        "VALIDATION_FAILED"
+    );
+    await_applied(&client, 15, Duration::from_secs(30)).await;
+    stop.notify_one();
+    member.await.unwrap().unwrap();
+    assert!(repo.parked("park").await.unwrap().is_empty());
+    let rows = client
+        .query("SELECT aggregate_id, version FROM applied ORDER BY seq", &[])
+        .await
+        .unwrap();
+    let versions = |a: Uuid| -> Vec<i32> { rows.iter().filter(|r| r.get::<_, Uuid>(0) == a).map(|r| r.get(1)).collect() };
+    assert_eq!(versions(aggs[0]), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(versions(aggs[1]), vec![1, 3, 4, 5]);
+    assert_eq!(versions(aggs[2]), vec![1, 2, 3, 4, 5]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_connection_is_killed_mid_batch_loses_its_lease_and_another_takes_over() {
+    let repo = repo("groups_killed_conn").await;
+    let client = sql(&repo).await;
+    client.batch_execute(READ_MODEL).await.unwrap();
+    let n = write(&repo, 1, 200, 9).await;
+    let lease = 500;
+    let mut one = options("conn", lease);
+    one.partitions = Some(1);
+    // A's handler notes its connection, then stalls past its lease.
+    let pid: Arc<Mutex<Option<i32>>> = Arc::default();
+    let stalled = Arc::new(tokio::sync::Notify::new());
+    let stop_a = Arc::new(tokio::sync::Notify::new());
+    let a = {
+        let (repo, pid, stalled, stop_a, one) = (repo.clone(), pid.clone(), stalled.clone(), stop_a.clone(), one.clone());
+        tokio::spawn(async move {
+            let mut m = repo.join_group(one).await.unwrap();
+            let first = Arc::new(AtomicBool::new(true));
+            m.project(
+                move |events, tx: ProjectionTx| {
+                    let (pid, stalled, first) = (pid.clone(), stalled.clone(), first.clone());
+                    async move {
+                        if first.swap(false, Ordering::SeqCst) {
+                            let p: i32 = tx.client().query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                            *pid.lock().unwrap() = Some(p);
+                            apply(events.clone(), tx.clone(), "a".into()).await?;
+                            stalled.notify_one();
+                            tokio::time::sleep(Duration::from_millis(lease * 4)).await;
+                        }
+                        apply(events, tx, "a".into()).await
+                    }
+                },
+                async move { stop_a.notified().await },
+            )
+            .await
+        })
+    };
+    stalled.notified().await;
+    let victim = pid.lock().unwrap().unwrap();
+    client
+        .execute("SELECT pg_terminate_backend($1)", &[&victim])
+        .await
+        .unwrap();
+    // B joins while A stalls, takes the partition when A's lease ends, and applies everything.
+    let stop_b = Arc::new(tokio::sync::Notify::new());
+    let b = {
+        let (repo, stop_b) = (repo.clone(), stop_b.clone());
+        tokio::spawn(async move {
+            let mut m = repo.join_group(one).await.unwrap();
+            m.project(|events, tx| apply(events, tx, "b".into()), async move { stop_b.notified().await })
+                .await
+        })
+    };
+    await_applied(&client, n as i64, Duration::from_secs(30)).await;
+    // A wakes up, fails on its dead connection, and finds its lease gone: nothing of it stays.
+    tokio::time::sleep(Duration::from_millis(lease * 5)).await;
+    stop_a.notify_one();
+    stop_b.notify_one();
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    assert_read_model_is_the_feed(&client).await;
+    let by_a: i64 = client
+        .query_one("SELECT count(*) FROM applied WHERE member = 'a'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(by_a, 0, "the stalled member's writes rolled back");
+}
+
+/// The member of [`members_killed_with_sigkill_neither_lose_nor_repeat_an_event`]: run in a
+/// process of its own (this test binary, started again with `SYNAP_GROUP_CHILD` set); does
+/// nothing otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_member_child() {
+    let Ok(schema) = std::env::var("SYNAP_GROUP_CHILD") else {
+        return;
+    };
+    let name = std::env::var("SYNAP_GROUP_MEMBER").unwrap();
+    let lease: u64 = std::env::var("SYNAP_GROUP_LEASE_MS").unwrap().parse().unwrap();
+    let repo = EventRepository::new(common::config(&schema)).unwrap();
+    let mut o = options("torture", lease);
+    o.member = Some(format!("{name}-{}", std::process::id()));
+    o.batch_size = 100;
+    let mut m = repo.join_group(o).await.unwrap();
+    let member = name.clone();
+    m.project(move |events, tx| apply(events, tx, member.clone()), std::future::pending())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_killed_with_sigkill_neither_lose_nor_repeat_an_event() {
+    let repo = repo("groups_torture").await;
+    let client = sql(&repo).await;
+    client.batch_execute(READ_MODEL).await.unwrap();
+    let schema = repo.config().schema.clone().unwrap();
+    let lease: u64 = 1000;
+    let events: usize = std::env::var("SYNAP_TORTURE_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let exe = std::env::current_exe().unwrap();
+    let spawn = |name: &str| {
+        std::process::Command::new(&exe)
+            .args(["--exact", "group_member_child", "--nocapture", "--test-threads=1"])
+            .env("SYNAP_GROUP_CHILD", &schema)
+            .env("SYNAP_GROUP_MEMBER", name)
+            .env("SYNAP_GROUP_LEASE_MS", lease.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let names = ["m0", "m1", "m2", "m3"];
+    let mut children: Vec<std::process::Child> = names.iter().map(|n| spawn(n)).collect();
+
+    let writers = {
+        let repo = repo.clone();
+        tokio::spawn(async move { write(&repo, 3, events / 3, 300).await })
+    };
+    // Kill a member with SIGKILL every 400 to 900 ms while the writers run, and start it again;
+    // after each kill, watch that its partitions are taken within a lease and a renewal (plus
+    // one batch in hand).
+    let mut kills = 0;
+    let mut worst = Duration::ZERO;
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    while !writers.is_finished() || kills < 4 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(400 + seed % 500)).await;
+        let i = (seed % 4) as usize;
+        let victim = format!("{}-{}", names[i], children[i].id());
+        children[i].kill().unwrap();
+        children[i].wait().unwrap();
+        kills += 1;
+        let killed_at = std::time::Instant::now();
+        children[i] = spawn(names[i]);
+        loop {
+            let held: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM consumer_group_partitions WHERE group_name = 'torture' AND owner = $1",
+                    &[&victim],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if held == 0 {
+                break;
+            }
+            assert!(
+                killed_at.elapsed() < Duration::from_millis(lease * 3),
+                "partitions of a dead member still held after {:?}",
+                killed_at.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        worst = worst.max(killed_at.elapsed());
+    }
+    let n = writers.await.unwrap();
+    await_applied(&client, n as i64, Duration::from_secs(120)).await;
+    for c in &mut children {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+    assert_read_model_is_the_feed(&client).await;
+    assert!(repo.parked("torture").await.unwrap().is_empty());
+    eprintln!("{n} events, {kills} members killed, partitions taken over within {worst:?} at most");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_group_options_are_refused() {
+    let repo = repo("groups_bad").await;
+    let mut o = GroupOptions::new("");
+    assert_eq!(repo.join_group(o.clone()).await.unwrap_err().code(), "VALIDATION_FAILED");
+    o.group = "g".into();
+    for (field, change) in [
+        ("partitions", Box::new(|o: &mut GroupOptions| o.partitions = Some(0)) as Box<dyn Fn(&mut GroupOptions)>),
+        ("batchSize", Box::new(|o: &mut GroupOptions| o.batch_size = 0)),
+        ("maxInFlight", Box::new(|o: &mut GroupOptions| o.max_in_flight = 100_000)),
+        ("lease", Box::new(|o: &mut GroupOptions| o.lease = Duration::ZERO)),
+        ("maxAttempts", Box::new(|o: &mut GroupOptions| o.max_attempts = 0)),
+        ("member", Box::new(|o: &mut GroupOptions| o.member = Some(" ".into()))),
+    ] {
+        let mut bad = o.clone();
+        change(&mut bad);
+        let e = repo.join_group(bad).await.unwrap_err();
+        assert_eq!(e.code(), "VALIDATION_FAILED", "{field}");
+        assert_eq!(e.details()["field"], field);
+    }
+    o.partitions = Some(4);
+    repo.join_group(o.clone()).await.unwrap();
+    o.partitions = Some(5);
+    assert_eq!(repo.join_group(o).await.unwrap_err().code(), "VALIDATION_FAILED");
+    let scoped = repo.for_user("u1").unwrap();
+    assert_eq!(
+        scoped.join_group(GroupOptions::new("g")).await.unwrap_err().code(),
+        "VALIDATION_FAILED"
+    );
+    assert_eq!(repo.parked("none").await.unwrap_err().code(), "VALIDATION_FAILED");
+    // Nothing was written by the refused calls: one group, no member.
+    let c = sql(&repo).await;
+    let groups: i64 = c.query_one("SELECT count(*) FROM consumer_groups", &[]).await.unwrap().get(0);
+    assert_eq!(groups, 1);
+}
