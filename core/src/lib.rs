@@ -43,8 +43,8 @@ pub use db::{
     config::{RepositoryConfig, StorageMode},
     feed::{Checkpoint, ConsumerRepair, ConsumerStatus, FeedRebase, Page, SubscribeOptions, Subscription},
     groups::{
-        GroupMember, GroupOptions, GroupPartitionStatus, GroupStatus, Handler, HandlerError, HandlerFuture, ParkedEvent,
-        ProjectionTx, DEFAULT_PARTITIONS,
+        GroupMember, GroupOptions, GroupPartitionStatus, GroupStatus, Handler, HandlerError, HandlerFuture,
+        ParkedEvent, ProjectionTx, DEFAULT_PARTITIONS,
     },
     migrate::{Migration, MigrationReport, MigrationStatus, MIGRATIONS},
     replay::{fold_rules, replay_options, Replay, SnapshotAndTail},

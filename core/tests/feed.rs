@@ -276,5 +276,10 @@ async fn every_aggregates_events_come_in_version_order_on_the_feed() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    assert!(out_of_order.is_empty(), "{} events out of version order: {:?}", out_of_order.len(), &out_of_order[..out_of_order.len().min(5)]);
+    assert!(
+        out_of_order.is_empty(),
+        "{} events out of version order: {:?}",
+        out_of_order.len(),
+        &out_of_order[..out_of_order.len().min(5)]
+    );
 }

@@ -269,10 +269,7 @@ impl EventRepository {
                 ));
             }
         }
-        for (field, value) in [
-            ("lease", options.lease),
-            ("pollInterval", options.poll_interval),
-        ] {
+        for (field, value) in [("lease", options.lease), ("pollInterval", options.poll_interval)] {
             if value < Duration::from_millis(10) || value > Duration::from_secs(3600) {
                 return Err(Error::invalid(
                     field,
@@ -317,10 +314,7 @@ impl EventRepository {
                 return Err(Error::invalid(
                     "partitions",
                     IssueCode::OutOfRange,
-                    format!(
-                        "group \"{}\" has {partitions} partitions, not {given}",
-                        options.group
-                    ),
+                    format!("group \"{}\" has {partitions} partitions, not {given}", options.group),
                 ));
             }
         }
@@ -387,7 +381,12 @@ impl GroupMember {
     }
 
     /// [`GroupMember::consume`] or [`GroupMember::project`] with a [`Handler`].
-    pub async fn run<H: Handler>(&mut self, mut handler: H, transactional: bool, stop: impl Future<Output = ()>) -> Result<()> {
+    pub async fn run<H: Handler>(
+        &mut self,
+        mut handler: H,
+        transactional: bool,
+        stop: impl Future<Output = ()>,
+    ) -> Result<()> {
         tokio::pin!(stop);
         let result = loop {
             let delivery = tokio::select! {
@@ -493,7 +492,13 @@ impl GroupMember {
                 .await?;
             for r in &rows {
                 let cursor = checkpoint(r.get(2), r.get(3))?;
-                self.held.insert(r.get(0), Held { epoch: r.get(1), cursor });
+                self.held.insert(
+                    r.get(0),
+                    Held {
+                        epoch: r.get(1),
+                        cursor,
+                    },
+                );
                 taken.push(r.get::<_, i32>(0));
             }
         }
@@ -701,7 +706,10 @@ impl GroupMember {
             }
             if parked.contains(&event.aggregate_id) {
                 if !delivery.released {
-                    one.park.push(Park { event: queued, failed: None });
+                    one.park.push(Park {
+                        event: queued,
+                        failed: None,
+                    });
                     match self.settle_alone(&one).await {
                         Ok(()) => {}
                         Err(Error::LeaseLost { .. }) => return self.lost().await,
@@ -834,7 +842,12 @@ impl GroupMember {
 
 /// Writes a settlement; false (and the caller rolls back) when a partition it names is no longer
 /// held at the epoch it names.
-async fn settle<C: tokio_postgres::GenericClient>(client: &C, group: &str, member: &str, s: &Settlement) -> Result<bool> {
+async fn settle<C: tokio_postgres::GenericClient>(
+    client: &C,
+    group: &str,
+    member: &str,
+    s: &Settlement,
+) -> Result<bool> {
     let parts: Vec<i32> = s.advance.iter().map(|a| a.0).collect();
     let epochs: Vec<i64> = s.advance.iter().map(|a| a.1).collect();
     let txids: Vec<String> = s.advance.iter().map(|a| a.2.txid.to_string()).collect();

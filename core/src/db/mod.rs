@@ -2,8 +2,8 @@
 
 pub mod config;
 pub mod feed;
-pub mod groups;
 mod feed_plan;
+pub mod groups;
 mod json;
 pub mod legacy;
 pub mod migrate;
