@@ -125,6 +125,27 @@ export declare class EventRepository {
    * `{ needed, eventsRenumbered, transactionIdsConsumed }`.
    */
   rebaseFeed(): Promise<Record<string, unknown>>
+  /**
+   * Joins a consumer group and runs `handler` on batches of its events (used by the package's
+   * `consume` and `project`, which check the handler and make it return a promise). Resolves
+   * to the running member once it has joined; rejects with `VALIDATION_FAILED` (with
+   * `field`) for a bad option, having written nothing.
+   */
+  runGroup(options: Record<string, unknown>, handler: (events: EventRecord[], tx?: ProjectionTransaction) => Promise<void>, transactional: boolean): Promise<GroupRun>
+  /**
+   * Every consumer group: `{ group, members, partitions: [{ partition, owner, leaseExpires,
+   * checkpoint, lagEvents, lagSeconds }], lagEvents, lagSeconds, parked, waiting }`.
+   */
+  groups(): Promise<Array<Record<string, unknown>>>
+  /**
+   * A group's failed (`state: 'failed'`, with `error` and `attempts`) and queued (`'waiting'`)
+   * events, in feed order.
+   */
+  parked(group: string): Promise<Array<Record<string, unknown>>>
+  /** Hands a failed event to its group again, then the events queued behind it, in order. */
+  retryParked(group: string, eventId: string): Promise<undefined>
+  /** Gives up on a failed event; the events queued behind it go on. */
+  skipParked(group: string, eventId: string): Promise<undefined>
   /** Every named consumer of the global feed: `{ name, checkpoint, updatedAt, needsRepair }`. */
   consumers(): Promise<Array<Record<string, unknown>>>
   /**
@@ -172,6 +193,35 @@ export declare class EventRepository {
 export declare class EventSubscription {
 
   [globalThis.Symbol.asyncIterator](): globalThis.__NapiRsAsyncGenerator<EventSubscription, EventRecord, void, undefined>
+}
+
+/**
+ * A running `consume` or `project`: `stop()` finishes the batch in hand, leaves the group and
+ * resolves; `done()` resolves when the run has stopped, or rejects with the database error
+ * that ended it.
+ */
+export declare class GroupRun {
+  /** This member's name in the group. */
+  get member(): string
+  /** Stops after the batch in hand and leaves the group; resolves once it has. */
+  stop(): Promise<undefined>
+  /** Resolves when the run has stopped; rejects with the error that ended it. */
+  done(): Promise<undefined>
+}
+
+/**
+ * The transaction a projection's handler writes in, with the group's checkpoint; usable until
+ * the handler's promise settles.
+ */
+export declare class ProjectionTransaction {
+  /**
+   * Runs a statement in the batch's transaction, as node-postgres's `client.query(sql,
+   * params)`: resolves to `{ rows, rowCount }`. Parameters and columns: boolean, numbers,
+   * text, uuid, json/jsonb, timestamps as ISO strings, date; bigint columns come back as
+   * strings; cast other types in the SQL. A failing statement rejects and aborts the
+   * transaction: reject the handler too, and the batch is retried.
+   */
+  query(sql: string, params?: unknown[]): Promise<{ rows: Array<Record<string, unknown>>; rowCount: number }>
 }
 
 /** What an aggregate is. */

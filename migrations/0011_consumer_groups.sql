@@ -60,3 +60,20 @@ CREATE INDEX IF NOT EXISTS consumer_group_parked_order_idx
 CREATE OR REPLACE FUNCTION synap_group_partition(aggregate_id uuid, partitions integer) RETURNS integer
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$ SELECT (((uuid_hash_extended(aggregate_id, 0) % partitions) + partitions) % partitions)::integer $$;
+
+-- Application roles (synap_grant_application_role, 0006) run consumer groups too.
+CREATE OR REPLACE FUNCTION synap_grant_application_role(p_role name)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', current_schema(), p_role);
+    EXECUTE format('GRANT SELECT, INSERT ON events_v2, events_daily_dirty, events_v2_feed_days, events_v2_ids, event_snapshots TO %I', p_role);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE ON event_streams, event_consumers TO %I', p_role);
+    EXECUTE format('GRANT USAGE ON SEQUENCE events_v2_position_seq TO %I', p_role);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON consumer_groups, consumer_group_partitions, '
+                   'consumer_group_members, consumer_group_parked TO %I', p_role);
+    INSERT INTO synap_application_roles (role_name) VALUES (p_role) ON CONFLICT DO NOTHING;
+END
+$$;
+SELECT synap_grant_application_role(role_name) FROM synap_application_roles;

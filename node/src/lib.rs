@@ -6,6 +6,7 @@
 #![deny(clippy::all)]
 
 pub mod fold;
+pub mod groups;
 pub mod records;
 pub mod repository;
 pub mod subscription;
@@ -57,7 +58,7 @@ macro_rules! into_js_as_is {
         }
     )*};
 }
-into_js_as_is!(i32, i64, Option<i32>);
+into_js_as_is!(i32, i64, Option<i32>, (), groups::GroupRun);
 
 impl IntoJs<Json> for Value {
     fn into_js(self) -> Json {

@@ -415,6 +415,67 @@ impl EventRepository {
         self.run(env, |repo| async move { to_json_value(&repo.rebase_feed().await?) })
     }
 
+    /// Joins a consumer group and runs `handler` on batches of its events (used by the package's
+    /// `consume` and `project`, which check the handler and make it return a promise). Resolves
+    /// to the running member once it has joined; rejects with `VALIDATION_FAILED` (with
+    /// `field`) for a bad option, having written nothing.
+    #[napi(
+        catch_unwind,
+        js_name = "runGroup",
+        ts_args_type = "options: Record<string, unknown>, handler: (events: EventRecord[], tx?: ProjectionTransaction) => Promise<void>, transactional: boolean",
+        ts_return_type = "Promise<GroupRun>"
+    )]
+    pub fn run_group<'env>(
+        &self,
+        env: &'env Env,
+        options: Unknown,
+        handler: crate::groups::HandlerFn,
+        transactional: bool,
+    ) -> Result<PromiseRaw<'env, crate::groups::GroupRun>> {
+        let parsed = js_to_json(&env, options, Checked::AllKeys).and_then(|o| core::GroupOptions::from_json(&o));
+        let options = parsed.map_err(|e| to_js_error(env, e))?;
+        self.run(env, move |repo| async move {
+            crate::groups::start(repo, options, handler, transactional)
+                .await
+                .map(crate::groups::GroupRun::new)
+        })
+    }
+
+    /// Every consumer group: `{ group, members, partitions: [{ partition, owner, leaseExpires,
+    /// checkpoint, lagEvents, lagSeconds }], lagEvents, lagSeconds, parked, waiting }`.
+    #[napi(catch_unwind, ts_return_type = "Promise<Array<Record<string, unknown>>>")]
+    pub fn groups<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, Json>> {
+        self.run(env, |repo| async move { to_json_value(&repo.groups().await?) })
+    }
+
+    /// A group's failed (`state: 'failed'`, with `error` and `attempts`) and queued (`'waiting'`)
+    /// events, in feed order.
+    #[napi(catch_unwind, ts_return_type = "Promise<Array<Record<string, unknown>>>")]
+    pub fn parked<'env>(&self, env: &'env Env, group: String) -> Result<PromiseRaw<'env, Json>> {
+        self.run(
+            env,
+            move |repo| async move { to_json_value(&repo.parked(&group).await?) },
+        )
+    }
+
+    /// Hands a failed event to its group again, then the events queued behind it, in order.
+    #[napi(catch_unwind)]
+    pub fn retry_parked<'env>(&self, env: &'env Env, group: String, event_id: String) -> Result<PromiseRaw<'env, ()>> {
+        self.run(env, move |repo| async move {
+            let id = parse_event_id(&event_id)?;
+            repo.retry_parked(&group, id).await
+        })
+    }
+
+    /// Gives up on a failed event; the events queued behind it go on.
+    #[napi(catch_unwind)]
+    pub fn skip_parked<'env>(&self, env: &'env Env, group: String, event_id: String) -> Result<PromiseRaw<'env, ()>> {
+        self.run(env, move |repo| async move {
+            let id = parse_event_id(&event_id)?;
+            repo.skip_parked(&group, id).await
+        })
+    }
+
     /// Every named consumer of the global feed: `{ name, checkpoint, updatedAt, needsRepair }`.
     #[napi(catch_unwind, ts_return_type = "Promise<Array<Record<string, unknown>>>")]
     pub fn consumers<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, Json>> {
@@ -490,4 +551,12 @@ impl EventRepository {
             }
         }
     }
+}
+
+fn parse_event_id(id: &str) -> core::Result<uuid::Uuid> {
+    uuid::Uuid::parse_str(id).map_err(|_| core::Error::Validation {
+        field: "eventId".into(),
+        reason: core::IssueCode::InvalidUuid,
+        message: format!("\"{id}\" is not a UUID"),
+    })
 }

@@ -97,6 +97,96 @@ impl GroupOptions {
     }
 }
 
+impl GroupOptions {
+    /// Options from their JSON form, as the Node binding takes them: `{ group, member,
+    /// partitions, batchSize, maxInFlight, leaseMs, pollIntervalMs, maxAttempts, retryBackoffMs }`
+    /// (`null` for a key is its default). Ranges are checked by [`EventRepository::join_group`].
+    ///
+    /// Fails with [`Error::Validation`] (with the key as `field`) for a value of the wrong type or
+    /// a number that is not whole, and for an unknown key.
+    pub fn from_json(value: &serde_json::Value) -> Result<GroupOptions> {
+        const KEYS: &[&str] = &[
+            "group",
+            "member",
+            "partitions",
+            "batchSize",
+            "maxInFlight",
+            "leaseMs",
+            "pollIntervalMs",
+            "maxAttempts",
+            "retryBackoffMs",
+        ];
+        let o = value.as_object().ok_or_else(|| {
+            Error::invalid(
+                "options",
+                IssueCode::InvalidType,
+                "options must be an object with a group",
+            )
+        })?;
+        if let Some(k) = o.keys().find(|k| !KEYS.contains(&k.as_str())) {
+            return Err(Error::invalid(
+                k.clone(),
+                IssueCode::OutOfRange,
+                format!("unknown option {k}; known: {}", KEYS.join(", ")),
+            ));
+        }
+        let get = |k: &str| crate::query::present(o, k);
+        let string = |k: &str| -> Result<Option<String>> {
+            get(k)
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| Error::invalid(k, IssueCode::InvalidType, format!("{k} must be a string")))
+                })
+                .transpose()
+        };
+        let number = |k: &str| -> Result<Option<i64>> {
+            get(k)
+                .map(|v| {
+                    let f = v
+                        .as_f64()
+                        .ok_or_else(|| Error::invalid(k, IssueCode::InvalidType, format!("{k} must be a number")))?;
+                    crate::query::whole_number_arg(k, f)
+                })
+                .transpose()
+        };
+        let millis = |n: i64| Duration::from_millis(n.clamp(0, 86_400_000) as u64);
+        let group = string("group")?
+            .ok_or_else(|| Error::invalid("group", IssueCode::Required, "a consumer group needs a group name"))?;
+        let mut out = GroupOptions::new(group);
+        out.member = string("member")?;
+        if let Some(n) = number("partitions")? {
+            out.partitions = Some(i32::try_from(n).unwrap_or(if n < 0 { 0 } else { i32::MAX }));
+        }
+        if let Some(n) = number("batchSize")? {
+            out.batch_size = n;
+        }
+        if let Some(n) = number("maxInFlight")? {
+            out.max_in_flight = n;
+        }
+        if let Some(n) = number("leaseMs")? {
+            out.lease = millis(n);
+        }
+        if let Some(n) = number("pollIntervalMs")? {
+            out.poll_interval = millis(n);
+        }
+        if let Some(n) = number("maxAttempts")? {
+            out.max_attempts = u32::try_from(n).unwrap_or(0);
+        }
+        if let Some(n) = number("retryBackoffMs")? {
+            if n < 0 {
+                return Err(Error::invalid(
+                    "retryBackoffMs",
+                    IssueCode::OutOfRange,
+                    "retryBackoffMs is 0 or more",
+                ));
+            }
+            out.retry_backoff = millis(n);
+        }
+        Ok(out)
+    }
+}
+
 /// A partition this member holds.
 #[derive(Debug, Clone, Copy)]
 struct Held {
@@ -1142,4 +1232,258 @@ fn checkpoint(txid: String, position: i64) -> Result<Checkpoint> {
     Checkpoint::parse(&txid, position).map_err(|_| Error::Internal {
         message: format!("stored txid {txid} is not a number"),
     })
+}
+
+impl ProjectionTx {
+    /// Runs a statement in the transaction with JSON parameters and returns
+    /// `{ rows, rowCount }` as node-postgres does: each parameter converted to the type
+    /// PostgreSQL infers for it, each row an object of its columns. Types: boolean, smallint,
+    /// integer, bigint (as a string, as node-postgres gives it), real, double precision, text and
+    /// its kin, uuid, json, jsonb, timestamptz and timestamp (ISO 8601 strings), date; cast others
+    /// to one of these in the SQL (`$1::text::numeric`, `total::text`).
+    ///
+    /// Fails with [`Error::Validation`] for a parameter of the wrong type or count, or a column of
+    /// another type, and with the database's error for a failing statement (which aborts the
+    /// transaction: the batch is retried).
+    pub async fn query_json(&self, sql: &str, params: &[serde_json::Value]) -> Result<serde_json::Value> {
+        use tokio_postgres::types::ToSql;
+        let client = self.client();
+        let stmt = client.prepare(sql).await?;
+        if stmt.params().len() != params.len() {
+            return Err(Error::invalid(
+                "params",
+                IssueCode::OutOfRange,
+                format!(
+                    "the statement takes {} parameters, {} given",
+                    stmt.params().len(),
+                    params.len()
+                ),
+            ));
+        }
+        let values: Vec<Box<dyn ToSql + Sync + Send>> = stmt
+            .params()
+            .iter()
+            .zip(params)
+            .enumerate()
+            .map(|(i, (ty, v))| sql_param(i, ty, v))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
+        if stmt.columns().is_empty() {
+            let n = client.execute(&stmt, &refs).await?;
+            return Ok(serde_json::json!({ "rows": [], "rowCount": n }));
+        }
+        let rows = client.query(&stmt, &refs).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut obj = serde_json::Map::new();
+            for (i, col) in row.columns().iter().enumerate() {
+                obj.insert(col.name().to_owned(), sql_value(row, i, col.type_())?);
+            }
+            out.push(serde_json::Value::Object(obj));
+        }
+        Ok(serde_json::json!({ "rows": out, "rowCount": rows.len() }))
+    }
+}
+
+fn sql_param(
+    i: usize,
+    ty: &tokio_postgres::types::Type,
+    v: &serde_json::Value,
+) -> Result<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> {
+    use serde_json::Value;
+    use tokio_postgres::types::Type;
+    let field = format!("params[{i}]");
+    let wrong = || {
+        Error::invalid(
+            field.clone(),
+            IssueCode::InvalidType,
+            format!("{v} is not a {ty} value"),
+        )
+    };
+    let text = |v: &Value| -> Option<String> {
+        match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        }
+    };
+    let null = v.is_null();
+    Ok(match *ty {
+        Type::BOOL => Box::new(if null {
+            None
+        } else {
+            Some(v.as_bool().ok_or_else(wrong)?)
+        }),
+        Type::INT2 => Box::new(if null {
+            None
+        } else {
+            Some(i16::try_from(int_of(v).ok_or_else(wrong)?).map_err(|_| wrong())?)
+        }),
+        Type::INT4 => Box::new(if null {
+            None
+        } else {
+            Some(i32::try_from(int_of(v).ok_or_else(wrong)?).map_err(|_| wrong())?)
+        }),
+        Type::INT8 => Box::new(if null { None } else { Some(int_of(v).ok_or_else(wrong)?) }),
+        Type::FLOAT4 => Box::new(if null {
+            None
+        } else {
+            Some(v.as_f64().ok_or_else(wrong)? as f32)
+        }),
+        Type::FLOAT8 => Box::new(if null {
+            None
+        } else {
+            Some(v.as_f64().ok_or_else(wrong)?)
+        }),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
+            Box::new(if null { None } else { Some(text(v).ok_or_else(wrong)?) })
+        }
+        Type::UUID => Box::new(if null {
+            None
+        } else {
+            Some(v.as_str().and_then(|s| Uuid::parse_str(s).ok()).ok_or_else(wrong)?)
+        }),
+        Type::JSON | Type::JSONB => Box::new(if null { None } else { Some(v.clone()) }),
+        Type::TIMESTAMPTZ => Box::new(if null {
+            None
+        } else {
+            Some(
+                v.as_str()
+                    .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+                    .map(|t| t.with_timezone(&Utc))
+                    .ok_or_else(wrong)?,
+            )
+        }),
+        Type::TIMESTAMP => Box::new(if null {
+            None
+        } else {
+            Some(
+                v.as_str()
+                    .and_then(|s| {
+                        DateTime::parse_from_rfc3339(s)
+                            .map(|t| t.naive_utc())
+                            .or_else(|_| s.parse::<chrono::NaiveDateTime>())
+                            .ok()
+                    })
+                    .ok_or_else(wrong)?,
+            )
+        }),
+        Type::DATE => Box::new(if null {
+            None
+        } else {
+            Some(
+                v.as_str()
+                    .and_then(|s| s.get(..10).and_then(|d| d.parse::<chrono::NaiveDate>().ok()))
+                    .ok_or_else(wrong)?,
+            )
+        }),
+        Type::BOOL_ARRAY => Box::new(array(v, |e| e.as_bool()).ok_or_else(wrong)?),
+        Type::INT2_ARRAY => Box::new(array(v, |e| int_of(e).and_then(|n| i16::try_from(n).ok())).ok_or_else(wrong)?),
+        Type::INT4_ARRAY => Box::new(array(v, |e| int_of(e).and_then(|n| i32::try_from(n).ok())).ok_or_else(wrong)?),
+        Type::INT8_ARRAY => Box::new(array(v, int_of).ok_or_else(wrong)?),
+        Type::FLOAT8_ARRAY => Box::new(array(v, |e| e.as_f64()).ok_or_else(wrong)?),
+        Type::TEXT_ARRAY | Type::VARCHAR_ARRAY => Box::new(array(v, text).ok_or_else(wrong)?),
+        Type::UUID_ARRAY => Box::new(array(v, |e| e.as_str().and_then(|s| Uuid::parse_str(s).ok())).ok_or_else(wrong)?),
+        Type::JSONB_ARRAY | Type::JSON_ARRAY => Box::new(array(v, |e| Some(e.clone())).ok_or_else(wrong)?),
+        _ => {
+            return Err(Error::invalid(
+                field,
+                IssueCode::InvalidType,
+                format!(
+                    "parameters of type {ty} are not converted; cast in the SQL, e.g. ${}::text::{ty}",
+                    i + 1
+                ),
+            ))
+        }
+    })
+}
+
+/// A JSON array (or null) as a PostgreSQL array, each element converted by `f` (`null` elements
+/// stay NULL); `None` when it is not an array or an element does not convert.
+#[allow(clippy::type_complexity)]
+fn array<T>(v: &serde_json::Value, f: impl Fn(&serde_json::Value) -> Option<T>) -> Option<Option<Vec<Option<T>>>> {
+    match v {
+        serde_json::Value::Null => Some(None),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .map(|e| if e.is_null() { Some(None) } else { f(e).map(Some) })
+            .collect::<Option<Vec<_>>>()
+            .map(Some),
+        _ => None,
+    }
+}
+
+/// A PostgreSQL array as a JSON array (NULL elements as `null`).
+fn list<T>(items: Option<Vec<Option<T>>>, f: impl Fn(T) -> serde_json::Value) -> Option<serde_json::Value> {
+    items.map(|items| {
+        serde_json::Value::Array(
+            items
+                .into_iter()
+                .map(|e| e.map_or(serde_json::Value::Null, &f))
+                .collect(),
+        )
+    })
+}
+
+/// A whole number from a JSON number or a string of digits.
+fn int_of(v: &serde_json::Value) -> Option<i64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0)
+                .map(|f| f as i64)
+        }),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn sql_value(row: &tokio_postgres::Row, i: usize, ty: &tokio_postgres::types::Type) -> Result<serde_json::Value> {
+    use serde_json::Value;
+    use tokio_postgres::types::Type;
+    let v = match *ty {
+        Type::BOOL => row.try_get::<_, Option<bool>>(i)?.map(Value::from),
+        Type::INT2 => row.try_get::<_, Option<i16>>(i)?.map(Value::from),
+        Type::INT4 => row.try_get::<_, Option<i32>>(i)?.map(Value::from),
+        Type::INT8 => row.try_get::<_, Option<i64>>(i)?.map(|n| Value::from(n.to_string())),
+        Type::FLOAT4 => row.try_get::<_, Option<f32>>(i)?.map(|f| Value::from(f as f64)),
+        Type::FLOAT8 => row.try_get::<_, Option<f64>>(i)?.map(Value::from),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => row.try_get::<_, Option<String>>(i)?.map(Value::from),
+        Type::UUID => row.try_get::<_, Option<Uuid>>(i)?.map(|u| Value::from(u.to_string())),
+        Type::JSON | Type::JSONB => row.try_get::<_, Option<Value>>(i)?,
+        Type::TIMESTAMPTZ => row
+            .try_get::<_, Option<DateTime<Utc>>>(i)?
+            .map(|t| Value::from(crate::fold::format_timestamp(&t))),
+        Type::TIMESTAMP => row
+            .try_get::<_, Option<chrono::NaiveDateTime>>(i)?
+            .map(|t| Value::from(t.format("%Y-%m-%dT%H:%M:%S%.f").to_string())),
+        Type::DATE => row
+            .try_get::<_, Option<chrono::NaiveDate>>(i)?
+            .map(|d| Value::from(d.to_string())),
+        Type::BOOL_ARRAY => list(row.try_get::<_, Option<Vec<Option<bool>>>>(i)?, Value::from),
+        Type::INT2_ARRAY => list(row.try_get::<_, Option<Vec<Option<i16>>>>(i)?, Value::from),
+        Type::INT4_ARRAY => list(row.try_get::<_, Option<Vec<Option<i32>>>>(i)?, Value::from),
+        Type::INT8_ARRAY => list(row.try_get::<_, Option<Vec<Option<i64>>>>(i)?, |n| {
+            Value::from(n.to_string())
+        }),
+        Type::FLOAT8_ARRAY => list(row.try_get::<_, Option<Vec<Option<f64>>>>(i)?, Value::from),
+        Type::TEXT_ARRAY | Type::VARCHAR_ARRAY => list(row.try_get::<_, Option<Vec<Option<String>>>>(i)?, Value::from),
+        Type::UUID_ARRAY => list(row.try_get::<_, Option<Vec<Option<Uuid>>>>(i)?, |u| {
+            Value::from(u.to_string())
+        }),
+        Type::JSON_ARRAY | Type::JSONB_ARRAY => list(row.try_get::<_, Option<Vec<Option<Value>>>>(i)?, |v| v),
+        _ => {
+            return Err(Error::invalid(
+                format!("columns[{i}]"),
+                IssueCode::InvalidType,
+                format!(
+                    "column \"{}\" of type {ty} is not converted; cast it in the SQL, e.g. {}::text",
+                    row.columns()[i].name(),
+                    row.columns()[i].name()
+                ),
+            ))
+        }
+    };
+    Ok(v.unwrap_or(Value::Null))
 }

@@ -1,0 +1,181 @@
+//! Consumer groups: `consume` and `project` run a JavaScript handler on batches of the group's
+//! events; the retries, parking, leases and checkpoints are the core's.
+
+use std::sync::{Arc, Mutex};
+
+use napi::bindgen_prelude::*;
+use napi::threadsafe_function::ThreadsafeFunction;
+use napi_derive::napi;
+use synap_events as core;
+
+use crate::records::EventRecord;
+use crate::{coded_reason, js_to_json, spawn, to_js_error, Checked, Json};
+
+type HandlerArgs = FnArgs<(Vec<EventRecord>, Option<ProjectionTransaction>)>;
+/// The handler as the package entry wraps it: always returns a promise of nothing.
+pub(crate) type HandlerFn = ThreadsafeFunction<HandlerArgs, Promise<()>, HandlerArgs, Status, false>;
+
+/// The core's handler, calling JavaScript.
+struct JsHandler(Arc<HandlerFn>);
+
+/// A handler's rejection, as the core parks it.
+#[derive(Debug)]
+struct Rejected(String);
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Rejected {}
+
+impl core::Handler for JsHandler {
+    fn handle(&mut self, events: Vec<core::EventRecord>, tx: Option<core::ProjectionTx>) -> core::HandlerFuture {
+        let f = self.0.clone();
+        Box::pin(async move {
+            let records: Vec<EventRecord> = events.into_iter().map(Into::into).collect();
+            let slot = Arc::new(Mutex::new(tx));
+            let js_tx = slot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+                .then(|| ProjectionTransaction { tx: slot.clone() });
+            let outcome = async {
+                let promise = f.call_async_catch(FnArgs::from((records, js_tx))).await?;
+                promise.await
+            }
+            .await;
+            // The batch is over: the transaction is the core's again (a later `tx.query` from
+            // JavaScript is refused instead of running outside the batch).
+            slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            outcome.map_err(|e| Box::new(Rejected(e.reason.clone())) as core::HandlerError)
+        })
+    }
+}
+
+/// The transaction a projection's handler writes in, with the group's checkpoint; usable until
+/// the handler's promise settles.
+#[napi]
+pub struct ProjectionTransaction {
+    tx: Arc<Mutex<Option<core::ProjectionTx>>>,
+}
+
+#[napi]
+impl ProjectionTransaction {
+    /// Runs a statement in the batch's transaction, as node-postgres's `client.query(sql,
+    /// params)`: resolves to `{ rows, rowCount }`. Parameters and columns: boolean, numbers,
+    /// text, uuid, json/jsonb, timestamps as ISO strings, date; bigint columns come back as
+    /// strings; cast other types in the SQL. A failing statement rejects and aborts the
+    /// transaction: reject the handler too, and the batch is retried.
+    #[napi(
+        catch_unwind,
+        ts_args_type = "sql: string, params?: unknown[]",
+        ts_return_type = "Promise<{ rows: Array<Record<string, unknown>>; rowCount: number }>"
+    )]
+    pub fn query<'env>(&self, env: &'env Env, sql: String, params: Option<Unknown>) -> Result<PromiseRaw<'env, Json>> {
+        let params = match params {
+            Some(p) => js_to_json(env, p, Checked::Keys(&[])).map_err(|e| to_js_error(env, e))?,
+            None => serde_json::Value::Array(Vec::new()),
+        };
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        spawn(env, async move {
+            let Some(tx) = tx else {
+                return Err(core::Error::Validation {
+                    field: "tx".into(),
+                    reason: core::IssueCode::OutOfRange,
+                    message: "the batch's transaction is over: use tx only until the handler's promise settles".into(),
+                });
+            };
+            let serde_json::Value::Array(params) = params else {
+                return Err(core::Error::invalid_input("params must be an array"));
+            };
+            tx.query_json(&sql, &params).await
+        })
+    }
+}
+
+/// A running `consume` or `project`: `stop()` finishes the batch in hand, leaves the group and
+/// resolves; `done()` resolves when the run has stopped, or rejects with the database error
+/// that ended it.
+#[napi]
+pub struct GroupRun {
+    stop: Arc<tokio::sync::Notify>,
+    outcome: tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>>,
+    member: String,
+}
+
+#[napi]
+impl GroupRun {
+    /// This member's name in the group.
+    #[napi(getter)]
+    pub fn member(&self) -> String {
+        self.member.clone()
+    }
+
+    /// Stops after the batch in hand and leaves the group; resolves once it has.
+    #[napi(catch_unwind)]
+    pub fn stop<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
+        self.stop.notify_one();
+        self.done(env)
+    }
+
+    /// Resolves when the run has stopped; rejects with the error that ended it.
+    #[napi(catch_unwind)]
+    pub fn done<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
+        let mut outcome = self.outcome.clone();
+        env.spawn_future(async move {
+            let result = match outcome.wait_for(Option::is_some).await {
+                Ok(r) => r.clone().unwrap_or(Ok(())),
+                Err(_) => Ok(()),
+            };
+            result.map_err(|e| Error::new(Status::GenericFailure, e))
+        })
+    }
+}
+
+/// Joins the group and starts the run on the runtime.
+pub(crate) async fn start(
+    repo: core::EventRepository,
+    options: core::GroupOptions,
+    handler: HandlerFn,
+    transactional: bool,
+) -> core::Result<(
+    Arc<tokio::sync::Notify>,
+    tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>>,
+    String,
+)> {
+    let mut member = repo.join_group(options).await?;
+    let name = member.name().to_owned();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let (send, receive) = tokio::sync::watch::channel(None);
+    let stopping = stop.clone();
+    napi::bindgen_prelude::spawn(async move {
+        let handler = JsHandler(Arc::new(handler));
+        let run =
+            std::panic::AssertUnwindSafe(member.run(handler, transactional, async move { stopping.notified().await }));
+        let result = match futures_util::FutureExt::catch_unwind(run).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(coded_reason(e).reason),
+            Err(panic) => Err(format!("INTERNAL_ERROR: {}", crate::panic_message(&panic))),
+        };
+        let _ = send.send(Some(result));
+    });
+    Ok((stop, receive, name))
+}
+
+impl GroupRun {
+    pub(crate) fn new(
+        parts: (
+            Arc<tokio::sync::Notify>,
+            tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>>,
+            String,
+        ),
+    ) -> GroupRun {
+        GroupRun {
+            stop: parts.0,
+            outcome: parts.1,
+            member: parts.2,
+        }
+    }
+}
