@@ -133,17 +133,38 @@ enum Command {
         /// The aggregate (UUID).
         aggregate_id: String,
     },
-    /// Named consumers of the global feed: list them, or repair one.
+    /// Named consumers and consumer groups of the global feed: list them (the default), repair a
+    /// named consumer, or list, retry and skip a group's parked events.
     Consumers {
         #[command(subcommand)]
-        command: ConsumersCommand,
+        command: Option<ConsumersCommand>,
     },
 }
 
 #[derive(Subcommand)]
 enum ConsumersCommand {
-    /// Every named consumer with its checkpoint.
+    /// Every named consumer with its checkpoint, and every consumer group with its members,
+    /// partitions (holder, checkpoint, lag in events and seconds) and parked events.
     List,
+    /// A group's failed events (with the error) and the events queued behind them.
+    Parked {
+        /// The group.
+        group: String,
+    },
+    /// Hand a group's failed event to it again, then the events queued behind it.
+    Retry {
+        /// The group.
+        group: String,
+        /// The failed event (UUID).
+        event_id: String,
+    },
+    /// Give up on a group's failed event; the events queued behind it go on.
+    Skip {
+        /// The group.
+        group: String,
+        /// The failed event (UUID).
+        event_id: String,
+    },
     /// Repair a consumer whose checkpoint the old feed ordering stored (before migration 0005):
     /// it goes back to the start and gets every event again, the ones it missed included.
     Repair {
@@ -534,10 +555,11 @@ async fn run(cli: Cli) -> Result<Outcome, Error> {
             Ok(Outcome::ok(to_json(&report), text))
         }
         Command::Consumers {
-            command: ConsumersCommand::List,
+            command: None | Some(ConsumersCommand::List),
         } => {
             let consumers = repo.consumers().await?;
-            let text = consumers
+            let groups = repo.groups().await?;
+            let mut lines: Vec<String> = consumers
                 .iter()
                 .map(|c| {
                     format!(
@@ -548,20 +570,100 @@ async fn run(cli: Cli) -> Result<Outcome, Error> {
                         if c.needs_repair { "  NEEDS REPAIR" } else { "" }
                     )
                 })
-                .collect::<Vec<_>>()
-                .join("\n");
+                .collect();
+            for g in &groups {
+                lines.push(format!(
+                    "group {}  {} member(s), {} partitions, lag {} event(s) / {:.1} s, {} parked, {} waiting",
+                    g.group,
+                    g.members.len(),
+                    g.partitions.len(),
+                    g.lag_events,
+                    g.lag_seconds,
+                    g.parked,
+                    g.waiting
+                ));
+                for m in &g.members {
+                    let held: Vec<String> = g
+                        .partitions
+                        .iter()
+                        .filter(|p| p.owner.as_deref() == Some(m))
+                        .map(|p| p.partition.to_string())
+                        .collect();
+                    lines.push(format!("  member {m}: partitions {}", held.join(",")));
+                }
+                for p in g.partitions.iter().filter(|p| p.lag_events > 0 || p.owner.is_none()) {
+                    lines.push(format!(
+                        "  partition {}  {}  at {}  lag {} event(s) / {:.1} s",
+                        p.partition,
+                        p.owner.as_deref().unwrap_or("unheld"),
+                        p.checkpoint,
+                        p.lag_events,
+                        p.lag_seconds
+                    ));
+                }
+            }
+            let text = lines.join("\n");
             Ok(Outcome {
-                problems: consumers.iter().any(|c| c.needs_repair),
-                json: json!({ "consumers": to_json(&consumers) }),
+                problems: consumers.iter().any(|c| c.needs_repair) || groups.iter().any(|g| g.parked > 0),
+                json: json!({ "consumers": to_json(&consumers), "groups": to_json(&groups) }),
                 text: if text.is_empty() {
-                    "no named consumers".into()
+                    "no named consumers or consumer groups".into()
                 } else {
                     text
                 },
             })
         }
         Command::Consumers {
-            command: ConsumersCommand::Repair { name, accept, dry_run },
+            command: Some(ConsumersCommand::Parked { group }),
+        } => {
+            let parked = repo.parked(&group).await?;
+            let text = parked
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}  {}  aggregate {}  partition {}  {} tries{}",
+                        p.event_id,
+                        p.state,
+                        p.aggregate_id,
+                        p.partition,
+                        p.attempts,
+                        p.error.as_deref().map(|e| format!("  {e}")).unwrap_or_default()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            Ok(Outcome {
+                problems: parked.iter().any(|p| p.state == "failed"),
+                json: json!({ "group": group, "parked": to_json(&parked) }),
+                text: if text.is_empty() {
+                    format!("group {group} has no parked events")
+                } else {
+                    text
+                },
+            })
+        }
+        Command::Consumers {
+            command: Some(ConsumersCommand::Retry { group, event_id }),
+        } => {
+            let id = synap_events::validate::parse_uuid_arg("event_id", &event_id)?;
+            repo.retry_parked(&group, id).await?;
+            Ok(Outcome::ok(
+                json!({ "group": group, "eventId": id.to_string(), "retried": true }),
+                format!("event {id} goes back to group {group}, then the events queued behind it"),
+            ))
+        }
+        Command::Consumers {
+            command: Some(ConsumersCommand::Skip { group, event_id }),
+        } => {
+            let id = synap_events::validate::parse_uuid_arg("event_id", &event_id)?;
+            repo.skip_parked(&group, id).await?;
+            Ok(Outcome::ok(
+                json!({ "group": group, "eventId": id.to_string(), "skipped": true }),
+                format!("event {id} is skipped by group {group}; the events queued behind it go on"),
+            ))
+        }
+        Command::Consumers {
+            command: Some(ConsumersCommand::Repair { name, accept, dry_run }),
         } => {
             let report = repo.repair_consumer(&name, accept, dry_run).await?;
             let text = if !report.needed_repair {

@@ -479,3 +479,118 @@ async fn a_rerun_ends_a_dead_runs_other_writers_before_it_reads() {
     assert_eq!(scalar(&c, "SELECT count(*) FROM events_v2").await, 4000);
     assert_eq!(scalar(&c, "SELECT count(*) FROM legacy_migration_map").await, 4000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_lists_groups_and_retries_and_skips_parked_events() {
+    let (schema, _c) = fresh("groups").await;
+    let s = schema.as_str();
+    assert_eq!(code(&run(s, &["migrate"])), 0);
+    let mut config = synap_events::RepositoryConfig::new(database_url());
+    config.schema = Some(schema.clone());
+    let repo = synap_events::EventRepository::new(config).unwrap();
+    let (a, b) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    for v in 1..=2 {
+        for agg in [a, b] {
+            let e = synap_events::NewEvent::new(
+                agg,
+                synap_events::AggregateType::Entity,
+                if v == 1 { "task.created" } else { "task.updated" },
+                "u1",
+                serde_json::json!({ "v": v }),
+                v,
+            );
+            repo.append(e).await.unwrap();
+        }
+    }
+    // A member whose handler fails on every event of `a`: its first event is parked, its second
+    // waits behind it, `b` flows.
+    let mut options = synap_events::GroupOptions::new("billing");
+    options.partitions = Some(4);
+    options.max_attempts = 1;
+    options.poll_interval = std::time::Duration::from_millis(50);
+    let mut member = repo.join_group(options).await.unwrap();
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let stopping = stop.clone();
+    let running = tokio::spawn(async move {
+        member
+            .consume(
+                move |events: Vec<synap_events::EventRecord>| {
+                    let bad = events.iter().any(|e| e.aggregate_id == a);
+                    async move {
+                        if bad {
+                            Err("no invoice for a".into())
+                        } else {
+                            Ok(())
+                        }
+                    }
+                },
+                async move { stopping.notified().await },
+            )
+            .await
+    });
+    let start = std::time::Instant::now();
+    let parked = loop {
+        let parked = repo.parked("billing").await.unwrap();
+        if parked.len() == 2 {
+            break parked;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "{parked:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+
+    // The list shows the group with its member and a parked event: exit code 3 (problems).
+    let out = run(s, &["--json", "consumers"]);
+    assert_eq!(code(&out), 3);
+    let doc = json(&out);
+    let group = &doc["groups"][0];
+    assert_eq!(group["group"], "billing");
+    assert_eq!(group["members"].as_array().unwrap().len(), 1);
+    assert_eq!(group["partitions"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        (group["parked"].clone(), group["waiting"].clone()),
+        (1.into(), 1.into())
+    );
+    let text = String::from_utf8(run(s, &["consumers", "list"]).stdout).unwrap();
+    assert!(text.contains("group billing  1 member(s), 4 partitions"), "{text}");
+
+    let out = run(s, &["--json", "consumers", "parked", "billing"]);
+    assert_eq!(code(&out), 3);
+    let listed = json(&out)["parked"].clone();
+    assert_eq!(listed[0]["state"], "failed");
+    assert_eq!(listed[0]["error"], "no invoice for a");
+    assert_eq!(listed[1]["state"], "waiting");
+
+    // Bad input: a typed error and exit code 1.
+    let out = run(s, &["--json", "consumers", "retry", "billing", "nope"]);
+    assert_eq!(code(&out), 1);
+    assert_eq!(json(&out)["error"]["code"], "VALIDATION_FAILED");
+    let out = run(
+        s,
+        &["--json", "consumers", "skip", "nobody", &parked[0].event_id.to_string()],
+    );
+    assert_eq!(json(&out)["error"]["code"], "VALIDATION_FAILED");
+
+    // Skipping the failed event releases the one behind it (which fails again and is parked).
+    let failed = parked
+        .iter()
+        .find(|p| p.state == "failed")
+        .unwrap()
+        .event_id
+        .to_string();
+    let out = run(s, &["--json", "consumers", "skip", "billing", &failed]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(json(&out)["skipped"], true);
+    let start = std::time::Instant::now();
+    loop {
+        let now = repo.parked("billing").await.unwrap();
+        if now.len() == 1 && now[0].state == "failed" && now[0].event_id != parked[0].event_id {
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "{now:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stop.notify_one();
+    running.await.unwrap().unwrap();
+    let out = run(s, &["--json", "consumers", "retry", "billing", &failed]);
+    assert_eq!(code(&out), 1, "a skipped event is no longer parked");
+}

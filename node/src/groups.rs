@@ -15,6 +15,11 @@ type HandlerArgs = FnArgs<(Vec<EventRecord>, Option<ProjectionTransaction>)>;
 /// The handler as the package entry wraps it: always returns a promise of nothing.
 pub(crate) type HandlerFn = ThreadsafeFunction<HandlerArgs, Promise<()>, HandlerArgs, Status, false>;
 
+/// How a run ended: `None` while it runs, then `Ok` or the coded error.
+type Outcome = tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>>;
+/// What `start` gives `GroupRun::new`: the stop signal, the outcome, the member's name.
+type Started = (Arc<tokio::sync::Notify>, Outcome, String);
+
 /// The core's handler, calling JavaScript.
 struct JsHandler(Arc<HandlerFn>);
 
@@ -101,7 +106,7 @@ impl ProjectionTransaction {
 #[napi]
 pub struct GroupRun {
     stop: Arc<tokio::sync::Notify>,
-    outcome: tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>>,
+    outcome: Outcome,
     member: String,
 }
 
@@ -140,11 +145,7 @@ pub(crate) async fn start(
     options: core::GroupOptions,
     handler: HandlerFn,
     transactional: bool,
-) -> core::Result<(
-    Arc<tokio::sync::Notify>,
-    tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>>,
-    String,
-)> {
+) -> core::Result<Started> {
     let mut member = repo.join_group(options).await?;
     let name = member.name().to_owned();
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -165,13 +166,7 @@ pub(crate) async fn start(
 }
 
 impl GroupRun {
-    pub(crate) fn new(
-        parts: (
-            Arc<tokio::sync::Notify>,
-            tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>>,
-            String,
-        ),
-    ) -> GroupRun {
+    pub(crate) fn new(parts: Started) -> GroupRun {
         GroupRun {
             stop: parts.0,
             outcome: parts.1,

@@ -432,7 +432,7 @@ impl EventRepository {
         handler: crate::groups::HandlerFn,
         transactional: bool,
     ) -> Result<PromiseRaw<'env, crate::groups::GroupRun>> {
-        let parsed = js_to_json(&env, options, Checked::AllKeys).and_then(|o| core::GroupOptions::from_json(&o));
+        let parsed = js_to_json(env, options, Checked::AllKeys).and_then(|o| core::GroupOptions::from_json(&o));
         let options = parsed.map_err(|e| to_js_error(env, e))?;
         self.run(env, move |repo| async move {
             crate::groups::start(repo, options, handler, transactional)
@@ -462,7 +462,7 @@ impl EventRepository {
     #[napi(catch_unwind)]
     pub fn retry_parked<'env>(&self, env: &'env Env, group: String, event_id: String) -> Result<PromiseRaw<'env, ()>> {
         self.run(env, move |repo| async move {
-            let id = parse_event_id(&event_id)?;
+            let id = core::validate::parse_uuid_arg("eventId", &event_id)?;
             repo.retry_parked(&group, id).await
         })
     }
@@ -471,7 +471,7 @@ impl EventRepository {
     #[napi(catch_unwind)]
     pub fn skip_parked<'env>(&self, env: &'env Env, group: String, event_id: String) -> Result<PromiseRaw<'env, ()>> {
         self.run(env, move |repo| async move {
-            let id = parse_event_id(&event_id)?;
+            let id = core::validate::parse_uuid_arg("eventId", &event_id)?;
             repo.skip_parked(&group, id).await
         })
     }
@@ -551,12 +551,4 @@ impl EventRepository {
             }
         }
     }
-}
-
-fn parse_event_id(id: &str) -> core::Result<uuid::Uuid> {
-    uuid::Uuid::parse_str(id).map_err(|_| core::Error::Validation {
-        field: "eventId".into(),
-        reason: core::IssueCode::InvalidUuid,
-        message: format!("\"{id}\" is not a UUID"),
-    })
 }
