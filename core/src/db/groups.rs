@@ -220,6 +220,15 @@ struct Settlement {
     release: Vec<Uuid>,
 }
 
+/// An item of a member's read-ahead buffer.
+#[derive(Debug)]
+enum Buffered {
+    /// An event to hand out, with its partition and place.
+    Event(EventRecord, i32, Checkpoint),
+    /// An event of an aggregate with queued events: queued too.
+    Queue(Park),
+}
+
 /// One handing-out: events for the handler, and what to store once they are handled.
 #[derive(Debug)]
 struct Delivery {
@@ -246,6 +255,10 @@ pub struct GroupMember {
     next_heartbeat: Instant,
     /// Partitions the last renewal found this member should hold.
     share: usize,
+    /// Read and not yet handed out (at most `max_in_flight` events), in feed order.
+    buffer: std::collections::VecDeque<Buffered>,
+    /// Where the read that filled the buffer ended.
+    buffer_through: Checkpoint,
     notify: Arc<Notify>,
     _listener: Option<tokio_postgres::Client>,
 }
@@ -428,6 +441,8 @@ impl EventRepository {
             releasable: false,
             next_heartbeat: Instant::now(),
             share: 0,
+            buffer: std::collections::VecDeque::new(),
+            buffer_through: Checkpoint::START,
             notify,
             _listener: listener,
         })
@@ -515,6 +530,7 @@ impl GroupMember {
             .await?;
         self.held.clear();
         self.queued.clear();
+        self.buffer.clear();
         Ok(())
     }
 
@@ -553,7 +569,18 @@ impl GroupMember {
             .await?;
         let mine: HashMap<i32, i64> = renewed.iter().map(|r| (r.get(0), r.get(1))).collect();
         self.held.retain(|p, h| mine.get(p) == Some(&h.epoch));
+        // Events read ahead for a partition taken over meanwhile are its new holder's.
+        let held = &self.held;
+        self.buffer.retain(|item| match item {
+            Buffered::Event(_, p, _) => held.contains_key(p),
+            Buffered::Queue(park) => held.contains_key(&park.event.partition),
+        });
         let mut taken = Vec::new();
+        if !self.buffer.is_empty() {
+            // Partitions change hands only between reads: renewed only, for now.
+            self.next_heartbeat = Instant::now() + self.options.lease / 3;
+            return Ok(());
+        }
         if self.held.len() > share {
             let extra: Vec<i32> = self.held.keys().rev().take(self.held.len() - share).copied().collect();
             client
@@ -611,6 +638,9 @@ impl GroupMember {
             if Instant::now() >= self.next_heartbeat {
                 self.heartbeat().await?;
             }
+            if let Some(d) = self.take_buffered() {
+                return Ok(d);
+            }
             if self.held.is_empty() {
                 self.wait().await;
                 continue;
@@ -622,20 +652,14 @@ impl GroupMember {
                 self.releasable = false;
                 self.refresh_queue().await?;
             }
-            let limit = self.options.batch_size.min(self.options.max_in_flight);
+            // Read ahead up to `max_in_flight` events; hand them out `batch_size` at a time.
+            let limit = self.options.max_in_flight;
             let from = self.held.values().map(|h| h.cursor).min().unwrap_or(Checkpoint::START);
             let filter = PartitionFilter {
                 partitions: self.partitions,
                 owned: self.held.keys().copied().collect(),
             };
             let (page, meta) = self.repo.read_feed(Some(&from), limit, Some(&filter)).await?;
-            let through = page.checkpoint;
-            let mut delivery = Delivery {
-                events: Vec::new(),
-                meta: Vec::new(),
-                released: false,
-                settlement: Settlement::default(),
-            };
             let full = page.events.len() as i64 == limit;
             for (event, (part, place)) in page.events.into_iter().zip(meta) {
                 let Some(held) = self.held.get(&part) else { continue };
@@ -643,7 +667,7 @@ impl GroupMember {
                     continue;
                 }
                 if self.queued.contains(&event.aggregate_id) {
-                    delivery.settlement.park.push(Park {
+                    self.buffer.push_back(Buffered::Queue(Park {
                         event: Queued {
                             event_id: event.id,
                             partition: part,
@@ -651,29 +675,66 @@ impl GroupMember {
                             place,
                         },
                         failed: None,
-                    });
+                    }));
                 } else {
-                    delivery.events.push(event);
-                    delivery.meta.push((part, place));
+                    self.buffer.push_back(Buffered::Event(event, part, place));
                 }
             }
-            let store = through.store;
-            for (p, held) in self.held.iter_mut() {
-                let to = held.cursor.max(Checkpoint { store, ..through });
-                held.cursor = to;
-                delivery.settlement.advance.push((*p, held.epoch, to));
+            let through = page.checkpoint;
+            self.buffer_through = through;
+            for held in self.held.values_mut() {
+                held.cursor = held.cursor.max(through);
             }
-            if !delivery.settlement.park.is_empty() {
-                // Queued behind nothing that failed: handed out once this delivery is stored.
-                self.releasable = true;
-            }
-            if !delivery.events.is_empty() || !delivery.settlement.park.is_empty() {
-                return Ok(delivery);
-            }
-            if !full {
+            if self.buffer.is_empty() && !full {
                 self.wait().await;
             }
         }
+    }
+
+    /// The next batch from the read-ahead buffer: up to `batch_size` events and the queued events
+    /// among them; it settles every held partition up to its last item (up to the end of the read
+    /// when it empties the buffer).
+    fn take_buffered(&mut self) -> Option<Delivery> {
+        if self.buffer.is_empty() {
+            return None;
+        }
+        let mut delivery = Delivery {
+            events: Vec::new(),
+            meta: Vec::new(),
+            released: false,
+            settlement: Settlement::default(),
+        };
+        let mut last = Checkpoint::START;
+        while (delivery.events.len() as i64) < self.options.batch_size {
+            let Some(item) = self.buffer.pop_front() else { break };
+            match item {
+                Buffered::Event(event, part, place) => {
+                    last = place;
+                    delivery.events.push(event);
+                    delivery.meta.push((part, place));
+                }
+                Buffered::Queue(park) => {
+                    last = park.event.place;
+                    delivery.settlement.park.push(park);
+                }
+            }
+        }
+        let to = if self.buffer.is_empty() {
+            self.buffer_through
+        } else {
+            Checkpoint {
+                store: self.buffer_through.store,
+                ..last
+            }
+        };
+        for (p, held) in &self.held {
+            delivery.settlement.advance.push((*p, held.epoch, to));
+        }
+        if !delivery.settlement.park.is_empty() {
+            // Queued behind nothing that failed: handed out once this delivery is stored.
+            self.releasable = true;
+        }
+        Some(delivery)
     }
 
     /// Reads which aggregates of the held partitions have queued events, and whether any of them
@@ -859,6 +920,7 @@ impl GroupMember {
     async fn lost(&mut self) -> Result<()> {
         self.held.clear();
         self.queued.clear();
+        self.buffer.clear();
         self.next_heartbeat = Instant::now();
         Ok(())
     }
