@@ -65,8 +65,9 @@ pub struct GroupOptions {
     pub partitions: Option<i32>,
     /// Most events per handler call. Default 100.
     pub batch_size: i64,
-    /// Most events handed out to this member and not yet settled. Default 1,000; a batch is
-    /// never larger.
+    /// Most events read ahead and handed out before their checkpoints are stored. Default
+    /// 1,000; a batch is never larger. A `consume` member that crashes gets at most this many
+    /// events again.
     pub max_in_flight: i64,
     /// How long a lease lasts without renewal. Default 10 s.
     pub lease: Duration,
@@ -259,6 +260,8 @@ pub struct GroupMember {
     buffer: std::collections::VecDeque<Buffered>,
     /// Where the read that filled the buffer ended.
     buffer_through: Checkpoint,
+    /// A `consume` batch's checkpoints not yet stored: stored with the read-ahead's last batch.
+    pending: Option<Settlement>,
     notify: Arc<Notify>,
     _listener: Option<tokio_postgres::Client>,
 }
@@ -443,6 +446,7 @@ impl EventRepository {
             share: 0,
             buffer: std::collections::VecDeque::new(),
             buffer_through: Checkpoint::START,
+            pending: None,
             notify,
             _listener: listener,
         })
@@ -508,6 +512,14 @@ impl GroupMember {
                 Err(e) => break Err(e),
             }
         };
+        if let Some(pending) = self.pending.take() {
+            if result.is_ok() {
+                match self.settle_alone(&pending).await {
+                    Ok(()) | Err(Error::LeaseLost { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         let left = self.leave().await;
         result.and(left)
     }
@@ -921,6 +933,7 @@ impl GroupMember {
         self.held.clear();
         self.queued.clear();
         self.buffer.clear();
+        self.pending = None;
         self.next_heartbeat = Instant::now();
         Ok(())
     }
@@ -938,6 +951,14 @@ impl GroupMember {
             if let Err(e) = handler.handle(events, None).await {
                 return Ok(Outcome::Failed(e.to_string()));
             }
+            // At least once: the checkpoints of a read-ahead's batches are stored with its last
+            // batch (a crash hands out at most `max_in_flight` events again). A later settlement
+            // moves every held partition at least as far.
+            if !self.buffer.is_empty() && settlement.park.is_empty() && settlement.release.is_empty() {
+                self.pending = Some(settlement.clone());
+                return Ok(Outcome::Done);
+            }
+            self.pending = None;
             return match self.settle_alone(settlement).await {
                 Ok(()) => Ok(Outcome::Done),
                 Err(Error::LeaseLost { .. }) => Ok(Outcome::LeaseLost),
