@@ -3,7 +3,7 @@
 //!
 //! Loads EVENTS events (ten versions per aggregate, in 100 transactions of one day each over a
 //! year) with SQL, then times a group draining them with `consume` (no-op handler) for one and
-//! two members and batch sizes 100 and 1000, and `project` (a transaction per batch) for one
+//! two members and batch sizes 100 and 1000 (reading ahead 1,000, the default maxInFlight), and `project` (a transaction per batch) for one
 //! member; then the latency from an append's return to the handler, with NOTIFY, for 200 single
 //! appends 20 ms apart to a caught-up member.
 
@@ -19,18 +19,28 @@ fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return; // `cargo test --benches` and `cargo bench -- --list`: nothing to list
     }
-    let events: i64 = std::env::var("EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let events: i64 = std::env::var("EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(run(events));
 }
 
 async fn run(events: i64) {
     let url = std::env::var("DATABASE_URL").expect("DATABASE_URL: run scripts/db.sh start");
     let schema = format!("bench_groups_{}", std::process::id());
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
     tokio::spawn(conn);
     client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; SET search_path = {schema}"))
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; SET search_path = {schema}"
+        ))
         .await
         .unwrap();
     let mut config = RepositoryConfig::new(url.clone());
@@ -40,6 +50,12 @@ async fn run(events: i64) {
     let mode = repo.migrate().await.unwrap().storage_mode;
     let fsync: String = client.query_one("SHOW fsync", &[]).await.unwrap().get(0);
     let load = Instant::now();
+    // Native storage: the year's daily partitions first, as the repository's own writes make
+    // them (a no-op on TimescaleDB, whose chunks come with the rows).
+    let today = chrono::Utc::now().date_naive();
+    repo.ensure_partitions(today - chrono::Days::new(366), today + chrono::Days::new(1))
+        .await
+        .unwrap();
     // Ten versions per aggregate, written as a live store writes them: 100 statements (each its
     // own transaction) of one day each, 3.65 days apart over a year, every aggregate's versions in
     // order (statement k holds version k / 10 + 1 of a tenth of the aggregates).
@@ -63,13 +79,23 @@ async fn run(events: i64) {
             .unwrap();
     }
     client.batch_execute("ANALYZE events_v2").await.unwrap();
-    let total: i64 = client.query_one("SELECT count(*) FROM events_v2", &[]).await.unwrap().get(0);
+    let total: i64 = client
+        .query_one("SELECT count(*) FROM events_v2", &[])
+        .await
+        .unwrap()
+        .get(0);
     println!(
         "{total} events over {aggregates} aggregates loaded in {:.1} s; {mode}, fsync {fsync}",
         load.elapsed().as_secs_f64()
     );
 
-    for (members, batch, project) in [(1, 100, false), (1, 1000, false), (2, 1000, false), (1, 1000, true)] {
+    for (members, batch, project) in [
+        (1, 100, false),
+        (1, 1000, false),
+        (2, 1000, false),
+        (1, 100, true),
+        (1, 1000, true),
+    ] {
         let group = format!("drain_{members}_{batch}_{project}");
         let seconds = drain(&repo, &group, members, batch, project, total as u64).await;
         println!(
@@ -81,7 +107,10 @@ async fn run(events: i64) {
         );
     }
     latency(&repo).await;
-    client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
 }
 
 /// Starts `members` members of a new group and times until they have handled `total` events.
@@ -93,7 +122,6 @@ async fn drain(repo: &EventRepository, group: &str, members: usize, batch: i64, 
     for _ in 0..members {
         let mut o = GroupOptions::new(group);
         o.batch_size = batch;
-        o.max_in_flight = batch;
         let (repo, handled, stop) = (repo.clone(), handled.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut m = repo.join_group(o).await.unwrap();
@@ -159,7 +187,14 @@ async fn latency(repo: &EventRepository) {
     });
     // Caught up when a marker event has been handled.
     let marker = repo
-        .append(NewEvent::new(Uuid::now_v7(), AggregateType::Entity, "entity.created", "u", json!({}), 1))
+        .append(NewEvent::new(
+            Uuid::now_v7(),
+            AggregateType::Entity,
+            "entity.created",
+            "u",
+            json!({}),
+            1,
+        ))
         .await
         .unwrap();
     while !seen.lock().unwrap().contains_key(&marker.id) {
@@ -168,7 +203,14 @@ async fn latency(repo: &EventRepository) {
     let mut lat = Vec::new();
     for _ in 0..200 {
         let e = repo
-            .append(NewEvent::new(Uuid::now_v7(), AggregateType::Entity, "entity.created", "u", json!({}), 1))
+            .append(NewEvent::new(
+                Uuid::now_v7(),
+                AggregateType::Entity,
+                "entity.created",
+                "u",
+                json!({}),
+                1,
+            ))
             .await
             .unwrap();
         let appended = Instant::now();
