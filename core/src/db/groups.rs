@@ -720,6 +720,19 @@ impl GroupMember {
         while (delivery.events.len() as i64) < self.options.batch_size {
             let Some(item) = self.buffer.pop_front() else { break };
             match item {
+                // An aggregate parked since the read: its later events queue behind it.
+                Buffered::Event(event, part, place) if self.queued.contains(&event.aggregate_id) => {
+                    last = place;
+                    delivery.settlement.park.push(Park {
+                        event: Queued {
+                            event_id: event.id,
+                            partition: part,
+                            aggregate_id: event.aggregate_id,
+                            place,
+                        },
+                        failed: None,
+                    });
+                }
                 Buffered::Event(event, part, place) => {
                     last = place;
                     delivery.events.push(event);
@@ -852,6 +865,20 @@ impl GroupMember {
         }
         let mut parked: HashSet<Uuid> = HashSet::new();
         let epochs: HashMap<i32, i64> = delivery.settlement.advance.iter().map(|(p, e, _)| (*p, *e)).collect();
+        // The events this delivery queues behind earlier parked ones are written first: the
+        // one-at-a-time settlements below move checkpoints past some of them.
+        if !delivery.settlement.park.is_empty() {
+            let queue = Settlement {
+                advance: epochs.iter().map(|(p, e)| (*p, *e, Checkpoint::START)).collect(),
+                park: delivery.settlement.park.clone(),
+                release: Vec::new(),
+            };
+            match self.settle_alone(&queue).await {
+                Ok(()) => {}
+                Err(Error::LeaseLost { .. }) => return self.lost().await,
+                Err(e) => return Err(e),
+            }
+        }
         for (event, (part, place)) in delivery.events.into_iter().zip(delivery.meta) {
             let epoch = epochs.get(&part).copied().unwrap_or_default();
             let queued = Queued {
