@@ -575,12 +575,30 @@ impl GroupMember {
         let renewed = client
             .query(
                 "UPDATE consumer_group_partitions SET lease_expires = clock_timestamp() + make_interval(secs => $3) \
-                  WHERE group_name = $1 AND owner = $2 RETURNING partition, epoch",
+                  WHERE group_name = $1 AND owner = $2 RETURNING partition, epoch, txid::text, position",
                 &[group, &self.member, &lease],
             )
             .await?;
         let mine: HashMap<i32, i64> = renewed.iter().map(|r| (r.get(0), r.get(1))).collect();
         self.held.retain(|p, h| mine.get(p) == Some(&h.epoch));
+        // Still ours in the database but forgotten here (after a lease was lost in a batch, every
+        // partition is forgotten): taken up again from the stored checkpoint, with nothing read
+        // ahead (a read-ahead's batches settle every held partition).
+        if self.buffer.is_empty() {
+            for r in &renewed {
+                let p: i32 = r.get(0);
+                if !self.held.contains_key(&p) {
+                    let cursor = checkpoint(r.get(2), r.get(3))?;
+                    self.held.insert(
+                        p,
+                        Held {
+                            epoch: r.get(1),
+                            cursor,
+                        },
+                    );
+                }
+            }
+        }
         // Events read ahead for a partition taken over meanwhile are its new holder's.
         let held = &self.held;
         self.buffer.retain(|item| match item {
