@@ -586,16 +586,12 @@ impl GroupMember {
         // ahead (a read-ahead's batches settle every held partition).
         if self.buffer.is_empty() {
             for r in &renewed {
-                let p: i32 = r.get(0);
-                if !self.held.contains_key(&p) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = self.held.entry(r.get(0)) {
                     let cursor = checkpoint(r.get(2), r.get(3))?;
-                    self.held.insert(
-                        p,
-                        Held {
-                            epoch: r.get(1),
-                            cursor,
-                        },
-                    );
+                    slot.insert(Held {
+                        epoch: r.get(1),
+                        cursor,
+                    });
                 }
             }
         }
