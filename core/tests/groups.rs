@@ -449,7 +449,6 @@ async fn members_killed_with_sigkill_neither_lose_nor_repeat_an_event() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect (issue 16 stays open): with failing handlers and members killed, events are applied twice (2 of 100,000; 7 of 20,000)"]
 async fn members_killed_with_sigkill_park_what_fails_and_apply_the_rest_once() {
     torture("poisoned", true).await;
 }

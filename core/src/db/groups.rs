@@ -689,7 +689,10 @@ impl GroupMember {
             let full = page.events.len() as i64 == limit;
             for (event, (part, place)) in page.events.into_iter().zip(meta) {
                 let Some(held) = self.held.get(&part) else { continue };
-                if place <= held.cursor {
+                // By place only: a checkpoint read back from the lease row names no store, the
+                // event's place does, and `Checkpoint`'s order compares the store last (an event
+                // exactly at a taken-over checkpoint was handed out again).
+                if place.place() <= held.cursor.place() {
                     continue;
                 }
                 if self.queued.contains(&event.aggregate_id) {
