@@ -186,33 +186,23 @@ async fn latency(repo: &EventRepository) {
         .unwrap();
     });
     // Caught up when a marker event has been handled.
-    let marker = repo
-        .append(NewEvent::new(
+    let created = || {
+        NewEvent::new(
             Uuid::now_v7(),
             AggregateType::Entity,
             "entity.created",
             "u",
             json!({}),
             1,
-        ))
-        .await
-        .unwrap();
+        )
+    };
+    let marker = repo.append(created()).await.unwrap();
     while !seen.lock().unwrap().contains_key(&marker.id) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut lat = Vec::new();
     for _ in 0..200 {
-        let e = repo
-            .append(NewEvent::new(
-                Uuid::now_v7(),
-                AggregateType::Entity,
-                "entity.created",
-                "u",
-                json!({}),
-                1,
-            ))
-            .await
-            .unwrap();
+        let e = repo.append(created()).await.unwrap();
         let appended = Instant::now();
         loop {
             if let Some(at) = seen.lock().unwrap().get(&e.id) {

@@ -810,7 +810,7 @@ async fn read_window(
     Ok(client.query_typed(&sql, &params).await?)
 }
 
-fn parse_checkpoint(txid: String, position: i64, store: i64) -> Result<Checkpoint> {
+pub(crate) fn parse_checkpoint(txid: String, position: i64, store: i64) -> Result<Checkpoint> {
     // The database wrote it: a bad value is a bug, not bad input.
     let place = Checkpoint::parse(&txid, position).map_err(|_| Error::Internal {
         message: format!("txid {txid} is not a number"),
@@ -821,11 +821,16 @@ fn parse_checkpoint(txid: String, position: i64, store: i64) -> Result<Checkpoin
 fn check_consumer(name: &str) -> Result<()> {
     // Named consumers are projections over the whole store; a user-scoped handle sees only part
     // of it and would move a shared checkpoint past events it cannot see.
+    check_name("consumer", name)
+}
+
+/// A consumer's, group's or member's name: 1 to 200 bytes, not blank, no NUL.
+pub(crate) fn check_name(field: &str, name: &str) -> Result<()> {
     if name.trim().is_empty() || name.len() > 200 || name.contains('\0') {
         return Err(Error::invalid(
-            "consumer",
+            field,
             IssueCode::OutOfRange,
-            "a consumer name is 1 to 200 bytes, not blank",
+            format!("a {field} name is 1 to 200 bytes, not blank"),
         ));
     }
     Ok(())

@@ -8,7 +8,8 @@
 //! lease was taken (it stalled, or its connection died) writes nothing: its transaction finds no
 //! row to move and rolls back. Members renew their leases every third of a lease period and
 //! share the partitions out evenly among the live members, so a member that joins, leaves or
-//! dies has its partitions taken over within one lease period and one renewal.
+//! dies has its partitions taken over once its lease ends, at another member's next renewal
+//! between batches.
 //!
 //! An aggregate's events all fall in one partition, and one member hands them out in feed order,
 //! which is version order (an append's version guard reads the committed previous version in the
@@ -37,7 +38,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::db::feed::{Checkpoint, PartitionFilter};
+use crate::db::feed::{check_name, parse_checkpoint, Checkpoint, PartitionFilter};
 use crate::db::repository::{record_from_row, EventRepository, EVENT_COLUMNS};
 use crate::error::{Error, Result};
 use crate::model::EventRecord;
@@ -587,7 +588,7 @@ impl GroupMember {
         if self.buffer.is_empty() {
             for r in &renewed {
                 if let std::collections::btree_map::Entry::Vacant(slot) = self.held.entry(r.get(0)) {
-                    let cursor = checkpoint(r.get(2), r.get(3))?;
+                    let cursor = parse_checkpoint(r.get(2), r.get(3), 0)?;
                     slot.insert(Held {
                         epoch: r.get(1),
                         cursor,
@@ -601,7 +602,6 @@ impl GroupMember {
             Buffered::Event(_, p, _) => held.contains_key(p),
             Buffered::Queue(park) => held.contains_key(&park.event.partition),
         });
-        let mut taken = Vec::new();
         if !self.buffer.is_empty() {
             // Partitions change hands only between reads: renewed only, for now.
             self.next_heartbeat = Instant::now() + self.options.lease / 3;
@@ -634,7 +634,7 @@ impl GroupMember {
                 )
                 .await?;
             for r in &rows {
-                let cursor = checkpoint(r.get(2), r.get(3))?;
+                let cursor = parse_checkpoint(r.get(2), r.get(3), 0)?;
                 self.held.insert(
                     r.get(0),
                     Held {
@@ -642,7 +642,6 @@ impl GroupMember {
                         cursor,
                     },
                 );
-                taken.push(r.get::<_, i32>(0));
             }
         }
         drop(client);
@@ -835,7 +834,7 @@ impl GroupMember {
         for r in &rows {
             let id: Uuid = r.get(0);
             let part: i32 = r.get(1);
-            let place = checkpoint(r.get(3), r.get(4))?;
+            let place = parse_checkpoint(r.get(3), r.get(4), 0)?;
             delivery.settlement.release.push(id);
             // An event removed since it was queued (retention) has nothing left to hand out.
             if let Some(e) = by_id.remove(&id) {
@@ -1342,23 +1341,6 @@ impl EventRepository {
 
 fn check_group(name: &str) -> Result<()> {
     check_name("group", name)
-}
-
-fn check_name(field: &str, name: &str) -> Result<()> {
-    if name.trim().is_empty() || name.len() > 200 || name.contains('\0') {
-        return Err(Error::invalid(
-            field,
-            IssueCode::OutOfRange,
-            format!("a {field} name is 1 to 200 bytes, not blank"),
-        ));
-    }
-    Ok(())
-}
-
-fn checkpoint(txid: String, position: i64) -> Result<Checkpoint> {
-    Checkpoint::parse(&txid, position).map_err(|_| Error::Internal {
-        message: format!("stored txid {txid} is not a number"),
-    })
 }
 
 impl ProjectionTx {
