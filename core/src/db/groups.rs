@@ -15,8 +15,10 @@
 //! which is version order (an append's version guard reads the committed previous version in the
 //! same statement that writes, so the previous version's transaction id is the smaller one).
 //!
-//! A handler that fails is retried with backoff; after the last try its events are handed out
-//! one at a time, and the one that still fails is parked (`consumer_group_parked`) with the error.
+//! A handler that fails is retried with backoff; after the last try the batch is halved, each
+//! half tried once and halved again while it fails, down to single events, which get every try:
+//! one that still fails is parked (`consumer_group_parked`) with the error. Leases are renewed
+//! between those tries, so a long failing batch does not lose them.
 //! The aggregate's later events are queued behind it; other aggregates flow on. Once the parked
 //! event is retried ([`EventRepository::retry_parked`]) or skipped
 //! ([`EventRepository::skip_parked`]), the partition's holder hands out the queue in order.
@@ -74,8 +76,8 @@ pub struct GroupOptions {
     pub lease: Duration,
     /// How often to look for new events when no notification arrives. Default 1 s.
     pub poll_interval: Duration,
-    /// Tries of a failing batch before its events are tried one at a time, and of a failing event
-    /// before it is parked. Default 5.
+    /// Tries of a failing batch before it is halved (halves are tried once each, and halved again
+    /// while they fail), and of a failing event before it is parked. Default 5.
     pub max_attempts: u32,
     /// The wait before the second try, doubled for each further one (at most 30 s). Default
     /// 100 ms.
@@ -195,6 +197,9 @@ struct Held {
     epoch: i64,
     /// Read up to here: events at or before it were handed out, or there were none.
     cursor: Checkpoint,
+    /// Whether the read that filled the read-ahead buffer covered it (a partition taken since
+    /// has none of its events there, and the buffer's batches must not move its checkpoint).
+    read: bool,
 }
 
 /// An event of a group's queue (`consumer_group_parked`).
@@ -547,9 +552,17 @@ impl GroupMember {
         Ok(())
     }
 
-    /// Renews this member, its leases and its share: gives back partitions above its share and
-    /// takes free or expired ones up to it.
-    async fn heartbeat(&mut self) -> Result<()> {
+    /// Renews this member and its leases, and forgets partitions taken from it: between tries of
+    /// a failing batch, when a renewal falls due. Next renewal in a third of the lease.
+    async fn renew(&mut self) -> Result<()> {
+        self.renew_leases().await?;
+        self.next_heartbeat = Instant::now() + self.options.lease / 3;
+        Ok(())
+    }
+
+    /// Renews this member and its leases; returns the live members' names, sorted, and the
+    /// partitions renewed (partition, epoch, checkpoint).
+    async fn renew_leases(&mut self) -> Result<(Vec<String>, Vec<(i32, i64, Checkpoint)>)> {
         let lease = self.options.lease.as_secs_f64();
         let group = &self.options.group;
         let client = self.repo.client().await?;
@@ -566,13 +579,7 @@ impl GroupMember {
             )
             .await?;
         let names: Vec<String> = members.iter().map(|r| r.get(0)).collect();
-        let count = names.len().max(1);
-        let rank = names.iter().position(|m| *m == self.member).unwrap_or(0);
-        let p = self.partitions as usize;
-        let share = p / count + usize::from(rank < p % count);
-        self.share = share;
-
-        // Renew: what still names this member is still its own (a takeover changes the owner).
+        // What still names this member is still its own (a takeover changes the owner).
         let renewed = client
             .query(
                 "UPDATE consumer_group_partitions SET lease_expires = clock_timestamp() + make_interval(secs => $3) \
@@ -580,33 +587,60 @@ impl GroupMember {
                 &[group, &self.member, &lease],
             )
             .await?;
-        let mine: HashMap<i32, i64> = renewed.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let renewed = renewed
+            .iter()
+            .map(|r| Ok((r.get(0), r.get(1), parse_checkpoint(r.get(2), r.get(3), 0)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let mine: HashMap<i32, i64> = renewed.iter().map(|(p, e, _)| (*p, *e)).collect();
         self.held.retain(|p, h| mine.get(p) == Some(&h.epoch));
-        // Still ours in the database but forgotten here (after a lease was lost in a batch, every
-        // partition is forgotten): taken up again from the stored checkpoint, with nothing read
-        // ahead (a read-ahead's batches settle every held partition).
-        if self.buffer.is_empty() {
-            for r in &renewed {
-                if let std::collections::btree_map::Entry::Vacant(slot) = self.held.entry(r.get(0)) {
-                    let cursor = parse_checkpoint(r.get(2), r.get(3), 0)?;
-                    slot.insert(Held {
-                        epoch: r.get(1),
-                        cursor,
-                    });
-                }
-            }
-        }
-        // Events read ahead for a partition taken over meanwhile are its new holder's.
+        self.drop_unheld();
+        Ok((names, renewed))
+    }
+
+    /// Drops events read ahead for partitions no longer held: they are their new holder's.
+    fn drop_unheld(&mut self) {
         let held = &self.held;
         self.buffer.retain(|item| match item {
             Buffered::Event(_, p, _) => held.contains_key(p),
             Buffered::Queue(park) => held.contains_key(&park.event.partition),
         });
-        if !self.buffer.is_empty() {
-            // Partitions change hands only between reads: renewed only, for now.
-            self.next_heartbeat = Instant::now() + self.options.lease / 3;
-            return Ok(());
+    }
+
+    /// Renews this member, its leases and its share: gives back partitions above its share and
+    /// takes free or expired ones up to it.
+    async fn heartbeat(&mut self) -> Result<()> {
+        let (names, renewed) = self.renew_leases().await?;
+        let lease = self.options.lease.as_secs_f64();
+        let count = names.len().max(1);
+        let rank = names.iter().position(|m| *m == self.member).unwrap_or(0);
+        let p = self.partitions as usize;
+        let share = p / count + usize::from(rank < p % count);
+        self.share = share;
+        // Still ours in the database but forgotten here (after a lease was lost in a batch, every
+        // partition is forgotten): taken up again from the stored checkpoint.
+        for (p, epoch, cursor) in renewed {
+            self.held.entry(p).or_insert(Held {
+                epoch,
+                cursor,
+                read: false,
+            });
         }
+        // Partitions change hands also while events are read ahead (a member that waited for
+        // an empty buffer could go a long time without taking its share): events read ahead
+        // for a partition given back are dropped, and a partition taken is read after them.
+        if self.held.len() > share {
+            // A `consume` member's checkpoints not yet stored are stored first, while it still
+            // holds every partition they name.
+            if let Some(pending) = self.pending.take() {
+                match self.settle_alone(&pending).await {
+                    Ok(()) => {}
+                    Err(Error::LeaseLost { .. }) => return self.lost().await,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let group = &self.options.group;
+        let client = self.repo.client().await?;
         if self.held.len() > share {
             let extra: Vec<i32> = self.held.keys().rev().take(self.held.len() - share).copied().collect();
             client
@@ -619,6 +653,7 @@ impl GroupMember {
             for p in extra {
                 self.held.remove(&p);
             }
+            self.drop_unheld();
         } else if self.held.len() < share {
             let want = (share - self.held.len()) as i64;
             let rows = client
@@ -640,6 +675,7 @@ impl GroupMember {
                     Held {
                         epoch: r.get(1),
                         cursor,
+                        read: false,
                     },
                 );
             }
@@ -711,6 +747,7 @@ impl GroupMember {
             let through = page.checkpoint;
             self.buffer_through = through;
             for held in self.held.values_mut() {
+                held.read = true;
                 held.cursor = held.cursor.max(through);
             }
             if self.buffer.is_empty() && !full {
@@ -768,7 +805,7 @@ impl GroupMember {
                 ..last
             }
         };
-        for (p, held) in &self.held {
+        for (p, held) in self.held.iter().filter(|(_, h)| h.read) {
             delivery.settlement.advance.push((*p, held.epoch, to));
         }
         if !delivery.settlement.park.is_empty() {
@@ -857,17 +894,16 @@ impl GroupMember {
         let _ = tokio::time::timeout_at(until, self.notify.notified()).await;
     }
 
-    /// Hands a delivery to the handler, with retries, the one-at-a-time fallback and parking.
+    /// Hands a delivery to the handler, with retries, bisection and parking.
     async fn handle<H: Handler>(&mut self, delivery: Delivery, handler: &mut H, transactional: bool) -> Result<()> {
         if delivery.events.is_empty() {
             return self.settle_alone(&delivery.settlement).await;
         }
-        // A batch of several is tried whole first; then one event at a time, to find the events
-        // that fail, park them, and queue their aggregates' later events behind them.
+        // A batch of several is tried whole first, with every try (a failure may be passing).
         if delivery.events.len() > 1 {
             for attempt in 0..self.options.max_attempts {
                 if attempt > 0 {
-                    tokio::time::sleep(self.backoff(attempt)).await;
+                    self.pause(self.backoff(attempt)).await?;
                 }
                 match self
                     .apply(handler, transactional, delivery.events.clone(), &delivery.settlement)
@@ -879,57 +915,90 @@ impl GroupMember {
                 }
             }
         }
-        let mut parked: HashSet<Uuid> = HashSet::new();
         let epochs: HashMap<i32, i64> = delivery.settlement.advance.iter().map(|(p, e, _)| (*p, *e)).collect();
         // The events this delivery queues behind earlier parked ones are written first: the
-        // one-at-a-time settlements below move checkpoints past some of them.
+        // settlements of its parts below move checkpoints past some of them.
         if !delivery.settlement.park.is_empty() {
             let queue = Settlement {
                 advance: epochs.iter().map(|(p, e)| (*p, *e, Checkpoint::START)).collect(),
                 park: delivery.settlement.park.clone(),
                 release: Vec::new(),
             };
-            match self.settle_alone(&queue).await {
-                Ok(()) => {}
-                Err(Error::LeaseLost { .. }) => return self.lost().await,
-                Err(e) => return Err(e),
+            if !self.settle_or_lose(&queue).await? {
+                return Ok(());
             }
         }
-        for (event, (part, place)) in delivery.events.into_iter().zip(delivery.meta) {
-            let epoch = epochs.get(&part).copied().unwrap_or_default();
-            let queued = Queued {
-                event_id: event.id,
-                partition: part,
-                aggregate_id: event.aggregate_id,
-                place,
-            };
-            let mut one = Settlement::default();
-            if delivery.released {
-                one.release.push(event.id);
-                one.advance.push((part, epoch, Checkpoint::START));
-            } else {
-                one.advance.push((part, epoch, place));
-            }
-            if parked.contains(&event.aggregate_id) {
-                if !delivery.released {
-                    one.park.push(Park {
-                        event: queued,
-                        failed: None,
-                    });
-                    match self.settle_alone(&one).await {
-                        Ok(()) => {}
-                        Err(Error::LeaseLost { .. }) => return self.lost().await,
-                        Err(e) => return Err(e),
+        // Then halves, in feed order, each tried once and halved again while it fails, down to
+        // single events, which get every try before they are parked: a batch of n with one
+        // failing event costs about 2·log2(n) calls rather than n. An aggregate's events after
+        // a parked one are queued behind it.
+        let Delivery {
+            events,
+            meta,
+            released,
+            settlement,
+        } = delivery;
+        let n = events.len();
+        let mut parked: HashSet<Uuid> = HashSet::new();
+        let mut parts: Vec<(usize, usize)> = if n > 1 {
+            vec![(n / 2, n), (0, n / 2)]
+        } else {
+            vec![(0, n)]
+        };
+        while let Some((lo, hi)) = parts.pop() {
+            let mut part = Settlement::default();
+            let mut to: BTreeMap<i32, Checkpoint> = BTreeMap::new();
+            let mut batch: Vec<EventRecord> = Vec::new();
+            let mut batch_at: Vec<(i32, Checkpoint)> = Vec::new();
+            let mut waiting = Vec::new();
+            for (event, &(p, place)) in events[lo..hi].iter().zip(&meta[lo..hi]) {
+                // Queued events handed out again keep the partition's checkpoint (it is past
+                // them) and only fence it; events from the feed move it to their place.
+                let at = to.entry(p).or_insert(Checkpoint::START);
+                if !released {
+                    *at = (*at).max(place);
+                }
+                if parked.contains(&event.aggregate_id) {
+                    // Queued events stay queued; new ones queue.
+                    if !released {
+                        waiting.push(Park {
+                            event: Queued {
+                                event_id: event.id,
+                                partition: p,
+                                aggregate_id: event.aggregate_id,
+                                place,
+                            },
+                            failed: None,
+                        });
                     }
+                    continue;
+                }
+                if released {
+                    part.release.push(event.id);
+                }
+                batch.push(event.clone());
+                batch_at.push((p, place));
+            }
+            part.advance = to
+                .into_iter()
+                .map(|(p, at)| (p, epochs.get(&p).copied().unwrap_or_default(), at))
+                .collect();
+            part.park = waiting;
+            if batch.is_empty() {
+                if !self.settle_or_lose(&part).await? {
+                    return Ok(());
                 }
                 continue;
             }
+            let tries = if batch.len() > 1 { 1 } else { self.options.max_attempts };
             let mut outcome = Outcome::Failed(String::new());
-            for attempt in 0..self.options.max_attempts {
+            for attempt in 0..tries {
                 if attempt > 0 {
-                    tokio::time::sleep(self.backoff(attempt)).await;
+                    self.pause(self.backoff(attempt)).await?;
+                } else if Instant::now() >= self.next_heartbeat {
+                    self.renew().await?;
                 }
-                outcome = self.apply(handler, transactional, vec![event.clone()], &one).await?;
+                outcome = self.apply(handler, transactional, batch.clone(), &part).await?;
                 if !matches!(outcome, Outcome::Failed(_)) {
                     break;
                 }
@@ -937,31 +1006,62 @@ impl GroupMember {
             match outcome {
                 Outcome::Done => {}
                 Outcome::LeaseLost => return self.lost().await,
+                Outcome::Failed(_) if batch.len() > 1 => {
+                    let mid = lo + (hi - lo) / 2;
+                    parts.push((mid, hi));
+                    parts.push((lo, mid));
+                }
                 Outcome::Failed(error) => {
+                    let (event, (p, place)) = (&batch[0], batch_at[0]);
                     parked.insert(event.aggregate_id);
                     self.queued.insert(event.aggregate_id);
-                    let mut park = one.clone();
-                    park.release.clear();
-                    park.park.push(Park {
-                        event: queued,
+                    part.release.clear();
+                    part.park.push(Park {
+                        event: Queued {
+                            event_id: event.id,
+                            partition: p,
+                            aggregate_id: event.aggregate_id,
+                            place,
+                        },
                         failed: Some((self.options.max_attempts as i32, error)),
                     });
-                    match self.settle_alone(&park).await {
-                        Ok(()) => {}
-                        Err(Error::LeaseLost { .. }) => return self.lost().await,
-                        Err(e) => return Err(e),
+                    if !self.settle_or_lose(&part).await? {
+                        return Ok(());
                     }
                 }
             }
         }
-        if delivery.released {
+        if released {
             // Queued events behind a newly failed one stay queued.
             return Ok(());
         }
-        match self.settle_alone(&delivery.settlement).await {
-            Ok(()) => Ok(()),
-            Err(Error::LeaseLost { .. }) => self.lost().await,
+        self.settle_or_lose(&settlement).await?;
+        Ok(())
+    }
+
+    /// Stores a settlement on its own: false (every partition forgotten) when a lease it names
+    /// was taken.
+    async fn settle_or_lose(&mut self, settlement: &Settlement) -> Result<bool> {
+        match self.settle_alone(settlement).await {
+            Ok(()) => Ok(true),
+            Err(Error::LeaseLost { .. }) => self.lost().await.map(|()| false),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Waits `wait` between tries, renewing the leases when due meanwhile (a failing batch can
+    /// take longer than a lease).
+    async fn pause(&mut self, wait: Duration) -> Result<()> {
+        let until = Instant::now() + wait;
+        loop {
+            if Instant::now() >= self.next_heartbeat {
+                self.renew().await?;
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            tokio::time::sleep_until(until.min(self.next_heartbeat.max(now))).await;
         }
     }
 
