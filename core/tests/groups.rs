@@ -161,6 +161,32 @@ async fn one_member_projects_every_event_once_in_order_with_writers_running() {
     assert!(status[0].partitions.iter().all(|p| p.owner.is_none()));
 }
 
+/// Members joining a new group at once all join it (one of them makes it; the others waited for
+/// that insert and used to find no row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_joining_a_new_group_at_once_all_join() {
+    let repo = repo("groups_join_race").await;
+    for g in 0..20 {
+        let group = format!("race{g}");
+        let joins: Vec<_> = (0..8)
+            .map(|_| {
+                let (repo, group) = (repo.clone(), group.clone());
+                tokio::spawn(async move {
+                    repo.join_group(options(&group, 2000))
+                        .await
+                        .map(|m| m.name().to_owned())
+                })
+            })
+            .collect();
+        for j in joins {
+            j.await.unwrap().unwrap();
+        }
+    }
+    let groups = repo.groups().await.unwrap();
+    assert_eq!(groups.len(), 20);
+    assert!(groups.iter().all(|g| g.partitions.len() == 8), "{groups:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_share_the_partitions_and_take_over_from_one_that_leaves() {
     let repo = repo("groups_share").await;

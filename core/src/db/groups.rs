@@ -412,15 +412,31 @@ impl EventRepository {
             None => format!("{}-{}", std::process::id(), Uuid::now_v7().simple()),
         };
         let client = self.client().await?;
-        let row = client
-            .query_one(
-                "WITH made AS (INSERT INTO consumer_groups (name, partitions) VALUES ($1, $2) \
-                                ON CONFLICT (name) DO NOTHING RETURNING partitions) \
-                 SELECT partitions FROM made UNION ALL SELECT partitions FROM consumer_groups WHERE name = $1",
-                &[&options.group, &options.partitions.unwrap_or(DEFAULT_PARTITIONS)],
+        // A member that joins a new group while another makes it waits for the other's insert to
+        // commit and then finds no row: its statement's snapshot is older than that commit. The
+        // next statement sees the row.
+        let mut partitions = None;
+        for _ in 0..3 {
+            partitions = client
+                .query_opt(
+                    "WITH made AS (INSERT INTO consumer_groups (name, partitions) VALUES ($1, $2) \
+                                    ON CONFLICT (name) DO NOTHING RETURNING partitions) \
+                     SELECT partitions FROM made UNION ALL SELECT partitions FROM consumer_groups WHERE name = $1",
+                    &[&options.group, &options.partitions.unwrap_or(DEFAULT_PARTITIONS)],
+                )
+                .await?
+                .map(|row| row.get::<_, i32>(0));
+            if partitions.is_some() {
+                break;
+            }
+        }
+        let partitions = partitions.ok_or_else(|| {
+            Error::invalid(
+                "group",
+                IssueCode::OutOfRange,
+                format!("group \"{}\" was made and removed while joining", options.group),
             )
-            .await?;
-        let partitions: i32 = row.get(0);
+        })?;
         if let Some(given) = options.partitions {
             if given != partitions {
                 return Err(Error::invalid(
