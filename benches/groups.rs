@@ -141,7 +141,7 @@ async fn drain(
     project: bool,
     total: u64,
     wait: Option<Duration>,
-) -> f64 {
+) -> (u64, f64) {
     let handled = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(tokio::sync::Notify::new());
     let start = Instant::now();
