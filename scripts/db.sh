@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Private PostgreSQL clusters for development and tests, one per storage mode.
 #
-#   scripts/db.sh start [--timescaledb]    initdb (first time) and start; prints the DATABASE_URL
-#   scripts/db.sh stop [--timescaledb]     stop the server
-#   scripts/db.sh status [--timescaledb]   running or not
-#   scripts/db.sh url [--timescaledb]      print the DATABASE_URL
-#   scripts/db.sh env [--timescaledb]      print `export DATABASE_URL=...` (for eval)
+#   scripts/db.sh start [--timescaledb|--citus]    initdb (first time) and start; prints the DATABASE_URL
+#   scripts/db.sh stop [--timescaledb|--citus]     stop the server
+#   scripts/db.sh status [--timescaledb|--citus]   running or not
+#   scripts/db.sh url [--timescaledb|--citus]      print the DATABASE_URL
+#   scripts/db.sh env [--timescaledb|--citus]      print `export DATABASE_URL=...` (for eval)
 #
 # Without a flag: plain PostgreSQL in .local/pg on 127.0.0.1:${SYNAP_PG_PORT:-54329}, where
 # `migrate()` picks native partitioning. With --timescaledb: a cluster in .local/pg-timescaledb on
 # port ${SYNAP_PG_PORT:-54330} that preloads TimescaleDB (installed from ../shared/timescaledb
-# when missing and possible), where `migrate()` makes a hypertable.
+# when missing and possible), where `migrate()` makes a hypertable. With --citus: three clusters
+# in .local/pg-citus (a coordinator on ${SYNAP_PG_PORT:-54331} and two workers on the next two
+# ports) that preload Citus (installed from ../shared/citus when missing and possible), with the
+# extension made and the workers registered in the `postgres` database; the URL is the
+# coordinator's. (The store has no Citus storage mode yet: `migrate()` there makes native
+# partitions on the coordinator. docs/scale-out.md.)
 # Trust authentication; run as the `postgres` user when started by root (initdb refuses root).
 # The PostgreSQL server is installed with apt when its binaries are missing.
 # SYNAP_PG_FAST=1 turns off fsync and friends: for tests only. SYNAP_PG_DIR and SYNAP_PG_PORT
@@ -23,11 +28,16 @@ MODE=native
 case "${2:-}" in
     "") ;;
     --timescaledb) MODE=timescaledb ;;
+    --citus) MODE=citus ;;
     *) echo "db.sh: unknown option ${2}" >&2; exit 2 ;;
 esac
 if [ "$MODE" = timescaledb ]; then
     PORT="${SYNAP_PG_PORT:-54330}"
     BASE="${SYNAP_PG_DIR:-$ROOT/.local/pg-timescaledb}"
+elif [ "$MODE" = citus ]; then
+    PORT="${SYNAP_PG_PORT:-54331}"
+    TOP="${SYNAP_PG_DIR:-$ROOT/.local/pg-citus}"
+    BASE="$TOP/coordinator"
 else
     PORT="${SYNAP_PG_PORT:-54329}"
     # postgres must own its data, socket and log directories, all inside one directory of its own.
@@ -88,6 +98,17 @@ timescaledb_installed() {
     fi
 }
 
+# Citus for the distributed cluster, likewise from ../shared/citus.
+citus_installed() {
+    local shared="$ROOT/../shared/citus/install.sh"
+    if [ -x "$shared" ]; then
+        PG_BINDIR="$BINDIR" "$shared" --check && return 0
+        [ "$(id -u)" = 0 ] && PG_BINDIR="$BINDIR" "$shared" >&2 && return 0
+        return 1
+    fi
+    [ -f "$("$BINDIR/pg_config" --pkglibdir 2>/dev/null || echo "$(dirname "$BINDIR")/lib")/citus.so" ]
+}
+
 start() {
     if [ -z "$BINDIR" ]; then
         echo "db.sh: cannot find initdb even after installing PostgreSQL" >&2
@@ -131,6 +152,9 @@ start() {
         fi
         opts="$opts -c shared_preload_libraries=timescaledb -c timescaledb.telemetry_level=off"
     fi
+    if [ "$MODE" = citus ]; then
+        opts="$opts -c shared_preload_libraries=citus"
+    fi
     if [ "${SYNAP_PG_FAST:-0}" = 1 ]; then
         opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
     fi
@@ -139,6 +163,44 @@ start() {
         exit 1
     fi
     echo "$URL"
+}
+
+# The coordinator and its two workers: each started as a cluster of its own, then the extension
+# and the workers' registration in the `postgres` database (both idempotent).
+start_citus() {
+    if ! citus_installed; then
+        echo "db.sh: Citus is not installed for $("$BINDIR/postgres" --version) and cannot be installed here" >&2
+        exit 4
+    fi
+    mkdir -p "$TOP"
+    [ "$(id -u)" = 0 ] && chown postgres:postgres "$TOP"
+    chmod 700 "$TOP"
+    local coordinator="$PORT" node
+    for node in coordinator:$PORT worker1:$((PORT + 1)) worker2:$((PORT + 2)); do
+        BASE="$TOP/${node%%:*}" PORT="${node##*:}"
+        DATA="$BASE/data" LOG="$BASE/server.log" URL="postgres://postgres@127.0.0.1:$PORT/postgres"
+        start >/dev/null
+        as_pg "$BINDIR/psql" -qAt -h 127.0.0.1 -p "$PORT" -U postgres -d postgres \
+            -c "SET client_min_messages = warning" -c "CREATE EXTENSION IF NOT EXISTS citus" >/dev/null
+    done
+    as_pg "$BINDIR/psql" -qAt -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$coordinator" -U postgres -d postgres \
+        -c "SELECT citus_set_coordinator_host('127.0.0.1', $coordinator)" \
+        -c "SELECT citus_add_node('127.0.0.1', $((coordinator + 1)))" \
+        -c "SELECT citus_add_node('127.0.0.1', $((coordinator + 2)))" >/dev/null
+    echo "postgres://postgres@127.0.0.1:$coordinator/postgres"
+}
+
+# Stops the coordinator and the workers.
+stop_citus() {
+    local node stopped=0
+    for node in coordinator worker1 worker2; do
+        BASE="$TOP/$node" DATA="$TOP/$node/data"
+        if is_running; then
+            as_pg "$BINDIR/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null
+            stopped=1
+        fi
+    done
+    if [ "$stopped" = 1 ]; then echo "stopped"; else echo "not running"; fi
 }
 
 stop() {
@@ -151,13 +213,13 @@ stop() {
 }
 
 case "$COMMAND" in
-    start) start ;;
-    stop) stop ;;
+    start) if [ "$MODE" = citus ]; then start_citus; else start; fi ;;
+    stop) if [ "$MODE" = citus ]; then stop_citus; else stop; fi ;;
     status) if is_running; then echo "running: $URL"; else echo "not running"; exit 3; fi ;;
     url) echo "$URL" ;;
     env) echo "export DATABASE_URL=$URL" ;;
     *)
-        echo "usage: scripts/db.sh start|stop|status|url|env [--timescaledb]" >&2
+        echo "usage: scripts/db.sh start|stop|status|url|env [--timescaledb|--citus]" >&2
         exit 2
         ;;
 esac
