@@ -131,11 +131,13 @@ start() {
             exit 1
         }
         if [ -n "${SYNAP_PG_NEXT_XID:-}" ]; then
-            # An old cluster's transaction counter, for tests that cross a boundary of it.
-            as_pg "$BINDIR/pg_resetwal" -x "$SYNAP_PG_NEXT_XID" -D "$DATA" >/dev/null
+            # An old cluster's transaction counter, for tests that cross a boundary of it. Above
+            # 2^32 it is an epoch and a 32-bit id (the xid8 that pg_current_xact_id() gives).
+            local epoch=$((SYNAP_PG_NEXT_XID >> 32)) xid=$((SYNAP_PG_NEXT_XID & 0xFFFFFFFF))
+            as_pg "$BINDIR/pg_resetwal" -e "$epoch" -x "$xid" -D "$DATA" >/dev/null
             # pg_xact must hold the segment of the new id (32 pages of 32,768 ids).
             local segment
-            segment="$(printf '%04X' $((SYNAP_PG_NEXT_XID / 1048576)))"
+            segment="$(printf '%04X' $((xid / 1048576)))"
             [ -f "$DATA/pg_xact/$segment" ] ||
                 as_pg dd if=/dev/zero of="$DATA/pg_xact/$segment" bs=8192 count=32 status=none
         fi

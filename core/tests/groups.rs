@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{event, repo, sql};
+use common::{advance_xid_to, current_xid, event, repo, sql, PrivateCluster};
 use synap_events::{EventRecord, EventRepository, GroupOptions, HandlerError, ProjectionTx};
 use uuid::Uuid;
 
@@ -343,6 +343,108 @@ async fn failed_events_are_parked_their_aggregates_wait_and_the_rest_flow_on() {
     assert_eq!(versions(aggs[0]), vec![1, 2, 3, 4, 5, 6]);
     assert_eq!(versions(aggs[1]), vec![1, 3, 4, 5]);
     assert_eq!(versions(aggs[2]), vec![1, 2, 3, 4, 5]);
+}
+
+/// Two members with small batches and a small read-ahead project events whose transaction ids
+/// cross a power of ten (and, on a second cluster, sit above 2^32, where the id is an epoch and
+/// a 32-bit counter): every event applied once, in order, with one event of one aggregate
+/// parked and its later events queued across the boundary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_project_across_transaction_id_boundaries() {
+    for (tag, start, boundary) in [
+        ("groups_pow10", 9_999_000u64, 10_000_000u64),
+        ("groups_epoch", (1 << 32) + 99_999_000, (1 << 32) + 100_000_000),
+    ] {
+        let cluster = PrivateCluster::start(tag, Some(start));
+        let repo = cluster.repo("g").await;
+        let client = sql(&repo).await;
+        client.batch_execute(READ_MODEL).await.unwrap();
+        let bad = Uuid::now_v7();
+        repo.append(event(bad, 1)).await.unwrap();
+        repo.append(event(bad, 2)).await.unwrap();
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let members: Vec<_> = (0..2)
+            .map(|i| {
+                let (repo, stop) = (repo.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut o = options("edge", 2000);
+                    o.batch_size = 3;
+                    o.max_in_flight = 7;
+                    let mut m = repo.join_group(o).await.unwrap();
+                    m.project(
+                        move |events: Vec<EventRecord>, tx| {
+                            let fails = events.iter().any(|e| e.aggregate_id == bad && e.version == 2);
+                            async move {
+                                if fails {
+                                    return Err("bad".into());
+                                }
+                                apply(events, tx, format!("m{i}")).await
+                            }
+                        },
+                        async move { stop.notified().await },
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let before = write(&repo, 2, 150, 20).await;
+        advance_xid_to(&client, boundary).await;
+        for v in 3..=5 {
+            repo.append(event(bad, v)).await.unwrap();
+        }
+        let after = write(&repo, 2, 150, 20).await;
+        let txids: (String, String) = {
+            let r = client
+                .query_one("SELECT min(txid)::text, max(txid)::text FROM events_v2", &[])
+                .await
+                .unwrap();
+            (r.get(0), r.get(1))
+        };
+        let (low, high): (u64, u64) = (txids.0.parse().unwrap(), txids.1.parse().unwrap());
+        assert!(low < boundary && high >= boundary, "{tag}: {low}..{high}");
+        assert!(current_xid(&client).await > boundary);
+        // Everything but the bad aggregate's versions 2 to 5 (one failed, three queued).
+        let n = (2 + before + 3 + after) as i64;
+        await_applied(&client, n - 4, Duration::from_secs(60)).await;
+        let start_wait = std::time::Instant::now();
+        let parked = loop {
+            let parked = repo.parked("edge").await.unwrap();
+            if parked.len() == 4 {
+                break parked;
+            }
+            assert!(start_wait.elapsed() < Duration::from_secs(30), "{tag}: {parked:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(
+            parked.iter().map(|p| p.state.as_str()).collect::<Vec<_>>(),
+            ["failed", "waiting", "waiting", "waiting"],
+            "{tag}"
+        );
+        // Skipped, the queue drains in order across the boundary.
+        repo.skip_parked("edge", parked[0].event_id).await.unwrap();
+        await_applied(&client, n - 1, Duration::from_secs(60)).await;
+        stop.notify_waiters();
+        for m in members {
+            m.await.unwrap().unwrap();
+        }
+        let versions: Vec<i32> = client
+            .query(
+                "SELECT version FROM applied WHERE aggregate_id = $1 ORDER BY seq",
+                &[&bad],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(versions, [1, 3, 4, 5], "{tag}");
+        let applied: i64 = client
+            .query_one("SELECT count(*) FROM applied", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(applied, n - 1, "{tag}: no event applied twice");
+    }
 }
 
 /// A failing batch is halved while it fails: finding one bad event in 65 takes a few calls,
