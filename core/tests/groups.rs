@@ -447,6 +447,86 @@ async fn members_project_across_transaction_id_boundaries() {
     }
 }
 
+/// A member that dies while splitting a failing batch leaves the batch's queued events written
+/// ahead of its checkpoint; once the failed event is retried, the next holder hands each of them
+/// out once (it used to hand such an event out from the queue and again from the feed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_events_written_ahead_by_a_member_that_died_are_handed_out_once() {
+    let repo = repo("groups_ahead").await;
+    let client = sql(&repo).await;
+    client.batch_execute(READ_MODEL).await.unwrap();
+    let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let lease = 400;
+    let mut one = options("ahead", lease);
+    one.partitions = Some(1);
+    repo.append(event(a, 1)).await.unwrap();
+    // The first member: a's first event fails (parked); a batch with b's event fails whole, and
+    // when it is split, the member hangs on b's event alone until it is killed.
+    let hung = Arc::new(tokio::sync::Notify::new());
+    let first = {
+        let (repo, hung, one) = (repo.clone(), hung.clone(), one.clone());
+        tokio::spawn(async move {
+            let mut m = repo.join_group(one).await.unwrap();
+            m.project(
+                move |events: Vec<EventRecord>, tx| {
+                    let hung = hung.clone();
+                    let has_b = events.iter().any(|e| e.aggregate_id == b);
+                    let fails = events.iter().any(|e| e.aggregate_id == a) || (has_b && events.len() > 1);
+                    async move {
+                        if fails {
+                            return Err("failing".into());
+                        }
+                        if has_b {
+                            hung.notify_one();
+                            std::future::pending::<()>().await;
+                        }
+                        apply(events, tx, "first".into()).await
+                    }
+                },
+                std::future::pending(),
+            )
+            .await
+        })
+    };
+    let start = std::time::Instant::now();
+    // (Until the member has joined, there is no group to ask about.)
+    while repo.parked("ahead").await.map_or(true, |p| p.is_empty()) {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    repo.append_batch(vec![event(a, 2), event(b, 1), event(c, 1), event(c, 2)])
+        .await
+        .unwrap();
+    hung.notified().await;
+    // a's second event was written to the queue before the split; the member dies.
+    let parked = repo.parked("ahead").await.unwrap();
+    assert_eq!(
+        parked.iter().map(|p| p.state.as_str()).collect::<Vec<_>>(),
+        ["failed", "waiting"]
+    );
+    first.abort();
+    let _ = first.await;
+    repo.retry_parked("ahead", parked[0].event_id).await.unwrap();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let second = {
+        let (repo, stop) = (repo.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut m = repo.join_group(one).await.unwrap();
+            m.project(|events, tx| apply(events, tx, "second".into()), async move {
+                stop.notified().await
+            })
+            .await
+        })
+    };
+    await_applied(&client, 5, Duration::from_secs(30)).await;
+    // Long enough for a second hand-out to show.
+    tokio::time::sleep(Duration::from_millis(lease * 3)).await;
+    stop.notify_one();
+    second.await.unwrap().unwrap();
+    assert_read_model_is_the_feed(&client).await;
+    assert!(repo.parked("ahead").await.unwrap().is_empty());
+}
+
 /// A failing batch is halved while it fails: finding one bad event in 65 takes a few calls,
 /// not one per event, and everything around it is applied once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

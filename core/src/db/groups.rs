@@ -647,7 +647,12 @@ impl GroupMember {
         if self.held.len() > share {
             // A `consume` member's checkpoints not yet stored are stored first, while it still
             // holds every partition they name.
-            if let Some(pending) = self.pending.take() {
+            if let Some(mut pending) = self.pending.take() {
+                // Only what is still held: a partition the renewal found taken is its new
+                // holder's, from its stored checkpoint.
+                pending
+                    .advance
+                    .retain(|(p, e, _)| self.held.get(p).is_some_and(|h| h.epoch == *e));
                 match self.settle_alone(&pending).await {
                     Ok(()) => {}
                     Err(Error::LeaseLost { .. }) => return self.lost().await,
@@ -679,6 +684,7 @@ impl GroupMember {
                       WHERE (p.group_name, p.partition) IN ( \
                             SELECT group_name, partition FROM consumer_group_partitions \
                              WHERE group_name = $1 AND (owner IS NULL OR lease_expires < clock_timestamp()) \
+                               AND owner IS DISTINCT FROM $2 \
                              ORDER BY partition LIMIT $4 FOR UPDATE SKIP LOCKED) \
                       RETURNING partition, epoch, txid::text, position",
                     &[group, &self.member, &lease, &want],
@@ -832,31 +838,42 @@ impl GroupMember {
     }
 
     /// Reads which aggregates of the held partitions have queued events, and whether any of them
-    /// can be handed out (its aggregate has no failed event).
+    /// can be handed out (its aggregate has no failed event, and the event is at or behind its
+    /// partition's checkpoint; see [`GroupMember::next_release`]).
     async fn refresh_queue(&mut self) -> Result<()> {
         let held: Vec<i32> = self.held.keys().copied().collect();
         let client = self.repo.client().await?;
         let rows = client
             .query(
-                "SELECT aggregate_id, bool_or(state = 'failed') FROM consumer_group_parked \
-                  WHERE group_name = $1 AND partition = ANY ($2) GROUP BY aggregate_id",
+                "SELECT q.aggregate_id, bool_or(q.state = 'failed'), \
+                        bool_or((q.txid, q.position) <= (c.txid, c.position)) \
+                   FROM consumer_group_parked q JOIN consumer_group_partitions c \
+                     ON c.group_name = q.group_name AND c.partition = q.partition \
+                  WHERE q.group_name = $1 AND q.partition = ANY ($2) GROUP BY q.aggregate_id",
                 &[&self.options.group, &held],
             )
             .await?;
         self.queued = rows.iter().map(|r| r.get(0)).collect();
-        self.releasable = rows.iter().any(|r| !r.get::<_, bool>(1));
+        self.releasable = rows.iter().any(|r| !r.get::<_, bool>(1) && r.get::<_, bool>(2));
         Ok(())
     }
 
-    /// Queued events of aggregates with no failed one, in feed order.
+    /// Queued events of aggregates with no failed one, in feed order, at or behind their
+    /// partition's checkpoint: a queued row ahead of it (written before the events around it
+    /// were settled, by a member that then died or lost its lease) is met again by the feed read,
+    /// which queues it again and moves the checkpoint past it; handed out before that, it would
+    /// be handed out twice.
     async fn next_release(&mut self) -> Result<Option<Delivery>> {
         let limit = self.options.batch_size.min(self.options.max_in_flight);
         let held: Vec<i32> = self.held.keys().copied().collect();
         let client = self.repo.client().await?;
         let rows = client
             .query(
-                "SELECT q.event_id, q.partition, q.aggregate_id, q.txid::text, q.position FROM consumer_group_parked q \
+                "SELECT q.event_id, q.partition, q.aggregate_id, q.txid::text, q.position \
+                   FROM consumer_group_parked q JOIN consumer_group_partitions c \
+                     ON c.group_name = q.group_name AND c.partition = q.partition \
                   WHERE q.group_name = $1 AND q.partition = ANY ($2) \
+                    AND (q.txid, q.position) <= (c.txid, c.position) \
                     AND NOT EXISTS (SELECT 1 FROM consumer_group_parked f WHERE f.group_name = q.group_name \
                                        AND f.aggregate_id = q.aggregate_id AND f.state = 'failed') \
                   ORDER BY q.txid, q.position LIMIT $3",
@@ -913,13 +930,17 @@ impl GroupMember {
     /// Hands a delivery to the handler, with retries, bisection and parking.
     async fn handle<H: Handler>(&mut self, delivery: Delivery, handler: &mut H, transactional: bool) -> Result<()> {
         if delivery.events.is_empty() {
-            return self.settle_alone(&delivery.settlement).await;
+            return self.settle_or_lose(&delivery.settlement).await.map(|_| ());
         }
+        let epochs: HashMap<i32, i64> = delivery.settlement.advance.iter().map(|(p, e, _)| (*p, *e)).collect();
         // A batch of several is tried whole first, with every try (a failure may be passing).
         if delivery.events.len() > 1 {
             for attempt in 0..self.options.max_attempts {
                 if attempt > 0 {
                     self.pause(self.backoff(attempt)).await?;
+                    if !self.still_holds(&epochs) {
+                        return self.lost().await;
+                    }
                 }
                 match self
                     .apply(handler, transactional, delivery.events.clone(), &delivery.settlement)
@@ -931,7 +952,6 @@ impl GroupMember {
                 }
             }
         }
-        let epochs: HashMap<i32, i64> = delivery.settlement.advance.iter().map(|(p, e, _)| (*p, *e)).collect();
         // The events this delivery queues behind earlier parked ones are written first: the
         // settlements of its parts below move checkpoints past some of them.
         if !delivery.settlement.park.is_empty() {
@@ -954,6 +974,26 @@ impl GroupMember {
             released,
             settlement,
         } = delivery;
+        if released {
+            // Queued rows whose events are gone (retention) go now: no part below names them.
+            let present: HashSet<Uuid> = events.iter().map(|e| e.id).collect();
+            let gone: Vec<Uuid> = settlement
+                .release
+                .iter()
+                .filter(|id| !present.contains(id))
+                .copied()
+                .collect();
+            if !gone.is_empty() {
+                let fence = Settlement {
+                    advance: epochs.iter().map(|(p, e)| (*p, *e, Checkpoint::START)).collect(),
+                    park: Vec::new(),
+                    release: gone,
+                };
+                if !self.settle_or_lose(&fence).await? {
+                    return Ok(());
+                }
+            }
+        }
         let n = events.len();
         let mut parked: HashSet<Uuid> = HashSet::new();
         let mut parts: Vec<(usize, usize)> = if n > 1 {
@@ -1014,6 +1054,11 @@ impl GroupMember {
                 } else if Instant::now() >= self.next_heartbeat {
                     self.renew().await?;
                 }
+                // A lease the renewal found taken: its events are the new holder's (for a
+                // consumer, handling them here too would run one aggregate in two members).
+                if !self.still_holds(&epochs) {
+                    return self.lost().await;
+                }
                 outcome = self.apply(handler, transactional, batch.clone(), &part).await?;
                 if !matches!(outcome, Outcome::Failed(_)) {
                     break;
@@ -1051,8 +1096,18 @@ impl GroupMember {
             // Queued events behind a newly failed one stay queued.
             return Ok(());
         }
-        self.settle_or_lose(&settlement).await?;
+        if self.settle_or_lose(&settlement).await? {
+            // It stored every held partition at least as far as a deferred part would.
+            self.pending = None;
+        }
         Ok(())
+    }
+
+    /// Whether every partition of `epochs` is still held at that epoch.
+    fn still_holds(&self, epochs: &HashMap<i32, i64>) -> bool {
+        epochs
+            .iter()
+            .all(|(p, e)| self.held.get(p).is_some_and(|h| h.epoch == *e))
     }
 
     /// Stores a settlement on its own: false (every partition forgotten) when a lease it names
