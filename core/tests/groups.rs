@@ -99,6 +99,42 @@ async fn await_applied(client: &tokio_postgres::Client, n: i64, limit: Duration)
     }
 }
 
+/// Waits until `group` has `n` parked or queued events and returns them, or fails after `limit`.
+async fn await_parked(
+    repo: &EventRepository,
+    group: &str,
+    n: usize,
+    limit: Duration,
+) -> Vec<synap_events::ParkedEvent> {
+    let start = std::time::Instant::now();
+    loop {
+        let parked = repo.parked(group).await.unwrap();
+        if parked.len() == n {
+            return parked;
+        }
+        assert!(start.elapsed() < limit, "{} parked of {n}: {parked:?}", parked.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The lease rows of `group`, and its members, for a failure message.
+async fn lease_rows(client: &tokio_postgres::Client, group: &str) -> Vec<String> {
+    client
+        .query(
+            "SELECT format('partition %s owner %s epoch %s at %s/%s expires in %s', partition, owner, epoch, \
+                           txid, position, lease_expires - clock_timestamp()) \
+               FROM consumer_group_partitions WHERE group_name = $1 \
+             UNION ALL SELECT format('member %s expires in %s', member, expires - clock_timestamp()) \
+               FROM consumer_group_members WHERE group_name = $1",
+            &[&group],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Every event of the store applied once, each aggregate's in version order.
 async fn assert_read_model_is_the_feed(client: &tokio_postgres::Client) {
     let events: i64 = client
@@ -285,14 +321,7 @@ async fn failed_events_are_parked_their_aggregates_wait_and_the_rest_flow_on() {
     // The third aggregate's five events and the first event of each poisoned one arrive.
     await_applied(&client, 7, Duration::from_secs(30)).await;
     let start = std::time::Instant::now();
-    let parked = loop {
-        let parked = repo.parked("park").await.unwrap();
-        if parked.len() == 8 {
-            break parked;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "{parked:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let parked = await_parked(&repo, "park", 8, Duration::from_secs(30)).await;
     let failed: Vec<_> = parked.iter().filter(|p| p.state == "failed").collect();
     assert_eq!(failed.len(), 2, "{parked:?}");
     assert!(failed
@@ -408,15 +437,7 @@ async fn members_project_across_transaction_id_boundaries() {
         // Everything but the bad aggregate's versions 2 to 5 (one failed, three queued).
         let n = (2 + before + 3 + after) as i64;
         await_applied(&client, n - 4, Duration::from_secs(60)).await;
-        let start_wait = std::time::Instant::now();
-        let parked = loop {
-            let parked = repo.parked("edge").await.unwrap();
-            if parked.len() == 4 {
-                break parked;
-            }
-            assert!(start_wait.elapsed() < Duration::from_secs(30), "{tag}: {parked:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let parked = await_parked(&repo, "edge", 4, Duration::from_secs(30)).await;
         assert_eq!(
             parked.iter().map(|p| p.state.as_str()).collect::<Vec<_>>(),
             ["failed", "waiting", "waiting", "waiting"],
@@ -568,15 +589,7 @@ async fn a_failing_batch_is_halved_until_the_failing_event_is_alone() {
         })
     };
     await_applied(&client, 63, Duration::from_secs(30)).await;
-    let start = std::time::Instant::now();
-    let parked = loop {
-        let parked = repo.parked("halve").await.unwrap();
-        if parked.len() == 2 {
-            break parked;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "{parked:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let parked = await_parked(&repo, "halve", 2, Duration::from_secs(30)).await;
     stop.notify_one();
     member.await.unwrap().unwrap();
     assert!(parked.iter().all(|p| p.aggregate_id == bad));
@@ -875,19 +888,7 @@ async fn torture(group: &str, poison: bool) {
             // takeover waits for it (measured up to 1.74 s for a 0.6 s lease); the bound is
             // checked where handlers succeed.
             if !poison && killed_at.elapsed() >= Duration::from_millis(lease * 3) {
-                let state: Vec<String> = client
-                    .query(
-                        "SELECT format('partition %s owner %s expires in %s', partition, owner, lease_expires - clock_timestamp()) \
-                           FROM consumer_group_partitions WHERE group_name = $1 \
-                         UNION ALL SELECT format('member %s expires in %s', member, expires - clock_timestamp()) \
-                           FROM consumer_group_members WHERE group_name = $1",
-                        &[&group],
-                    )
-                    .await
-                    .unwrap()
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
+                let state = lease_rows(&client, group).await;
                 panic!(
                     "partitions of {victim} still held after {:?}: {state:#?}",
                     killed_at.elapsed()
@@ -923,19 +924,7 @@ async fn torture(group: &str, poison: bool) {
         .count();
     assert!(held_back > bad.len() && !bad.is_empty());
     await_applied(&client, n - held_back as i64, Duration::from_secs(120)).await;
-    let start = std::time::Instant::now();
-    let parked = loop {
-        let parked = repo.parked(group).await.unwrap();
-        if parked.len() == held_back {
-            break parked;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{} parked of {held_back}",
-            parked.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let parked = await_parked(&repo, group, held_back, Duration::from_secs(60)).await;
     drop(children);
     let failed: Vec<_> = parked.iter().filter(|p| p.state == "failed").collect();
     assert_eq!(failed.len(), bad.len(), "one failed event per poisoned aggregate");
@@ -1135,17 +1124,7 @@ async fn compare_with_model(repo: &EventRepository, client: &tokio_postgres::Cli
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let parked = repo.parked("model").await.unwrap_or_default();
-    let state: Vec<String> = client
-        .query(
-            "SELECT format('partition %s owner %s epoch %s at %s/%s', partition, owner, epoch, txid, position) \
-               FROM consumer_group_partitions ORDER BY partition",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let state = lease_rows(client, "model").await;
     let state = format!("{state:#?}\nparked: {parked:#?}");
     for (agg, (applied, failed, waiting)) in model.iter().zip(&expected) {
         let got: Vec<i32> = client

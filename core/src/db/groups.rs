@@ -653,10 +653,8 @@ impl GroupMember {
                 pending
                     .advance
                     .retain(|(p, e, _)| self.held.get(p).is_some_and(|h| h.epoch == *e));
-                match self.settle_alone(&pending).await {
-                    Ok(()) => {}
-                    Err(Error::LeaseLost { .. }) => return self.lost().await,
-                    Err(e) => return Err(e),
+                if !self.settle_or_lose(&pending).await? {
+                    return Ok(());
                 }
             }
         }
@@ -1049,11 +1047,12 @@ impl GroupMember {
             let tries = if batch.len() > 1 { 1 } else { self.options.max_attempts };
             let mut outcome = Outcome::Failed(String::new());
             for attempt in 0..tries {
-                if attempt > 0 {
-                    self.pause(self.backoff(attempt)).await?;
-                } else if Instant::now() >= self.next_heartbeat {
-                    self.renew().await?;
-                }
+                let wait = if attempt > 0 {
+                    self.backoff(attempt)
+                } else {
+                    Duration::ZERO
+                };
+                self.pause(wait).await?;
                 // A lease the renewal found taken: its events are the new holder's (for a
                 // consumer, handling them here too would run one aggregate in two members).
                 if !self.still_holds(&epochs) {
