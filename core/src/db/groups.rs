@@ -1178,12 +1178,15 @@ impl GroupMember {
                 Err(e) => Err(e),
             };
         }
-        let client = self.repo.client().await?;
-        client.batch_execute("BEGIN").await?;
+        // Guarded before `BEGIN` is sent: a task cancelled while waiting for it (a `select!` or
+        // a timeout around the run) must not put the connection back in the pool inside the
+        // transaction, where every later statement on it would join the transaction and none
+        // would commit.
         let tx = ProjectionTx(Arc::new(TxInner {
-            client: Some(client),
+            client: Some(self.repo.client().await?),
             finished: std::sync::atomic::AtomicBool::new(false),
         }));
+        tx.client().batch_execute("BEGIN").await?;
         let handled = handler.handle(events, Some(tx.clone())).await;
         let outcome = match handled {
             Err(e) => Outcome::Failed(e.to_string()),
