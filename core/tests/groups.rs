@@ -958,11 +958,8 @@ async fn torture(group: &str, poison: bool) {
             if held == 0 {
                 break;
             }
-            // Members take partitions between batches: with handlers that fail, the member
-            // whose share grew may be in a failing batch (retries, backoff, halving), and the
-            // takeover waits for it (measured up to 1.74 s for a 0.6 s lease); the bound is
-            // checked where handlers succeed.
-            if !poison && killed_at.elapsed() >= Duration::from_millis(lease * 3) {
+            // Members take partitions between batches and between the tries of a failing one.
+            if killed_at.elapsed() >= Duration::from_millis(lease * 3) {
                 let state = lease_rows(&client, group).await;
                 panic!(
                     "partitions of {victim} still held after {:?}: {state:#?}",

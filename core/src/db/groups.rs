@@ -568,12 +568,73 @@ impl GroupMember {
         Ok(())
     }
 
-    /// Renews this member and its leases, and forgets partitions taken from it: between tries of
-    /// a failing batch, when a renewal falls due. Next renewal in a third of the lease.
+    /// Renews this member and its leases, forgets partitions taken from it, and takes free ones
+    /// up to its share: between tries of a failing batch, when a renewal falls due. A partition
+    /// taken now has no events in the batch in hand, so a dead member's partitions are taken
+    /// over also by a member whose batch keeps failing. Partitions above the share are given
+    /// back after the batch (its settlement names every partition its read covered).
     async fn renew(&mut self) -> Result<()> {
-        self.renew_leases().await?;
-        self.next_heartbeat = Instant::now() + self.options.lease / 3;
+        let (names, _) = self.renew_leases().await?;
+        let share = self.share_of(&names);
+        if self.held.len() < share && self.take_up_to(share).await? {
+            self.refresh_queue().await?;
+        }
+        self.schedule_renewal();
         Ok(())
+    }
+
+    /// This member's share of the partitions among the live members `names` (sorted): an even
+    /// split, the first members in name order taking one more while some are left over.
+    fn share_of(&mut self, names: &[String]) -> usize {
+        let count = names.len().max(1);
+        let rank = names.iter().position(|m| *m == self.member).unwrap_or(0);
+        let p = self.partitions as usize;
+        self.share = p / count + usize::from(rank < p % count);
+        self.share
+    }
+
+    /// Takes free or expired partitions up to `share`, from their stored checkpoints; whether
+    /// it took any. Their events are read after what is read ahead (see [`Held::read`]).
+    async fn take_up_to(&mut self, share: usize) -> Result<bool> {
+        let want = (share - self.held.len()) as i64;
+        let lease = self.options.lease.as_secs_f64();
+        let client = self.repo.client().await?;
+        let rows = client
+            .query(
+                "UPDATE consumer_group_partitions p \
+                    SET owner = $2, epoch = p.epoch + 1, lease_expires = clock_timestamp() + make_interval(secs => $3) \
+                  WHERE (p.group_name, p.partition) IN ( \
+                        SELECT group_name, partition FROM consumer_group_partitions \
+                         WHERE group_name = $1 AND (owner IS NULL OR lease_expires < clock_timestamp()) \
+                           AND owner IS DISTINCT FROM $2 \
+                         ORDER BY partition LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                  RETURNING partition, epoch, txid::text, position",
+                &[&self.options.group, &self.member, &lease, &want],
+            )
+            .await?;
+        for r in &rows {
+            let cursor = parse_checkpoint(r.get(2), r.get(3), 0)?;
+            self.held.insert(
+                r.get(0),
+                Held {
+                    epoch: r.get(1),
+                    cursor,
+                    read: false,
+                },
+            );
+        }
+        Ok(!rows.is_empty())
+    }
+
+    /// The next renewal: in a third of the lease, sooner while short of the share (a member that
+    /// left or died frees partitions when its lease ends).
+    fn schedule_renewal(&mut self) {
+        let every = if self.held.len() < self.share {
+            self.options.lease / 10
+        } else {
+            self.options.lease / 3
+        };
+        self.next_heartbeat = Instant::now() + every;
     }
 
     /// Renews this member and its leases; returns the live members' names, sorted, and the
@@ -626,12 +687,7 @@ impl GroupMember {
     /// takes free or expired ones up to it.
     async fn heartbeat(&mut self) -> Result<()> {
         let (names, renewed) = self.renew_leases().await?;
-        let lease = self.options.lease.as_secs_f64();
-        let count = names.len().max(1);
-        let rank = names.iter().position(|m| *m == self.member).unwrap_or(0);
-        let p = self.partitions as usize;
-        let share = p / count + usize::from(rank < p % count);
-        self.share = share;
+        let share = self.share_of(&names);
         // Still ours in the database but forgotten here (after a lease was lost in a batch, every
         // partition is forgotten): taken up again from the stored checkpoint.
         for (p, epoch, cursor) in renewed {
@@ -658,15 +714,15 @@ impl GroupMember {
                 }
             }
         }
-        let group = &self.options.group;
-        let client = self.repo.client().await?;
         if self.held.len() > share {
             let extra: Vec<i32> = self.held.keys().rev().take(self.held.len() - share).copied().collect();
-            client
+            self.repo
+                .client()
+                .await?
                 .execute(
                     "UPDATE consumer_group_partitions SET owner = NULL, lease_expires = NULL \
                       WHERE group_name = $1 AND owner = $2 AND partition = ANY ($3)",
-                    &[group, &self.member, &extra],
+                    &[&self.options.group, &self.member, &extra],
                 )
                 .await?;
             for p in extra {
@@ -674,42 +730,10 @@ impl GroupMember {
             }
             self.drop_unheld();
         } else if self.held.len() < share {
-            let want = (share - self.held.len()) as i64;
-            let rows = client
-                .query(
-                    "UPDATE consumer_group_partitions p \
-                        SET owner = $2, epoch = p.epoch + 1, lease_expires = clock_timestamp() + make_interval(secs => $3) \
-                      WHERE (p.group_name, p.partition) IN ( \
-                            SELECT group_name, partition FROM consumer_group_partitions \
-                             WHERE group_name = $1 AND (owner IS NULL OR lease_expires < clock_timestamp()) \
-                               AND owner IS DISTINCT FROM $2 \
-                             ORDER BY partition LIMIT $4 FOR UPDATE SKIP LOCKED) \
-                      RETURNING partition, epoch, txid::text, position",
-                    &[group, &self.member, &lease, &want],
-                )
-                .await?;
-            for r in &rows {
-                let cursor = parse_checkpoint(r.get(2), r.get(3), 0)?;
-                self.held.insert(
-                    r.get(0),
-                    Held {
-                        epoch: r.get(1),
-                        cursor,
-                        read: false,
-                    },
-                );
-            }
+            self.take_up_to(share).await?;
         }
-        drop(client);
         self.refresh_queue().await?;
-        // Renew at a third of the lease; sooner while short of the share (a member that left or
-        // died frees partitions when its lease ends).
-        let every = if self.held.len() < share {
-            self.options.lease / 10
-        } else {
-            self.options.lease / 3
-        };
-        self.next_heartbeat = Instant::now() + every;
+        self.schedule_renewal();
         Ok(())
     }
 
