@@ -218,6 +218,38 @@ test('project: tx.query converts parameters and rows like node-postgres, and end
   }
 })
 
+test('project: a tx.query still running when the handler settles stays inside the batch', async () => {
+  const { repo, sql } = await freshRepository('groups_late')
+  try {
+    await sql.query('CREATE TABLE late (event_id uuid NOT NULL, attempt integer NOT NULL)')
+    await repo.append(ev(randomUUID(), 1))
+    let attempts = 0
+    const run = await repo.project({
+      group: 'late',
+      pollIntervalMs: 50,
+      retryBackoffMs: 1,
+      handler: async (events, tx) => {
+        attempts += 1
+        const insert = tx.query('INSERT INTO late SELECT $1, $2 FROM pg_sleep(0.05)', [events[0].id, attempts])
+        if (attempts === 1) {
+          // Not awaited, and the batch fails: the insert must roll back with it.
+          insert.catch(() => {})
+          throw new Error('first try fails')
+        }
+        // Not awaited, and the batch succeeds: the insert commits with it.
+        insert.catch(() => {})
+      },
+    })
+    await waitFor(async () => attempts >= 2 && (await repo.groups()).find((g) => g.group === 'late')?.lagEvents === 0, 'never caught up')
+    await run.stop()
+    const { rows } = await sql.query('SELECT attempt FROM late ORDER BY attempt')
+    assert.deepEqual(rows.map((r) => r.attempt), [2], 'only the successful try wrote, inside its batch')
+  } finally {
+    repo.close()
+    await sql.end()
+  }
+})
+
 test('bad consumer-group options are refused with codes, and nothing is written', async () => {
   const { repo, sql } = await freshRepository('groups_bad')
   try {

@@ -807,6 +807,41 @@ async fn members_cancelled_at_any_moment_leave_no_connection_in_a_transaction() 
     assert_read_model_is_the_feed(&client).await;
 }
 
+/// One member whose run is cancelled again and again (a timeout around `project`) and run
+/// again: the batch in hand when a run was cancelled is handed out by the next run. (The next
+/// run used to start from the cancelled run's read positions, past a batch never stored, and
+/// skipped it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_run_again_after_a_cancelled_run_skips_nothing() {
+    let repo = repo("groups_rerun").await;
+    let client = sql(&repo).await;
+    client.batch_execute(READ_MODEL).await.unwrap();
+    let n = write(&repo, 1, 1000, 7).await as i64;
+    let mut o = options("rerun", 2000);
+    o.batch_size = 5;
+    let mut m = repo.join_group(o).await.unwrap();
+    for i in 0..60u64 {
+        let run = m.project(|events, tx| apply(events, tx, "m".into()), std::future::pending());
+        let _ = tokio::time::timeout(Duration::from_micros(2000 + (i * 379) % 10_000), run).await;
+    }
+    let all_applied = async {
+        loop {
+            let got: i64 = client
+                .query_one("SELECT count(DISTINCT event_id) FROM applied", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if got == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let last = m.project(|events, tx| apply(events, tx, "m".into()), all_applied);
+    let _ = tokio::time::timeout(Duration::from_secs(30), last).await;
+    assert_read_model_is_the_feed(&client).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_member_child() {
     let Ok(schema) = std::env::var("SYNAP_GROUP_CHILD") else {

@@ -465,7 +465,7 @@ impl EventRepository {
         if consume > 0 {
             client
                 .batch_execute(&format!(
-                    "CREATE TEMP TABLE IF NOT EXISTS synap_consumed_ids (x int);
+                    "CREATE TEMP TABLE IF NOT EXISTS synap_consumed_ids (x int) ON COMMIT DROP;
                      DO $$ BEGIN FOR i IN 1..{consume} LOOP
                          BEGIN INSERT INTO synap_consumed_ids VALUES (1); RAISE EXCEPTION 'consumed';
                          EXCEPTION WHEN OTHERS THEN NULL; END;

@@ -290,6 +290,11 @@ pub struct ProjectionTx(Arc<TxInner>);
 struct TxInner {
     client: Option<deadpool_postgres::Object>,
     finished: std::sync::atomic::AtomicBool,
+    /// Open while the handler runs: [`ProjectionTx::query_json`] holds it for reading through its
+    /// statements, and the batch closes it (waiting for those) before it settles, so that a
+    /// statement still on its way when the handler's promise settles cannot run after the
+    /// COMMIT or ROLLBACK, outside the batch.
+    open: tokio::sync::RwLock<bool>,
 }
 
 impl Drop for TxInner {
@@ -518,6 +523,10 @@ impl GroupMember {
         transactional: bool,
         stop: impl Future<Output = ()>,
     ) -> Result<()> {
+        // What an earlier run left in memory (one cancelled mid-batch, or one whose `leave`
+        // failed) is forgotten: its read positions may be past a batch that was never stored.
+        // The partitions still ours are taken up again from their stored checkpoints.
+        self.lost().await?;
         tokio::pin!(stop);
         let result = loop {
             let delivery = tokio::select! {
@@ -703,7 +712,8 @@ impl GroupMember {
         if self.held.len() > share {
             // A `consume` member's checkpoints not yet stored are stored first, while it still
             // holds every partition they name.
-            if let Some(mut pending) = self.pending.take() {
+            // Kept until stored: a run stopped during this settlement stores it at its end.
+            if let Some(mut pending) = self.pending.clone() {
                 // Only what is still held: a partition the renewal found taken is its new
                 // holder's, from its stored checkpoint.
                 pending
@@ -712,6 +722,7 @@ impl GroupMember {
                 if !self.settle_or_lose(&pending).await? {
                     return Ok(());
                 }
+                self.pending = None;
             }
         }
         if self.held.len() > share {
@@ -1209,12 +1220,19 @@ impl GroupMember {
         let tx = ProjectionTx(Arc::new(TxInner {
             client: Some(self.repo.client().await?),
             finished: std::sync::atomic::AtomicBool::new(false),
+            open: tokio::sync::RwLock::new(true),
         }));
         tx.client().batch_execute("BEGIN").await?;
         let handled = handler.handle(events, Some(tx.clone())).await;
+        *tx.0.open.write().await = false;
         let outcome = match handled {
             Err(e) => Outcome::Failed(e.to_string()),
             Ok(()) => match settle(tx.client(), &self.options.group, &self.member, settlement).await {
+                // A statement of the handler's failed and it resolved anyway (it did not wait
+                // for the statement): the batch failed.
+                Err(Error::Database { sqlstate, message }) if sqlstate == "25P02" => {
+                    Outcome::Failed(format!("a statement of the batch failed: {message}"))
+                }
                 Ok(true) => {
                     tx.client().batch_execute("COMMIT").await?;
                     tx.0.finished.store(true, std::sync::atomic::Ordering::Release);
@@ -1553,6 +1571,14 @@ impl ProjectionTx {
     /// transaction: the batch is retried).
     pub async fn query_json(&self, sql: &str, params: &[serde_json::Value]) -> Result<serde_json::Value> {
         use tokio_postgres::types::ToSql;
+        let open = self.0.open.read().await;
+        if !*open {
+            return Err(Error::Validation {
+                field: "tx".into(),
+                reason: IssueCode::OutOfRange,
+                message: "the batch's transaction is over: use tx only until the handler's promise settles".into(),
+            });
+        }
         let client = self.client();
         let stmt = client.prepare(sql).await?;
         if stmt.params().len() != params.len() {

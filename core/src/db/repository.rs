@@ -589,13 +589,22 @@ impl EventRepository {
         }
         let wake = self.wake.clone();
         let pool = self.pool.clone();
+        // Clears the flag when the task ends before it does (its runtime shut down while it
+        // waited): left set, it would keep every later commit from scheduling a wake-up.
+        struct Clear(std::sync::Arc<Wake>);
+        impl Drop for Clear {
+            fn drop(&mut self) {
+                self.0.pending.store(false, Ordering::Release);
+            }
+        }
         runtime.spawn(async move {
+            let clear = Clear(wake.clone());
             let last = *wake.last_sent.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(last) = last {
                 tokio::time::sleep_until(last + WAKE_INTERVAL).await;
             }
             // Cleared before sending: a commit after this point schedules the next wake-up.
-            wake.pending.store(false, Ordering::Release);
+            drop(clear);
             *wake.last_sent.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
             if let Ok(client) = pool.get().await {
                 let _ = client.batch_execute("SELECT pg_notify('synap_events', '')").await;
