@@ -842,6 +842,80 @@ async fn a_member_run_again_after_a_cancelled_run_skips_nothing() {
     assert_read_model_is_the_feed(&client).await;
 }
 
+/// A member whose batch keeps failing gives back the partitions above its share that have no
+/// events in that batch, between its tries: a member that joins meanwhile gets its share within
+/// about a lease, not when the failing batch ends (here after about nine seconds of backoff).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_in_a_failing_batch_gives_a_joining_member_its_share() {
+    let repo = repo("groups_giveback").await;
+    let client = sql(&repo).await;
+    client.batch_execute(READ_MODEL).await.unwrap();
+    let bad = Uuid::now_v7();
+    repo.append(event(bad, 1)).await.unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let member = |name: &str| {
+        let (repo, calls) = (repo.clone(), calls.clone());
+        let mut o = options("giveback", 600);
+        o.member = Some(name.into());
+        o.max_attempts = 6;
+        o.retry_backoff = Duration::from_millis(300);
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let mut m = repo.join_group(o).await.unwrap();
+            m.project(
+                move |events: Vec<EventRecord>, tx| {
+                    let fails = events.iter().any(|e| e.aggregate_id == bad);
+                    if fails {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let name = name.clone();
+                    async move {
+                        if fails {
+                            return Err("failing".into());
+                        }
+                        apply(events, tx, name).await
+                    }
+                },
+                std::future::pending(),
+            )
+            .await
+        })
+    };
+    let a = member("a");
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let b = member("b");
+    let start = std::time::Instant::now();
+    loop {
+        let held: i64 = client
+            .query_one(
+                "SELECT count(*) FROM consumer_group_partitions WHERE group_name = 'giveback' AND owner = 'b'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if held == 4 {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(2) {
+            let state = lease_rows(&client, "giveback").await;
+            panic!(
+                "b holds {held} of its 4 partitions after {:?}: {state:#?}",
+                start.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        calls.load(Ordering::SeqCst) < 6,
+        "a's failing batch had ended: the partitions were given back after it"
+    );
+    a.abort();
+    b.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_member_child() {
     let Ok(schema) = std::env::var("SYNAP_GROUP_CHILD") else {

@@ -268,6 +268,9 @@ pub struct GroupMember {
     buffer_through: Checkpoint,
     /// A `consume` batch's checkpoints not yet stored: stored with the read-ahead's last batch.
     pending: Option<Settlement>,
+    /// The partitions of the events of the batch being handled: kept through its tries, while
+    /// the others may be given back.
+    in_hand: HashSet<i32>,
     notify: Arc<Notify>,
     _listener: Option<tokio_postgres::Client>,
 }
@@ -474,6 +477,7 @@ impl EventRepository {
             buffer: std::collections::VecDeque::new(),
             buffer_through: Checkpoint::START,
             pending: None,
+            in_hand: HashSet::new(),
             notify,
             _listener: listener,
         })
@@ -577,19 +581,68 @@ impl GroupMember {
         Ok(())
     }
 
-    /// Renews this member and its leases, forgets partitions taken from it, and takes free ones
-    /// up to its share: between tries of a failing batch, when a renewal falls due. A partition
-    /// taken now has no events in the batch in hand, so a dead member's partitions are taken
-    /// over also by a member whose batch keeps failing. Partitions above the share are given
-    /// back after the batch (its settlement names every partition its read covered).
+    /// Renews this member and its leases, forgets partitions taken from it, and moves toward its
+    /// share: between tries of a failing batch, when a renewal falls due. A partition taken now
+    /// has no events in the batch in hand, and one given back is one without (`in_hand`), so
+    /// partitions change hands also while a member's batch keeps failing.
     async fn renew(&mut self) -> Result<()> {
         let (names, _) = self.renew_leases().await?;
         let share = self.share_of(&names);
-        if self.held.len() < share && self.take_up_to(share).await? {
-            self.refresh_queue().await?;
+        if self.held.len() < share {
+            if self.take_up_to(share).await? {
+                self.refresh_queue().await?;
+            }
+        } else if self.held.len() > share {
+            let free: Vec<i32> = self
+                .held
+                .keys()
+                .rev()
+                .filter(|p| !self.in_hand.contains(p))
+                .take(self.held.len() - share)
+                .copied()
+                .collect();
+            if !self.give_back(free).await? {
+                return Ok(());
+            }
         }
         self.schedule_renewal();
         Ok(())
+    }
+
+    /// Gives back partitions (none of them in hand): a `consume` member's deferred checkpoints
+    /// are stored first, while it still holds every partition they name; events read ahead for
+    /// them are dropped (they are their next holder's, from the stored checkpoints).
+    /// False (every partition forgotten) when a lease the deferred checkpoints name was taken.
+    async fn give_back(&mut self, partitions: Vec<i32>) -> Result<bool> {
+        if partitions.is_empty() {
+            return Ok(true);
+        }
+        // Kept until stored: a run stopped during this settlement stores it at its end.
+        if let Some(mut pending) = self.pending.clone() {
+            // Only what is still held: a partition the renewal found taken is its new holder's,
+            // from its stored checkpoint.
+            pending
+                .advance
+                .retain(|(p, e, _)| self.held.get(p).is_some_and(|h| h.epoch == *e));
+            if !self.settle_or_lose(&pending).await? {
+                return Ok(false);
+            }
+            self.pending = None;
+        }
+        self.repo
+            .client()
+            .await?
+            .execute(
+                "UPDATE consumer_group_partitions SET owner = NULL, lease_expires = NULL \
+                  WHERE group_name = $1 AND owner = $2 AND partition = ANY ($3)",
+                &[&self.options.group, &self.member, &partitions],
+            )
+            .await?;
+        for p in partitions {
+            self.held.remove(&p);
+        }
+        self.drop_unheld();
+        Ok(true)
     }
 
     /// This member's share of the partitions among the live members `names` (sorted): an even
@@ -710,36 +763,10 @@ impl GroupMember {
         // an empty buffer could go a long time without taking its share): events read ahead
         // for a partition given back are dropped, and a partition taken is read after them.
         if self.held.len() > share {
-            // A `consume` member's checkpoints not yet stored are stored first, while it still
-            // holds every partition they name.
-            // Kept until stored: a run stopped during this settlement stores it at its end.
-            if let Some(mut pending) = self.pending.clone() {
-                // Only what is still held: a partition the renewal found taken is its new
-                // holder's, from its stored checkpoint.
-                pending
-                    .advance
-                    .retain(|(p, e, _)| self.held.get(p).is_some_and(|h| h.epoch == *e));
-                if !self.settle_or_lose(&pending).await? {
-                    return Ok(());
-                }
-                self.pending = None;
-            }
-        }
-        if self.held.len() > share {
             let extra: Vec<i32> = self.held.keys().rev().take(self.held.len() - share).copied().collect();
-            self.repo
-                .client()
-                .await?
-                .execute(
-                    "UPDATE consumer_group_partitions SET owner = NULL, lease_expires = NULL \
-                      WHERE group_name = $1 AND owner = $2 AND partition = ANY ($3)",
-                    &[&self.options.group, &self.member, &extra],
-                )
-                .await?;
-            for p in extra {
-                self.held.remove(&p);
+            if !self.give_back(extra).await? {
+                return Ok(());
             }
-            self.drop_unheld();
         } else if self.held.len() < share {
             self.take_up_to(share).await?;
         }
@@ -965,7 +992,21 @@ impl GroupMember {
         if delivery.events.is_empty() {
             return self.settle_or_lose(&delivery.settlement).await.map(|_| ());
         }
-        let epochs: HashMap<i32, i64> = delivery.settlement.advance.iter().map(|(p, e, _)| (*p, *e)).collect();
+        // The partitions of its events are kept through its tries; the others may be given back
+        // meanwhile (the settlements below then leave them out).
+        self.in_hand = delivery
+            .meta
+            .iter()
+            .map(|(p, _)| *p)
+            .chain(delivery.settlement.park.iter().map(|park| park.event.partition))
+            .collect();
+        let epochs: HashMap<i32, i64> = delivery
+            .settlement
+            .advance
+            .iter()
+            .filter(|(p, _, _)| self.in_hand.contains(p))
+            .map(|(p, e, _)| (*p, *e))
+            .collect();
         // A batch of several is tried whole first, with every try (a failure may be passing).
         if delivery.events.len() > 1 {
             for attempt in 0..self.options.max_attempts {
@@ -975,8 +1016,9 @@ impl GroupMember {
                         return self.lost().await;
                     }
                 }
+                let settlement = self.held_only(&delivery.settlement);
                 match self
-                    .apply(handler, transactional, delivery.events.clone(), &delivery.settlement)
+                    .apply(handler, transactional, delivery.events.clone(), &settlement)
                     .await?
                 {
                     Outcome::Done => return Ok(()),
@@ -1130,11 +1172,21 @@ impl GroupMember {
             // Queued events behind a newly failed one stay queued.
             return Ok(());
         }
-        if self.settle_or_lose(&settlement).await? {
+        if self.settle_or_lose(&self.held_only(&settlement)).await? {
             // It stored every held partition at least as far as a deferred part would.
             self.pending = None;
         }
         Ok(())
+    }
+
+    /// `settlement` without the partitions given back or taken since it was made (none of them
+    /// has events in the batch in hand; their next holder reads them from their stored
+    /// checkpoints).
+    fn held_only(&self, settlement: &Settlement) -> Settlement {
+        let mut s = settlement.clone();
+        s.advance
+            .retain(|(p, e, _)| self.held.get(p).is_some_and(|h| h.epoch == *e));
+        s
     }
 
     /// Whether every partition of `epochs` is still held at that epoch.
