@@ -84,19 +84,17 @@ impl ProjectionTransaction {
             None => serde_json::Value::Array(Vec::new()),
         };
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        spawn(env, async move {
-            let Some(tx) = tx else {
-                return Err(core::Error::Validation {
-                    field: "tx".into(),
-                    reason: core::IssueCode::OutOfRange,
-                    message: "the batch's transaction is over: use tx only until the handler's promise settles".into(),
-                });
-            };
-            let serde_json::Value::Array(params) = params else {
-                return Err(core::Error::invalid_input("params must be an array"));
-            };
-            tx.query_json(&sql, &params).await
-        })
+        // The statement joins the batch now, before the handler's promise can settle.
+        let query = match (tx, params) {
+            (Some(tx), serde_json::Value::Array(params)) => Ok(tx.query_json(sql, params)),
+            (None, _) => Err(core::Error::Validation {
+                field: "tx".into(),
+                reason: core::IssueCode::OutOfRange,
+                message: "the batch's transaction is over: use tx only until the handler's promise settles".into(),
+            }),
+            (Some(_), _) => Err(core::Error::invalid_input("params must be an array")),
+        };
+        spawn(env, async move { query?.await })
     }
 }
 

@@ -293,11 +293,11 @@ pub struct ProjectionTx(Arc<TxInner>);
 struct TxInner {
     client: Option<deadpool_postgres::Object>,
     finished: std::sync::atomic::AtomicBool,
-    /// Open while the handler runs: [`ProjectionTx::query_json`] holds it for reading through its
-    /// statements, and the batch closes it (waiting for those) before it settles, so that a
-    /// statement still on its way when the handler's promise settles cannot run after the
-    /// COMMIT or ROLLBACK, outside the batch.
-    open: tokio::sync::RwLock<bool>,
+    /// Open while the handler runs: [`ProjectionTx::query_json`] takes it for reading when it
+    /// is called and holds it through its statements, and the batch closes it (waiting for
+    /// those) before it settles, so that a statement on its way when the handler's promise
+    /// settles runs inside the batch, not after its COMMIT or ROLLBACK.
+    open: Arc<tokio::sync::RwLock<bool>>,
 }
 
 impl Drop for TxInner {
@@ -313,7 +313,9 @@ impl Drop for TxInner {
 }
 
 impl ProjectionTx {
-    /// The connection, inside the transaction.
+    /// The connection, inside the transaction. Statements on it must be awaited before the
+    /// handler returns: unlike [`ProjectionTx::query_json`], a statement still running then is
+    /// not waited for, and may run after the batch's COMMIT or ROLLBACK.
     pub fn client(&self) -> &tokio_postgres::Client {
         self.0.client.as_ref().expect("present until dropped")
     }
@@ -549,7 +551,7 @@ impl GroupMember {
         };
         if let Some(pending) = self.pending.take() {
             if result.is_ok() {
-                match self.settle_alone(&pending).await {
+                match self.settle_alone(&self.held_only(&pending)).await {
                     Ok(()) | Err(Error::LeaseLost { .. }) => {}
                     Err(e) => return Err(e),
                 }
@@ -590,7 +592,13 @@ impl GroupMember {
         let share = self.share_of(&names);
         if self.held.len() < share {
             if self.take_up_to(share).await? {
+                // Merged with what this member knows, not replaced: the batch in hand may queue
+                // events not written yet, and an aggregate known queued stays so (a larger set
+                // only queues more, released in order).
+                let (queued, releasable) = (std::mem::take(&mut self.queued), self.releasable);
                 self.refresh_queue().await?;
+                self.queued.extend(queued);
+                self.releasable |= releasable;
             }
         } else if self.held.len() > share {
             let free: Vec<i32> = self
@@ -999,6 +1007,15 @@ impl GroupMember {
             .iter()
             .map(|(p, _)| *p)
             .chain(delivery.settlement.park.iter().map(|park| park.event.partition))
+            .chain(
+                // Queued rows whose events are gone name their partitions only here.
+                delivery
+                    .settlement
+                    .advance
+                    .iter()
+                    .filter(|_| delivery.released)
+                    .map(|(p, _, _)| *p),
+            )
             .collect();
         let epochs: HashMap<i32, i64> = delivery
             .settlement
@@ -1179,6 +1196,24 @@ impl GroupMember {
         Ok(())
     }
 
+    /// `settlement` with the deferred checkpoints (taken) merged in, each partition at the
+    /// further of the two, and without partitions no longer held: a part of a split batch names
+    /// only its own partitions, and replacing the deferred checkpoints with it would drop the
+    /// others' (handed out again after a crash).
+    fn merged_with_pending(&mut self, settlement: &Settlement) -> Settlement {
+        let mut s = settlement.clone();
+        if let Some(pending) = self.pending.take() {
+            for (part, epoch, at) in pending.advance {
+                match s.advance.iter_mut().find(|(p, _, _)| *p == part) {
+                    Some(entry) if entry.1 == epoch => entry.2 = entry.2.max(at),
+                    Some(_) => {}
+                    None => s.advance.push((part, epoch, at)),
+                }
+            }
+        }
+        self.held_only(&s)
+    }
+
     /// `settlement` without the partitions given back or taken since it was made (none of them
     /// has events in the batch in hand; their next holder reads them from their stored
     /// checkpoints).
@@ -1254,12 +1289,12 @@ impl GroupMember {
             // At least once: the checkpoints of a read-ahead's batches are stored with its last
             // batch (a crash hands out at most `max_in_flight` events again). A later settlement
             // moves every held partition at least as far.
+            let merged = self.merged_with_pending(settlement);
             if !self.buffer.is_empty() && settlement.park.is_empty() && settlement.release.is_empty() {
-                self.pending = Some(settlement.clone());
+                self.pending = Some(merged);
                 return Ok(Outcome::Done);
             }
-            self.pending = None;
-            return match self.settle_alone(settlement).await {
+            return match self.settle_alone(&merged).await {
                 Ok(()) => Ok(Outcome::Done),
                 Err(Error::LeaseLost { .. }) => Ok(Outcome::LeaseLost),
                 Err(e) => Err(e),
@@ -1272,7 +1307,7 @@ impl GroupMember {
         let tx = ProjectionTx(Arc::new(TxInner {
             client: Some(self.repo.client().await?),
             finished: std::sync::atomic::AtomicBool::new(false),
-            open: tokio::sync::RwLock::new(true),
+            open: Arc::new(tokio::sync::RwLock::new(true)),
         }));
         tx.client().batch_execute("BEGIN").await?;
         let handled = handler.handle(events, Some(tx.clone())).await;
@@ -1621,16 +1656,31 @@ impl ProjectionTx {
     /// Fails with [`Error::Validation`] for a parameter of the wrong type or count, or a column of
     /// another type, and with the database's error for a failing statement (which aborts the
     /// transaction: the batch is retried).
-    pub async fn query_json(&self, sql: &str, params: &[serde_json::Value]) -> Result<serde_json::Value> {
-        use tokio_postgres::types::ToSql;
-        let open = self.0.open.read().await;
-        if !*open {
-            return Err(Error::Validation {
-                field: "tx".into(),
-                reason: IssueCode::OutOfRange,
-                message: "the batch's transaction is over: use tx only until the handler's promise settles".into(),
-            });
+    ///
+    /// The statement belongs to the batch from this call on (not from when the future is first
+    /// polled): one started before the handler returns runs before the batch commits or rolls
+    /// back, also when the handler does not wait for it. Refused once the handler has returned.
+    pub fn query_json(
+        &self,
+        sql: String,
+        params: Vec<serde_json::Value>,
+    ) -> impl Future<Output = Result<serde_json::Value>> + Send + 'static {
+        let turn = self.0.open.clone().try_read_owned().ok().filter(|open| **open);
+        let tx = self.clone();
+        async move {
+            let Some(_turn) = turn else {
+                return Err(Error::Validation {
+                    field: "tx".into(),
+                    reason: IssueCode::OutOfRange,
+                    message: "the batch's transaction is over: use tx only until the handler's promise settles".into(),
+                });
+            };
+            tx.run_json(&sql, &params).await
         }
+    }
+
+    async fn run_json(&self, sql: &str, params: &[serde_json::Value]) -> Result<serde_json::Value> {
+        use tokio_postgres::types::ToSql;
         let client = self.client();
         let stmt = client.prepare(sql).await?;
         if stmt.params().len() != params.len() {
