@@ -1294,6 +1294,7 @@ fn model_member(
     repo: &EventRepository,
     failing: Arc<Mutex<std::collections::HashSet<Uuid>>>,
     batch: i64,
+    consume: bool,
 ) -> tokio::task::JoinHandle<()> {
     let repo = repo.clone();
     tokio::spawn(async move {
@@ -1307,30 +1308,66 @@ fn model_member(
         let mut m = repo.join_group(o).await.unwrap();
         let name = m.name().to_owned();
         let name2 = name.clone();
-        m.project(
-            move |events: Vec<EventRecord>, tx| {
-                let fails = {
-                    let failing = failing.lock().unwrap();
-                    events.iter().any(|e| failing.contains(&e.id))
-                };
-                let name = name.clone();
-                async move {
-                    if fails {
-                        return Err("failing".into());
+        let fails = move |events: &[EventRecord]| {
+            let failing = failing.lock().unwrap();
+            events.iter().any(|e| failing.contains(&e.id))
+        };
+        let run = if consume {
+            // At least once: what a member handled before it crashed may come again.
+            let client = Arc::new(sql(&repo).await);
+            m.consume(
+                move |events: Vec<EventRecord>| {
+                    let (fails, client, name) = (fails(&events), client.clone(), name.clone());
+                    async move {
+                        if fails {
+                            return Err("failing".into());
+                        }
+                        let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+                        let aggregates: Vec<Uuid> = events.iter().map(|e| e.aggregate_id).collect();
+                        let versions: Vec<i32> = events.iter().map(|e| e.version).collect();
+                        client
+                            .execute(
+                                "INSERT INTO applied (event_id, aggregate_id, version, member)
+                                 SELECT u.id, u.agg, u.v, $4 FROM unnest($1::uuid[], $2::uuid[], $3::integer[])
+                                        WITH ORDINALITY AS u(id, agg, v, o) ORDER BY u.o",
+                                &[&ids, &aggregates, &versions, &name],
+                            )
+                            .await?;
+                        Ok(())
                     }
-                    apply(events, tx, name).await
-                }
-            },
-            std::future::pending(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("member {name2}: {e:?}"));
+                },
+                std::future::pending(),
+            )
+            .await
+        } else {
+            m.project(
+                move |events: Vec<EventRecord>, tx| {
+                    let (fails, name) = (fails(&events), name.clone());
+                    async move {
+                        if fails {
+                            return Err("failing".into());
+                        }
+                        apply(events, tx, name).await
+                    }
+                },
+                std::future::pending(),
+            )
+            .await
+        };
+        run.unwrap_or_else(|e| panic!("member {name2}: {e:?}"));
     })
 }
 
 /// Waits until the group has caught up with the model, then compares them: every aggregate's
 /// applied versions in order and once, its failed event and the events queued behind it.
-async fn compare_with_model(repo: &EventRepository, client: &tokio_postgres::Client, model: &[ModelAggregate]) {
+/// For `consume` (at least once) an event may have been handled more than once: each version
+/// counts where it was first handled.
+async fn compare_with_model(
+    repo: &EventRepository,
+    client: &tokio_postgres::Client,
+    model: &[ModelAggregate],
+    consume: bool,
+) {
     let expected: Vec<_> = model.iter().map(ModelAggregate::expected).collect();
     let applied_total: usize = expected.iter().map(|e| e.0.len()).sum();
     let mut want_failed: Vec<Uuid> = expected.iter().filter_map(|e| e.1).collect();
@@ -1342,7 +1379,7 @@ async fn compare_with_model(repo: &EventRepository, client: &tokio_postgres::Cli
     let start = std::time::Instant::now();
     loop {
         let applied: i64 = client
-            .query_one("SELECT count(*) FROM applied", &[])
+            .query_one("SELECT count(DISTINCT event_id) FROM applied", &[])
             .await
             .unwrap()
             .get(0);
@@ -1374,6 +1411,12 @@ async fn compare_with_model(repo: &EventRepository, client: &tokio_postgres::Cli
             .iter()
             .map(|r| r.get(0))
             .collect();
+        let got: Vec<i32> = if consume {
+            let mut seen = std::collections::HashSet::new();
+            got.into_iter().filter(|v| seen.insert(*v)).collect()
+        } else {
+            got
+        };
         assert_eq!(&got, applied, "aggregate {}: versions applied\n{state}", agg.id);
         let mine: Vec<_> = parked.iter().filter(|p| p.aggregate_id == agg.id).collect();
         let got_failed: Vec<Uuid> = mine
@@ -1396,7 +1439,7 @@ async fn compare_with_model(repo: &EventRepository, client: &tokio_postgres::Cli
     }
 }
 
-async fn run_against_model(steps: Vec<Step>, batch: i64) {
+async fn run_against_model(steps: Vec<Step>, batch: i64, consume: bool) {
     let repo = repo("groups_model").await;
     let client = sql(&repo).await;
     client.batch_execute(READ_MODEL).await.unwrap();
@@ -1415,8 +1458,8 @@ async fn run_against_model(steps: Vec<Step>, batch: i64) {
         }
     }
     let mut members = Members(vec![
-        model_member(&repo, failing.clone(), batch),
-        model_member(&repo, failing.clone(), batch),
+        model_member(&repo, failing.clone(), batch, consume),
+        model_member(&repo, failing.clone(), batch, consume),
     ]);
     for step in steps {
         match step {
@@ -1437,10 +1480,10 @@ async fn run_against_model(steps: Vec<Step>, batch: i64) {
             Step::Crash(i) => {
                 members.0[i].abort();
                 let _ = (&mut members.0[i]).await;
-                members.0[i] = model_member(&repo, failing.clone(), batch);
+                members.0[i] = model_member(&repo, failing.clone(), batch, consume);
             }
             Step::Retry(n) | Step::Skip(n) => {
-                compare_with_model(&repo, &client, &model).await;
+                compare_with_model(&repo, &client, &model, consume).await;
                 let with_failed: Vec<usize> = (0..model.len()).filter(|&a| model[a].expected().1.is_some()).collect();
                 if with_failed.is_empty() {
                     continue;
@@ -1459,7 +1502,7 @@ async fn run_against_model(steps: Vec<Step>, batch: i64) {
             }
         }
     }
-    compare_with_model(&repo, &client, &model).await;
+    compare_with_model(&repo, &client, &model, consume).await;
     drop(members);
 }
 
@@ -1476,6 +1519,7 @@ async fn model_case_two_failing_events_of_one_aggregate_in_a_batch() {
             Step::Skip(0),
         ],
         3,
+        false,
     )
     .await;
 }
@@ -1483,7 +1527,8 @@ async fn model_case_two_failing_events_of_one_aggregate_in_a_batch() {
 /// Random appends (some events failing until retried), member crashes, retries and skips
 /// against a model of what a group must show: every aggregate's events applied once and in
 /// order up to its first unresolved failure, that event parked as failed and the later ones
-/// queued behind it.
+/// queued behind it. Members `project`, or `consume` (then at least once: each version counts
+/// where it was first handled).
 ///
 /// It found a member crash (a dropped task) that landed while a projection's `BEGIN` was on its
 /// way: the connection went back to the pool inside the transaction, every member's later
@@ -1495,16 +1540,16 @@ fn a_group_against_a_model() {
     let (runtime, _) = common::model_runner(0);
     // Few shrinking rounds: a failing case waits for the group to catch up before it compares.
     let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
-        cases: 8,
+        cases: 10,
         max_shrink_iters: 16,
         failure_persistence: None,
         ..proptest::test_runner::Config::default()
     });
     runner
         .run(
-            &(proptest::collection::vec(step(), 4..16), 1..5i64),
-            |(steps, batch)| {
-                runtime.block_on(run_against_model(steps, batch));
+            &(proptest::collection::vec(step(), 4..16), 1..5i64, proptest::bool::ANY),
+            |(steps, batch, consume)| {
+                runtime.block_on(run_against_model(steps, batch, consume));
                 Ok(())
             },
         )
