@@ -250,6 +250,63 @@ test('project: a tx.query still running when the handler settles stays inside th
   }
 })
 
+test('project: tx.query gives back what it takes, or refuses it with a field', async () => {
+  const { repo, sql } = await freshRepository('groups_hostile')
+  try {
+    await repo.append(ev(randomUUID(), 1))
+    let got
+    const run = await repo.project({
+      group: 'hostile',
+      pollIntervalMs: 50,
+      handler: async (_events, tx) => {
+        const one = async (text, params) => {
+          try {
+            return { rows: (await tx.query(text, params)).rows }
+          } catch (e) {
+            return { code: e.code, field: e.field }
+          }
+        }
+        got = {
+          nan: await one('SELECT $1::float8 AS v', [NaN]),
+          infinite: await one('SELECT $1::float8[] AS v', [[1, Infinity]]),
+          badDate: await one('SELECT $1::timestamptz AS v', [new Date(NaN)]),
+          nanColumn: await one("SELECT 'NaN'::float8 AS v", []),
+          real: await one('SELECT 0.1::real AS v', []),
+          hugeReal: await one('SELECT $1::real AS v', [1e39]),
+          unsafeInt: await one('SELECT $1::bigint AS v', [2 ** 62]),
+          bigString: await one('SELECT $1::bigint AS v', ['4611686018427387904']),
+          micros: await one('SELECT $1::timestamptz AS v', ['2026-11-28T10:00:00.123456Z']),
+          millis: await one('SELECT $1::timestamptz AS v', ['2026-11-28T10:00:00.123Z']),
+          infiniteDate: await one("SELECT 'infinity'::date AS v", []),
+          offsetTimestamp: await one('SELECT $1::timestamp AS v', ['2026-11-28T12:00:00+02:00']),
+          dayTime: await one('SELECT $1::date AS v', ['2026-11-28T05:00:00Z']),
+          day: await one('SELECT $1::date AS v', ['2026-11-28']),
+        }
+      },
+    })
+    await waitFor(() => got, 'never handled')
+    await run.stop()
+    const refused = (field) => ({ code: 'VALIDATION_FAILED', field })
+    assert.deepEqual(got.nan, refused('params[0]'))
+    assert.deepEqual(got.infinite, refused('params[0][1]'))
+    assert.deepEqual(got.badDate, refused('params[0]'))
+    assert.deepEqual(got.nanColumn, refused('columns[0]'))
+    assert.deepEqual(got.real, { rows: [{ v: 0.1 }] })
+    assert.deepEqual(got.hugeReal, refused('params[0]'))
+    assert.deepEqual(got.unsafeInt, refused('params[0]'))
+    assert.deepEqual(got.bigString, { rows: [{ v: '4611686018427387904' }] })
+    assert.deepEqual(got.micros, { rows: [{ v: '2026-11-28T10:00:00.123456Z' }] })
+    assert.deepEqual(got.millis, { rows: [{ v: '2026-11-28T10:00:00.123Z' }] })
+    assert.deepEqual(got.infiniteDate, refused('columns[0]'))
+    assert.deepEqual(got.offsetTimestamp, refused('params[0]'))
+    assert.deepEqual(got.dayTime, refused('params[0]'))
+    assert.deepEqual(got.day, { rows: [{ v: '2026-11-28' }] })
+  } finally {
+    repo.close()
+    await sql.end()
+  }
+})
+
 test('bad consumer-group options are refused with codes, and nothing is written', async () => {
   const { repo, sql } = await freshRepository('groups_bad')
   try {

@@ -972,6 +972,33 @@ async fn a_statement_started_by_a_handler_runs_inside_its_batch() {
     assert_eq!(late, n, "every batch's started statement committed with it");
 }
 
+/// Two running members with the same name (a second process started with it while the first
+/// still runs) apply every event once: a member takes up partitions its name holds at a new
+/// epoch, which fences the other. (Taken up at the stored epoch, both passed the fence.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_running_members_of_one_name_apply_each_event_once() {
+    let repo = repo("groups_twins").await;
+    let client = sql(&repo).await;
+    client.batch_execute(READ_MODEL).await.unwrap();
+    let twin = || {
+        let repo = repo.clone();
+        tokio::spawn(async move {
+            let mut o = options("twins", 600);
+            o.member = Some("twin".into());
+            o.batch_size = 5;
+            let mut m = repo.join_group(o).await.unwrap();
+            m.project(|events, tx| apply(events, tx, "twin".into()), std::future::pending())
+                .await
+        })
+    };
+    let (a, b) = (twin(), twin());
+    let n = write(&repo, 2, 300, 11).await as i64;
+    await_applied(&client, n, Duration::from_secs(60)).await;
+    a.abort();
+    b.abort();
+    assert_read_model_is_the_feed(&client).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_member_child() {
     let Ok(schema) = std::env::var("SYNAP_GROUP_CHILD") else {

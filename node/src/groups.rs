@@ -80,7 +80,12 @@ impl ProjectionTransaction {
     )]
     pub fn query<'env>(&self, env: &'env Env, sql: String, params: Option<Unknown>) -> Result<PromiseRaw<'env, Json>> {
         let params = match params {
-            Some(p) => js_to_json(env, p, Checked::Keys(&[])).map_err(|e| to_js_error(env, e))?,
+            Some(p) => {
+                if let Err(e) = refuse_lossy_params(&p)? {
+                    return Err(to_js_error(env, e));
+                }
+                js_to_json(env, p, Checked::Keys(&[])).map_err(|e| to_js_error(env, e))?
+            }
             None => serde_json::Value::Array(Vec::new()),
         };
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -171,4 +176,48 @@ impl GroupRun {
             member: parts.2,
         }
     }
+}
+
+/// `VALIDATION_FAILED` for a parameter, or an element of an array parameter, that is a NaN or
+/// infinite number or an invalid `Date`: `JSON.stringify` would send it as null.
+fn refuse_lossy_params(params: &Unknown) -> Result<core::Result<()>> {
+    fn check(v: &Unknown, path: String) -> Result<core::Result<()>> {
+        if v.get_type()? == ValueType::Number {
+            let n: f64 = unsafe { v.cast()? };
+            if !n.is_finite() {
+                return Ok(Err(core::Error::Validation {
+                    message: format!("{path} must be a finite number, not {n}"),
+                    field: path,
+                    reason: core::IssueCode::OutOfRange,
+                }));
+            }
+        } else if v.is_date()? && unsafe { v.cast::<napi::JsDate>()? }.value_of()?.is_nan() {
+            return Ok(Err(core::Error::Validation {
+                message: format!("{path} is an invalid Date"),
+                field: path,
+                reason: core::IssueCode::InvalidTimestamp,
+            }));
+        }
+        Ok(Ok(()))
+    }
+    if !params.is_array()? {
+        return Ok(Ok(()));
+    }
+    let items: Object = unsafe { params.cast()? };
+    for i in 0..items.get_array_length()? {
+        let item: Unknown = items.get_element(i)?;
+        if let Err(e) = check(&item, format!("params[{i}]"))? {
+            return Ok(Err(e));
+        }
+        if item.is_array()? {
+            let inner: Object = unsafe { item.cast()? };
+            for j in 0..inner.get_array_length()? {
+                let element: Unknown = inner.get_element(j)?;
+                if let Err(e) = check(&element, format!("params[{i}][{j}]"))? {
+                    return Ok(Err(e));
+                }
+            }
+        }
+    }
+    Ok(Ok(()))
 }

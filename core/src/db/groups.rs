@@ -758,14 +758,40 @@ impl GroupMember {
     async fn heartbeat(&mut self) -> Result<()> {
         let (names, renewed) = self.renew_leases().await?;
         let share = self.share_of(&names);
-        // Still ours in the database but forgotten here (after a lease was lost in a batch, every
-        // partition is forgotten): taken up again from the stored checkpoint.
-        for (p, epoch, cursor) in renewed {
-            self.held.entry(p).or_insert(Held {
-                epoch,
-                cursor,
-                read: false,
-            });
+        // Still ours in the database but forgotten here (a run's start, or a lease lost in a
+        // batch, forgets every partition): taken up again from the stored checkpoint, at a new
+        // epoch. Taken up at the stored epoch, another running member of the same name (a
+        // second process started with it, or an earlier run of this one) would pass the same
+        // fence, and both would apply the partition's events.
+        let forgotten: Vec<i32> = renewed
+            .iter()
+            .map(|(p, _, _)| *p)
+            .filter(|p| !self.held.contains_key(p))
+            .collect();
+        if !forgotten.is_empty() {
+            let lease = self.options.lease.as_secs_f64();
+            let rows = self
+                .repo
+                .client()
+                .await?
+                .query(
+                    "UPDATE consumer_group_partitions \
+                        SET epoch = epoch + 1, lease_expires = clock_timestamp() + make_interval(secs => $3) \
+                      WHERE group_name = $1 AND owner = $2 AND partition = ANY ($4) \
+                      RETURNING partition, epoch, txid::text, position",
+                    &[&self.options.group, &self.member, &lease, &forgotten],
+                )
+                .await?;
+            for r in &rows {
+                self.held.insert(
+                    r.get(0),
+                    Held {
+                        epoch: r.get(1),
+                        cursor: parse_checkpoint(r.get(2), r.get(3), 0)?,
+                        read: false,
+                    },
+                );
+            }
         }
         // Partitions change hands also while events are read ahead (a member that waited for
         // an empty buffer could go a long time without taking its share): events read ahead
@@ -1763,7 +1789,13 @@ fn sql_param(
         Type::FLOAT4 => Box::new(if null {
             None
         } else {
-            Some(v.as_f64().ok_or_else(wrong)? as f32)
+            // Beyond real's range it would be stored as infinity: refused, as PostgreSQL would.
+            Some(
+                v.as_f64()
+                    .map(|f| f as f32)
+                    .filter(|f| f.is_finite())
+                    .ok_or_else(wrong)?,
+            )
         }),
         Type::FLOAT8 => Box::new(if null {
             None
@@ -1795,10 +1827,13 @@ fn sql_param(
             Some(
                 v.as_str()
                     .and_then(|s| {
+                        // An offset other than UTC is refused: PostgreSQL ignores it for this
+                        // type, so the stored time would depend on who reads the string.
                         DateTime::parse_from_rfc3339(s)
-                            .map(|t| t.naive_utc())
-                            .or_else(|_| s.parse::<chrono::NaiveDateTime>())
                             .ok()
+                            .filter(|t| t.offset().local_minus_utc() == 0)
+                            .map(|t| t.naive_utc())
+                            .or_else(|| s.parse::<chrono::NaiveDateTime>().ok())
                     })
                     .ok_or_else(wrong)?,
             )
@@ -1808,7 +1843,17 @@ fn sql_param(
         } else {
             Some(
                 v.as_str()
-                    .and_then(|s| s.get(..10).and_then(|d| d.parse::<chrono::NaiveDate>().ok()))
+                    .and_then(|s| {
+                        // `YYYY-MM-DD`, or a timestamp at midnight UTC (a JavaScript `Date` made
+                        // for a day); another time of day names no one day.
+                        s.parse::<chrono::NaiveDate>().ok().or_else(|| {
+                            DateTime::parse_from_rfc3339(s)
+                                .ok()
+                                .map(|t| t.naive_utc())
+                                .filter(|t| t.time() == chrono::NaiveTime::MIN)
+                                .map(|t| t.date())
+                        })
+                    })
                     .ok_or_else(wrong)?,
             )
         }),
@@ -1860,12 +1905,17 @@ fn list<T>(items: Option<Vec<Option<T>>>, f: impl Fn(T) -> serde_json::Value) ->
     })
 }
 
-/// A whole number from a JSON number or a string of digits.
+/// The largest integer a JavaScript number holds exactly.
+const MAX_SAFE_INTEGER: u64 = 9_007_199_254_740_991;
+
+/// A whole number from a JSON number (at most 2^53 - 1 either way) or a string of digits.
 fn int_of(v: &serde_json::Value) -> Option<i64> {
     match v {
-        serde_json::Value::Number(n) => n.as_i64().or_else(|| {
+        // A number beyond 2^53 - 1 may not be the one the caller wrote (JavaScript's `2 ** 62`
+        // prints as 4611686018427388000): such integers come as strings.
+        serde_json::Value::Number(n) => n.as_i64().filter(|i| i.unsigned_abs() <= MAX_SAFE_INTEGER).or_else(|| {
             n.as_f64()
-                .filter(|f| f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0)
+                .filter(|f| f.fract() == 0.0 && f.abs() <= MAX_SAFE_INTEGER as f64)
                 .map(|f| f as i64)
         }),
         serde_json::Value::String(s) => s.parse().ok(),
@@ -1876,37 +1926,68 @@ fn int_of(v: &serde_json::Value) -> Option<i64> {
 fn sql_value(row: &tokio_postgres::Row, i: usize, ty: &tokio_postgres::types::Type) -> Result<serde_json::Value> {
     use serde_json::Value;
     use tokio_postgres::types::Type;
+    let name = row.columns()[i].name();
+    // A value that does not convert (an infinite date, an array of several dimensions, a
+    // number jsonb holds beyond f64) is the column's problem, not the connection's.
+    let refused = |why: String| {
+        Error::invalid(
+            format!("columns[{i}]"),
+            IssueCode::InvalidType,
+            format!("column \"{name}\" of type {ty}: {why}; cast it in the SQL, e.g. {name}::text"),
+        )
+    };
+    macro_rules! get {
+        ($t:ty) => {
+            row.try_get::<_, $t>(i).map_err(|e| refused(format!("{e}")))?
+        };
+    }
+    // NaN and the infinities have no JSON form (they would read as null, like SQL NULL).
+    let finite = |f: f64| {
+        if f.is_finite() {
+            Ok(Value::from(f))
+        } else {
+            Err(refused(format!("{f} has no JSON form")))
+        }
+    };
     let v = match *ty {
-        Type::BOOL => row.try_get::<_, Option<bool>>(i)?.map(Value::from),
-        Type::INT2 => row.try_get::<_, Option<i16>>(i)?.map(Value::from),
-        Type::INT4 => row.try_get::<_, Option<i32>>(i)?.map(Value::from),
-        Type::INT8 => row.try_get::<_, Option<i64>>(i)?.map(|n| Value::from(n.to_string())),
-        Type::FLOAT4 => row.try_get::<_, Option<f32>>(i)?.map(|f| Value::from(f as f64)),
-        Type::FLOAT8 => row.try_get::<_, Option<f64>>(i)?.map(Value::from),
-        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => row.try_get::<_, Option<String>>(i)?.map(Value::from),
-        Type::UUID => row.try_get::<_, Option<Uuid>>(i)?.map(|u| Value::from(u.to_string())),
-        Type::JSON | Type::JSONB => row.try_get::<_, Option<Value>>(i)?,
-        Type::TIMESTAMPTZ => row
-            .try_get::<_, Option<DateTime<Utc>>>(i)?
-            .map(|t| Value::from(crate::fold::format_timestamp(&t))),
-        Type::TIMESTAMP => row
-            .try_get::<_, Option<chrono::NaiveDateTime>>(i)?
-            .map(|t| Value::from(t.format("%Y-%m-%dT%H:%M:%S%.f").to_string())),
-        Type::DATE => row
-            .try_get::<_, Option<chrono::NaiveDate>>(i)?
-            .map(|d| Value::from(d.to_string())),
-        Type::BOOL_ARRAY => list(row.try_get::<_, Option<Vec<Option<bool>>>>(i)?, Value::from),
-        Type::INT2_ARRAY => list(row.try_get::<_, Option<Vec<Option<i16>>>>(i)?, Value::from),
-        Type::INT4_ARRAY => list(row.try_get::<_, Option<Vec<Option<i32>>>>(i)?, Value::from),
-        Type::INT8_ARRAY => list(row.try_get::<_, Option<Vec<Option<i64>>>>(i)?, |n| {
-            Value::from(n.to_string())
+        Type::BOOL => get!(Option<bool>).map(Value::from),
+        Type::INT2 => get!(Option<i16>).map(Value::from),
+        Type::INT4 => get!(Option<i32>).map(Value::from),
+        Type::INT8 => get!(Option<i64>).map(|n| Value::from(n.to_string())),
+        // The shortest decimal that reads back as the same real (0.1, not 0.10000000149011612).
+        Type::FLOAT4 => get!(Option<f32>)
+            .map(|f| finite(f.to_string().parse::<f64>().unwrap_or(f64::NAN)))
+            .transpose()?,
+        Type::FLOAT8 => get!(Option<f64>).map(finite).transpose()?,
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => get!(Option<String>).map(Value::from),
+        Type::UUID => get!(Option<Uuid>).map(|u| Value::from(u.to_string())),
+        Type::JSON | Type::JSONB => get!(Option<Value>),
+        // Milliseconds as JavaScript writes them, microseconds when the value has them.
+        Type::TIMESTAMPTZ => get!(Option<DateTime<Utc>>).map(|t| {
+            Value::from(if t.timestamp_subsec_micros() % 1000 == 0 {
+                crate::fold::format_timestamp(&t)
+            } else {
+                t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+            })
         }),
-        Type::FLOAT8_ARRAY => list(row.try_get::<_, Option<Vec<Option<f64>>>>(i)?, Value::from),
-        Type::TEXT_ARRAY | Type::VARCHAR_ARRAY => list(row.try_get::<_, Option<Vec<Option<String>>>>(i)?, Value::from),
-        Type::UUID_ARRAY => list(row.try_get::<_, Option<Vec<Option<Uuid>>>>(i)?, |u| {
-            Value::from(u.to_string())
-        }),
-        Type::JSON_ARRAY | Type::JSONB_ARRAY => list(row.try_get::<_, Option<Vec<Option<Value>>>>(i)?, |v| v),
+        Type::TIMESTAMP => {
+            get!(Option<chrono::NaiveDateTime>).map(|t| Value::from(t.format("%Y-%m-%dT%H:%M:%S%.f").to_string()))
+        }
+        Type::DATE => get!(Option<chrono::NaiveDate>).map(|d| Value::from(d.to_string())),
+        Type::BOOL_ARRAY => list(get!(Option<Vec<Option<bool>>>), Value::from),
+        Type::INT2_ARRAY => list(get!(Option<Vec<Option<i16>>>), Value::from),
+        Type::INT4_ARRAY => list(get!(Option<Vec<Option<i32>>>), Value::from),
+        Type::INT8_ARRAY => list(get!(Option<Vec<Option<i64>>>), |n| Value::from(n.to_string())),
+        Type::FLOAT8_ARRAY => {
+            let items = get!(Option<Vec<Option<f64>>>);
+            if let Some(f) = items.iter().flatten().flatten().find(|f| !f.is_finite()) {
+                return Err(refused(format!("{f} has no JSON form")));
+            }
+            list(items, Value::from)
+        }
+        Type::TEXT_ARRAY | Type::VARCHAR_ARRAY => list(get!(Option<Vec<Option<String>>>), Value::from),
+        Type::UUID_ARRAY => list(get!(Option<Vec<Option<Uuid>>>), |u| Value::from(u.to_string())),
+        Type::JSON_ARRAY | Type::JSONB_ARRAY => list(get!(Option<Vec<Option<Value>>>), |v| v),
         _ => {
             return Err(Error::invalid(
                 format!("columns[{i}]"),
