@@ -60,8 +60,10 @@ pub const DEFAULT_PARTITIONS: i32 = 16;
 pub struct GroupOptions {
     /// The group's name (1 to 200 bytes).
     pub group: String,
-    /// This member's name; a fresh unique one when `None`. Two running members must not share a
-    /// name.
+    /// This member's name; a fresh unique one when `None`. Give running members names of their
+    /// own: two running members of one name apply nothing twice (each takes up the name's
+    /// partitions at a new epoch, fencing the other), but they take the partitions from each
+    /// other at every renewal.
     pub member: Option<String>,
     /// Partitions of a new group (1 to 1,024, default 16). An existing group keeps its own; a
     /// different number given here is refused.
