@@ -80,14 +80,19 @@ async fn write(repo: &EventRepository, writers: usize, per_writer: usize, aggreg
 }
 
 /// Waits until the read model holds `n` events, or fails after `limit`.
+/// How many events the read model holds (each once, however often applied).
+async fn distinct_applied(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one("SELECT count(DISTINCT event_id) FROM applied", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn await_applied(client: &tokio_postgres::Client, n: i64, limit: Duration) {
     let start = std::time::Instant::now();
     loop {
-        let got: i64 = client
-            .query_one("SELECT count(DISTINCT event_id) FROM applied", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let got = distinct_applied(client).await;
         if got == n {
             return;
         }
@@ -759,18 +764,11 @@ async fn members_cancelled_at_any_moment_leave_no_connection_in_a_transaction() 
                 .await
         })
     };
-    let applied = || async {
-        client
-            .query_one("SELECT count(*) FROM applied", &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
     for i in 0..100u64 {
         // Cancelled while it projects: once it has applied an event, after 0 to 2 ms more.
-        let before = applied().await;
+        let before = distinct_applied(&client).await;
         let m = member(repo.clone());
-        while applied().await == before && !m.is_finished() {
+        while distinct_applied(&client).await == before && !m.is_finished() {
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
         tokio::time::sleep(Duration::from_micros((i * 379) % 2000)).await;
@@ -825,15 +823,7 @@ async fn a_member_run_again_after_a_cancelled_run_skips_nothing() {
         let _ = tokio::time::timeout(Duration::from_micros(2000 + (i * 379) % 10_000), run).await;
     }
     let all_applied = async {
-        loop {
-            let got: i64 = client
-                .query_one("SELECT count(DISTINCT event_id) FROM applied", &[])
-                .await
-                .unwrap()
-                .get(0);
-            if got == n {
-                return;
-            }
+        while distinct_applied(&client).await < n {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };

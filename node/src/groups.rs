@@ -9,7 +9,7 @@ use napi_derive::napi;
 use synap_events as core;
 
 use crate::records::EventRecord;
-use crate::{coded_reason, js_to_json, spawn, to_js_error, Checked, Json};
+use crate::{coded_reason, js_to_json, refuse_hidden_value, spawn, to_js_error, Checked, Json};
 
 type HandlerArgs = FnArgs<(Vec<EventRecord>, Option<ProjectionTransaction>)>;
 /// The handler as the package entry wraps it: always returns a promise of nothing.
@@ -181,39 +181,20 @@ impl GroupRun {
 /// `VALIDATION_FAILED` for a parameter, or an element of an array parameter, that is a NaN or
 /// infinite number or an invalid `Date`: `JSON.stringify` would send it as null.
 fn refuse_lossy_params(params: &Unknown) -> Result<core::Result<()>> {
-    fn check(v: &Unknown, path: String) -> Result<core::Result<()>> {
-        if v.get_type()? == ValueType::Number {
-            let n: f64 = unsafe { v.cast()? };
-            if !n.is_finite() {
-                return Ok(Err(core::Error::Validation {
-                    message: format!("{path} must be a finite number, not {n}"),
-                    field: path,
-                    reason: core::IssueCode::OutOfRange,
-                }));
-            }
-        } else if v.is_date()? && unsafe { v.cast::<napi::JsDate>()? }.value_of()?.is_nan() {
-            return Ok(Err(core::Error::Validation {
-                message: format!("{path} is an invalid Date"),
-                field: path,
-                reason: core::IssueCode::InvalidTimestamp,
-            }));
-        }
-        Ok(Ok(()))
-    }
     if !params.is_array()? {
         return Ok(Ok(()));
     }
     let items: Object = unsafe { params.cast()? };
     for i in 0..items.get_array_length()? {
         let item: Unknown = items.get_element(i)?;
-        if let Err(e) = check(&item, format!("params[{i}]"))? {
+        if let Err(e) = refuse_hidden_value(&item, format!("params[{i}]"))? {
             return Ok(Err(e));
         }
         if item.is_array()? {
             let inner: Object = unsafe { item.cast()? };
             for j in 0..inner.get_array_length()? {
                 let element: Unknown = inner.get_element(j)?;
-                if let Err(e) = check(&element, format!("params[{i}][{j}]"))? {
+                if let Err(e) = refuse_hidden_value(&element, format!("params[{i}][{j}]"))? {
                     return Ok(Err(e));
                 }
             }

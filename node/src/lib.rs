@@ -172,6 +172,29 @@ pub(crate) fn js_to_json_text(env: &Env, value: Unknown, checked: Checked) -> co
     }
 }
 
+/// `VALIDATION_FAILED` naming `path` when `v` is an invalid `Date` (`INVALID_TIMESTAMP`) or a NaN
+/// or infinite number (`OUT_OF_RANGE`): `JSON.stringify` would make either `null`.
+pub(crate) fn refuse_hidden_value(v: &Unknown, path: String) -> Result<core::Result<()>> {
+    if v.is_date()? && unsafe { v.cast::<napi::JsDate>()? }.value_of()?.is_nan() {
+        return Ok(Err(core::Error::Validation {
+            message: format!("{path} is an invalid Date"),
+            field: path,
+            reason: core::IssueCode::InvalidTimestamp,
+        }));
+    }
+    if v.get_type()? == ValueType::Number {
+        let n: f64 = unsafe { v.cast()? };
+        if !n.is_finite() {
+            return Ok(Err(core::Error::Validation {
+                message: format!("{path} must be a finite number, not {n}"),
+                field: path,
+                reason: core::IssueCode::OutOfRange,
+            }));
+        }
+    }
+    Ok(Ok(()))
+}
+
 /// `VALIDATION_FAILED` for the first checked member (see [`Checked`]) that holds an invalid
 /// `Date` (`INVALID_TIMESTAMP`) or a NaN or infinite number (`OUT_OF_RANGE`).
 fn refuse_hidden_values(value: &Unknown, checked: &Checked) -> Result<core::Result<()>> {
@@ -190,23 +213,8 @@ fn refuse_hidden_values(value: &Unknown, checked: &Checked) -> Result<core::Resu
         };
         for key in keys {
             let v: Unknown = obj.get_named_property(&key)?;
-            let path = format!("{prefix}{key}");
-            if v.is_date()? && unsafe { v.cast::<napi::JsDate>()? }.value_of()?.is_nan() {
-                return Ok(Err(core::Error::Validation {
-                    message: format!("{path} is an invalid Date"),
-                    field: path,
-                    reason: core::IssueCode::InvalidTimestamp,
-                }));
-            }
-            if v.get_type()? == ValueType::Number {
-                let n: f64 = unsafe { v.cast()? };
-                if !n.is_finite() {
-                    return Ok(Err(core::Error::Validation {
-                        message: format!("{path} must be a finite number, not {n}"),
-                        field: path,
-                        reason: core::IssueCode::OutOfRange,
-                    }));
-                }
+            if let Err(e) = refuse_hidden_value(&v, format!("{prefix}{key}"))? {
+                return Ok(Err(e));
             }
         }
         Ok(Ok(()))
