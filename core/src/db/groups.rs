@@ -628,12 +628,10 @@ impl GroupMember {
             return Ok(true);
         }
         // Kept until stored: a run stopped during this settlement stores it at its end.
-        if let Some(mut pending) = self.pending.clone() {
+        if let Some(pending) = &self.pending {
             // Only what is still held: a partition the renewal found taken is its new holder's,
             // from its stored checkpoint.
-            pending
-                .advance
-                .retain(|(p, e, _)| self.held.get(p).is_some_and(|h| h.epoch == *e));
+            let pending = self.held_only(pending);
             if !self.settle_or_lose(&pending).await? {
                 return Ok(false);
             }
@@ -684,18 +682,24 @@ impl GroupMember {
                 &[&self.options.group, &self.member, &lease, &want],
             )
             .await?;
-        for r in &rows {
-            let cursor = parse_checkpoint(r.get(2), r.get(3), 0)?;
+        self.hold(&rows)?;
+        Ok(!rows.is_empty())
+    }
+
+    /// Holds the partitions of rows `(partition, epoch, txid::text, position)` that a statement
+    /// took at a new epoch, from their stored checkpoints; read after what is read ahead.
+    fn hold(&mut self, rows: &[tokio_postgres::Row]) -> Result<()> {
+        for r in rows {
             self.held.insert(
                 r.get(0),
                 Held {
                     epoch: r.get(1),
-                    cursor,
+                    cursor: parse_checkpoint(r.get(2), r.get(3), 0)?,
                     read: false,
                 },
             );
         }
-        Ok(!rows.is_empty())
+        Ok(())
     }
 
     /// The next renewal: in a third of the lease, sooner while short of the share (a member that
@@ -784,16 +788,7 @@ impl GroupMember {
                     &[&self.options.group, &self.member, &lease, &forgotten],
                 )
                 .await?;
-            for r in &rows {
-                self.held.insert(
-                    r.get(0),
-                    Held {
-                        epoch: r.get(1),
-                        cursor: parse_checkpoint(r.get(2), r.get(3), 0)?,
-                        read: false,
-                    },
-                );
-            }
+            self.hold(&rows)?;
         }
         // Partitions change hands also while events are read ahead (a member that waited for
         // an empty buffer could go a long time without taking its share): events read ahead
