@@ -165,14 +165,32 @@ pub fn report(value: &Value, limits: &Limits) -> Report {
 ///
 /// Fails with every [`Issue`] found. Unknown keys are ignored.
 pub fn parse_event(value: &Value, limits: &Limits) -> std::result::Result<NewEvent, Vec<Issue>> {
-    let mut issues = Vec::new();
-    let Some(obj) = value.as_object() else {
-        return Err(vec![Issue::new(
-            "",
-            IssueCode::InvalidType,
-            "an event must be a JSON object",
-        )]);
+    let obj = value.as_object().ok_or_else(not_an_object)?;
+    parse_fields(obj, obj.get("data").cloned(), obj.get("metadata").cloned(), limits)
+}
+
+/// [`parse_event`] for an event the caller no longer needs: its `data` and `metadata` are moved
+/// into the [`NewEvent`] rather than copied.
+pub fn parse_event_owned(value: Value, limits: &Limits) -> std::result::Result<NewEvent, Vec<Issue>> {
+    let Value::Object(mut obj) = value else {
+        return Err(not_an_object());
     };
+    let (data, metadata) = (obj.remove("data"), obj.remove("metadata"));
+    parse_fields(&obj, data, metadata, limits)
+}
+
+fn not_an_object() -> Vec<Issue> {
+    vec![Issue::new("", IssueCode::InvalidType, "an event must be a JSON object")]
+}
+
+/// The fields of an event object, with its `data` and `metadata` members given apart.
+fn parse_fields(
+    obj: &serde_json::Map<String, Value>,
+    data: Option<Value>,
+    metadata: Option<Value>,
+    limits: &Limits,
+) -> std::result::Result<NewEvent, Vec<Issue>> {
+    let mut issues = Vec::new();
     let id = optional_uuid(obj, "id", &mut issues);
     let timestamp = optional_timestamp(obj, "timestamp", &mut issues);
     let aggregate_id =
@@ -190,17 +208,14 @@ pub fn parse_event(value: &Value, limits: &Limits) -> std::result::Result<NewEve
     });
     let event_type = required_str(obj, "eventType", &mut issues).map(str::to_owned);
     let user_id = required_str(obj, "userId", &mut issues).map(str::to_owned);
-    let data = match obj.get("data") {
+    let data = match data {
         None | Some(Value::Null) => {
             issues.push(Issue::new("data", IssueCode::Required, "data is required"));
             None
         }
-        Some(d) => Some(d.clone()),
+        d => d,
     };
-    let metadata = match obj.get("metadata") {
-        None | Some(Value::Null) => None,
-        Some(m) => Some(m.clone()),
-    };
+    let metadata = metadata.filter(|m| !m.is_null());
     let version = match obj.get("version") {
         None | Some(Value::Null) => {
             issues.push(Issue::new("version", IssueCode::Required, "version is required"));
@@ -302,7 +317,7 @@ pub fn parse_event(value: &Value, limits: &Limits) -> std::result::Result<NewEve
             if let Some(d) = &data {
                 issues.extend(check_data(d, limits));
             }
-            if let Some(m) = obj.get("metadata").filter(|m| !m.is_null()) {
+            if let Some(m) = &metadata {
                 issues.extend(check_metadata(m, limits));
             }
             Err(issues)
@@ -314,7 +329,12 @@ pub fn parse_event(value: &Value, limits: &Limits) -> std::result::Result<NewEve
 ///
 /// Fails with [`Error::Validation`] naming the first problem.
 pub fn parse_batch(value: &Value, limits: &Limits) -> Result<Vec<NewEvent>> {
-    let Some(items) = value.as_array() else {
+    parse_batch_owned(value.clone(), limits)
+}
+
+/// [`parse_batch`] for a batch the caller no longer needs (see [`parse_event_owned`]).
+pub fn parse_batch_owned(value: Value, limits: &Limits) -> Result<Vec<NewEvent>> {
+    let Value::Array(items) = value else {
         return Err(Error::invalid(
             "events",
             IssueCode::InvalidType,
@@ -322,8 +342,8 @@ pub fn parse_batch(value: &Value, limits: &Limits) -> Result<Vec<NewEvent>> {
         ));
     };
     let mut events = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        match parse_event(item, limits) {
+    for (i, item) in items.into_iter().enumerate() {
+        match parse_event_owned(item, limits) {
             Ok(event) => events.push(event),
             Err(issues) => {
                 let first = issues.into_iter().next();

@@ -28,7 +28,7 @@ pub fn validate_event(env: &Env, event: Unknown) -> Result<Json> {
     ts_return_type = "FoldResult"
 )]
 pub fn fold_events(env: &Env, events: Unknown, options: Option<Unknown>) -> Result<Json> {
-    let events = js_to_json_text(env, events, Checked::Keys(&[])).map_err(|e| to_js_error(env, e))?;
+    let events = js_to_json_text(env, events).map_err(|e| to_js_error(env, e))?;
     let options = options_json(env, options).map_err(|e| to_js_error(env, e))?;
     // As JSON text, folded event by event as it is parsed (no tree of every event).
     match events {

@@ -133,13 +133,15 @@ pub(crate) enum Checked<'a> {
 /// `undefined` members dropped, Dates as ISO strings, `toJSON` honoured; but an invalid `Date`
 /// or a non-finite number in a `checked` member is refused rather than read as absent.
 pub(crate) fn js_to_json(env: &Env, value: Unknown, checked: Checked) -> core::Result<Value> {
-    match js_to_json_text(env, value, checked)? {
+    let parsed = match js_to_json_text(env, value)? {
         // serde_json refuses nesting deeper than 128 levels: bad input, not a bug.
         Some(text) => {
-            serde_json::from_str(&text).map_err(|e| core::Error::invalid_input(format!("unreadable input: {e}")))
+            serde_json::from_str(&text).map_err(|e| core::Error::invalid_input(format!("unreadable input: {e}")))?
         }
-        None => Ok(Value::Null),
-    }
+        None => Value::Null,
+    };
+    refuse_hidden_values(&value, &parsed, &checked).map_err(|e| core::Error::invalid_input(e.reason))??;
+    Ok(parsed)
 }
 
 /// Call options as JSON (every member checked, see [`Checked::AllKeys`]); `null` when absent.
@@ -150,10 +152,9 @@ pub(crate) fn options_json(env: &Env, options: Option<Unknown>) -> core::Result<
     }
 }
 
-/// [`js_to_json`] as text: what `JSON.stringify` makes of the value (`None` when nothing, as for
-/// `undefined`), for callers that parse it their own way.
-pub(crate) fn js_to_json_text(env: &Env, value: Unknown, checked: Checked) -> core::Result<Option<String>> {
-    refuse_hidden_values(&value, &checked).map_err(|e| core::Error::invalid_input(e.reason))??;
+/// What `JSON.stringify` makes of the value, as text (`None` when nothing, as for `undefined`),
+/// for callers that parse it their own way. Nothing is checked (see [`js_to_json`]).
+pub(crate) fn js_to_json_text(env: &Env, value: Unknown) -> core::Result<Option<String>> {
     let text = (|| -> Result<Option<String>> {
         let json: Object = env.get_global()?.get_named_property("JSON")?;
         let stringify: Function<Unknown, Unknown> = json.get_named_property("stringify")?;
@@ -196,21 +197,32 @@ pub(crate) fn refuse_hidden_value(v: &Unknown, path: String) -> Result<core::Res
 }
 
 /// `VALIDATION_FAILED` for the first checked member (see [`Checked`]) that holds an invalid
-/// `Date` (`INVALID_TIMESTAMP`) or a NaN or infinite number (`OUT_OF_RANGE`).
-fn refuse_hidden_values(value: &Unknown, checked: &Checked) -> Result<core::Result<()>> {
-    if matches!(checked, Checked::Keys(keys) if keys.is_empty()) {
-        return Ok(Ok(())); // nothing to check: do not walk a large array for it
-    }
-    let check = |obj: &Object, prefix: &str| -> Result<core::Result<()>> {
-        let keys: Vec<String> = match checked {
-            Checked::Keys(keys) => keys.iter().map(|k| (*k).to_owned()).collect(),
-            Checked::AllKeys => {
-                let names = obj.get_property_names()?;
-                (0..names.get_array_length()?)
-                    .map(|i| names.get_element::<String>(i))
-                    .collect::<Result<Vec<String>>>()?
-            }
+/// `Date` (`INVALID_TIMESTAMP`) or a NaN or infinite number (`OUT_OF_RANGE`). `JSON.stringify`
+/// makes either `null`, so only the members that are `null` in `parsed` (what it made of `value`)
+/// are looked at in `value`: a batch without such members costs no call into JavaScript.
+fn refuse_hidden_values(value: &Unknown, parsed: &Value, checked: &Checked) -> Result<core::Result<()>> {
+    let nulled = |v: &Value| -> Vec<String> {
+        let Some(members) = v.as_object() else {
+            return Vec::new();
         };
+        match checked {
+            Checked::Keys(keys) => keys
+                .iter()
+                .filter(|k| members.get(**k).is_some_and(Value::is_null))
+                .map(|k| (*k).to_owned())
+                .collect(),
+            Checked::AllKeys => members
+                .iter()
+                .filter(|(_, v)| v.is_null())
+                .map(|(k, _)| k.clone())
+                .collect(),
+        }
+    };
+    let check = |obj: &Unknown, keys: Vec<String>, prefix: &str| -> Result<core::Result<()>> {
+        if obj.get_type()? != ValueType::Object {
+            return Ok(Ok(())); // a toJSON made this member: it hides nothing of its own
+        }
+        let obj: Object = unsafe { obj.cast()? };
         for key in keys {
             let v: Unknown = obj.get_named_property(&key)?;
             if let Err(e) = refuse_hidden_value(&v, format!("{prefix}{key}"))? {
@@ -219,21 +231,21 @@ fn refuse_hidden_values(value: &Unknown, checked: &Checked) -> Result<core::Resu
         }
         Ok(Ok(()))
     };
-    match value.get_type()? {
-        ValueType::Object if value.is_array()? => {
-            let items: Object = unsafe { value.cast()? };
-            for i in 0..items.get_array_length()? {
-                let item: Unknown = items.get_element(i)?;
-                if item.get_type()? == ValueType::Object {
-                    let obj: Object = unsafe { item.cast()? };
-                    if let Err(e) = check(&obj, &format!("events[{i}]."))? {
+    match parsed {
+        Value::Array(items) if value.is_array()? => {
+            let array: Object = unsafe { value.cast()? };
+            for (i, item) in items.iter().enumerate() {
+                let keys = nulled(item);
+                if !keys.is_empty() {
+                    let element: Unknown = array.get_element(i as u32)?;
+                    if let Err(e) = check(&element, keys, &format!("events[{i}]."))? {
                         return Ok(Err(e));
                     }
                 }
             }
             Ok(Ok(()))
         }
-        ValueType::Object => check(&unsafe { value.cast()? }, ""),
+        Value::Object(_) => check(value, nulled(parsed), ""),
         _ => Ok(Ok(())),
     }
 }

@@ -166,7 +166,7 @@ impl EventRepository {
     )]
     pub fn append_batch<'env>(&self, env: &'env Env, events: Unknown<'env>) -> Result<PromiseRaw<'env, Records>> {
         let events = js_to_json(env, events, Checked::Keys(&["timestamp"]));
-        self.run(env, move |repo| async move { repo.append_batch_json(&events?).await })
+        self.run(env, move |repo| async move { repo.append_batch_json(events?).await })
     }
 
     /// The aggregate's events in version order: the versions after `fromVersion` (default 0) up

@@ -219,8 +219,11 @@ SELECT "timestamp", position FROM inserted
 );
 
 /// A whole batch in one statement over arrays (no bind-parameter limit). $1..$12 are the events'
-/// columns, $13..$17 one entry per aggregate: its type, user, and first and last version in the
-/// batch. Inserts happen only if every aggregate's guard passed; the caller rolls back otherwise.
+/// columns, $13..$20 one entry per aggregate, sorted by aggregate id (so that every batch locks
+/// the guard rows it shares with another in the same order): its type, user, first and last
+/// version in the batch, its earliest and latest given timestamps, and whether any of its events
+/// takes the database's `now()`. Inserts happen only if every aggregate's guard passed; the caller
+/// rolls back otherwise.
 const APPEND_BATCH_SQL: &str = concat!(
     r#"
 WITH ev AS (
@@ -230,14 +233,13 @@ WITH ev AS (
                   $8::jsonb[], $9::integer[], $10::uuid[], $11::uuid[], $12::text[])
            WITH ORDINALITY AS u(id, ts, aggregate_id, aggregate_type, event_type, user_id, data, metadata,
                                 version, causation_id, correlation_id, source, ord)
-), span AS (
-    SELECT aggregate_id, min(ts) AS first_ts, max(ts) AS last_ts FROM ev GROUP BY aggregate_id
 ), req AS (
-    SELECT r.aggregate_id, r.aggregate_type, r.user_id, r.first_version, r.last_version, span.first_ts, span.last_ts
-      FROM unnest($13::uuid[], $14::text[], $15::text[], $16::integer[], $17::integer[])
-           AS r(aggregate_id, aggregate_type, user_id, first_version, last_version)
-      JOIN span USING (aggregate_id)
-     ORDER BY r.aggregate_id
+    SELECT r.aggregate_id, r.aggregate_type, r.user_id, r.first_version, r.last_version,
+           least(r.first_ts, CASE WHEN r.takes_now THEN now() END) AS first_ts,
+           greatest(r.last_ts, CASE WHEN r.takes_now THEN now() END) AS last_ts
+      FROM unnest($13::uuid[], $14::text[], $15::text[], $16::integer[], $17::integer[],
+                  $18::timestamptz[], $19::timestamptz[], $20::boolean[])
+           AS r(aggregate_id, aggregate_type, user_id, first_version, last_version, first_ts, last_ts, takes_now)
 ), "#,
     stream_guard_ctes!(""),
     r#", passed AS (
@@ -267,6 +269,34 @@ WITH ev AS (
 SELECT id, "timestamp", position FROM inserted
 "#
 );
+
+/// The time span of one aggregate's events in a batch: the earliest and latest given timestamps,
+/// and whether an event without one takes the database's `now()`.
+struct TimeSpan {
+    earliest: Option<DateTime<Utc>>,
+    latest: Option<DateTime<Utc>>,
+    takes_now: bool,
+}
+
+impl TimeSpan {
+    fn of(timestamp: Option<DateTime<Utc>>) -> Self {
+        TimeSpan {
+            earliest: timestamp,
+            latest: timestamp,
+            takes_now: timestamp.is_none(),
+        }
+    }
+
+    fn add(&mut self, timestamp: Option<DateTime<Utc>>) {
+        match timestamp {
+            Some(t) => {
+                self.earliest = Some(self.earliest.map_or(t, |e| e.min(t)));
+                self.latest = Some(self.latest.map_or(t, |l| l.max(t)));
+            }
+            None => self.takes_now = true,
+        }
+    }
+}
 
 /// The append statements, with the dual-write CTEs spliced in when a legacy table is configured:
 /// the legacy row and its `legacy_migration_map` row are written by the same statement as the
@@ -705,8 +735,8 @@ impl EventRepository {
     /// shape: each event parsed and checked once, by [`validate::parse_batch`].
     ///
     /// Fails like [`EventRepository::append_batch`].
-    pub async fn append_batch_json(&self, events: &Value) -> Result<Vec<EventRecord>> {
-        let events = validate::parse_batch(events, self.limits())?;
+    pub async fn append_batch_json(&self, events: Value) -> Result<Vec<EventRecord>> {
+        let events = validate::parse_batch_owned(events, self.limits())?;
         validate::validate_batch_shape(&events)?;
         self.append_batch_valid(events).await
     }
@@ -733,6 +763,7 @@ impl EventRepository {
         let mut agg_users = Vec::new();
         let mut agg_first = Vec::new();
         let mut agg_last = Vec::new();
+        let mut agg_spans: Vec<TimeSpan> = Vec::new();
         for event in &events {
             ids.push(event.id.unwrap_or_else(Uuid::now_v7));
             timestamps.push(event.timestamp);
@@ -756,6 +787,7 @@ impl EventRepository {
                         });
                     }
                     agg_last[i] = event.version;
+                    agg_spans[i].add(event.timestamp);
                 }
                 None => {
                     agg_index.insert(event.aggregate_id, agg_ids.len());
@@ -764,9 +796,21 @@ impl EventRepository {
                     agg_users.push(event.user_id.as_str());
                     agg_first.push(event.version);
                     agg_last.push(event.version);
+                    agg_spans.push(TimeSpan::of(event.timestamp));
                 }
             }
         }
+        // The statement's entries per aggregate, sorted by aggregate id.
+        let mut order: Vec<usize> = (0..agg_ids.len()).collect();
+        order.sort_unstable_by_key(|&i| agg_ids[i]);
+        let sorted_ids: Vec<Uuid> = order.iter().map(|&i| agg_ids[i]).collect();
+        let sorted_types: Vec<&str> = order.iter().map(|&i| agg_types[i]).collect();
+        let sorted_users: Vec<&str> = order.iter().map(|&i| agg_users[i]).collect();
+        let sorted_first: Vec<i32> = order.iter().map(|&i| agg_first[i]).collect();
+        let sorted_last: Vec<i32> = order.iter().map(|&i| agg_last[i]).collect();
+        let sorted_earliest: Vec<_> = order.iter().map(|&i| agg_spans[i].earliest).collect();
+        let sorted_latest: Vec<_> = order.iter().map(|&i| agg_spans[i].latest).collect();
+        let sorted_takes_now: Vec<bool> = order.iter().map(|&i| agg_spans[i].takes_now).collect();
 
         let mut client = self.client().await?;
         let stmt = client.prepare_cached(&self.append_batch_sql).await?;
@@ -774,7 +818,7 @@ impl EventRepository {
         if let Some(user) = &self.scope {
             tx.execute(SET_USER_SQL, &[&&**user]).await?;
         }
-        let params: [&(dyn ToSql + Sync); 17] = [
+        let params: [&(dyn ToSql + Sync); 20] = [
             &ids,
             &timestamps,
             &aggregate_ids,
@@ -787,11 +831,14 @@ impl EventRepository {
             &causation_ids,
             &correlation_ids,
             &sources,
-            &agg_ids,
-            &agg_types,
-            &agg_users,
-            &agg_first,
-            &agg_last,
+            &sorted_ids,
+            &sorted_types,
+            &sorted_users,
+            &sorted_first,
+            &sorted_last,
+            &sorted_earliest,
+            &sorted_latest,
+            &sorted_takes_now,
         ];
         let inserted = match tx.query(&stmt, &params).await {
             Ok(rows) if rows.len() == n => Some(rows),
@@ -837,7 +884,7 @@ impl EventRepository {
         Ok(out)
     }
 
-    /// Names the first aggregate of a failed batch whose guard did not pass.
+    /// Names the first aggregate of a failed batch whose guard did not pass (in batch order).
     async fn diagnose_batch(
         &self,
         client: &Session<'_, '_>,
