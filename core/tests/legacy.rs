@@ -758,3 +758,52 @@ async fn a_limited_run_makes_only_its_days() {
     assert_eq!(rest.migrated, 2);
     assert_eq!(days_made("2024-03-26").await, 1);
 }
+
+/// The run's reader keeps no snapshot open between batches (a snapshot held for the whole run kept
+/// PostgreSQL from pruning the old versions of the stream rows the run updates): it reads through
+/// a cursor that outlived the transaction that opened it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reader_holds_no_snapshot_between_batches() {
+    let repo = common::repo("legacy_no_snapshot").await;
+    let c = common::sql(&repo).await;
+    c.batch_execute(LEGACY_DDL).await.unwrap();
+    for i in 0..40u32 {
+        let data = json!({"entityId": Uuid::from_u128(0xB + (i % 4) as u128), "i": i});
+        insert_legacy(&c, Uuid::now_v7(), "u1", at(1, i), "entity.updated", data).await;
+    }
+    let options = LegacyMigrationOptions {
+        batch_delay: Some(std::time::Duration::from_millis(40)),
+        writers: 1,
+        ..opts(2)
+    };
+    let run = tokio::spawn({
+        let repo = repo.clone();
+        async move { migrate(&repo, &options).await }
+    });
+    let mut seen = Vec::new();
+    while !run.is_finished() {
+        for row in c
+            .query(
+                "SELECT state, backend_xmin IS NULL FROM pg_stat_activity
+                  WHERE query LIKE 'FETCH FORWARD % FROM synap_legacy_rows' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+        {
+            seen.push((row.get::<_, Option<String>>(0), row.get::<_, bool>(1)));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(run.await.unwrap().migrated, 40);
+    assert!(
+        seen.iter().any(|(state, _)| state.as_deref() == Some("idle")),
+        "{seen:?}"
+    );
+    for (state, no_xmin) in &seen {
+        assert_ne!(state.as_deref(), Some("idle in transaction"), "{seen:?}");
+        if state.as_deref() == Some("idle") {
+            assert!(no_xmin, "an idle reader with a snapshot: {seen:?}");
+        }
+    }
+}

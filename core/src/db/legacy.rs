@@ -834,16 +834,18 @@ impl EventRepository {
         let previously_migrated = counts.get::<_, i64>(0) as u64;
         let previously_failed = counts.get::<_, i64>(1) as u64;
 
-        // One snapshot and one sort for the whole run, read through a portal batch by batch.
-        let read_tx = reader
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
+        // One snapshot and one sort for the whole run, kept by a cursor that outlives the
+        // snapshot's transaction: the server materializes the sorted rows at its commit, and the
+        // run then reads them batch by batch holding no snapshot. (A snapshot held for the whole
+        // run kept every stream row version the run made from being pruned, so that each update of
+        // a stream row wrote a new index entry.)
+        reader
+            .batch_execute(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
+                 SET LOCAL work_mem = '256MB'",
+            )
             .await?;
-        // The run's one sort (of the pending rows, data included) stays in memory when it fits.
-        read_tx.batch_execute("SET LOCAL work_mem = '256MB'").await?;
-        let pending: i64 = read_tx
+        let pending: i64 = reader
             .query_one(
                 &format!("SELECT count(*) FROM {legacy} l WHERE {PENDING_FILTER}"),
                 &[&table],
@@ -852,15 +854,27 @@ impl EventRepository {
             .get(0);
         let pending = pending as u64;
         let total = options.limit.map_or(pending, |l| l.min(pending));
-        let select = format!(
-            "SELECT l.id, l.\"timestamp\", l.user_id::text, l.type::text, l.data->>'entityId', l.data,
-                    l.source::text, l.correlation_id
-               FROM {legacy} l
-              WHERE {PENDING_FILTER}
-              ORDER BY l.\"timestamp\", l.id"
-        );
-        let select = read_tx.prepare(&select).await?;
-        let portal = read_tx.bind(&select, &[&table]).await?;
+        reader
+            .execute(
+                &format!(
+                    "DECLARE synap_legacy_rows NO SCROLL CURSOR WITH HOLD FOR
+                     SELECT l.id, l.\"timestamp\", l.user_id::text, l.type::text, l.data->>'entityId', l.data,
+                            l.source::text, l.correlation_id
+                       FROM {legacy} l
+                      WHERE {PENDING_FILTER}
+                      ORDER BY l.\"timestamp\", l.id
+                      LIMIT {total}"
+                ),
+                &[&table],
+            )
+            .await?;
+        reader.batch_execute("COMMIT").await?;
+        let reader = &*reader;
+        let fetch = |n: i32| async move {
+            reader
+                .query(&format!("FETCH FORWARD {n} FROM synap_legacy_rows"), &[])
+                .await
+        };
 
         // Each round reads a batch for every writer and writes them at once.
         let lanes = writers.len().max(1);
@@ -869,7 +883,7 @@ impl EventRepository {
         // The first round is read (the run's one sort) while the writer prepares the days.
         let first = async {
             if total > 0 {
-                read_tx.query_portal(&portal, batch(0)).await
+                fetch(batch(0)).await
             } else {
                 Ok(Vec::new())
             }
@@ -980,7 +994,7 @@ impl EventRepository {
                 let want = batch(fetched);
                 let prefetch = async {
                     if want > 0 {
-                        read_tx.query_portal(&portal, want).await
+                        fetch(want).await
                     } else {
                         Ok(Vec::new())
                     }
@@ -1067,7 +1081,7 @@ impl EventRepository {
         };
         let ((), written) = futures_util::future::join(chunks, writing).await;
         written?;
-        read_tx.rollback().await?;
+        reader.batch_execute("CLOSE synap_legacy_rows").await?;
         if !options.dry_run && !report.stopped_on_invalid && (exhausted || report.processed == pending) {
             writers[0]
                 .execute(

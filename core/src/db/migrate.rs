@@ -98,6 +98,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0011_consumer_groups.sql"),
         earlier_checksums: &[],
     },
+    Migration {
+        version: 12,
+        name: "stream_row_room",
+        sql: include_str!("../../../migrations/0012_stream_row_room.sql"),
+        earlier_checksums: &[],
+    },
 ];
 
 /// What a migration run did.

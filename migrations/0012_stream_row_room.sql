@@ -1,0 +1,11 @@
+-- Room on each event_streams page for the next versions of its rows.
+--
+-- Every append to an existing aggregate updates its event_streams row (the version guard and the
+-- stream's time span). None of those columns is indexed, so PostgreSQL can write the new version
+-- of the row on the same page without a new index entry (a HOT update) when the page has room.
+-- Pages filled to the brim had none: a legacy migration of 1,000,000 rows (ten per aggregate)
+-- made 811,072 such updates, none of them HOT, and each wrote a new entry into the primary key's
+-- index. With 30% of each page left free, 683,636 of them were HOT and the migration took 23.0
+-- instead of 24.6 s (TimescaleDB, fsync on). Pages written from now on keep the room; existing
+-- pages get it when the table is rewritten (VACUUM FULL, CLUSTER).
+ALTER TABLE event_streams SET (fillfactor = 70);
