@@ -11,7 +11,9 @@ pub mod records;
 pub mod repository;
 pub mod subscription;
 
-/// The module's allocator: glibc's spent a third of a batch append's time in the module
+/// The module's allocator. Against glibc's, in one process loading both builds (this machine,
+/// medians of 9): `foldEventsJson` of 100,000 events 130.5 to 113.4 ms, `foldEvents` of the same
+/// objects 205.1 to 187.4 ms; `appendBatch` of 10,000 events 1 to 4% faster.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
