@@ -966,7 +966,6 @@ impl EventRepository {
             migrated: 0,
             failed: 0,
         });
-        let mut exhausted = false;
         let to_rows = |rows: Vec<tokio_postgres::Row>| -> Vec<LegacyRow> {
             rows.iter()
                 .map(|r| LegacyRow {
@@ -981,49 +980,103 @@ impl EventRepository {
                 })
                 .collect()
         };
-        let mut fetched = 0u64;
-        let writing = async {
-            while report.processed < total {
+        // Each writer takes its share of a round as soon as it has written its share of the
+        // round before, so a writer that finishes first does not wait for the others (at most one
+        // round ahead of the slowest). The rounds are settled (counted, recorded, reported) in
+        // order, once every writer has written its share.
+        let (share_txs, share_rxs): (Vec<_>, Vec<_>) = (0..lanes)
+            .map(|_| tokio::sync::mpsc::channel::<(u64, Vec<LegacyRow>)>(1))
+            .unzip();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Result<Vec<BatchOutcome>>)>();
+        let mut dry_known = Some(&mut dry_newest);
+        let writes = writers
+            .iter_mut()
+            .zip(share_rxs)
+            .enumerate()
+            .map(|(lane, (writer, mut shares))| {
+                let done = done_tx.clone();
+                let stmt = batch_stmts.get(lane);
+                // Dry runs have one writer: only it uses the map of known aggregates.
+                let mut newest = if lane == 0 { dry_known.take() } else { None };
+                async move {
+                    while let Some((round, share)) = shares.recv().await {
+                        if done.is_closed() {
+                            break; // the run ended (a failed read or write): write nothing more
+                        }
+                        let written = match (stmt, share.is_empty()) {
+                            (_, true) => Ok(Vec::new()),
+                            (Some(stmt), false) => self.write_share(writer, stmt, table, &share, options).await,
+                            (None, false) => match newest.as_deref_mut() {
+                                Some(known) => self
+                                    .dry_run_batch(writer, &share, options.on_invalid, known)
+                                    .await
+                                    .map(|outcome| vec![outcome]),
+                                None => Err(Error::Internal {
+                                    message: "a dry run with more than one writer".into(),
+                                }),
+                            },
+                        };
+                        let last = written.as_ref().map_or(true, |o| o.iter().any(|b| b.stopped));
+                        if done.send((round, written)).is_err() || last {
+                            break;
+                        }
+                        if let (Some(delay), false) = (options.batch_delay, share.is_empty()) {
+                            tokio::time::sleep(delay).await;
+                        }
+                    }
+                }
+            })
+            .collect::<Vec<_>>();
+        drop(done_tx);
+        let writing = futures_util::future::join_all(writes);
+
+        let mut exhausted = false;
+        let dispatch = async {
+            // Moved in: the writers see the end of the rounds when the dispatch ends.
+            let share_txs = share_txs;
+            let mut fetched = 0u64;
+            let mut round = 0u64;
+            while fetched < total {
                 if next.is_empty() {
                     exhausted = true;
                     break;
                 }
                 let rows = to_rows(std::mem::take(&mut next));
                 fetched += rows.len() as u64;
+                let mut shares: Vec<Vec<LegacyRow>> = (0..lanes).map(|_| Vec::new()).collect();
+                for row in rows {
+                    shares[writer_of(&row, lanes)].push(row);
+                }
+                for (tx, share) in share_txs.iter().zip(shares) {
+                    if tx.send((round, share)).await.is_err() {
+                        return Ok(()); // the writer stopped: the run ends with what is settled
+                    }
+                }
+                round += 1;
                 // The next round is read while this one is written.
                 let want = batch(fetched);
-                let prefetch = async {
-                    if want > 0 {
-                        fetch(want).await
-                    } else {
-                        Ok(Vec::new())
-                    }
+                if want > 0 {
+                    next = fetch(want).await?;
+                }
+            }
+            Ok::<(), Error>(())
+        };
+
+        let settle = async {
+            let mut arrived: HashMap<u64, (usize, Vec<BatchOutcome>)> = HashMap::new();
+            let mut round = 0u64;
+            while report.processed < total {
+                let Some((share_round, written)) = done_rx.recv().await else {
+                    break; // every writer is done
                 };
-                let (outcomes, prefetched) = if batch_stmts.is_empty() {
-                    let outcome = self
-                        .dry_run_batch(&writers[0], &rows, options.on_invalid, &mut dry_newest)
-                        .await?;
-                    (vec![outcome], prefetch.await)
-                } else {
-                    let mut shares: Vec<Vec<LegacyRow>> = (0..lanes).map(|_| Vec::new()).collect();
-                    for row in rows {
-                        shares[writer_of(&row, lanes)].push(row);
-                    }
-                    let writes = writers
-                        .iter_mut()
-                        .zip(&batch_stmts)
-                        .zip(&shares)
-                        .filter(|(_, share)| !share.is_empty())
-                        .map(|((writer, stmt), share)| self.write_share(writer, stmt, table, share, options));
-                    let (written, prefetched) =
-                        futures_util::future::join(futures_util::future::join_all(writes), prefetch).await;
-                    let mut outcomes = Vec::new();
-                    for share in written {
-                        outcomes.extend(share?);
-                    }
-                    (outcomes, prefetched)
-                };
-                next = prefetched?;
+                let entry = arrived.entry(share_round).or_default();
+                entry.0 += 1;
+                entry.1.extend(written?);
+                if arrived.get(&round).map(|e| e.0) != Some(lanes) {
+                    continue;
+                }
+                let (_, outcomes) = arrived.remove(&round).unwrap_or_default();
+                round += 1;
                 let mut stopped = false;
                 // The round's counts and last row, recorded once the round committed: a row
                 // that every writer updated inside its batch would make the writers wait for
@@ -1041,7 +1094,7 @@ impl EventRepository {
                 }
                 if !options.dry_run {
                     let (last_ts, last_id) = (last.and_then(|l| l.0), last.map(|l| l.1));
-                    writers[0]
+                    reader
                         .execute(
                             RECORD_PROGRESS_SQL,
                             &[&table, &recorded.0, &recorded.1, &last_ts, &last_id],
@@ -1073,13 +1126,18 @@ impl EventRepository {
                     report.stopped_on_invalid = true;
                     break;
                 }
-                if let Some(delay) = options.batch_delay {
-                    tokio::time::sleep(delay).await;
-                }
             }
+            // Whatever happens next, no writer may take another round.
+            drop(done_rx);
             Ok::<(), Error>(())
         };
-        let ((), written) = futures_util::future::join(chunks, writing).await;
+        // A failed read or write ends the run at once (the other writers' transactions roll back).
+        let run = futures_util::future::try_join(dispatch, settle);
+        let run = async {
+            let (ran, _) = futures_util::future::join(run, writing).await;
+            ran
+        };
+        let ((), written) = futures_util::future::join(chunks, run).await;
         written?;
         reader.batch_execute("CLOSE synap_legacy_rows").await?;
         if !options.dry_run && !report.stopped_on_invalid && (exhausted || report.processed == pending) {
