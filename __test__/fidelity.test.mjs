@@ -92,7 +92,15 @@ test('an invalid Date is refused, never read as absent or as 1970', async () => 
     code: 'VALIDATION_FAILED',
     field: 'events[1].timestamp',
   })
+  await assert.rejects(db.repo.appendBatch([ev(randomUUID(), 1), ev(randomUUID(), 1, { timestamp: Number.NaN })]), {
+    code: 'VALIDATION_FAILED',
+    field: 'events[1].timestamp',
+    reason: 'OUT_OF_RANGE',
+  })
   assert.deepEqual(await db.rows(), before)
+  // A null timestamp is an absent one: the database's time.
+  const [stored] = await db.repo.appendBatch([ev(randomUUID(), 1, { timestamp: null })])
+  assert.ok(stored.timestamp instanceof Date && !Number.isNaN(stored.timestamp.getTime()))
 })
 
 /** Every read path's copy of the event `id` of aggregate `aggregateId`. */
