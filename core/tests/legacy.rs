@@ -761,7 +761,8 @@ async fn a_limited_run_makes_only_its_days() {
 
 /// The run's reader keeps no snapshot open between batches (a snapshot held for the whole run kept
 /// PostgreSQL from pruning the old versions of the stream rows the run updates): it reads through
-/// a cursor that outlived the transaction that opened it.
+/// a cursor that outlived the transaction that opened it. It holds the writers' lock, as the
+/// writers do: it records the run's progress.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reader_holds_no_snapshot_between_batches() {
     let repo = common::repo("legacy_no_snapshot").await;
@@ -784,7 +785,10 @@ async fn the_reader_holds_no_snapshot_between_batches() {
     while !run.is_finished() {
         for row in c
             .query(
-                "SELECT state, backend_xmin IS NULL FROM pg_stat_activity
+                "SELECT state, backend_xmin IS NULL,
+                        EXISTS (SELECT 1 FROM pg_locks l
+                                 WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.mode = 'ShareLock')
+                   FROM pg_stat_activity a
                   WHERE query LIKE 'FETCH FORWARD % FROM synap_legacy_rows' AND pid <> pg_backend_pid()",
                 &[],
             )
@@ -792,6 +796,8 @@ async fn the_reader_holds_no_snapshot_between_batches() {
             .unwrap()
         {
             seen.push((row.get::<_, Option<String>>(0), row.get::<_, bool>(1)));
+            // It records the run's progress, so a later run waits for it as for a writer.
+            assert!(row.get::<_, bool>(2), "the reader does not hold the writers' lock");
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }

@@ -11,9 +11,9 @@ pub mod records;
 pub mod repository;
 pub mod subscription;
 
-/// The module's allocator. Against glibc's, in one process loading both builds (this machine,
-/// medians of 9): `foldEventsJson` of 100,000 events 130.5 to 113.4 ms, `foldEvents` of the same
-/// objects 205.1 to 187.4 ms; `appendBatch` of 10,000 events 1 to 4% faster.
+/// The module's allocator: faster than glibc's for the many small allocations of JSON values
+/// (docs/performance.md, the fold section). Its local-dynamic TLS model is the one that is safe in a
+/// library loaded by `dlopen`, as Node loads this module.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -246,6 +246,19 @@ fn aggregate_of(row: &LegacyRow) -> Uuid {
 
 /// The writer (of `lanes`) of a row's aggregate, the one [`check_row`] gives it when the row
 /// is valid: all rows of an aggregate go through one writer, in order.
+/// Makes `client` one of a run's writers: named as the run's connections are (so that a later
+/// run can end them when this process is gone), and holding the writers' lock in share mode.
+async fn enlist(client: &tokio_postgres::Client, table: &str) -> Result<()> {
+    client
+        .execute(
+            "SELECT set_config('application_name', $1, false)",
+            &[&migration_client_name()],
+        )
+        .await?;
+    client.execute(WRITER_SHARED_SQL, &[&table]).await?;
+    Ok(())
+}
+
 fn writer_of(row: &LegacyRow, lanes: usize) -> usize {
     if lanes == 1 {
         return 0;
@@ -664,7 +677,12 @@ impl EventRepository {
         };
         let result = match result {
             Ok(()) => match writers[0].execute(START_RUN_SQL, &[&table]).await {
-                Ok(_) => self.open_writers(&mut writers, table, options).await,
+                Ok(_) => match self.open_writers(&mut writers, table, options).await {
+                    // The reader records the run's progress: it is one of the run's writers for
+                    // the lock that a later run waits on, and for the clean-up of a killed run.
+                    Ok(()) => enlist(&reader, table).await,
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e.into()),
             },
             Err(e) => Err(e),
@@ -838,7 +856,9 @@ impl EventRepository {
         // snapshot's transaction: the server materializes the sorted rows at its commit, and the
         // run then reads them batch by batch holding no snapshot. (A snapshot held for the whole
         // run kept every stream row version the run made from being pruned, so that each update of
-        // a stream row wrote a new index entry.)
+        // a stream row wrote a new index entry.) The commit sorts and copies every pending row
+        // (data included) at once, in work_mem and then temporary files, as one statement: a
+        // `statement_timeout` or `temp_file_limit` of the role applies to it.
         reader
             .batch_execute(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
@@ -880,7 +900,7 @@ impl EventRepository {
         let lanes = writers.len().max(1);
         let round = (options.batch_size * lanes) as u64;
         let batch = |fetched: u64| (total - fetched).min(round) as i32;
-        // The first round is read (the run's one sort) while the writer prepares the days.
+        // The first round is read while the writer prepares the days.
         let first = async {
             if total > 0 {
                 fetch(batch(0)).await
@@ -981,9 +1001,10 @@ impl EventRepository {
                 .collect()
         };
         // Each writer takes its share of a round as soon as it has written its share of the
-        // round before, so a writer that finishes first does not wait for the others (at most one
-        // round ahead of the slowest). The rounds are settled (counted, recorded, reported) in
-        // order, once every writer has written its share.
+        // round before, so a writer that finishes first does not wait for the others (each
+        // writer's channel holds one share, so no writer gets more than two rounds ahead of the
+        // slowest). The rounds are settled (counted, recorded, reported) in order, once every
+        // writer has written its share.
         let (share_txs, share_rxs): (Vec<_>, Vec<_>) = (0..lanes)
             .map(|_| tokio::sync::mpsc::channel::<(u64, Vec<LegacyRow>)>(1))
             .unzip();
@@ -1131,7 +1152,9 @@ impl EventRepository {
             drop(done_rx);
             Ok::<(), Error>(())
         };
-        // A failed read or write ends the run at once (the other writers' transactions roll back).
+        // A failed read or write ends the run: no writer takes another share, the shares being
+        // written are finished (each batch commits or rolls back whole; a resume skips what
+        // committed), and the error is returned.
         let run = futures_util::future::try_join(dispatch, settle);
         let run = async {
             let (ran, _) = futures_util::future::join(run, writing).await;
@@ -1139,7 +1162,8 @@ impl EventRepository {
         };
         let ((), written) = futures_util::future::join(chunks, run).await;
         written?;
-        reader.batch_execute("CLOSE synap_legacy_rows").await?;
+        // The connection's end closes it too: a failure here must not fail a finished run.
+        let _ = reader.batch_execute("CLOSE synap_legacy_rows").await;
         if !options.dry_run && !report.stopped_on_invalid && (exhausted || report.processed == pending) {
             writers[0]
                 .execute(
