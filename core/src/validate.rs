@@ -329,21 +329,28 @@ fn parse_fields(
 ///
 /// Fails with [`Error::Validation`] naming the first problem.
 pub fn parse_batch(value: &Value, limits: &Limits) -> Result<Vec<NewEvent>> {
-    parse_batch_owned(value.clone(), limits)
+    let items = value.as_array().ok_or_else(not_an_array)?;
+    first_problem(items.iter().map(|item| parse_event(item, limits)))
 }
 
 /// [`parse_batch`] for a batch the caller no longer needs (see [`parse_event_owned`]).
 pub fn parse_batch_owned(value: Value, limits: &Limits) -> Result<Vec<NewEvent>> {
     let Value::Array(items) = value else {
-        return Err(Error::invalid(
-            "events",
-            IssueCode::InvalidType,
-            "events must be an array",
-        ));
+        return Err(not_an_array());
     };
-    let mut events = Vec::with_capacity(items.len());
-    for (i, item) in items.into_iter().enumerate() {
-        match parse_event_owned(item, limits) {
+    first_problem(items.into_iter().map(|item| parse_event_owned(item, limits)))
+}
+
+fn not_an_array() -> Error {
+    Error::invalid("events", IssueCode::InvalidType, "events must be an array")
+}
+
+/// The parsed events, or the first problem of the first event that has one, its path prefixed
+/// with `events[i]`.
+fn first_problem(parsed: impl Iterator<Item = std::result::Result<NewEvent, Vec<Issue>>>) -> Result<Vec<NewEvent>> {
+    let mut events = Vec::with_capacity(parsed.size_hint().0);
+    for (i, outcome) in parsed.enumerate() {
+        match outcome {
             Ok(event) => events.push(event),
             Err(issues) => {
                 let first = issues.into_iter().next();

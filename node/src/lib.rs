@@ -207,6 +207,9 @@ pub(crate) fn refuse_hidden_value(v: &Unknown, path: String) -> Result<core::Res
 /// makes either `null`, so only the members that are `null` in `parsed` (what it made of `value`)
 /// are looked at in `value`: a batch without such members costs no call into JavaScript.
 fn refuse_hidden_values(value: &Unknown, parsed: &Value, checked: &Checked) -> Result<core::Result<()>> {
+    if matches!(checked, Checked::Keys(keys) if keys.is_empty()) {
+        return Ok(Ok(())); // nothing to check: do not walk a large array for it
+    }
     let nulled = |v: &Value| -> Vec<String> {
         let Some(members) = v.as_object() else {
             return Vec::new();

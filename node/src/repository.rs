@@ -152,7 +152,7 @@ impl EventRepository {
     #[napi(catch_unwind, ts_args_type = "event: AppendEventData")]
     pub fn append<'env>(&self, env: &'env Env, event: Unknown<'env>) -> Result<PromiseRaw<'env, EventRecord>> {
         let event = js_to_json(env, event, Checked::Keys(&["timestamp"]));
-        self.run(env, move |repo| async move { repo.append_json(&event?).await })
+        self.run(env, move |repo| async move { repo.append_json(event?).await })
     }
 
     /// Appends events atomically (all or none), any number of them.

@@ -246,19 +246,6 @@ fn aggregate_of(row: &LegacyRow) -> Uuid {
 
 /// The writer (of `lanes`) of a row's aggregate, the one [`check_row`] gives it when the row
 /// is valid: all rows of an aggregate go through one writer, in order.
-/// Makes `client` one of a run's writers: named as the run's connections are (so that a later
-/// run can end them when this process is gone), and holding the writers' lock in share mode.
-async fn enlist(client: &tokio_postgres::Client, table: &str) -> Result<()> {
-    client
-        .execute(
-            "SELECT set_config('application_name', $1, false)",
-            &[&migration_client_name()],
-        )
-        .await?;
-    client.execute(WRITER_SHARED_SQL, &[&table]).await?;
-    Ok(())
-}
-
 fn writer_of(row: &LegacyRow, lanes: usize) -> usize {
     if lanes == 1 {
         return 0;
@@ -318,6 +305,19 @@ async fn check_legacy_table<C: GenericClient>(client: &C, name: &str) -> Result<
             Some(_) => {}
         }
     }
+    Ok(())
+}
+
+/// Makes `client` one of a run's writers: named as the run's connections are (so that a later
+/// run can end them when this process is gone), and holding the writers' lock in share mode.
+async fn enlist(client: &tokio_postgres::Client, table: &str) -> Result<()> {
+    client
+        .execute(
+            "SELECT set_config('application_name', $1, false)",
+            &[&migration_client_name()],
+        )
+        .await?;
+    client.execute(WRITER_SHARED_SQL, &[&table]).await?;
     Ok(())
 }
 
@@ -677,12 +677,7 @@ impl EventRepository {
         };
         let result = match result {
             Ok(()) => match writers[0].execute(START_RUN_SQL, &[&table]).await {
-                Ok(_) => match self.open_writers(&mut writers, table, options).await {
-                    // The reader records the run's progress: it is one of the run's writers for
-                    // the lock that a later run waits on, and for the clean-up of a killed run.
-                    Ok(()) => enlist(&reader, table).await,
-                    Err(e) => Err(e),
-                },
+                Ok(_) => self.open_writers(&mut writers, &reader, table, options).await,
                 Err(e) => Err(e.into()),
             },
             Err(e) => Err(e),
@@ -700,10 +695,11 @@ impl EventRepository {
     }
 
     /// Adds the run's other writers to `writers` (which holds the one with the migration lock),
-    /// and has every writer hold the writers' lock in share mode for its session.
+    /// and enlists every writer and the reader (see [`enlist`]).
     async fn open_writers(
         &self,
         writers: &mut Vec<deadpool_postgres::ClientWrapper>,
+        reader: &tokio_postgres::Client,
         table: &str,
         options: &LegacyMigrationOptions,
     ) -> Result<()> {
@@ -711,16 +707,12 @@ impl EventRepository {
             OnInvalid::Fail => 1,
             OnInvalid::Skip => options.writers,
         };
-        let name = migration_client_name();
         while writers.len() < lanes {
-            let writer = deadpool_postgres::Object::take(self.client().await?);
-            writer
-                .execute("SELECT set_config('application_name', $1, false)", &[&name])
-                .await?;
-            writers.push(writer);
+            writers.push(deadpool_postgres::Object::take(self.client().await?));
         }
-        for writer in writers.iter() {
-            writer.execute(WRITER_SHARED_SQL, &[&table]).await?;
+        // The reader records the run's progress: a later run must wait for it as for a writer.
+        for client in writers.iter().map(|w| &**w).chain([reader]) {
+            enlist(client, table).await?;
         }
         Ok(())
     }
@@ -892,7 +884,7 @@ impl EventRepository {
         let reader = &*reader;
         let fetch = |n: i32| async move {
             reader
-                .query(&format!("FETCH FORWARD {n} FROM synap_legacy_rows"), &[])
+                .query_typed(&format!("FETCH FORWARD {n} FROM synap_legacy_rows"), &[])
                 .await
         };
 

@@ -560,8 +560,8 @@ impl EventRepository {
     ///
     /// Fails like [`EventRepository::append`], with the first problem [`validate::parse_event`]
     /// reports.
-    pub async fn append_json(&self, event: &Value) -> Result<EventRecord> {
-        let event = validate::parse_event(event, self.limits()).map_err(Error::from_issue_list)?;
+    pub async fn append_json(&self, event: Value) -> Result<EventRecord> {
+        let event = validate::parse_event_owned(event, self.limits()).map_err(Error::from_issue_list)?;
         self.append_valid(event).await
     }
 
