@@ -2,14 +2,18 @@
 --
 -- Plain SQL that applies with `psql -f` as well as through the built-in runner.
 -- Storage mode comes from the custom setting `synap.storage_mode`
--- (auto | timescaledb | native; unset means auto), e.g.
+-- (auto | timescaledb | native | citus; unset means auto), e.g.
 --   PGOPTIONS='-c synap.storage_mode=native' psql "$DATABASE_URL" -f migrations/0001_events_v2.sql
 --
 --   timescaledb: a hypertable on "timestamp" with 1-day chunks.
 --   native:      declarative range partitioning by day, partitions created ahead by
 --                synap_ensure_partitions(), plus a default partition so that an insert
 --                never fails for lack of a partition.
---   auto:        timescaledb when the database has the extension or it can be created (installed
+--   citus:       native partitioning, distributed by aggregate over a Citus cluster's workers
+--                (migration 0013 distributes the tables); needs the citus extension in this
+--                database and at least one active worker.
+--   auto:        citus when this database has the citus extension and active workers; otherwise
+--                timescaledb when the database has the extension or it can be created (installed
 --                and in shared_preload_libraries), otherwise native, with a NOTICE saying why.
 
 CREATE TABLE IF NOT EXISTS synap_settings (
@@ -24,6 +28,7 @@ DECLARE
     requested text := lower(coalesce(nullif(current_setting('synap.storage_mode', true), ''), 'auto'));
     chosen    text;
     ts_schema text;
+    workers   bigint := 0;
     columns   text := $cols$
         id             uuid        NOT NULL DEFAULT gen_random_uuid(),
         "timestamp"    timestamptz NOT NULL DEFAULT now(),
@@ -44,8 +49,8 @@ DECLARE
         position       bigint      NOT NULL DEFAULT nextval('events_v2_position_seq')
     $cols$;
 BEGIN
-    IF requested NOT IN ('auto', 'timescaledb', 'native') THEN
-        RAISE EXCEPTION 'synap.storage_mode must be auto, timescaledb or native, not "%"', requested;
+    IF requested NOT IN ('auto', 'timescaledb', 'native', 'citus') THEN
+        RAISE EXCEPTION 'synap.storage_mode must be auto, timescaledb, native or citus, not "%"', requested;
     END IF;
 
     IF to_regclass('events_v2') IS NOT NULL THEN
@@ -54,7 +59,19 @@ BEGIN
     END IF;
 
     chosen := 'native';
-    IF requested <> 'native' THEN
+    IF requested IN ('auto', 'citus') AND EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
+        EXECUTE 'SELECT count(*) FROM pg_dist_node WHERE isactive AND noderole = ''primary'' AND groupid <> 0'
+           INTO workers;
+    END IF;
+    IF requested = 'citus' AND workers = 0 THEN
+        RAISE EXCEPTION 'synap.storage_mode is citus but %', CASE
+            WHEN EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')
+                THEN 'the cluster has no active worker: add one with citus_add_node()'
+            ELSE 'the citus extension is not created in this database' END;
+    END IF;
+    IF workers > 0 THEN
+        chosen := 'citus';
+    ELSIF requested <> 'native' THEN
         -- Where the extension lives, when a database already has it (its functions are called
         -- qualified with that schema, whatever search_path says).
         SELECT extnamespace::regnamespace::text INTO ts_schema FROM pg_extension WHERE extname = 'timescaledb';

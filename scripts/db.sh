@@ -155,7 +155,9 @@ start() {
         opts="$opts -c shared_preload_libraries=timescaledb -c timescaledb.telemetry_level=off"
     fi
     if [ "$MODE" = citus ]; then
-        opts="$opts -c shared_preload_libraries=citus"
+        # A test cluster on one machine: four shards per table (two per worker) keep a store's
+        # tables at a few hundred shards; SYNAP_CITUS_SHARDS=32 is Citus's own default.
+        opts="$opts -c shared_preload_libraries=citus -c citus.shard_count=${SYNAP_CITUS_SHARDS:-4}"
     fi
     if [ "${SYNAP_PG_FAST:-0}" = 1 ]; then
         opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"

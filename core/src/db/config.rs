@@ -6,13 +6,17 @@ use crate::validate::Limits;
 /// How `events_v2` is stored; decided when the first migration runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StorageMode {
-    /// TimescaleDB when the extension can be created, native partitioning otherwise.
+    /// Citus when the database has the extension and active workers; otherwise TimescaleDB when
+    /// the extension can be created, native partitioning otherwise.
     #[default]
     Auto,
     /// A TimescaleDB hypertable with 1-day chunks; the migration fails without the extension.
     Timescaledb,
     /// Native declarative range partitioning by day.
     Native,
+    /// Native partitioning, distributed by aggregate over a Citus cluster (docs/scale-out.md);
+    /// the migration fails without the extension and at least one active worker.
+    Citus,
 }
 
 impl StorageMode {
@@ -22,10 +26,11 @@ impl StorageMode {
             StorageMode::Auto => "auto",
             StorageMode::Timescaledb => "timescaledb",
             StorageMode::Native => "native",
+            StorageMode::Citus => "citus",
         }
     }
 
-    /// Parses `auto`, `timescaledb` or `native`.
+    /// Parses `auto`, `timescaledb`, `native` or `citus`.
     ///
     /// Fails with [`Error::InvalidConfig`] for anything else.
     pub fn parse(s: &str) -> Result<StorageMode> {
@@ -33,8 +38,9 @@ impl StorageMode {
             "auto" | "" => Ok(StorageMode::Auto),
             "timescaledb" => Ok(StorageMode::Timescaledb),
             "native" => Ok(StorageMode::Native),
+            "citus" => Ok(StorageMode::Citus),
             other => Err(Error::InvalidConfig {
-                message: format!("storage mode must be auto, timescaledb or native, not \"{other}\""),
+                message: format!("storage mode must be auto, timescaledb, native or citus, not \"{other}\""),
             }),
         }
     }

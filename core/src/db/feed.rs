@@ -18,7 +18,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::db::feed_plan::{plan_windows, IndexRow, Window};
-use crate::db::repository::{in_session, record_from_row, EventRepository, Session, SET_USER_SQL};
+use crate::db::repository::{in_session, record_from_row, EventRepository, Session};
 use crate::error::{Error, Result};
 use crate::model::EventRecord;
 use crate::validate::{self, IssueCode};
@@ -176,9 +176,11 @@ const PLAN_ROWS: i64 = 2000;
 /// The horizon and the day index from the reader's position on, in one snapshot: every
 /// transaction below the horizon has ended, so the days it recorded are visible here. Bucket rows
 /// (txid NULL) come before a bucket's transaction rows. `h` is materialized: inlined, its
-/// functions ran once per index row returned (20 ms for 759 rows).
+/// functions ran once per index row returned (20 ms for 759 rows). On Citus its fence waits until
+/// the transactions below the horizon are visible on every worker (migration 0013).
 const FEED_PLAN_SQL: &str = "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon, \
-                       synap_feed_identity() AS store, synap_feed_is_current() AS current) \
+                       synap_feed_identity() AS store, synap_feed_is_current() AS current, \
+                       synap_feed_fence() AS fenced) \
      SELECT h.horizon::text, f.bucket, f.txid::text, f.day, h.store, h.current \
        FROM h LEFT JOIN LATERAL ( \
             SELECT DISTINCT bucket, txid, day FROM events_v2_feed_days \

@@ -36,7 +36,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0001_events_v2.sql"),
         // Before: auto mode crashed on a server with TimescaleDB installed but not preloaded,
         // and create_hypertable was called unqualified. Both only ever ran on first creation.
-        earlier_checksums: &["ff3ade190c2350c50402400362d58809e486d7772973356b7fc6a977cc047dc2"],
+        // Before that, and until the citus mode: neither changes anything once the file ran.
+        earlier_checksums: &[
+            "ff3ade190c2350c50402400362d58809e486d7772973356b7fc6a977cc047dc2",
+            "d6f0894f7a4ebd05206ae5902de925715421ee5836cc9571ffadc2a689b13958",
+        ],
     },
     Migration {
         version: 2,
@@ -102,6 +106,12 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 12,
         name: "stream_row_room",
         sql: include_str!("../../../migrations/0012_stream_row_room.sql"),
+        earlier_checksums: &[],
+    },
+    Migration {
+        version: 13,
+        name: "citus",
+        sql: include_str!("../../../migrations/0013_citus.sql"),
         earlier_checksums: &[],
     },
 ];
@@ -210,6 +220,9 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) 
         if migration.version == 1 && mode == StorageMode::Timescaledb {
             check_timescaledb(&tx).await?;
         }
+        if migration.version == 1 && mode == StorageMode::Citus {
+            check_citus(&tx).await?;
+        }
         let started = Instant::now();
         tx.execute("SELECT set_config('synap.storage_mode', $1, true)", &[&mode.as_str()])
             .await?;
@@ -261,6 +274,34 @@ async fn check_timescaledb(client: &impl tokio_postgres::GenericClient) -> Resul
     };
     Err(Error::StorageModeUnavailable {
         requested: "timescaledb".into(),
+        message: message.into(),
+    })
+}
+
+/// Fails with [`Error::StorageModeUnavailable`] unless the database has the citus extension and
+/// at least one active worker.
+async fn check_citus(client: &impl tokio_postgres::GenericClient) -> Result<()> {
+    let created: bool = client
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')", &[])
+        .await?
+        .get(0);
+    let message = if !created {
+        "the citus extension is not created in this database"
+    } else {
+        let workers: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_dist_node WHERE isactive AND noderole = 'primary' AND groupid <> 0",
+                &[],
+            )
+            .await?
+            .get(0);
+        if workers > 0 {
+            return Ok(());
+        }
+        "the Citus cluster has no active worker: add one with citus_add_node()"
+    };
+    Err(Error::StorageModeUnavailable {
+        requested: "citus".into(),
         message: message.into(),
     })
 }

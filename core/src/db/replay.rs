@@ -16,7 +16,7 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use crate::db::json::StoredJson;
-use crate::db::repository::{record_from_row, EventRepository, SET_USER_SQL, STREAM_SQL};
+use crate::db::repository::{record_from_row, EventRepository, set_user_sql, STREAM_SQL};
 use crate::error::{Error, Result};
 use crate::fold::{Bookkeeping, FoldErrorKind, FoldOptions, FoldResult, RecordFolder, Snapshot};
 use crate::model::EventRecord;
@@ -293,7 +293,7 @@ impl EventRepository {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         if let Some(user) = &self.scope {
-            tx.execute(SET_USER_SQL, &[&&**user]).await?;
+            tx.batch_execute(&set_user_sql(user)).await?;
         }
         let written = tx
             .execute(
@@ -329,7 +329,7 @@ impl EventRepository {
             .start()
             .await?;
         if let Some(user) = &self.scope {
-            tx.execute(SET_USER_SQL, &[&&**user]).await?;
+            tx.batch_execute(&set_user_sql(user)).await?;
         }
         let out = body(&tx).await?;
         tx.commit().await?;

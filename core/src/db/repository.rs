@@ -52,9 +52,26 @@ struct Wake {
 /// (0.4 ms an append) would otherwise pay for a `pg_notify` after each one.
 const WAKE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// Sets the user for row-level security until the end of the current transaction only, so a
-/// pooled connection never carries it into another caller's query.
-pub(crate) const SET_USER_SQL: &str = "SELECT set_config('app.current_user_id', $1, true)";
+/// The statements that set the user for row-level security until the end of the current
+/// transaction only, so that a pooled connection never carries it into another caller's query.
+/// `SET LOCAL` rather than `set_config`: on Citus the policies of distributed tables run on the
+/// workers, and Citus passes a transaction's `SET LOCAL` commands on to them when
+/// `citus.propagate_set_commands` says so (set here for the transaction too; elsewhere a
+/// placeholder that nothing reads). The user id is a validated string without NUL, written as an
+/// escape string literal, so that its quotes and backslashes read back unchanged whatever
+/// `standard_conforming_strings` says.
+pub(crate) fn set_user_sql(user: &str) -> String {
+    let mut literal = String::with_capacity(user.len() + 3);
+    literal.push_str("E'");
+    for c in user.chars() {
+        if c == '\\' || c == '\'' {
+            literal.push('\\');
+        }
+        literal.push(c);
+    }
+    literal.push('\'');
+    format!("SET LOCAL citus.propagate_set_commands = 'local'; SET LOCAL app.current_user_id = {literal}")
+}
 
 /// A pooled connection, or a transaction on one: the same queries run on either.
 pub(crate) enum Session<'a, 'b> {
@@ -140,7 +157,7 @@ macro_rules! in_session {
             }
             Some(user) => {
                 let tx = client.transaction().await?;
-                tx.execute(SET_USER_SQL, &[&&*user]).await?;
+                tx.batch_execute(&$crate::db::repository::set_user_sql(&user)).await?;
                 let $s = Session::Tx(&tx);
                 let out: Result<_> = async { $body }.await;
                 if out.is_ok() {
@@ -816,7 +833,7 @@ impl EventRepository {
         let stmt = client.prepare_cached(&self.append_batch_sql).await?;
         let tx = client.transaction().await?;
         if let Some(user) = &self.scope {
-            tx.execute(SET_USER_SQL, &[&&**user]).await?;
+            tx.batch_execute(&set_user_sql(user)).await?;
         }
         let params: [&(dyn ToSql + Sync); 20] = [
             &ids,
@@ -852,7 +869,7 @@ impl EventRepository {
             tx.rollback().await?;
             let tx = client.transaction().await?;
             if let Some(user) = &self.scope {
-                tx.execute(SET_USER_SQL, &[&&**user]).await?;
+                tx.batch_execute(&set_user_sql(user)).await?;
             }
             let session = Session::Tx(&tx);
             let outcome = match stored_batch(&session, &events, &ids).await {
@@ -1262,15 +1279,32 @@ async fn stored_batch(client: &Session<'_, '_>, events: &[NewEvent], ids: &[Uuid
 
 /// Whether the statement failed on the id registry's key: an id that is already stored.
 fn is_duplicate_id(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error().is_some_and(|db| {
-        *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION && db.constraint() == Some("events_v2_ids_pkey")
-    })
+    violates(e, "events_v2_ids_pkey")
 }
 
 /// A batch's version 1 for an aggregate that exists (see `stream_guard_ctes`).
 fn is_existing_stream(e: &tokio_postgres::Error) -> bool {
+    violates(e, "event_streams_pkey")
+}
+
+/// Whether `e` is a unique violation of the constraint `name`. On Citus the violation happens on
+/// a shard, whose constraint is `name` followed by `_` and the shard's number, and the error
+/// reaches the coordinator with that name in its message only.
+fn violates(e: &tokio_postgres::Error, name: &str) -> bool {
+    let shard_of = |text: &str| {
+        text.strip_prefix(name)
+            .is_some_and(|rest| rest.is_empty() || rest.strip_prefix('_').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
+    };
     e.as_db_error().is_some_and(|db| {
-        *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION && db.constraint() == Some("event_streams_pkey")
+        *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+            && match db.constraint() {
+                Some(constraint) => shard_of(constraint),
+                None => db
+                    .message()
+                    .split('"')
+                    .nth(1)
+                    .is_some_and(shard_of),
+            }
     })
 }
 
