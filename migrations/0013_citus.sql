@@ -83,11 +83,25 @@ AS $$
     SELECT true
 $$;
 
+-- The streams of a multi-aggregate write (the legacy migration's batches), locked in a fixed
+-- order and returned. On Citus a query with FOR UPDATE must stay on one shard: there the rows are
+-- locked shard by shard (in shard order, by aggregate within a shard).
+CREATE OR REPLACE FUNCTION synap_lock_streams(p_ids uuid[])
+RETURNS TABLE (aggregate_id uuid, version integer, aggregate_type text, last_timestamp timestamptz)
+LANGUAGE sql VOLATILE
+AS $$
+    SELECT s.aggregate_id, s.version, s.aggregate_type, s.last_timestamp FROM event_streams s
+     WHERE s.aggregate_id = ANY (p_ids) ORDER BY s.aggregate_id FOR UPDATE
+$$;
+
 DO $citus$
 BEGIN
     IF (SELECT value FROM synap_settings WHERE key = 'storage_mode') <> 'citus' THEN
         RETURN;
     END IF;
+    -- One connection per worker for the whole file: the functions below are created after the
+    -- tables are distributed, in the same transaction (also when psql applies every file in one).
+    PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
 
     -- Partitions first: distributing the whole partitioned table at once is much faster than
     -- distributing each day as it is attached.
@@ -157,6 +171,26 @@ BEGIN
     AS $f$
     BEGIN
         RETURN EXISTS (SELECT 1 FROM event_streams WHERE aggregate_id = p_aggregate_id);
+    END
+    $f$;
+
+    CREATE OR REPLACE FUNCTION synap_lock_streams(p_ids uuid[])
+    RETURNS TABLE (aggregate_id uuid, version integer, aggregate_type text, last_timestamp timestamptz)
+    LANGUAGE plpgsql VOLATILE
+    AS $f$
+    DECLARE
+        shard uuid[];
+    BEGIN
+        FOR shard IN
+            SELECT array_agg(u.id) FROM (
+                SELECT id, get_shard_id_for_distribution_column('event_streams', id) AS shard_id
+                  FROM unnest(p_ids) id) u
+             GROUP BY u.shard_id ORDER BY u.shard_id
+        LOOP
+            RETURN QUERY
+                SELECT s.aggregate_id, s.version, s.aggregate_type, s.last_timestamp FROM event_streams s
+                 WHERE s.aggregate_id = ANY (shard) ORDER BY s.aggregate_id FOR UPDATE;
+        END LOOP;
     END
     $f$;
 

@@ -913,7 +913,9 @@ async fn a_user_stream_touches_only_the_days_it_asks_for() {
     assert!(older.len() >= 50, "{older:?}");
     let shard_of = |line: &str, name: &str| {
         line.split(&format!(" on {name}_")).nth(1).is_some_and(|rest| {
-            rest.split(' ').next().is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            rest.split(' ')
+                .next()
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
         })
     };
     for line in &scanned {

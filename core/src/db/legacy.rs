@@ -1252,8 +1252,7 @@ impl EventRepository {
         // that a live append and a batch never take two streams in opposite orders.
         let known = tx
             .query(
-                "SELECT aggregate_id, version, aggregate_type, last_timestamp FROM event_streams
-                  WHERE aggregate_id = ANY ($1) ORDER BY aggregate_id FOR UPDATE",
+                "SELECT aggregate_id, version, aggregate_type, last_timestamp FROM synap_lock_streams($1)",
                 &[&agg_ids],
             )
             .await?;

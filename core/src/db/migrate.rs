@@ -282,7 +282,10 @@ async fn check_timescaledb(client: &impl tokio_postgres::GenericClient) -> Resul
 /// at least one active worker.
 async fn check_citus(client: &impl tokio_postgres::GenericClient) -> Result<()> {
     let created: bool = client
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')", &[])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')",
+            &[],
+        )
         .await?
         .get(0);
     let message = if !created {

@@ -16,7 +16,7 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use crate::db::json::StoredJson;
-use crate::db::repository::{record_from_row, EventRepository, set_user_sql, STREAM_SQL};
+use crate::db::repository::{record_from_row, set_user_sql, EventRepository, STREAM_SQL};
 use crate::error::{Error, Result};
 use crate::fold::{Bookkeeping, FoldErrorKind, FoldOptions, FoldResult, RecordFolder, Snapshot};
 use crate::model::EventRecord;

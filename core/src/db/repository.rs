@@ -1292,18 +1292,18 @@ fn is_existing_stream(e: &tokio_postgres::Error) -> bool {
 /// reaches the coordinator with that name in its message only.
 fn violates(e: &tokio_postgres::Error, name: &str) -> bool {
     let shard_of = |text: &str| {
-        text.strip_prefix(name)
-            .is_some_and(|rest| rest.is_empty() || rest.strip_prefix('_').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
+        text.strip_prefix(name).is_some_and(|rest| {
+            rest.is_empty()
+                || rest
+                    .strip_prefix('_')
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
     };
     e.as_db_error().is_some_and(|db| {
         *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
             && match db.constraint() {
                 Some(constraint) => shard_of(constraint),
-                None => db
-                    .message()
-                    .split('"')
-                    .nth(1)
-                    .is_some_and(shard_of),
+                None => db.message().split('"').nth(1).is_some_and(shard_of),
             }
     })
 }

@@ -355,10 +355,11 @@ impl EventRepository {
                 // `name` matched ^events_v2_p[0-9]{8}$, so it needs no quoting.
                 let (rows, from, to) = span(&*tx, &name, "", &[]).await?;
                 if !options.dry_run {
-                    tx.batch_execute(&format!(
-                        "ALTER TABLE events_v2 DETACH PARTITION {name}; DROP TABLE {name}"
-                    ))
-                    .await?;
+                    // Two commands, not one string: Citus forwards a DDL command's text to the
+                    // workers, and refuses a text that holds two.
+                    tx.batch_execute(&format!("ALTER TABLE events_v2 DETACH PARTITION {name}"))
+                        .await?;
+                    tx.batch_execute(&format!("DROP TABLE {name}")).await?;
                 }
                 report.targets.push(RetentionTarget {
                     name,

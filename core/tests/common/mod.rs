@@ -66,6 +66,12 @@ pub fn storage_mode() -> String {
     std::env::var("SYNAP_TEST_STORAGE_MODE").unwrap_or_else(|_| "native".into())
 }
 
+/// Whether this pass runs on a Citus cluster. Tests that start a private cluster of their own
+/// (one server) or make a database of their own (which has no Citus metadata) do not run there.
+pub fn citus() -> bool {
+    storage_mode() == "citus"
+}
+
 /// Whether this pass runs on TimescaleDB hypertables.
 pub fn timescaledb() -> bool {
     storage_mode() == "timescaledb"
