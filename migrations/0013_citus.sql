@@ -75,12 +75,13 @@ $$;
 -- first and then runs COMMIT PREPARED on each worker, so its rows can still be invisible there
 -- when the horizon has passed it. This waits until every prepared transaction the workers hold
 -- at the moment of the call is resolved (one-phase commits reach the worker before the
--- coordinator commits). A constant in the other modes.
+-- coordinator commits). It returns whether the store is distributed: false, a constant, in the
+-- other modes.
 CREATE OR REPLACE FUNCTION synap_feed_fence()
 RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-    SELECT true
+    SELECT false
 $$;
 
 -- The streams of a multi-aggregate write (the legacy migration's batches), locked in a fixed
@@ -194,9 +195,13 @@ BEGIN
     END
     $f$;
 
+    -- With the owner's rights: an application role may read the feed without the right to ask
+    -- the workers.
     CREATE OR REPLACE FUNCTION synap_feed_fence()
     RETURNS boolean
     LANGUAGE plpgsql VOLATILE
+    SECURITY DEFINER
+    SET search_path FROM CURRENT
     AS $f$
     DECLARE
         pending text[];

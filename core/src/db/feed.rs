@@ -177,12 +177,12 @@ const PLAN_ROWS: i64 = 2000;
 /// transaction below the horizon has ended, so the days it recorded are visible here. Bucket rows
 /// (txid NULL) come before a bucket's transaction rows. `h` is materialized: inlined, its
 /// functions ran once per index row returned (20 ms for 759 rows). On Citus its fence waits until
-/// the transactions below the horizon are visible on every worker (migration 0013).
+/// the transactions below the horizon are visible on every worker, and says that the store is
+/// distributed (migration 0013).
 const FEED_PLAN_SQL: &str = "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon, \
                        synap_feed_identity() AS store, synap_feed_is_current() AS current, \
-                       synap_feed_fence() AS fenced, \
-                       (SELECT value = 'citus' FROM synap_settings WHERE key = 'storage_mode') AS citus) \
-     SELECT h.horizon::text, f.bucket, f.txid::text, f.day, h.store, h.current, h.citus \
+                       synap_feed_fence() AS distributed) \
+     SELECT h.horizon::text, f.bucket, f.txid::text, f.day, h.store, h.current, h.distributed \
        FROM h LEFT JOIN LATERAL ( \
             SELECT DISTINCT bucket, txid, day FROM events_v2_feed_days \
              WHERE bucket >= synap_feed_bucket($1::text::xid8) AND bucket <= synap_feed_bucket(h.horizon) \
@@ -748,7 +748,7 @@ async fn plan(client: &Session<'_, '_>, from: u64, after: &Checkpoint) -> Result
         return Err(Error::CheckpointFromAnotherStore);
     }
     let horizon = number(first.get(0))?;
-    if first.get::<_, Option<bool>>(6) == Some(true) {
+    if first.get::<_, bool>(6) {
         // On Citus the day index misses the rows that other statements than the repository's
         // insert (its trigger cannot run on a distributed table): one window over every day.
         return Ok(FeedPlan {
