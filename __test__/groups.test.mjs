@@ -63,8 +63,10 @@ async function waitFor(check, what, limitMs = 60000) {
 /** The read model holds every event of the store once, each aggregate's in version order. */
 async function assertReadModelIsTheFeed(sql) {
   const { rows: counts } = await sql.query(
-    `SELECT (SELECT count(*) FROM events_v2)::int AS events, (SELECT count(*) FROM applied)::int AS applied,
-            (SELECT count(*) FROM events_v2 e WHERE NOT EXISTS (SELECT 1 FROM applied a WHERE a.event_id = e.id))::int AS missing`,
+    // The events' ids first (materialized): Citus joins no distributed table with a local one.
+    `WITH e AS MATERIALIZED (SELECT id FROM events_v2)
+     SELECT (SELECT count(*) FROM e)::int AS events, (SELECT count(*) FROM applied)::int AS applied,
+            (SELECT count(*) FROM e WHERE NOT EXISTS (SELECT 1 FROM applied a WHERE a.event_id = e.id))::int AS missing`,
   )
   assert.equal(counts[0].missing, 0)
   assert.equal(counts[0].applied, counts[0].events, 'no event applied twice')

@@ -164,14 +164,34 @@ BEGIN
     END
     $f$;
 
+    -- Citus refuses to read, as the owner, a shard that this transaction already wrote as the
+    -- application's role ("cannot perform query on placements that were modified in this
+    -- transaction by a different user": a scoped append's guard, then this check). Then the
+    -- shard is asked on a connection of its own.
     CREATE OR REPLACE FUNCTION synap_aggregate_exists(p_aggregate_id uuid)
     RETURNS boolean
     LANGUAGE plpgsql STABLE
     SECURITY DEFINER
     SET search_path FROM CURRENT
     AS $f$
+    DECLARE
+        shard_table text;
+        answer      boolean;
     BEGIN
-        RETURN EXISTS (SELECT 1 FROM event_streams WHERE aggregate_id = p_aggregate_id);
+        BEGIN
+            RETURN EXISTS (SELECT 1 FROM event_streams WHERE aggregate_id = p_aggregate_id);
+        EXCEPTION WHEN active_sql_transaction THEN
+            shard_table := format('%I.%I', current_schema(),
+                'event_streams_' || get_shard_id_for_distribution_column('event_streams', p_aggregate_id));
+            SELECT bool_or(result::boolean) INTO answer
+              FROM run_command_on_workers(format(
+                       'SELECT EXISTS (SELECT 1 FROM %s WHERE aggregate_id = %L)', shard_table, p_aggregate_id))
+             WHERE success;
+            IF answer IS NULL THEN
+                RAISE EXCEPTION 'no worker answered for the shard of aggregate %', p_aggregate_id;
+            END IF;
+            RETURN answer;
+        END;
     END
     $f$;
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite (Rust and Node) once per storage mode, each against a private
 # cluster started here: native partitioning on plain PostgreSQL, then TimescaleDB hypertables,
-# then (a part of it, see CITUS_TESTS) a three-node Citus cluster.
+# then a three-node Citus cluster (a coordinator and two workers).
 # Expects scripts/setup.sh to have run (it builds the Node module and the wasm package).
 #
 # The TimescaleDB pass needs the extension in the local PostgreSQL: it is installed from
@@ -18,21 +18,10 @@ export SYNAP_PG_FAST="${SYNAP_PG_FAST:-1}"
 echo "== TypeScript: the design's usage under strict + isolatedModules"
 npx tsc -p __test__/tsconfig.json
 
-# On Citus: the Rust tests of the repository, the feed, the legacy migration, retention and
-# replay. Not yet there: the consumer groups, row-level security's error codes, the CLI and the
-# Node suite (docs/scale-out.md says why).
-CITUS_TESTS=(--test repository --test feed --test feed_order --test correctness --test injection
-             --test faults --test legacy --test migrations --test properties --test replay --test retention)
-
 run_pass() {
     local mode="$1"
     echo "== $mode pass against $DATABASE_URL"
     export SYNAP_TEST_STORAGE_MODE="$mode"
-    if [ "$mode" = citus ]; then
-        echo "== citus: Rust (repository, feed, legacy migration, retention, replay)"
-        cargo test -p synap-events --lib "${CITUS_TESTS[@]}"
-        return
-    fi
     echo "== $mode: Rust (unit, vectors, PostgreSQL integration)"
     cargo test --workspace
     echo "== $mode: Node (the built module, the wasm build, headless Chromium)"

@@ -488,11 +488,6 @@ async fn after_a_restore_into_another_cluster_the_feed_is_rebased_before_it_is_r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_switch_over_runbook_with_live_writes_keeps_versions_in_time_order() {
-    if common::citus() {
-        // Not yet on Citus: dual-written appends beside a running migration meet distributed
-        // deadlocks there (docs/scale-out.md, "Not yet").
-        return;
-    }
     let repo = common::repo("runbook").await;
     let schema = repo.config().schema.clone().unwrap();
     let c = sql(&repo).await;

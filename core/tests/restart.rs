@@ -65,8 +65,14 @@ async fn acknowledged_appends_survive_a_restart_exactly_once() {
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/db.sh");
-    // The cluster of this pass: native or TimescaleDB.
-    let flag: &[&str] = if common::timescaledb() { &["--timescaledb"] } else { &[] };
+    // The cluster of this pass: native, TimescaleDB or Citus (the coordinator and both workers).
+    let flag: &[&str] = if common::timescaledb() {
+        &["--timescaledb"]
+    } else if common::citus() {
+        &["--citus"]
+    } else {
+        &[]
+    };
     let restart = tokio::task::spawn_blocking(move || {
         let stop = std::process::Command::new(script)
             .arg("stop")
