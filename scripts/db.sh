@@ -14,8 +14,9 @@
 # in .local/pg-citus (a coordinator on ${SYNAP_PG_PORT:-54331} and two workers on the next two
 # ports) that preload Citus (installed from ../shared/citus when missing and possible), with the
 # extension made and the workers registered in the `postgres` database; the URL is the
-# coordinator's. (The store has no Citus storage mode yet: `migrate()` there makes native
-# partitions on the coordinator. docs/scale-out.md.)
+# coordinator's, where `migrate()` picks the citus storage mode (docs/scale-out.md). With
+# --citus-node: one more server in .local/pg-citus-node on ${SYNAP_PG_PORT:-54334} that preloads
+# Citus, for a test to add to a cluster as a new worker.
 # Trust authentication; run as the `postgres` user when started by root (initdb refuses root).
 # The PostgreSQL server is installed with apt when its binaries are missing.
 # SYNAP_PG_FAST=1 turns off fsync and friends: for tests only. SYNAP_PG_DIR and SYNAP_PG_PORT
@@ -29,11 +30,15 @@ case "${2:-}" in
     "") ;;
     --timescaledb) MODE=timescaledb ;;
     --citus) MODE=citus ;;
+    --citus-node) MODE=citus-node ;;
     *) echo "db.sh: unknown option ${2}" >&2; exit 2 ;;
 esac
 if [ "$MODE" = timescaledb ]; then
     PORT="${SYNAP_PG_PORT:-54330}"
     BASE="${SYNAP_PG_DIR:-$ROOT/.local/pg-timescaledb}"
+elif [ "$MODE" = citus-node ]; then
+    PORT="${SYNAP_PG_PORT:-54334}"
+    BASE="${SYNAP_PG_DIR:-$ROOT/.local/pg-citus-node}"
 elif [ "$MODE" = citus ]; then
     PORT="${SYNAP_PG_PORT:-54331}"
     TOP="${SYNAP_PG_DIR:-$ROOT/.local/pg-citus}"
@@ -154,7 +159,7 @@ start() {
         fi
         opts="$opts -c shared_preload_libraries=timescaledb -c timescaledb.telemetry_level=off"
     fi
-    if [ "$MODE" = citus ]; then
+    if [ "$MODE" = citus ] || [ "$MODE" = citus-node ]; then
         # A test cluster on one machine: four shards per table (two per worker) keep a store's
         # tables at a few hundred shards; SYNAP_CITUS_SHARDS=32 is Citus's own default.
         opts="$opts -c shared_preload_libraries=citus -c citus.shard_count=${SYNAP_CITUS_SHARDS:-4}"
@@ -217,13 +222,23 @@ stop() {
 }
 
 case "$COMMAND" in
-    start) if [ "$MODE" = citus ]; then start_citus; else start; fi ;;
+    start)
+        if [ "$MODE" = citus ]; then
+            start_citus
+        elif [ "$MODE" = citus-node ]; then
+            # One more node that preloads Citus, for a test to add to a cluster as a worker.
+            citus_installed || { echo "db.sh: Citus is not installed and cannot be installed here" >&2; exit 4; }
+            start
+        else
+            start
+        fi
+        ;;
     stop) if [ "$MODE" = citus ]; then stop_citus; else stop; fi ;;
     status) if is_running; then echo "running: $URL"; else echo "not running"; exit 3; fi ;;
     url) echo "$URL" ;;
     env) echo "export DATABASE_URL=$URL" ;;
     *)
-        echo "usage: scripts/db.sh start|stop|status|url|env [--timescaledb|--citus]" >&2
+        echo "usage: scripts/db.sh start|stop|status|url|env [--timescaledb|--citus|--citus-node]" >&2
         exit 2
         ;;
 esac

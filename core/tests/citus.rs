@@ -1,0 +1,257 @@
+//! The citus storage mode on a cluster that grows: a worker added and the shards rebalanced
+//! (`citus_rebalance_start`) while writers append. Runs in the citus pass only.
+//!
+//! The test works in a database of its own on the pass's cluster (Citus metadata is per database,
+//! so the rebalance moves only this store's shards) and starts one more node with
+//! `scripts/db.sh start --citus-node`. The pass's workers are on the two ports after the
+//! coordinator's, as `scripts/db.sh start --citus` places them.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::event;
+use synap_events::{EventRepository, RepositoryConfig, StorageMode};
+use uuid::Uuid;
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+fn url_at(port: u16, db: &str) -> String {
+    format!("postgres://postgres@127.0.0.1:{port}/{db}")
+}
+
+/// One more node preloading Citus, stopped and removed when dropped.
+struct ExtraNode {
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl ExtraNode {
+    fn start() -> ExtraNode {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!("synap-citus-node-{}", std::process::id()));
+        let node = ExtraNode { dir, port };
+        let out = node.db_sh("start").output().expect("run scripts/db.sh");
+        assert!(
+            out.status.success(),
+            "scripts/db.sh start --citus-node failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        node
+    }
+
+    fn db_sh(&self, command: &str) -> std::process::Command {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/db.sh");
+        let mut c = std::process::Command::new("bash");
+        c.arg(script)
+            .arg(command)
+            .arg("--citus-node")
+            .env("SYNAP_PG_DIR", &self.dir)
+            .env("SYNAP_PG_PORT", self.port.to_string())
+            .env("SYNAP_PG_FAST", "1");
+        c
+    }
+}
+
+impl Drop for ExtraNode {
+    fn drop(&mut self) {
+        let _ = self.db_sh("stop").output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_added_and_rebalanced_under_live_appends_loses_and_repeats_nothing() {
+    if !common::citus() {
+        return; // A Citus cluster only.
+    }
+    let coordinator_url = common::database_url();
+    let coordinator: u16 = coordinator_url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("the coordinator's port in DATABASE_URL");
+    let db = format!("synap_rebalance_{}", std::process::id());
+    let extra = ExtraNode::start();
+    let nodes = [coordinator, coordinator + 1, coordinator + 2, extra.port];
+    for port in nodes {
+        let admin = connect(&url_at(port, "postgres")).await;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .await
+            .unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
+        let c = connect(&url_at(port, &db)).await;
+        c.batch_execute("SET client_min_messages = warning; CREATE EXTENSION citus")
+            .await
+            .unwrap();
+    }
+    let url = url_at(coordinator, &db);
+    let c = connect(&url).await;
+    c.execute(
+        "SELECT citus_set_coordinator_host('127.0.0.1', $1)",
+        &[&(coordinator as i32)],
+    )
+    .await
+    .unwrap();
+    for port in [coordinator + 1, coordinator + 2] {
+        c.execute("SELECT citus_add_node('127.0.0.1', $1)", &[&(port as i32)])
+            .await
+            .unwrap();
+    }
+
+    let mut config = RepositoryConfig::new(url.clone());
+    config.storage_mode = StorageMode::Citus;
+    config.pool_size = 8;
+    let repo = EventRepository::new(config).unwrap();
+    assert_eq!(repo.migrate().await.unwrap().storage_mode, "citus");
+
+    // Writers, each on aggregates of its own: single appends and batches, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..3usize {
+        let repo = repo.clone();
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let aggregates: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+            let mut versions = vec![0i32; aggregates.len()];
+            let mut acknowledged: Vec<Uuid> = Vec::new();
+            let mut errors: Vec<(bool, String)> = Vec::new();
+            let mut round = 0usize;
+            let mut slowest = Duration::ZERO;
+            while !stop.load(Ordering::SeqCst) {
+                let a = (round * 7 + w) % aggregates.len();
+                let call = Instant::now();
+                let result = if round % 3 == 0 {
+                    let b = (a + 1) % aggregates.len();
+                    let batch = vec![
+                        event(aggregates[a], versions[a] + 1),
+                        event(aggregates[b], versions[b] + 1),
+                    ];
+                    repo.append_batch(batch).await.map(|records| {
+                        versions[a] += 1;
+                        versions[b] += 1;
+                        records.iter().map(|r| r.id).collect::<Vec<_>>()
+                    })
+                } else {
+                    repo.append(event(aggregates[a], versions[a] + 1)).await.map(|r| {
+                        versions[a] += 1;
+                        vec![r.id]
+                    })
+                };
+                slowest = slowest.max(call.elapsed());
+                match result {
+                    Ok(ids) => acknowledged.extend(ids),
+                    // Nothing was written: the same versions are tried again.
+                    Err(e) => errors.push((e.is_retryable(), format!("{}: {e}", e.code()))),
+                }
+                round += 1;
+            }
+            (acknowledged, errors, slowest)
+        }));
+    }
+
+    // Some history first, then the new worker and the rebalance while the writers go on.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.execute("SELECT citus_add_node('127.0.0.1', $1)", &[&(extra.port as i32)])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    c.batch_execute("SELECT citus_rebalance_start(shard_transfer_mode => 'block_writes')")
+        .await
+        .unwrap();
+    c.batch_execute("SELECT citus_rebalance_wait()").await.unwrap();
+    let rebalance = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::SeqCst);
+
+    let mut acknowledged = Vec::new();
+    let mut errors = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for w in writers {
+        let (ids, errs, slow) = w.await.unwrap();
+        acknowledged.extend(ids);
+        errors.extend(errs);
+        slowest = slowest.max(slow);
+    }
+    let moved: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_dist_placement p JOIN pg_dist_node n USING (groupid) WHERE n.nodeport = $1",
+            &[&(extra.port as i32)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    eprintln!(
+        "rebalance: {moved} shard placements moved to the new worker in {rebalance:?}; {} events acknowledged, \
+         slowest call {slowest:?}, {} refused: {:?}",
+        acknowledged.len(),
+        errors.len(),
+        errors.iter().take(5).collect::<Vec<_>>()
+    );
+    assert!(moved > 0, "the rebalance moved no shard to the new worker");
+    // A call that failed wrote nothing (checked below) and said that a retry may succeed.
+    for (retryable, e) in &errors {
+        assert!(retryable, "{e}");
+    }
+
+    // Every acknowledged event is stored once, with every aggregate's versions 1..n.
+    let stored: Vec<(Uuid, Uuid, i32)> = c
+        .query("SELECT id, aggregate_id, version FROM events_v2", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let ids: HashSet<Uuid> = stored.iter().map(|s| s.0).collect();
+    assert_eq!(ids.len(), stored.len(), "an event stored twice");
+    assert_eq!(stored.len(), acknowledged.len(), "stored events = acknowledged ones");
+    assert!(acknowledged.iter().all(|id| ids.contains(id)));
+    let mut versions: HashMap<Uuid, Vec<i32>> = HashMap::new();
+    for (_, aggregate, version) in &stored {
+        versions.entry(*aggregate).or_default().push(*version);
+    }
+    for (aggregate, mut v) in versions {
+        v.sort_unstable();
+        assert!(v.iter().copied().eq(1..=v.len() as i32), "{aggregate}: {v:?}");
+    }
+
+    // The global feed hands out each of them once.
+    // (The horizon is the whole server's: another database's open transaction can hold it back
+    // for a moment.)
+    let mut delivered = HashSet::new();
+    let mut after = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while delivered.len() < ids.len() && Instant::now() < deadline {
+        let page = repo.read_all(after.as_ref(), 500).await.unwrap();
+        if page.events.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for e in &page.events {
+            assert!(delivered.insert(e.id), "delivered {} twice", e.id);
+        }
+        after = Some(page.checkpoint);
+    }
+    assert_eq!(delivered, ids);
+
+    repo.close();
+    drop(c);
+    for port in nodes {
+        let admin = connect(&url_at(port, "postgres")).await;
+        let _ = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .await;
+    }
+}
