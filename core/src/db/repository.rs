@@ -838,10 +838,6 @@ impl EventRepository {
 
         let mut client = self.client().await?;
         let stmt = client.prepare_cached(&self.append_batch_sql).await?;
-        let tx = client.transaction().await?;
-        if let Some(user) = &self.scope {
-            tx.batch_execute(&set_user_sql(user)).await?;
-        }
         let params: [&(dyn ToSql + Sync); 20] = [
             &ids,
             &timestamps,
@@ -864,16 +860,36 @@ impl EventRepository {
             &sorted_latest,
             &sorted_takes_now,
         ];
-        let inserted = match tx.query(&stmt, &params).await {
-            Ok(rows) if rows.len() == n => Some(rows),
-            Ok(_) => None,
-            Err(e) if is_duplicate_id(&e) || is_existing_stream(&e) => None,
-            Err(e) => return Err(e.into()),
+        // On Citus, batches that share aggregates can deadlock across workers (on one server they
+        // lock the streams in aggregate order and never do): the transaction is rolled back, so
+        // the batch is tried again, a few times.
+        let mut attempt = 0;
+        let inserted = loop {
+            attempt += 1;
+            let tx = client.transaction().await?;
+            if let Some(user) = &self.scope {
+                tx.batch_execute(&set_user_sql(user)).await?;
+            }
+            match tx.query(&stmt, &params).await {
+                Ok(rows) if rows.len() == n => {
+                    tx.commit().await?;
+                    break Some(rows);
+                }
+                Ok(_) => {}
+                Err(e) if is_duplicate_id(&e) || is_existing_stream(&e) => {}
+                Err(e) if attempt < 4 && is_deadlock(&e) => {
+                    tx.rollback().await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            // The guard may have moved some stream rows before failing: undo.
+            tx.rollback().await?;
+            break None;
         };
         let Some(mut rows) = inserted else {
-            // The guard may have moved some stream rows before failing: undo, then look at the
-            // committed state (in a transaction of its own, which carries a scoped user).
-            tx.rollback().await?;
+            // Look at the committed state (in a transaction of its own, which carries a scoped
+            // user).
             let tx = client.transaction().await?;
             if let Some(user) = &self.scope {
                 tx.batch_execute(&set_user_sql(user)).await?;
@@ -889,7 +905,6 @@ impl EventRepository {
             tx.rollback().await?;
             return outcome;
         };
-        tx.commit().await?;
         self.wake_subscribers();
 
         // Positions are drawn in batch order, so sorting by position restores it.
@@ -1287,6 +1302,12 @@ async fn stored_batch(client: &Session<'_, '_>, events: &[NewEvent], ids: &[Uuid
 /// Whether the statement failed on the id registry's key: an id that is already stored.
 fn is_duplicate_id(e: &tokio_postgres::Error) -> bool {
     violates(e, "events_v2_ids_pkey")
+}
+
+/// A deadlock, on one server or across a Citus cluster's workers (Citus reports its distributed
+/// deadlocks with the same SQLSTATE).
+fn is_deadlock(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
 }
 
 /// A batch's version 1 for an aggregate that exists (see `stream_guard_ctes`).
