@@ -255,3 +255,118 @@ async fn a_worker_added_and_rebalanced_under_live_appends_loses_and_repeats_noth
             .await;
     }
 }
+
+/// A client on the pass's coordinator, in `schema`, with the remote commands Citus issues for its
+/// statements reported back as notices (`citus.log_remote_commands`): (command, server).
+async fn logging_client(
+    schema: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) {
+    let (client, mut conn) = tokio_postgres::connect(&common::database_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notice(n)) => {
+                    let _ = tx.send((n.message().to_owned(), n.detail().unwrap_or_default().to_owned()));
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    client
+        .batch_execute(&format!(
+            "SET search_path = {schema}; SET citus.log_remote_commands = on; SET client_min_messages = log"
+        ))
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+#[tokio::test]
+async fn a_single_append_writes_one_shard_on_one_worker_in_one_phase() {
+    if !common::citus() {
+        return; // A Citus cluster only.
+    }
+    let repo = common::repo("citus_routed").await;
+    let schema = repo.config().schema.clone().unwrap();
+
+    // The repository appends through the routed function: unlike the statement, it records no
+    // feed day (the feed reads every partition on Citus).
+    let a = Uuid::now_v7();
+    for version in 1..=3 {
+        repo.append(event(a, version)).await.unwrap();
+    }
+    let plain = common::sql(&repo).await;
+    let days: i64 = plain
+        .query_one("SELECT count(*) FROM events_v2_feed_days", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        days, 0,
+        "the appends went through the statement, not synap_append_routed"
+    );
+    let stored = repo.get_aggregate_stream(a, &Default::default()).await.unwrap();
+    assert_eq!(stored.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2, 3]);
+
+    // What the function sends: each step to the one worker holding the aggregate's shard, and a
+    // one-phase COMMIT there.
+    let (client, mut notices) = logging_client(&schema).await;
+    let b = Uuid::now_v7();
+    for version in 1..=2 {
+        let rows = client
+            .query(
+                "SELECT * FROM synap_append_routed(gen_random_uuid(), NULL, $1, 'entity', 'e', 'u', '{}', '{}', $2, \
+                 NULL, NULL, 'api')",
+                &[&b, &version],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1, "version {version} appended");
+    }
+    // A stale version: the guard refuses, nothing is inserted.
+    let rows = client
+        .query(
+            "SELECT * FROM synap_append_routed(gen_random_uuid(), NULL, $1, 'entity', 'e', 'u', '{}', '{}', 2, \
+             NULL, NULL, 'api')",
+            &[&b],
+        )
+        .await
+        .unwrap();
+    assert!(rows.is_empty(), "a stale version passed the guard");
+    client.batch_execute("RESET client_min_messages").await.unwrap();
+    drop(client);
+    let mut issued = Vec::new();
+    while let Some(notice) = notices.recv().await {
+        issued.push(notice);
+    }
+    let remote: Vec<_> = issued.iter().filter(|(m, _)| m.starts_with("issuing ")).collect();
+    let servers: HashSet<_> = remote
+        .iter()
+        .map(|(_, d)| d.split(" connectionId").next().unwrap())
+        .collect();
+    assert_eq!(servers.len(), 1, "one worker only: {remote:#?}");
+    assert!(
+        remote.iter().all(|(m, _)| !m.contains("PREPARE TRANSACTION")),
+        "no two-phase commit: {remote:#?}"
+    );
+    let commits = remote.iter().filter(|(m, _)| m == "issuing COMMIT").count();
+    assert_eq!(commits, 3, "one commit per call: {remote:#?}");
+    let inserts = remote
+        .iter()
+        .filter(|(m, _)| m.starts_with(&format!("issuing INSERT INTO {schema}.events_v2_")))
+        .count();
+    assert_eq!(inserts, 2, "one event insert per passed guard: {remote:#?}");
+    let count: i64 = plain
+        .query_one("SELECT count(*) FROM events_v2 WHERE aggregate_id = $1", &[&b])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 2);
+}

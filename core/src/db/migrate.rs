@@ -114,6 +114,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0013_citus.sql"),
         earlier_checksums: &[],
     },
+    Migration {
+        version: 14,
+        name: "citus_append",
+        sql: include_str!("../../../migrations/0014_citus_append.sql"),
+        earlier_checksums: &[],
+    },
 ];
 
 /// What a migration run did.

@@ -37,7 +37,14 @@ pub struct EventRepository {
     dual_write_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Subscriber wake-ups ([`EventRepository::wake_subscribers`]).
     wake: std::sync::Arc<Wake>,
+    /// Whether single appends go through `synap_append_routed` (migration 0014, citus mode):
+    /// [`ROUTE_UNKNOWN`] until the first append asks the database.
+    routed_append: std::sync::Arc<std::sync::atomic::AtomicU8>,
 }
+
+const ROUTE_UNKNOWN: u8 = 0;
+const ROUTE_STATEMENT: u8 = 1;
+const ROUTE_FUNCTION: u8 = 2;
 
 /// The state of [`EventRepository::wake_subscribers`], shared by clones and scoped handles.
 #[derive(Default)]
@@ -234,6 +241,13 @@ WITH ev AS (
 SELECT "timestamp", position FROM inserted
 "#
 );
+
+/// The append of the citus mode (migration 0014): the same parameters and result as
+/// [`APPEND_SQL`], each step routed to the aggregate's shard.
+const ROUTED_APPEND_SQL: &str =
+    r#"SELECT "timestamp", "position" FROM synap_append_routed($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"#;
+const ROUTED_APPEND_SIGNATURE: &str =
+    "synap_append_routed(uuid, timestamptz, uuid, text, text, text, jsonb, jsonb, integer, uuid, uuid, text)";
 
 /// A whole batch in one statement over arrays (no bind-parameter limit). $1..$12 are the events'
 /// columns, $13..$20 one entry per aggregate, sorted by aggregate id (so that every batch locks
@@ -455,6 +469,7 @@ impl EventRepository {
             pg_config,
             dual_write_ready: Default::default(),
             wake: Default::default(),
+            routed_append: Default::default(),
         })
     }
 
@@ -524,6 +539,9 @@ impl EventRepository {
         let mut client = self.client().await?;
         let report = migrate::run(&mut client, self.config.storage_mode).await?;
         drop(client);
+        // A migration may have added the routed append: the next append asks again.
+        self.routed_append
+            .store(ROUTE_UNKNOWN, std::sync::atomic::Ordering::Relaxed);
         self.maintain().await?;
         Ok(report)
     }
@@ -666,8 +684,37 @@ impl EventRepository {
         });
     }
 
+    /// Whether this store appends through `synap_append_routed` (created by migration 0014 in the
+    /// citus mode only), asked once per repository. With dual-write on, the statement is used in
+    /// every mode: it also writes the legacy table.
+    async fn routes_appends(&self, client: &Session<'_, '_>) -> Result<bool> {
+        use std::sync::atomic::Ordering;
+        if self.config.dual_write_legacy_table.is_some() {
+            return Ok(false);
+        }
+        match self.routed_append.load(Ordering::Relaxed) {
+            ROUTE_STATEMENT => return Ok(false),
+            ROUTE_FUNCTION => return Ok(true),
+            _ => {}
+        }
+        let routed: bool = client
+            .query_one(
+                &format!("SELECT to_regprocedure('{ROUTED_APPEND_SIGNATURE}') IS NOT NULL"),
+                &[],
+            )
+            .await?
+            .get(0);
+        self.routed_append
+            .store(if routed { ROUTE_FUNCTION } else { ROUTE_STATEMENT }, Ordering::Relaxed);
+        Ok(routed)
+    }
+
     async fn append_in(&self, client: &Session<'_, '_>, event: NewEvent, id: Uuid) -> Result<EventRecord> {
-        let stmt = client.prepare_cached(&self.append_sql).await?;
+        let stmt = if self.routes_appends(client).await? {
+            client.prepare_cached(ROUTED_APPEND_SQL).await?
+        } else {
+            client.prepare_cached(&self.append_sql).await?
+        };
         // Racing writers can move the aggregate to exactly version - 1 between the failed guard
         // and the diagnosis below; then the append is simply tried again.
         for _ in 0..3 {
