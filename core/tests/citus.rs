@@ -370,3 +370,82 @@ async fn a_single_append_writes_one_shard_on_one_worker_in_one_phase() {
         .get(0);
     assert_eq!(count, 2);
 }
+
+/// The feed's fence when a two-phase commit is still pending on a worker: the coordinator has
+/// committed (its transaction id is below the horizon, and Citus's record of the prepared
+/// transaction is in `pg_dist_transaction`) but the worker still holds the event's row prepared,
+/// invisible. Set up by hand: the record on the coordinator, the row prepared on the shard's
+/// worker, committed there a moment after the read starts. The read must wait for it; reading
+/// past it would skip the event for good.
+#[tokio::test]
+async fn the_feed_waits_for_a_prepared_transaction_the_coordinator_has_committed() {
+    if !common::citus() {
+        return; // A Citus cluster only.
+    }
+    let repo = common::repo("citus_fence").await;
+    let schema = repo.config().schema.clone().unwrap();
+    let before = repo.append(event(Uuid::now_v7(), 1)).await.unwrap();
+
+    let coordinator = common::sql(&repo).await;
+    let aggregate = Uuid::now_v7();
+    let row = coordinator
+        .query_one(
+            "SELECT s.shardid, n.groupid, n.nodeport, nextval('events_v2_position_seq')
+               FROM pg_dist_placement s JOIN pg_dist_node n ON n.groupid = s.groupid
+              WHERE s.shardid = get_shard_id_for_distribution_column('events_v2', $1::uuid)",
+            &[&aggregate],
+        )
+        .await
+        .unwrap();
+    let (shard, group, port, position): (i64, i32, i32, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    let gid = format!("citus_0_{}_1_1", std::process::id());
+    // The coordinator's transaction, committed: its id goes on the event, and the record of the
+    // worker's prepared transaction (as Citus writes it when it prepares).
+    coordinator.batch_execute("BEGIN").await.unwrap();
+    let txid: String = coordinator
+        .query_one(
+            "INSERT INTO pg_dist_transaction (groupid, gid, outer_xid) VALUES ($1, $2, pg_current_xact_id())
+             RETURNING outer_xid::text",
+            &[&group, &gid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    coordinator.batch_execute("COMMIT").await.unwrap();
+
+    let worker = connect(&format!("postgres://postgres@127.0.0.1:{port}/postgres")).await;
+    let id = Uuid::now_v7();
+    worker
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO {schema}.events_v2_{shard}
+                    (id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
+                     version, source, txid, position)
+             VALUES ('{id}', now(), '{aggregate}', 'entity', 'entity.created', 'user-1', '{{}}', '{{}}',
+                     1, 'api', '{txid}', {position});
+             PREPARE TRANSACTION '{gid}'"
+        ))
+        .await
+        .unwrap();
+    let commit = tokio::spawn({
+        let gid = gid.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            worker.batch_execute(&format!("COMMIT PREPARED '{gid}'")).await
+        }
+    });
+
+    let mut seen = Vec::new();
+    let mut checkpoint = None;
+    loop {
+        let page = repo.read_all(checkpoint.as_ref(), 1).await.unwrap();
+        if page.events.is_empty() {
+            break;
+        }
+        seen.extend(page.events.iter().map(|e| e.id));
+        checkpoint = Some(page.checkpoint);
+    }
+    // Whoever commits it (this test, or Citus's recovery, which finds the record), it is committed.
+    let _ = commit.await.unwrap();
+    assert_eq!(seen, [before.id, id], "the prepared event was skipped");
+}
