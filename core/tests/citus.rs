@@ -435,12 +435,18 @@ async fn the_feed_waits_for_a_prepared_transaction_the_coordinator_has_committed
         }
     });
 
+    // Pages of one event until the feed has passed the coordinator's transaction. The horizon
+    // also waits for other transactions on the cluster (the other tests' among them), so an
+    // empty page before that says nothing.
+    let txid: u64 = txid.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = Vec::new();
-    let mut checkpoint = None;
-    loop {
+    let mut checkpoint: Option<synap_events::Checkpoint> = None;
+    while checkpoint.is_none_or(|c| c.txid <= txid) {
+        assert!(Instant::now() < deadline, "the feed's horizon never passed {txid}");
         let page = repo.read_all(checkpoint.as_ref(), 1).await.unwrap();
         if page.events.is_empty() {
-            break;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         seen.extend(page.events.iter().map(|e| e.id));
         checkpoint = Some(page.checkpoint);
