@@ -65,11 +65,8 @@ BEGIN
     -- two-phase transaction below the horizon: Citus writes a row in pg_dist_transaction (with
     -- the coordinator's transaction id, outer_xid) in the transaction that prepares on the
     -- workers, and its recovery deletes the row only once no worker holds that transaction
-    -- prepared. Single appends commit in one phase and leave no row. 0013's fence, renamed, is
-    -- the slow path.
-    ALTER FUNCTION synap_feed_fence() RENAME TO synap_feed_fence_ask_workers;
-
-    CREATE FUNCTION synap_feed_fence()
+    -- prepared. Single appends commit in one phase and leave no row.
+    CREATE OR REPLACE FUNCTION synap_feed_fence()
     RETURNS boolean
     LANGUAGE plpgsql VOLATILE
     SECURITY DEFINER
@@ -77,11 +74,28 @@ BEGIN
     AS $f$
     DECLARE
         horizon constant xid8 := pg_snapshot_xmin(pg_current_snapshot());
+        pending text[];
+        failed  text;
+        probe   constant text := $q$SELECT coalesce(string_agg(gid, ','), '') FROM pg_prepared_xacts WHERE gid LIKE 'citus\_%'$q$;
     BEGIN
         IF NOT EXISTS (SELECT 1 FROM pg_dist_transaction WHERE outer_xid IS NULL OR outer_xid < horizon) THEN
             RETURN true;
         END IF;
-        RETURN synap_feed_fence_ask_workers();
+        LOOP
+            SELECT string_agg(format('%s:%s: %s', nodename, nodeport, result), '; ') FILTER (WHERE NOT success),
+                   array_agg(format('%s:%s/%s', nodename, nodeport, g)) FILTER (WHERE success AND g <> '')
+              INTO failed, pending
+              FROM (SELECT r.nodename, r.nodeport, r.success, r.result, g
+                      FROM run_command_on_workers(probe) r
+                      LEFT JOIN LATERAL unnest(string_to_array(CASE WHEN r.success THEN r.result END, ',')) g ON true) w
+             WHERE pending IS NULL OR g IS NULL OR format('%s:%s/%s', nodename, nodeport, g) = ANY (pending);
+            IF failed IS NOT NULL THEN
+                RAISE EXCEPTION 'the feed cannot tell which transactions the workers still hold: %', failed;
+            END IF;
+            EXIT WHEN pending IS NULL;
+            PERFORM pg_sleep(0.001);
+        END LOOP;
+        RETURN true;
     END
     $f$;
 END
