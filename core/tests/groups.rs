@@ -388,9 +388,6 @@ async fn failed_events_are_parked_their_aggregates_wait_and_the_rest_flow_on() {
 /// parked and its later events queued across the boundary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_project_across_transaction_id_boundaries() {
-    if common::citus() {
-        return; // A private cluster is one server, not a Citus cluster.
-    }
     // Two clusters of its own to start: not alongside the tortures.
     let _turn = HEAVY.lock().await;
     for (tag, start, boundary) in [

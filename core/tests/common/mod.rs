@@ -131,8 +131,25 @@ pub fn event(aggregate_id: Uuid, version: i32) -> NewEvent {
     )
 }
 
+/// The first of `n` consecutive free ports on the loopback (a Citus cluster's coordinator and
+/// its two workers take three).
+fn free_ports(n: u16) -> u16 {
+    loop {
+        let first = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        if first.checked_add(n).is_some()
+            && (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", first + i)).is_ok())
+        {
+            return first;
+        }
+    }
+}
+
 /// A PostgreSQL cluster of one test's own, started by scripts/db.sh in a temporary directory
-/// with this pass's storage mode, and stopped and removed when dropped.
+/// with this pass's storage mode, and stopped and removed when dropped. On a Citus pass it is a
+/// coordinator and two workers, all started at `next_xid`.
 pub struct PrivateCluster {
     dir: std::path::PathBuf,
     port: u16,
@@ -146,10 +163,7 @@ impl PrivateCluster {
     ///
     /// Panics when scripts/db.sh cannot start it (no PostgreSQL server binaries here).
     pub fn start(tag: &str, next_xid: Option<u64>) -> PrivateCluster {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_ports(if citus() { 3 } else { 1 });
         let dir = std::env::temp_dir().join(format!(
             "synap-{tag}-{}-{}",
             std::process::id(),
@@ -180,6 +194,9 @@ impl PrivateCluster {
         c.arg(script).arg(command);
         if timescaledb() {
             c.arg("--timescaledb");
+        }
+        if citus() {
+            c.arg("--citus");
         }
         c.env("SYNAP_PG_DIR", &self.dir)
             .env("SYNAP_PG_PORT", self.port.to_string())
