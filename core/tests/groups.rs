@@ -122,22 +122,33 @@ async fn await_parked(
     }
 }
 
-/// The lease rows of `group`, and its members, for a failure message.
-async fn lease_rows(client: &tokio_postgres::Client, group: &str) -> Vec<String> {
+/// The first column of every row of `query`.
+async fn column<T: for<'a> tokio_postgres::types::FromSql<'a>>(
+    client: &tokio_postgres::Client,
+    query: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Vec<T> {
     client
-        .query(
-            "SELECT format('partition %s owner %s epoch %s at %s/%s expires in %s', partition, owner, epoch, \
-                           txid, position, lease_expires - clock_timestamp()) \
-               FROM consumer_group_partitions WHERE group_name = $1 \
-             UNION ALL SELECT format('member %s expires in %s', member, expires - clock_timestamp()) \
-               FROM consumer_group_members WHERE group_name = $1",
-            &[&group],
-        )
+        .query(query, params)
         .await
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect()
+}
+
+/// The lease rows of `group`, and its members, for a failure message.
+async fn lease_rows(client: &tokio_postgres::Client, group: &str) -> Vec<String> {
+    column(
+        client,
+        "SELECT format('partition %s owner %s epoch %s at %s/%s expires in %s', partition, owner, epoch, \
+                       txid, position, lease_expires - clock_timestamp()) \
+           FROM consumer_group_partitions WHERE group_name = $1 \
+         UNION ALL SELECT format('member %s expires in %s', member, expires - clock_timestamp()) \
+           FROM consumer_group_members WHERE group_name = $1",
+        &[&group],
+    )
+    .await
 }
 
 /// Every event of the store applied once, each aggregate's in version order.
@@ -458,16 +469,12 @@ async fn members_project_across_transaction_id_boundaries() {
         for m in members {
             m.await.unwrap().unwrap();
         }
-        let versions: Vec<i32> = client
-            .query(
-                "SELECT version FROM applied WHERE aggregate_id = $1 ORDER BY seq",
-                &[&bad],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let versions: Vec<i32> = column(
+            &client,
+            "SELECT version FROM applied WHERE aggregate_id = $1 ORDER BY seq",
+            &[&bad],
+        )
+        .await;
         assert_eq!(versions, [1, 3, 4, 5], "{tag}");
         let applied: i64 = client
             .query_one("SELECT count(*) FROM applied", &[])
@@ -609,13 +616,7 @@ async fn a_failing_batch_is_halved_until_the_failing_event_is_alone() {
     // three tries of the bad event alone: 20. One event at a time would take 68.
     let calls = calls.load(Ordering::SeqCst);
     assert!(calls <= 20, "{calls} handler calls");
-    let applied: Vec<Uuid> = client
-        .query("SELECT aggregate_id FROM applied ORDER BY seq", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let applied: Vec<Uuid> = column(&client, "SELECT aggregate_id FROM applied ORDER BY seq", &[]).await;
     let expected: Vec<Uuid> = aggs.iter().copied().filter(|a| *a != bad).collect();
     let mut sorted = applied.clone();
     sorted.sort();
@@ -723,13 +724,12 @@ async fn a_member_whose_connection_is_killed_mid_batch_loses_its_lease_and_anoth
     // partition again later, when the share moves back to it, and apply later events then.)
     let first_batch = first_batch.lock().unwrap().clone();
     assert!(!first_batch.is_empty());
-    let by: Vec<String> = client
-        .query("SELECT member FROM applied WHERE event_id = ANY ($1)", &[&first_batch])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let by: Vec<String> = column(
+        &client,
+        "SELECT member FROM applied WHERE event_id = ANY ($1)",
+        &[&first_batch],
+    )
+    .await;
     assert_eq!(by.len(), first_batch.len());
     assert!(
         by.iter().all(|m| m == "b"),
@@ -781,17 +781,13 @@ async fn members_cancelled_at_any_moment_leave_no_connection_in_a_transaction() 
         // within milliseconds; one put back in the pool stays until the pool's next user.
         let start = std::time::Instant::now();
         loop {
-            let open: Vec<String> = client
-                .query(
-                    "SELECT format('%s: %s', state, query) FROM pg_stat_activity \
+            let open: Vec<String> = column(
+                &client,
+                "SELECT format('%s: %s', state, query) FROM pg_stat_activity \
                       WHERE application_name = $1 AND state LIKE 'idle in transaction%'",
-                    &[&app],
-                )
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+                &[&app],
+            )
+            .await;
             if open.is_empty() {
                 break;
             }
@@ -1282,6 +1278,9 @@ fn step() -> impl proptest::strategy::Strategy<Value = Step> {
     ]
 }
 
+/// The partitions of the model's group.
+const MODEL_PARTITIONS: i32 = 4;
+
 /// An aggregate of the model: its events in version order, each with whether it fails (until
 /// retried) and whether it was skipped.
 #[derive(Default)]
@@ -1319,7 +1318,7 @@ fn model_member(
     let repo = repo.clone();
     tokio::spawn(async move {
         let mut o = options("model", 300);
-        o.partitions = Some(4);
+        o.partitions = Some(MODEL_PARTITIONS);
         o.batch_size = batch;
         o.max_in_flight = 7;
         o.poll_interval = Duration::from_millis(50);
@@ -1447,29 +1446,21 @@ async fn compare_with_model(
     }
     let parked = repo.parked("model").await.unwrap_or_default();
     let state = lease_rows(client, "model").await;
-    let events: Vec<String> = client
-        .query(
-            "SELECT format('%s v%s at %s/%s partition %s', aggregate_id, version, txid, position, \
-                           synap_group_partition(aggregate_id, 4)) \
+    let events: Vec<String> = column(
+        client,
+        "SELECT format('%s v%s at %s/%s partition %s', aggregate_id, version, txid, position, \
+                           synap_group_partition(aggregate_id, $2)) \
                FROM events_v2 WHERE aggregate_id = ANY ($1) ORDER BY txid, position",
-            &[&ids],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let busy: Vec<String> = client
-        .query(
-            "SELECT format('%s %s for %s: %s', pid, state, clock_timestamp() - xact_start, left(query, 120)) \
+        &[&ids, &MODEL_PARTITIONS],
+    )
+    .await;
+    let busy: Vec<String> = column(
+        client,
+        "SELECT format('%s %s for %s: %s', pid, state, clock_timestamp() - xact_start, left(query, 120)) \
                FROM pg_stat_activity WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        &[],
+    )
+    .await;
     let readable = match readable {
         Some(r) => format!("readable {:?} before the comparison", r.elapsed()),
         None => format!(
@@ -1480,16 +1471,12 @@ async fn compare_with_model(
     let state =
         format!("{readable}\n{state:#?}\nevents: {events:#?}\nopen transactions: {busy:#?}\nparked: {parked:#?}");
     for (agg, (applied, failed, waiting)) in model.iter().zip(&expected) {
-        let got: Vec<i32> = client
-            .query(
-                "SELECT version FROM applied WHERE aggregate_id = $1 ORDER BY seq",
-                &[&agg.id],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let got: Vec<i32> = column(
+            client,
+            "SELECT version FROM applied WHERE aggregate_id = $1 ORDER BY seq",
+            &[&agg.id],
+        )
+        .await;
         let got: Vec<i32> = if consume {
             let mut seen = std::collections::HashSet::new();
             got.into_iter().filter(|v| seen.insert(*v)).collect()
