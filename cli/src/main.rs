@@ -225,26 +225,54 @@ fn main() -> ExitCode {
         }
     };
     let json_mode = cli.json;
-    match runtime.block_on(run(cli)) {
+    let (printed, code) = match runtime.block_on(run(cli)) {
         Ok(outcome) => {
-            if json_mode {
-                println!("{}", outcome.json);
+            let text = if json_mode {
+                outcome.json.to_string()
             } else {
-                println!("{}", outcome.text);
-            }
-            ExitCode::from(if outcome.problems { 3 } else { 0 })
+                outcome.text
+            };
+            (print(Stream::Out, &text), if outcome.problems { 3 } else { 0 })
         }
         Err(e) => {
-            if json_mode {
-                println!(
-                    "{}",
-                    json!({ "error": { "code": e.code(), "message": e.to_string(), "details": e.details() } })
-                );
+            let printed = if json_mode {
+                let error = json!({ "error": { "code": e.code(), "message": e.to_string(), "details": e.details() } });
+                print(Stream::Out, &error.to_string())
             } else {
-                eprintln!("error [{}]: {e}", e.code());
-            }
+                print(Stream::Err, &format!("error [{}]: {e}", e.code()))
+            };
+            (printed, 1)
+        }
+    };
+    match printed {
+        Ok(()) => ExitCode::from(code),
+        Err(e) => {
+            let _ = print(
+                Stream::Err,
+                &format!("error [INTERNAL_ERROR]: cannot write the report: {e}"),
+            );
             ExitCode::from(1)
         }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Stream {
+    Out,
+    Err,
+}
+
+/// Writes one report line. A reader that has gone away (`synap-events verify | head -1`) is not
+/// a failure: the rest is not wanted. Any other write error is returned (`println!` would panic).
+fn print(stream: Stream, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let written = match stream {
+        Stream::Out => writeln!(std::io::stdout().lock(), "{text}"),
+        Stream::Err => writeln!(std::io::stderr().lock(), "{text}"),
+    };
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
     }
 }
 
@@ -396,7 +424,8 @@ async fn run(cli: Cli) -> Result<Outcome, Error> {
         } => {
             let report = repo.verify_legacy(&legacy_table).await?;
             if !cli.json {
-                eprintln!("{}", verify_text(&report));
+                // Best effort: the confirmation below does not depend on the report being seen.
+                let _ = print(Stream::Err, &verify_text(&report));
             }
             if !confirm {
                 return Err(Error::ConfirmationRequired {

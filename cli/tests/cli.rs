@@ -177,6 +177,28 @@ async fn exit_codes_and_json_reports() {
     assert_eq!(json(&out)["events"], 0);
 }
 
+/// `synap-events ... | head -1`: a reader that closes the pipe early must not make the program
+/// panic (exit 101); it ends with the exit code of its work.
+#[test]
+fn a_closed_output_pipe_is_not_a_crash() {
+    for (args, stream) in [(&["--json", "stats"][..], "stdout"), (&["stats"][..], "stderr")] {
+        // A socket whose other end is closed: every write fails with EPIPE, as a closed pipe's.
+        let (reader, writer) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(reader);
+        let writer = std::os::fd::OwnedFd::from(writer);
+        let mut cmd = Command::new(BIN);
+        cmd.env_remove("DATABASE_URL").args(args);
+        let out = if stream == "stdout" {
+            cmd.stdout(writer).stderr(Stdio::piped()).output()
+        } else {
+            cmd.stderr(writer).stdout(Stdio::piped()).output()
+        }
+        .unwrap();
+        assert_eq!(code(&out), 1, "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"), "{args:?}");
+    }
+}
+
 /// A resumed run, in batches of 100, that waits at most a second for another run's lock.
 fn resume_at_once(schema: &str) -> std::process::Child {
     cli(
