@@ -29,7 +29,9 @@ impl RetentionAge {
             message: format!("an age must look like 90d, 12w or 2y, not \"{s}\""),
         };
         let s = s.trim();
-        let (number, unit) = s.split_at(s.len().saturating_sub(1));
+        // The unit is the last character, whatever its width in bytes.
+        let unit_at = s.char_indices().last().map_or(0, |(i, _)| i);
+        let (number, unit) = s.split_at(unit_at);
         let n: u32 = number.parse().map_err(|_| bad())?;
         if n == 0 || n > 100_000 {
             return Err(bad());
@@ -492,7 +494,9 @@ mod tests {
             RetentionAge::parse("2y").unwrap().cutoff(now).unwrap(),
             Utc.with_ymd_and_hms(2022, 3, 10, 0, 0, 0).unwrap()
         );
-        for bad in ["", "d", "0d", "-3d", "12", "3m", "1.5y", "10 d"] {
+        for bad in [
+            "", "d", "0d", "-3d", "12", "3m", "1.5y", "10 d", "9é", "é", "日", "90d✓", "９０d",
+        ] {
             assert_eq!(RetentionAge::parse(bad).unwrap_err().code(), "INVALID_CONFIG", "{bad}");
         }
     }
