@@ -387,6 +387,97 @@ async fn bad_table_names_and_missing_tables_are_refused() {
     assert_eq!(EventRepository::new(config).unwrap_err().code(), "INVALID_CONFIG");
 }
 
+/// Tables with looser constraints than the design's: what the migration cannot key or read back
+/// is refused up front (ids) or failed row by row (timestamps), never a crash; column types are
+/// matched exactly, with or without a modifier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loose_legacy_tables_are_refused_or_failed_row_by_row() {
+    let repo = common::repo("legacy_loose").await;
+    let c = common::sql(&repo).await;
+    let loose = "CREATE TABLE events (
+        id uuid, user_id text, \"timestamp\" timestamptz(3), type varchar(64), data jsonb, source text,
+        correlation_id uuid)";
+    c.batch_execute(loose).await.unwrap();
+    let row = |id: &str, ts: &str| {
+        format!("INSERT INTO events VALUES ({id}, 'u', '{ts}', 'entity.updated', '{{}}', 'web', NULL)")
+    };
+    // No id: nothing to key the row by.
+    let (err, verify) = refusal(&repo, &c, row("NULL", "2024-03-01 10:00:00+00")).await;
+    assert_eq!((err.code(), verify.code()), ("INVALID_CONFIG", "INVALID_CONFIG"));
+    assert!(err.to_string().contains("1 row(s) have no id"), "{err}");
+    // A repeated id, in one round or in two.
+    let twice = Uuid::from_u128(0xD0);
+    let sql = [
+        row(&format!("'{twice}'"), "2024-03-01 10:00:00+00"),
+        row(&format!("'{twice}'"), "2024-03-02 10:00:00+00"),
+    ]
+    .join(";");
+    let (err, _) = refusal(&repo, &c, sql).await;
+    assert_eq!(err.code(), "INVALID_CONFIG");
+    assert!(err.to_string().contains(&twice.to_string()), "{err}");
+    let written: i64 = c.query_one("SELECT count(*) FROM events_v2", &[]).await.unwrap().get(0);
+    assert_eq!(written, 0, "nothing written");
+
+    // Timestamps that could not be read back are failures of their rows; the others migrate.
+    c.batch_execute("TRUNCATE events").await.unwrap();
+    let ids: Vec<Uuid> = (1..=5).map(|i| Uuid::from_u128(0xE0 + i)).collect();
+    for (id, ts) in ids.iter().zip([
+        "infinity",
+        "-infinity",
+        "262143-01-01 00:00:00+00",
+        "2024-03-01 10:00:00+00",
+        "262142-12-31 23:59:59.999+00",
+    ]) {
+        c.batch_execute(&row(&format!("'{id}'"), ts)).await.unwrap();
+    }
+    for dry_run in [true, false] {
+        let report = migrate(&repo, &LegacyMigrationOptions { dry_run, ..opts(2) }).await;
+        assert_eq!((report.migrated, report.failed), (2, 3), "dry run {dry_run}");
+        let mut failed: Vec<(Uuid, &str)> = report
+            .failures
+            .iter()
+            .map(|f| (f.legacy_id, f.reason_code.as_str()))
+            .collect();
+        failed.sort();
+        assert_eq!(
+            failed,
+            vec![
+                (ids[0], "INVALID_TIMESTAMP"),
+                (ids[1], "INVALID_TIMESTAMP"),
+                (ids[2], "INVALID_TIMESTAMP")
+            ]
+        );
+    }
+    let last = repo
+        .get_aggregate_stream(ids[4], &StreamOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        last[0].timestamp.to_rfc3339(),
+        "+262142-12-31T23:59:59.999+00:00",
+        "the last readable instant reads back"
+    );
+    let v = repo.verify_legacy("events").await.unwrap();
+    assert_eq!((v.migrated_rows, v.failed_count), (2, 3));
+
+    // An array is not its element type.
+    c.batch_execute("DROP TABLE events; CREATE TABLE events (id uuid PRIMARY KEY, user_id text, \"timestamp\" timestamptz, type text, data jsonb, source text, correlation_id uuid[])").await.unwrap();
+    let err = repo.migrate_legacy_events(&opts(10), &mut |_| {}).await.unwrap_err();
+    assert_eq!(err.code(), "INVALID_CONFIG");
+    assert!(err.to_string().contains("correlation_id is uuid[]"), "{err}");
+}
+
+/// The errors of a migration and of `verify` over a legacy table holding just `rows`.
+async fn refusal(
+    repo: &EventRepository,
+    c: &tokio_postgres::Client,
+    rows: String,
+) -> (synap_events::Error, synap_events::Error) {
+    c.batch_execute(&format!("TRUNCATE events; {rows}")).await.unwrap();
+    let err = repo.migrate_legacy_events(&opts(10), &mut |_| {}).await.unwrap_err();
+    (err, repo.verify_legacy("events").await.unwrap_err())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dual_write_writes_both_tables_atomically() {
     let base = common::repo("legacy_dual").await;

@@ -227,7 +227,11 @@ pub struct LegacyMigrationReport {
 /// One legacy row as read by the migration (everything but `data`, which stays on the server).
 struct LegacyRow {
     id: Uuid,
+    /// `None` when NULL or out of range (see `timestamp_out_of_range`).
     timestamp: Option<DateTime<Utc>>,
+    /// The row's timestamp is `infinity`, `-infinity` or past the last year a timestamp can be
+    /// read back in ([`readable_timestamp`]).
+    timestamp_out_of_range: bool,
     user_id: Option<String>,
     event_type: Option<String>,
     entity_id: Option<String>,
@@ -282,9 +286,11 @@ async fn check_legacy_table<C: GenericClient>(client: &C, name: &str) -> Result<
     if !exists {
         return Err(Error::LegacyTableNotFound { table: name.to_owned() });
     }
+    // The type without its modifier (`varchar(255)` and `timestamptz(3)` are what they modify;
+    // `uuid[]` is not `uuid`).
     let rows = client
         .query(
-            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+            "SELECT attname::text, format_type(atttypid, NULL) FROM pg_attribute \
              WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
             &[&name],
         )
@@ -297,12 +303,63 @@ async fn check_legacy_table<C: GenericClient>(client: &C, name: &str) -> Result<
                     message: format!("legacy table \"{name}\" has no column {column}"),
                 })
             }
-            Some(t) if !types.iter().any(|ok| t.starts_with(ok)) => {
+            Some(t) if !types.contains(&t.as_str()) => {
                 return Err(Error::InvalidConfig {
                     message: format!("legacy table \"{name}\": column {column} is {t}, expected {}", types[0]),
                 })
             }
             Some(_) => {}
+        }
+    }
+    // Each row is known by its id (the map's and the failures' key): a table whose constraints
+    // let ids be missing or repeated is checked row by row.
+    let legacy = quote_table(name)?;
+    let guarded = client
+        .query_one(
+            "SELECT a.attnotnull,
+                    EXISTS (SELECT 1 FROM pg_index i
+                             WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indpred IS NULL
+                               AND i.indkey::int2[] = ARRAY[a.attnum])
+               FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attname = 'id'",
+            &[&name],
+        )
+        .await?;
+    let (not_null, unique): (bool, bool) = (guarded.get(0), guarded.get(1));
+    if !not_null {
+        let missing: i64 = client
+            .query_one(&format!("SELECT count(*) FROM {legacy} WHERE id IS NULL"), &[])
+            .await?
+            .get(0);
+        if missing > 0 {
+            return Err(Error::InvalidConfig {
+                message: format!(
+                    "legacy table \"{name}\": {missing} row(s) have no id; the migration knows each row by its \
+                     id, so give them one or delete them"
+                ),
+            });
+        }
+    }
+    if !unique {
+        let repeated: Vec<Uuid> = client
+            .query(
+                &format!(
+                    "SELECT id FROM {legacy} WHERE id IS NOT NULL GROUP BY id HAVING count(*) > 1 ORDER BY id LIMIT 3"
+                ),
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !repeated.is_empty() {
+            let ids: Vec<String> = repeated.iter().map(Uuid::to_string).collect();
+            return Err(Error::InvalidConfig {
+                message: format!(
+                    "legacy table \"{name}\": ids are repeated ({}); the migration knows each row by its id, so \
+                     make them unique",
+                    ids.join(", ")
+                ),
+            });
         }
     }
     Ok(())
@@ -405,6 +462,13 @@ fn failure(row: &LegacyRow, code: &str, reason: impl Into<String>) -> LegacyRowF
 /// The checks that need nothing but the row itself.
 fn check_row(row: &LegacyRow, limits: &Limits) -> std::result::Result<Candidate, LegacyRowFailure> {
     let issue = |i: validate::Issue| failure(row, i.code.as_str(), i.message);
+    if row.timestamp_out_of_range {
+        return Err(failure(
+            row,
+            "INVALID_TIMESTAMP",
+            "timestamp is infinite or after the year 262142, so it could not be read back",
+        ));
+    }
     if row.timestamp.is_none() {
         return Err(failure(row, "REQUIRED", "timestamp is null"));
     }
@@ -458,6 +522,16 @@ fn check_row(row: &LegacyRow, limits: &Limits) -> std::result::Result<Candidate,
 const PENDING_FILTER: &str =
     "NOT EXISTS (SELECT 1 FROM legacy_migration_map m WHERE m.legacy_table = $1 AND m.legacy_id = l.id)
    AND NOT EXISTS (SELECT 1 FROM legacy_migration_failures f WHERE f.legacy_table = $1 AND f.legacy_id = l.id)";
+
+/// The first year a timestamp cannot be read back in: chrono's `NaiveDate::MAX` is the last day
+/// of the year before (PostgreSQL itself stores timestamps up to the year 294276).
+const UNREADABLE_YEAR: i32 = 262_143;
+
+/// SQL that is true when `{alias}."timestamp"` is neither NULL, `infinity` nor `-infinity`, and
+/// before [`UNREADABLE_YEAR`] (the earliest timestamp PostgreSQL stores is readable).
+fn readable_timestamp(alias: &str) -> String {
+    format!("isfinite({alias}.\"timestamp\") AND {alias}.\"timestamp\" < '{UNREADABLE_YEAR}-01-01 00:00:00+00'")
+}
 
 /// One batch in one statement over arrays: the stream guards (created for new aggregates,
 /// advanced from exactly first_version - 1 for known ones, as in the repository's batch
@@ -870,12 +944,14 @@ impl EventRepository {
             .execute(
                 &format!(
                     "DECLARE synap_legacy_rows NO SCROLL CURSOR WITH HOLD FOR
-                     SELECT l.id, l.\"timestamp\", l.user_id::text, l.type::text, l.data->>'entityId', l.data,
-                            l.source::text, l.correlation_id
+                     SELECT l.id, CASE WHEN {readable} THEN l.\"timestamp\" END, l.user_id::text, l.type::text,
+                            l.data->>'entityId', l.data, l.source::text, l.correlation_id,
+                            l.\"timestamp\" IS NOT NULL AND NOT ({readable})
                        FROM {legacy} l
                       WHERE {PENDING_FILTER}
                       ORDER BY l.\"timestamp\", l.id
-                      LIMIT {total}"
+                      LIMIT {total}",
+                    readable = readable_timestamp("l")
                 ),
                 &[&table],
             )
@@ -906,15 +982,17 @@ impl EventRepository {
                 // The days of the rows this run will write: with a limit, only the first rows'.
                 let days_sql = if total < pending {
                     format!(
-                        "SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date FROM (
-                             SELECT l.\"timestamp\" AS ts FROM {legacy} l WHERE {PENDING_FILTER}
+                        "SELECT DISTINCT (r.\"timestamp\" AT TIME ZONE 'UTC')::date FROM (
+                             SELECT l.\"timestamp\" FROM {legacy} l WHERE {PENDING_FILTER}
                               ORDER BY l.\"timestamp\", l.id LIMIT {total}) r
-                          WHERE ts IS NOT NULL ORDER BY 1"
+                          WHERE {readable} ORDER BY 1",
+                        readable = readable_timestamp("r")
                     )
                 } else {
                     format!(
                         "SELECT DISTINCT (l.\"timestamp\" AT TIME ZONE 'UTC')::date
-                           FROM {legacy} l WHERE {PENDING_FILTER} AND l.\"timestamp\" IS NOT NULL ORDER BY 1"
+                           FROM {legacy} l WHERE {PENDING_FILTER} AND {readable} ORDER BY 1",
+                        readable = readable_timestamp("l")
                     )
                 };
                 days = writers[0]
@@ -989,6 +1067,7 @@ impl EventRepository {
                     data: r.get(5),
                     source: r.get(6),
                     correlation_id: r.get(7),
+                    timestamp_out_of_range: r.get(8),
                 })
                 .collect()
         };
@@ -1838,10 +1917,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_readable_years_end_where_chrono_does() {
+        use chrono::Datelike;
+        assert_eq!(UNREADABLE_YEAR, chrono::NaiveDate::MAX.year() + 1);
+    }
+
+    #[test]
     fn writers_share_the_aggregates_evenly() {
         let row = |id: Uuid, entity: Option<String>| LegacyRow {
             id,
             timestamp: None,
+            timestamp_out_of_range: false,
             user_id: None,
             event_type: None,
             entity_id: entity,
