@@ -293,6 +293,19 @@ test('bad options throw INVALID_CONFIG', () => {
     code: 'INVALID_CONFIG',
   })
   assert.throws(() => new EventRepository('not a url ::'), { code: 'INVALID_CONFIG' })
+  // Numbers are taken as given, never wrapped around or truncated.
+  for (const [key, value] of [
+    ['poolSize', -1], ['poolSize', 2 ** 32 + 1], ['poolSize', 1.5], ['poolSize', NaN],
+    ['statementTimeoutMs', -1], ['statementTimeoutMs', 3e9], ['statementTimeoutMs', 2 ** 31],
+    ['acquireTimeoutMs', 2 ** 32], ['connectTimeoutMs', -1], ['maxDataBytes', -1], ['snapshotEvery', Infinity],
+  ]) {
+    assert.throws(() => new EventRepository({ connectionString: DATABASE_URL, [key]: value }), (err) => {
+      assert.equal(err.code, 'INVALID_CONFIG', `${key}: ${value}`)
+      assert.match(err.message, /2147483647|4294967295|between 1 and 1000/, `${key}: ${value}`)
+      return true
+    })
+  }
+  new EventRepository({ connectionString: DATABASE_URL, statementTimeoutMs: 2 ** 31 - 1, poolSize: 1000 }).close()
 })
 
 test('close() before any call also makes later calls reject', async () => {

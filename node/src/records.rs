@@ -321,26 +321,26 @@ pub struct RepositoryOptions {
     /// PostgreSQL connection string; default `process.env.DATABASE_URL` at first use.
     pub connection_string: Option<String>,
     /// Largest number of pooled connections; default 10.
-    pub pool_size: Option<u32>,
+    pub pool_size: Option<f64>,
     /// How long opening a connection may take, in ms; default 10000.
-    pub connect_timeout_ms: Option<u32>,
+    pub connect_timeout_ms: Option<f64>,
     /// How long a call waits for a free connection before `POOL_TIMEOUT`, in ms; default 30000.
-    pub acquire_timeout_ms: Option<u32>,
+    pub acquire_timeout_ms: Option<f64>,
     /// Server-side statement timeout in ms; default: the server's.
-    pub statement_timeout_ms: Option<u32>,
+    pub statement_timeout_ms: Option<f64>,
     /// Schema holding the tables (lowercase letters, digits, `_`); default: the server's search_path.
     pub schema: Option<String>,
     /// `auto` (default), `timescaledb` or `native`: how `migrate()` creates events_v2.
     pub storage_mode: Option<String>,
     /// Largest `data` or `metadata`, in bytes of JSON; default 1 MiB.
-    pub max_data_bytes: Option<u32>,
+    pub max_data_bytes: Option<f64>,
     /// During the switch-over: also write every appended event into this legacy table (e.g.
     /// `events`), in the same statement, so old readers keep working.
     pub dual_write_legacy_table: Option<String>,
     /// Snapshot policy: a `replay` that folds at least this many events past the newest
     /// snapshot stores a snapshot of its result. Default: none (only `snapshot()` and retention
     /// write them).
-    pub snapshot_every: Option<u32>,
+    pub snapshot_every: Option<f64>,
 }
 
 /// Options of `migrateLegacyEvents`.

@@ -58,27 +58,29 @@ impl EventRepository {
                         Err(_) => core::RepositoryConfig::new(String::new()),
                     },
                 };
-                if let Some(n) = o.pool_size {
+                let count =
+                    |name: &str, value: Option<f64>| config_count(name, value).map_err(|e| to_js_error(&env, e));
+                if let Some(n) = count("poolSize", o.pool_size)? {
                     config.pool_size = n as usize;
                 }
-                if let Some(ms) = o.connect_timeout_ms {
+                if let Some(ms) = count("connectTimeoutMs", o.connect_timeout_ms)? {
                     config.connect_timeout = Duration::from_millis(ms.into());
                 }
-                if let Some(ms) = o.acquire_timeout_ms {
+                if let Some(ms) = count("acquireTimeoutMs", o.acquire_timeout_ms)? {
                     config.acquire_timeout = Duration::from_millis(ms.into());
                 }
-                if let Some(ms) = o.statement_timeout_ms {
+                if let Some(ms) = count("statementTimeoutMs", o.statement_timeout_ms)? {
                     config.statement_timeout = Some(Duration::from_millis(ms.into()));
                 }
                 config.schema = o.schema;
                 if let Some(mode) = o.storage_mode {
                     config.storage_mode = core::StorageMode::parse(&mode).map_err(|e| to_js_error(&env, e))?;
                 }
-                if let Some(bytes) = o.max_data_bytes {
+                if let Some(bytes) = count("maxDataBytes", o.max_data_bytes)? {
                     config.limits.max_data_bytes = bytes as usize;
                 }
                 config.dual_write_legacy_table = o.dual_write_legacy_table;
-                config.snapshot_every = o.snapshot_every;
+                config.snapshot_every = count("snapshotEvery", o.snapshot_every)?;
                 Source::Config(Box::new(config))
             }
         };
@@ -550,5 +552,17 @@ impl EventRepository {
                 repo.close();
             }
         }
+    }
+}
+
+/// A numeric option of the constructor as the whole number it must be (0 to 2^32 - 1): JavaScript
+/// numbers are not wrapped around (`-1` is not 4294967295) nor truncated.
+fn config_count(name: &str, value: Option<f64>) -> core::Result<Option<u32>> {
+    match value {
+        None => Ok(None),
+        Some(v) if v.is_finite() && v.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&v) => Ok(Some(v as u32)),
+        Some(v) => Err(core::Error::InvalidConfig {
+            message: format!("{name} must be a whole number from 0 to 4294967295, not {v}"),
+        }),
     }
 }

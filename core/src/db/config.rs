@@ -113,6 +113,17 @@ impl RepositoryConfig {
                 message: format!("pool size must be between 1 and 1000, not {}", self.pool_size),
             });
         }
+        if let Some(timeout) = self.statement_timeout {
+            // PostgreSQL's statement_timeout is an int of milliseconds.
+            if timeout.as_millis() > i32::MAX as u128 {
+                return Err(Error::InvalidConfig {
+                    message: format!(
+                        "statement timeout must be at most 2147483647 ms (PostgreSQL's limit), not {} ms",
+                        timeout.as_millis()
+                    ),
+                });
+            }
+        }
         if let Some(schema) = &self.schema {
             let ok = !schema.is_empty()
                 && schema.len() <= 63
