@@ -153,6 +153,39 @@ test('numbers come back exactly on every read path, and records are plain JSON',
   await assert.rejects(db.repo.append(ev(randomUUID(), 1, { data: { n: 10n } })), { code: 'VALIDATION_FAILED' })
 })
 
+test('timestamps in every year both PostgreSQL and the store can hold come back exactly, and fold', async () => {
+  // PostgreSQL's earliest instant, the year -1, the first instant past 9999 (JavaScript writes
+  // it +010000-...), its 29 February, and the latest millisecond the store reads back.
+  for (const ms of [-210866803200000, -62198755200000, 253402300800000, 253407398400000, 8210266876799999]) {
+    for (const timestamp of [ms, new Date(ms)]) {
+      const stored = await db.repo.append(
+        ev(randomUUID(), 1, { userId: `u-${randomUUID()}`, correlationId: randomUUID(), timestamp }),
+      )
+      const iso = new Date(ms).toISOString()
+      for (const [path, record] of Object.entries(await everyRead(stored))) {
+        // The user stream reads a window of recent days.
+        if (path === 'user' && !record) continue
+        assert.ok(record, `${path} returned the event of ${iso}`)
+        assert.equal(record.timestamp.getTime(), ms, `${path}: ${iso}`)
+      }
+      const stream = await db.repo.getAggregateStream(stored.aggregateId)
+      assert.equal(foldEvents(stream).lastTimestamp, iso)
+      assert.equal(wasm.foldEvents(JSON.parse(JSON.stringify(stream))).lastTimestamp, iso)
+    }
+  }
+  // Before PostgreSQL's earliest, or past the latest year the store reads back: refused.
+  const before = await db.rows()
+  for (const ms of [-210866803200001, 8210266876800000]) {
+    for (const timestamp of [ms, new Date(ms), new Date(ms).toISOString()]) {
+      await assert.rejects(db.repo.append(ev(randomUUID(), 1, { timestamp })), {
+        code: 'VALIDATION_FAILED',
+        field: 'timestamp',
+      })
+    }
+  }
+  assert.deepEqual(await db.rows(), before)
+})
+
 test('a __proto__ key is data: an own property on every read path, never the prototype', async () => {
   const data = JSON.parse('{"__proto__": {"admin": true}, "title": "t", "nested": {"__proto__": 5}}')
   assert.ok(Object.hasOwn(data, '__proto__'))

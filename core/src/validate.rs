@@ -7,7 +7,7 @@
 use std::io;
 use std::str::FromStr;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -724,12 +724,30 @@ fn optional_timestamp(obj: &Map<String, Value>, key: &str, issues: &mut Vec<Issu
     match obj.get(key) {
         None | Some(Value::Null) => Some(None),
         Some(v) => match parse_timestamp(v) {
+            Some(t) if t < earliest_stored() => {
+                issues.push(Issue::new(
+                    key,
+                    IssueCode::InvalidTimestamp,
+                    format!("{key} is before 4714-11-24 BC, the earliest time PostgreSQL stores"),
+                ));
+                None
+            }
+            Some(t) if t >= end_of_time() => {
+                issues.push(Issue::new(
+                    key,
+                    IssueCode::InvalidTimestamp,
+                    format!("{key} is past 262142-12-31T23:59:59.999998Z, the latest time the store holds"),
+                ));
+                None
+            }
             Some(t) => Some(Some(t)),
             None => {
                 issues.push(Issue::new(
                     key,
                     IssueCode::InvalidTimestamp,
-                    format!("{key} must be an RFC 3339 date-time or milliseconds since 1970"),
+                    format!(
+                        "{key} must be an RFC 3339 date-time or milliseconds since 1970, at most in the year 262142"
+                    ),
                 ));
                 None
             }
@@ -738,9 +756,16 @@ fn optional_timestamp(obj: &Map<String, Value>, key: &str, issues: &mut Vec<Issu
 }
 
 /// Reads a timestamp from an RFC 3339 string or a number of milliseconds since 1970.
+///
+/// Strings may also carry the six-digit signed year that JavaScript's `toISOString()` writes
+/// outside the years 0000 to 9999 (`+010000-01-01T00:00:00.000Z`, `-000001-...`): what
+/// [`crate::fold::format_timestamp`] writes is read back.
 pub fn parse_timestamp(v: &Value) -> Option<DateTime<Utc>> {
     match v {
-        Value::String(s) => DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc)),
+        Value::String(s) => match DateTime::parse_from_rfc3339(s) {
+            Ok(t) => Some(t.with_timezone(&Utc)),
+            Err(_) => parse_expanded_year(s),
+        },
         Value::Number(n) => {
             let ms = n.as_f64()?;
             if !ms.is_finite() || ms.fract() != 0.0 || ms.abs() > 8.64e15 {
@@ -750,6 +775,47 @@ pub fn parse_timestamp(v: &Value) -> Option<DateTime<Utc>> {
         }
         _ => None,
     }
+}
+
+/// The earliest `timestamptz` PostgreSQL stores: 4714-11-24 BC, the year -4713 in ISO 8601's
+/// numbering (the latest, in the year 294276, is past chrono's, so every parsed time is below it).
+fn earliest_stored() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(-4713, 11, 24, 0, 0, 0)
+        .single()
+        .expect("within chrono's range")
+}
+
+/// The first instant the store does not hold: the last microsecond of chrono's last day
+/// (262142-12-31). The feed reads a day up to the next midnight, which that day does not have, so
+/// it reads the last day up to this instant instead; nothing stored is at or after it.
+pub(crate) fn end_of_time() -> DateTime<Utc> {
+    chrono::NaiveDate::MAX
+        .and_hms_micro_opt(23, 59, 59, 999_999)
+        .expect("a valid time")
+        .and_utc()
+}
+
+/// `±YYYYYY-MM-DDTHH:MM:SS[.fff](Z|±HH:MM)`: ECMAScript's expanded years (`-000000` is not one).
+fn parse_expanded_year(s: &str) -> Option<DateTime<Utc>> {
+    let (sign, digits, rest) = (s.get(..1)?, s.get(1..7)?, s.get(7..)?);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) || !rest.starts_with('-') {
+        return None;
+    }
+    let year: i32 = match (sign, digits.parse::<i32>().ok()?) {
+        ("-", 0) => return None,
+        ("-", y) => -y,
+        ("+", y) => y,
+        _ => return None,
+    };
+    // The rest read in a stand-in year that has a 29 February exactly when `year` has, then
+    // moved to `year` before the offset applies.
+    let leap = chrono::NaiveDate::from_ymd_opt(year, 2, 29).is_some();
+    let stand_in = DateTime::parse_from_rfc3339(&format!("{}{rest}", if leap { 2000 } else { 2001 })).ok()?;
+    let local = stand_in.naive_local().with_year(year)?;
+    local
+        .and_local_timezone(*stand_in.offset())
+        .single()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -789,6 +855,59 @@ mod tests {
             "version": 1,
             "source": "api"
         })
+    }
+
+    #[test]
+    fn timestamps_read_back_as_written_in_every_year() {
+        use crate::fold::format_timestamp;
+        for ms in [
+            -8_640_000_000_000_000i64 + 1, // JavaScript's earliest Date, give or take chrono
+            -210_866_803_200_000,          // -004713-11-24T00:00:00.000Z, PostgreSQL's earliest
+            -62_198_755_200_000,           // -000001-01-01
+            -62_167_219_200_000,           // 0000-01-01
+            -1,
+            0,
+            253_402_300_799_999,                                     // 9999-12-31T23:59:59.999Z
+            253_402_300_800_000,                                     // +010000-01-01
+            951_782_400_000 + 253_402_300_800_000 - 946_684_800_000, // 29 February of the year 10000
+            8_210_266_876_799_999,                                   // chrono's last millisecond, +262142-12-31
+        ] {
+            let Some(t) = Utc.timestamp_millis_opt(ms).single() else {
+                continue;
+            };
+            let text = format_timestamp(&t);
+            assert_eq!(parse_timestamp(&Value::String(text.clone())), Some(t), "{text}");
+        }
+        for bad in [
+            "-000000-01-01T00:00:00.000Z",
+            "+10000-01-01T00:00:00Z",
+            "+010000-02-30T00:00:00Z",
+            "010000-01-01T00:00:00Z",
+            "+0a0000-01-01T00:00:00Z",
+        ] {
+            assert_eq!(parse_timestamp(&json!(bad)), None, "{bad}");
+        }
+        // An offset applies after the year: +010000-01-01T01:00+02:00 is 23:00 the day before.
+        assert_eq!(
+            parse_timestamp(&json!("+010000-01-01T01:00:00+02:00")),
+            Some(Utc.with_ymd_and_hms(9999, 12, 31, 23, 0, 0).unwrap())
+        );
+        let mut before = valid();
+        before["timestamp"] = json!(-210_866_803_200_001i64);
+        let issues = report(&before, &Limits::default()).errors;
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].code, IssueCode::InvalidTimestamp);
+        let mut last = valid();
+        last["timestamp"] = json!("+262142-12-31T23:59:59.999999Z");
+        assert_eq!(
+            report(&last, &Limits::default()).errors[0].code,
+            IssueCode::InvalidTimestamp
+        );
+        last["timestamp"] = json!("+262142-12-31T23:59:59.999998Z");
+        assert!(report(&last, &Limits::default()).valid);
+        let mut earliest = valid();
+        earliest["timestamp"] = json!(-210_866_803_200_000i64);
+        assert!(report(&earliest, &Limits::default()).valid);
     }
 
     #[test]

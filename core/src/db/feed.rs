@@ -812,7 +812,12 @@ async fn read_window(
     // Each run as [first midnight, midnight after its last day).
     let bounds: Vec<DateTime<Utc>> = runs
         .iter()
-        .flat_map(|(first, last)| [midnight(*first), midnight(*last + Days::new(1))])
+        .flat_map(|(first, last)| {
+            let end = last
+                .checked_add_days(Days::new(1))
+                .map_or_else(crate::validate::end_of_time, midnight);
+            [midnight(*first), end]
+        })
         .collect();
     let sql = format!("{prefix}{}", read_window_sql(runs.len(), filter.is_some()));
     let mut params: Vec<(&(dyn ToSql + Sync), Type)> =

@@ -229,8 +229,8 @@ struct LegacyRow {
     id: Uuid,
     /// `None` when NULL or out of range (see `timestamp_out_of_range`).
     timestamp: Option<DateTime<Utc>>,
-    /// The row's timestamp is `infinity`, `-infinity` or past the last year a timestamp can be
-    /// read back in ([`readable_timestamp`]).
+    /// The row's timestamp is `infinity`, `-infinity` or past the latest time the store holds
+    /// ([`readable_timestamp`]).
     timestamp_out_of_range: bool,
     user_id: Option<String>,
     event_type: Option<String>,
@@ -466,7 +466,7 @@ fn check_row(row: &LegacyRow, limits: &Limits) -> std::result::Result<Candidate,
         return Err(failure(
             row,
             "INVALID_TIMESTAMP",
-            "timestamp is infinite or after the year 262142, so it could not be read back",
+            "timestamp is infinite or past 262142-12-31T23:59:59.999998Z, so it could not be read back",
         ));
     }
     if row.timestamp.is_none() {
@@ -523,14 +523,22 @@ const PENDING_FILTER: &str =
     "NOT EXISTS (SELECT 1 FROM legacy_migration_map m WHERE m.legacy_table = $1 AND m.legacy_id = l.id)
    AND NOT EXISTS (SELECT 1 FROM legacy_migration_failures f WHERE f.legacy_table = $1 AND f.legacy_id = l.id)";
 
-/// The first year a timestamp cannot be read back in: chrono's `NaiveDate::MAX` is the last day
-/// of the year before (PostgreSQL itself stores timestamps up to the year 294276).
-const UNREADABLE_YEAR: i32 = 262_143;
-
 /// SQL that is true when `{alias}."timestamp"` is neither NULL, `infinity` nor `-infinity`, and
-/// before [`UNREADABLE_YEAR`] (the earliest timestamp PostgreSQL stores is readable).
+/// before the store's end of time (`validate::end_of_time`; the earliest timestamp PostgreSQL
+/// stores is readable).
 fn readable_timestamp(alias: &str) -> String {
-    format!("isfinite({alias}.\"timestamp\") AND {alias}.\"timestamp\" < '{UNREADABLE_YEAR}-01-01 00:00:00+00'")
+    use chrono::{Datelike, Timelike};
+    let end = crate::validate::end_of_time();
+    format!(
+        "isfinite({alias}.\"timestamp\") AND {alias}.\"timestamp\" < '{}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}+00'",
+        end.year(),
+        end.month(),
+        end.day(),
+        end.hour(),
+        end.minute(),
+        end.second(),
+        end.timestamp_subsec_micros()
+    )
 }
 
 /// One batch in one statement over arrays: the stream guards (created for new aggregates,
@@ -1917,9 +1925,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_readable_years_end_where_chrono_does() {
-        use chrono::Datelike;
-        assert_eq!(UNREADABLE_YEAR, chrono::NaiveDate::MAX.year() + 1);
+    fn the_readable_timestamps_end_at_the_stores_end_of_time() {
+        assert_eq!(
+            readable_timestamp("l"),
+            "isfinite(l.\"timestamp\") AND l.\"timestamp\" < '262142-12-31 23:59:59.999999+00'"
+        );
     }
 
     #[test]
