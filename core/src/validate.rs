@@ -453,7 +453,21 @@ fn check_fields(event: &NewEvent, limits: &Limits) -> Vec<Issue> {
         issues.extend(check_metadata(m, limits));
     }
     issues.extend(check_version(i64::from(event.version)).err());
+    issues.extend(event.timestamp.and_then(|t| check_timestamp(t).err()));
     issues
+}
+
+/// Checks an event's time: from 4714-11-24 BC, the earliest PostgreSQL stores, to before the
+/// store's end of time (see [`end_of_time`]).
+pub fn check_timestamp(t: DateTime<Utc>) -> std::result::Result<(), Issue> {
+    let issue = |message: &str| Err(Issue::new("timestamp", IssueCode::InvalidTimestamp, message.to_owned()));
+    if t < earliest_stored() {
+        issue("timestamp is before 4714-11-24 BC, the earliest time PostgreSQL stores")
+    } else if t >= end_of_time() {
+        issue("timestamp is past 262142-12-31T23:59:59.999998Z, the latest time the store holds")
+    } else {
+        Ok(())
+    }
 }
 
 /// Checks a version number: an integer in 1..=2147483647.
@@ -724,22 +738,6 @@ fn optional_timestamp(obj: &Map<String, Value>, key: &str, issues: &mut Vec<Issu
     match obj.get(key) {
         None | Some(Value::Null) => Some(None),
         Some(v) => match parse_timestamp(v) {
-            Some(t) if t < earliest_stored() => {
-                issues.push(Issue::new(
-                    key,
-                    IssueCode::InvalidTimestamp,
-                    format!("{key} is before 4714-11-24 BC, the earliest time PostgreSQL stores"),
-                ));
-                None
-            }
-            Some(t) if t >= end_of_time() => {
-                issues.push(Issue::new(
-                    key,
-                    IssueCode::InvalidTimestamp,
-                    format!("{key} is past 262142-12-31T23:59:59.999998Z, the latest time the store holds"),
-                ));
-                None
-            }
             Some(t) => Some(Some(t)),
             None => {
                 issues.push(Issue::new(
@@ -905,6 +903,17 @@ mod tests {
         );
         last["timestamp"] = json!("+262142-12-31T23:59:59.999998Z");
         assert!(report(&last, &Limits::default()).valid);
+        let mut typed = parse_event(&valid(), &Limits::default()).unwrap();
+        typed.timestamp = Some(Utc.timestamp_millis_opt(-210_866_803_200_001).unwrap());
+        assert_eq!(
+            typed.validate(&Limits::default()).unwrap_err().code(),
+            "VALIDATION_FAILED"
+        );
+        typed.timestamp = Some(end_of_time());
+        assert_eq!(
+            typed.validate(&Limits::default()).unwrap_err().code(),
+            "VALIDATION_FAILED"
+        );
         let mut earliest = valid();
         earliest["timestamp"] = json!(-210_866_803_200_000i64);
         assert!(report(&earliest, &Limits::default()).valid);
