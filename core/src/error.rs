@@ -22,7 +22,7 @@ pub enum Error {
 
     /// The aggregate was not at the version the append expected (optimistic locking).
     #[error(
-        "Concurrency conflict: expected version {expected_version}, got {actual_version} \
+        "Concurrency conflict detected: expected version {expected_version}, got {actual_version} \
          (aggregate {aggregate_id}; reload the aggregate and retry)"
     )]
     ConcurrencyConflict {

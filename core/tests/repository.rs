@@ -74,7 +74,7 @@ async fn optimistic_locking_rejects_stale_and_future_versions() {
     assert_eq!(err.code(), "CONCURRENCY_CONFLICT");
     assert!(
         err.to_string()
-            .starts_with("Concurrency conflict: expected version 1, got 0"),
+            .starts_with("Concurrency conflict detected: expected version 1, got 0"),
         "{err}"
     );
     assert_eq!(count_rows(&repo).await, (2, 1));

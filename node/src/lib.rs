@@ -108,8 +108,14 @@ pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 /// A JavaScript `Error` with `code` and the core error's details as properties.
 pub(crate) fn to_js_error(env: &Env, e: core::Error) -> Error {
     let code = e.code();
+    // The design's repository throws `new Error('Concurrency conflict detected')`: callers that
+    // compare the message keep working; the versions are the error's properties.
+    let message = match e {
+        core::Error::ConcurrencyConflict { .. } => "Concurrency conflict detected".to_owned(),
+        _ => e.to_string(),
+    };
     let build = || -> Result<Error> {
-        let mut obj = env.create_error(Error::new(Status::GenericFailure, e.to_string()))?;
+        let mut obj = env.create_error(Error::new(Status::GenericFailure, message.clone()))?;
         obj.set("code", code)?;
         for (key, value) in e.details() {
             obj.set(key, Json(value))?;
