@@ -186,6 +186,37 @@ test('timestamps in every year both PostgreSQL and the store can hold come back 
   assert.deepEqual(await db.rows(), before)
 })
 
+test('keys come in the order node-postgres gives them, on every read path and from append', async () => {
+  // jsonb keeps keys shortest first, then by bytes; JavaScript puts integer-like keys first.
+  const data = { title: 'x', b: 1, aa: { zz: 1, c: [{ yy: 1, x: 2 }] }, status: 's', meta: 1, 10: 1, 2: 2, Z: 0, é: 1 }
+  const metadata = { requestId: 'r', ip: '::1', agent: { version: 2, os: 'linux' } }
+  const stored = await db.repo.append(
+    ev(randomUUID(), 1, { userId: `u-${randomUUID()}`, correlationId: randomUUID(), data, metadata }),
+  )
+  const { rows } = await db.sql.query('SELECT data, metadata FROM events_v2 WHERE id = $1', [stored.id])
+  const design = (value) => JSON.stringify(value)
+  assert.notEqual(design(rows[0].data), JSON.stringify(data), 'the stored order differs from the input order')
+  for (const [path, record] of Object.entries(await everyRead(stored))) {
+    assert.ok(record, `${path} returned the event`)
+    assert.equal(design(record.data), design(rows[0].data), path)
+    assert.equal(design(record.metadata), design(rows[0].metadata), path)
+  }
+})
+
+test('the fold keeps keys in the order a JavaScript reducer makes them', () => {
+  const id = randomUUID()
+  const events = [
+    { aggregateId: id, eventType: 'entity.created', version: 1, timestamp: 0, data: { title: 'a', b: 1, aa: { z: 1, c: 2 } } },
+    { aggregateId: id, eventType: 'entity.updated', version: 2, timestamp: 1, data: { b: null, zz: 1, aa: { z: null, d: 3 } } },
+    { aggregateId: id, eventType: 'entity.updated', version: 3, timestamp: 2, data: { b: 2, title: 'c' } },
+  ]
+  // {...state, ...data} with deletes: JavaScript's own order.
+  const expected = { title: 'c', aa: { c: 2, d: 3 }, zz: 1, b: 2 }
+  for (const fold of [foldEvents, wasm.foldEvents]) {
+    assert.equal(JSON.stringify(fold(events).state), JSON.stringify(expected))
+  }
+})
+
 test('a __proto__ key is data: an own property on every read path, never the prototype', async () => {
   const data = JSON.parse('{"__proto__": {"admin": true}, "title": "t", "nested": {"__proto__": 5}}')
   assert.ok(Object.hasOwn(data, '__proto__'))

@@ -409,7 +409,8 @@ fn object_target(target: &mut Value) -> &mut Value {
 
 fn patch_member(target: &mut Map<String, Value>, key: &str, value: &Value) {
     if value.is_null() {
-        target.remove(key);
+        // As JavaScript's `delete`: the other keys keep their order.
+        target.shift_remove(key);
     } else if let Some(existing) = target.get_mut(key) {
         apply_merge_patch(existing, value);
     } else {

@@ -690,15 +690,23 @@ fn ymd(year: i32) -> i64 {
 
 const OFFSETS_MINUTES: &[i32] = &[0, 60, 120, 330, -300, -570, 14 * 60, -12 * 60, 23 * 60 + 59];
 
-/// A timestamp and one of its accepted JSON spellings: integer or float milliseconds over
-/// chrono's whole range, or an RFC 3339 string (any offset, up to nanoseconds) in years 2..9998.
+/// PostgreSQL's earliest instant, 4714-11-24 BC, in milliseconds: the store's first.
+const EARLIEST_MS: i64 = -210_866_803_200_000;
+
+/// A timestamp and one of its accepted JSON spellings: integer or float milliseconds, or the ISO
+/// string JavaScript writes (six-digit signed years outside 0000..9999), over the store's whole
+/// range (PostgreSQL's earliest instant to chrono's last millisecond), or an RFC 3339 string (any
+/// offset, up to nanoseconds) in years 2..9998.
 fn valid_timestamp() -> BoxedStrategy<(DateTime<Utc>, Value)> {
-    let min = millis(DateTime::<Utc>::MIN_UTC) + 1;
-    let max = millis(DateTime::<Utc>::MAX_UTC) - 1;
+    let max = millis(DateTime::<Utc>::MAX_UTC);
     prop_oneof![
-        (min..=max, any::<bool>()).prop_map(|(ms, float)| {
+        (EARLIEST_MS..=max, any::<bool>()).prop_map(|(ms, float)| {
             let t = Utc.timestamp_millis_opt(ms).single().unwrap();
             (t, if float { json!(ms as f64) } else { json!(ms) })
+        }),
+        (EARLIEST_MS..=max).prop_map(|ms| {
+            let t = Utc.timestamp_millis_opt(ms).single().unwrap();
+            (t, json!(synap_events::fold::format_timestamp(&t)))
         }),
         (ymd(2)..ymd(9998), 0..1_000_000u32, select(OFFSETS_MINUTES)).prop_map(|(ms, nanos, offset)| {
             let t = Utc.timestamp_millis_opt(ms).single().unwrap() + chrono::Duration::nanoseconds(nanos.into());
@@ -935,7 +943,16 @@ fn corrupt(event: &mut Map<String, Value>, kind: u8, n: u32, junk: &str) -> (Str
             (at("id"), IssueCode::InvalidUuid)
         }
         21 => {
-            let bad = [json!("yesterday"), json!(1.5), json!(9e15), json!(true)][n as usize % 4].clone();
+            let bad = [
+                json!("yesterday"),
+                json!(1.5),
+                json!(9e15),
+                json!(true),
+                json!(EARLIEST_MS - 1),
+                json!("+262143-01-01T00:00:00.000Z"),
+                json!("+262142-12-31T23:59:59.999999Z"),
+            ][n as usize % 7]
+                .clone();
             set(event, "timestamp", bad);
             (at("timestamp"), IssueCode::InvalidTimestamp)
         }

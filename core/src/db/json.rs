@@ -68,3 +68,21 @@ impl<'a> FromSql<'a> for StoredJson {
     }
     accepts!(JSONB);
 }
+
+/// Orders the keys of every object in `value` as jsonb stores them (shorter keys first, then by
+/// bytes), which is the order every read gives back: so the record an append returns has its
+/// keys in the order a read of it will have them.
+pub(crate) fn in_jsonb_order(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = std::mem::take(map).into_iter().collect();
+            entries.sort_by(|(a, _), (b, _)| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+            for (key, mut member) in entries {
+                in_jsonb_order(&mut member);
+                map.insert(key, member);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(in_jsonb_order),
+        _ => {}
+    }
+}

@@ -1406,7 +1406,11 @@ fn conflict(event: &NewEvent, actual: i32) -> Error {
     }
 }
 
-fn record_from_new(event: NewEvent, id: Uuid, timestamp: DateTime<Utc>, position: i64) -> EventRecord {
+fn record_from_new(mut event: NewEvent, id: Uuid, timestamp: DateTime<Utc>, position: i64) -> EventRecord {
+    crate::db::json::in_jsonb_order(&mut event.data);
+    if let Some(metadata) = event.metadata.as_mut() {
+        crate::db::json::in_jsonb_order(metadata);
+    }
     EventRecord {
         id,
         timestamp,
