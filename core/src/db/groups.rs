@@ -233,7 +233,7 @@ struct Settlement {
 #[derive(Debug)]
 enum Buffered {
     /// An event to hand out, with its partition and place.
-    Event(EventRecord, i32, Checkpoint),
+    Event(Box<EventRecord>, i32, Checkpoint),
     /// An event of an aggregate with queued events: queued too.
     Queue(Park),
 }
@@ -854,7 +854,7 @@ impl GroupMember {
                         failed: None,
                     }));
                 } else {
-                    self.buffer.push_back(Buffered::Event(event, part, place));
+                    self.buffer.push_back(Buffered::Event(Box::new(event), part, place));
                 }
             }
             let through = page.checkpoint;
@@ -901,7 +901,7 @@ impl GroupMember {
                 }
                 Buffered::Event(event, part, place) => {
                     last = place;
-                    delivery.events.push(event);
+                    delivery.events.push(*event);
                     delivery.meta.push((part, place));
                 }
                 Buffered::Queue(park) => {
