@@ -35,6 +35,17 @@ async fn insert_legacy(
     .unwrap();
 }
 
+/// A report's failures as (legacy id, reason code), sorted.
+fn failure_codes(report: &synap_events::LegacyMigrationReport) -> Vec<(Uuid, &str)> {
+    let mut codes: Vec<(Uuid, &str)> = report
+        .failures
+        .iter()
+        .map(|f| (f.legacy_id, f.reason_code.as_str()))
+        .collect();
+    codes.sort();
+    codes
+}
+
 fn opts(batch_size: usize) -> LegacyMigrationOptions {
     LegacyMigrationOptions {
         batch_size,
@@ -140,12 +151,7 @@ async fn migrates_in_order_continues_versions_and_reports_bad_rows() {
     assert_eq!((report.processed, report.migrated, report.failed), (12, 8, 4));
     assert_eq!(report.batches, 6);
     assert!((report.success_rate - 800.0 / 12.0).abs() < 1e-9);
-    let mut codes: Vec<(Uuid, &str)> = report
-        .failures
-        .iter()
-        .map(|f| (f.legacy_id, f.reason_code.as_str()))
-        .collect();
-    codes.sort();
+    let codes = failure_codes(&report);
     assert_eq!(
         codes,
         vec![
@@ -434,12 +440,7 @@ async fn loose_legacy_tables_are_refused_or_failed_row_by_row() {
     for dry_run in [true, false] {
         let report = migrate(&repo, &LegacyMigrationOptions { dry_run, ..opts(2) }).await;
         assert_eq!((report.migrated, report.failed), (2, 4), "dry run {dry_run}");
-        let mut failed: Vec<(Uuid, &str)> = report
-            .failures
-            .iter()
-            .map(|f| (f.legacy_id, f.reason_code.as_str()))
-            .collect();
-        failed.sort();
+        let failed = failure_codes(&report);
         let expected: Vec<(Uuid, &str)> = [0, 1, 2, 5].iter().map(|&i| (ids[i], "INVALID_TIMESTAMP")).collect();
         assert_eq!(failed, expected);
     }
