@@ -472,7 +472,12 @@ export interface MigrationReport {
   applied: Array<number>
   /** Versions that had been applied before. */
   alreadyApplied: Array<number>
-  /** `timescaledb` or `native`. */
+  /**
+   * Repeatable files (functions, policies, grants) applied now: all of them, or none when
+   * none changed.
+   */
+  repeatableApplied: Array<string>
+  /** `timescaledb`, `native` or `citus`. */
   storageMode: string
 }
 

@@ -46,7 +46,7 @@ pub use db::{
         GroupMember, GroupOptions, GroupPartitionStatus, GroupStatus, Handler, HandlerError, HandlerFuture,
         ParkedEvent, ProjectionTx, DEFAULT_PARTITIONS,
     },
-    migrate::{Migration, MigrationReport, MigrationStatus, MIGRATIONS},
+    migrate::{Migration, MigrationReport, MigrationStatus, Repeatable, MIGRATIONS, REPEATABLE},
     replay::{fold_rules, replay_options, Replay, SnapshotAndTail},
     repository::EventRepository,
 };

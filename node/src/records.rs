@@ -398,7 +398,10 @@ pub struct MigrationReport {
     pub applied: Vec<i32>,
     /// Versions that had been applied before.
     pub already_applied: Vec<i32>,
-    /// `timescaledb` or `native`.
+    /// Repeatable files (functions, policies, grants) applied now: all of them, or none when
+    /// none changed.
+    pub repeatable_applied: Vec<String>,
+    /// `timescaledb`, `native` or `citus`.
     pub storage_mode: String,
 }
 
@@ -407,6 +410,7 @@ impl IntoJs<MigrationReport> for core::MigrationReport {
         MigrationReport {
             applied: self.applied,
             already_applied: self.already_applied,
+            repeatable_applied: self.repeatable_applied,
             storage_mode: self.storage_mode,
         }
     }

@@ -580,8 +580,8 @@ WITH src AS (
 ), "#,
     feed_days_ctes!(),
     r#", ids AS (
-    INSERT INTO events_v2_ids (id, aggregate_id, version)
-    SELECT event_id, aggregate_id, version FROM src WHERE (SELECT ok FROM passed)
+    INSERT INTO events_v2_ids (id, aggregate_id, version, user_id)
+    SELECT event_id, aggregate_id, version, user_id FROM src WHERE (SELECT ok FROM passed)
 ), mapped AS (
     INSERT INTO legacy_migration_map (legacy_table, legacy_id, event_id, aggregate_id, version, origin)
     SELECT $16, legacy_id, event_id, aggregate_id, version, 'migration' FROM src WHERE (SELECT ok FROM passed)
@@ -713,6 +713,7 @@ impl EventRepository {
         options: &LegacyMigrationOptions,
         progress: &mut (dyn FnMut(&LegacyMigrationProgress) + Send),
     ) -> Result<LegacyMigrationReport> {
+        self.refuse_scoped("migrate_legacy_events")?;
         let legacy = quote_table(&options.legacy_table)?;
         if options.batch_size == 0 || options.batch_size > 100_000 {
             return Err(Error::InvalidConfig {
@@ -1838,6 +1839,7 @@ impl EventRepository {
     ///
     /// Fails with [`Error::LegacyTableNotFound`] or [`Error::InvalidConfig`] for a bad table.
     pub async fn verify_legacy(&self, legacy_table: &str) -> Result<VerifyReport> {
+        self.refuse_scoped("verify_legacy")?;
         quote_table(legacy_table)?;
         let mut client = self.client().await?;
         let tx = client
@@ -1867,6 +1869,7 @@ impl EventRepository {
         confirm: bool,
         accept_lost: bool,
     ) -> Result<DropLegacyReport> {
+        self.refuse_scoped("drop_legacy_table")?;
         let legacy = quote_table(legacy_table)?;
         if !confirm {
             return Err(Error::ConfirmationRequired {

@@ -1,9 +1,17 @@
 //! The schema migration runner.
 //!
-//! Applies `migrations/NNNN_name.sql` in order, each in its own transaction, and records each in
-//! `synap_migrations` with a SHA-256 checksum. An applied file that was edited is refused. Runs
-//! hold a transaction-level advisory lock, so two processes migrating at once apply each file
-//! once.
+//! Two kinds of files (docs/schema.md, "Migrations"):
+//! - versioned, `migrations/NNNN_name.sql`: tables, columns, indexes, triggers and data. Applied
+//!   in order, each once, in its own transaction, and recorded in `synap_migrations` with a
+//!   SHA-256 checksum; an applied file that was edited is refused.
+//! - repeatable, `migrations/repeatable/NN_concern.sql`: the current definition of every
+//!   function, policy and grant, each stated once. After the versioned files, all of them are
+//!   applied again, in one transaction and in name order, whenever one of them changed since the
+//!   last run or a versioned file was applied; their checksums are recorded in
+//!   `synap_repeatable_migrations`. Each statement in them is idempotent.
+//!
+//! Runs hold a transaction-level advisory lock, so two processes migrating at once apply each
+//! file once.
 
 use std::time::Instant;
 
@@ -120,7 +128,67 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0014_citus_append.sql"),
         earlier_checksums: &[],
     },
+    Migration {
+        version: 15,
+        name: "isolation",
+        sql: include_str!("../../../migrations/0015_isolation.sql"),
+        earlier_checksums: &[],
+    },
 ];
+
+/// A repeatable migration file: the current definitions of one concern's functions, policies
+/// and grants, re-applied whenever it changes.
+#[derive(Debug, Clone, Copy)]
+pub struct Repeatable {
+    /// Its file name in `migrations/repeatable/`, without `.sql`; files apply in name order.
+    pub name: &'static str,
+    /// Its SQL.
+    pub sql: &'static str,
+}
+
+/// Every repeatable file, in the order they apply. A test checks this list against the
+/// `migrations/repeatable/` folder.
+pub const REPEATABLE: &[Repeatable] = &[
+    Repeatable {
+        name: "10_partitions",
+        sql: include_str!("../../../migrations/repeatable/10_partitions.sql"),
+    },
+    Repeatable {
+        name: "20_streams",
+        sql: include_str!("../../../migrations/repeatable/20_streams.sql"),
+    },
+    Repeatable {
+        name: "30_feed",
+        sql: include_str!("../../../migrations/repeatable/30_feed.sql"),
+    },
+    Repeatable {
+        name: "40_analytics",
+        sql: include_str!("../../../migrations/repeatable/40_analytics.sql"),
+    },
+    Repeatable {
+        name: "50_legacy",
+        sql: include_str!("../../../migrations/repeatable/50_legacy.sql"),
+    },
+    Repeatable {
+        name: "60_groups",
+        sql: include_str!("../../../migrations/repeatable/60_groups.sql"),
+    },
+    Repeatable {
+        name: "90_security",
+        sql: include_str!("../../../migrations/repeatable/90_security.sql"),
+    },
+];
+
+impl Repeatable {
+    /// SHA-256 of the SQL, hex.
+    pub fn checksum(&self) -> String {
+        sha256_hex(self.sql)
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// What a migration run did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +197,8 @@ pub struct MigrationReport {
     pub applied: Vec<i32>,
     /// Versions that were already applied.
     pub already_applied: Vec<i32>,
+    /// Repeatable files applied by this run (all of them, in order, or none).
+    pub repeatable_applied: Vec<String>,
     /// The storage mode of `events_v2` (`timescaledb` or `native`).
     pub storage_mode: String,
 }
@@ -149,10 +219,7 @@ pub struct MigrationStatus {
 impl Migration {
     /// SHA-256 of the SQL, hex.
     pub fn checksum(&self) -> String {
-        Sha256::digest(self.sql.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        sha256_hex(self.sql)
     }
 
     /// Whether a database that recorded `checksum` for this file applied this file.
@@ -168,6 +235,14 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS synap_migrations (
     applied_at  timestamptz NOT NULL DEFAULT now(),
     duration_ms bigint      NOT NULL
 )";
+
+const CREATE_REPEATABLE_TABLE: &str = "CREATE TABLE IF NOT EXISTS synap_repeatable_migrations (
+    name        text        PRIMARY KEY,
+    checksum    text        NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now(),
+    duration_ms bigint      NOT NULL
+);
+ALTER TABLE synap_repeatable_migrations ENABLE ROW LEVEL SECURITY";
 
 const NO_TIMEOUT: &str = "SET LOCAL statement_timeout = 0";
 
@@ -191,6 +266,7 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) 
     let mut report = MigrationReport {
         applied: Vec::new(),
         already_applied: Vec::new(),
+        repeatable_applied: Vec::new(),
         storage_mode: String::new(),
     };
     for migration in MIGRATIONS {
@@ -251,11 +327,60 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) 
         tx.commit().await?;
         report.applied.push(migration.version);
     }
+    report.repeatable_applied = apply_repeatable(client, !report.applied.is_empty()).await?;
     report.storage_mode = client
         .query_one("SELECT value FROM synap_settings WHERE key = 'storage_mode'", &[])
         .await?
         .get(0);
     Ok(report)
+}
+
+/// Applies every repeatable file, in order and in one transaction, when one of them changed
+/// since the last run or `versioned_applied` (a versioned file ran, which may have replaced what
+/// they define); returns the names applied.
+async fn apply_repeatable(client: &mut tokio_postgres::Client, versioned_applied: bool) -> Result<Vec<String>> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(NO_TIMEOUT).await?;
+    tx.batch_execute(LOCK).await?;
+    tx.batch_execute(CREATE_REPEATABLE_TABLE).await?;
+    // On Citus: DDL on distributed tables over one connection per worker, as the versioned files
+    // do (a placeholder that nothing reads elsewhere).
+    tx.batch_execute("SET LOCAL citus.multi_shard_modify_mode = 'sequential'").await?;
+    let recorded: std::collections::HashMap<String, String> = tx
+        .query("SELECT name, checksum FROM synap_repeatable_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let current = REPEATABLE
+        .iter()
+        .all(|r| recorded.get(r.name).is_some_and(|c| *c == r.checksum()));
+    if current && !versioned_applied {
+        return Ok(Vec::new());
+    }
+    let mut applied = Vec::with_capacity(REPEATABLE.len());
+    for file in REPEATABLE {
+        let started = Instant::now();
+        tx.batch_execute(file.sql).await.map_err(|e| Error::MigrationFailed {
+            version: 0,
+            name: format!("repeatable/{}", file.name),
+            message: e
+                .as_db_error()
+                .map(|d| d.message().to_owned())
+                .unwrap_or_else(|| e.to_string()),
+        })?;
+        let duration_ms = started.elapsed().as_millis() as i64;
+        tx.execute(
+            "INSERT INTO synap_repeatable_migrations (name, checksum, duration_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE
+                SET checksum = EXCLUDED.checksum, applied_at = now(), duration_ms = EXCLUDED.duration_ms",
+            &[&file.name, &file.checksum(), &duration_ms],
+        )
+        .await?;
+        applied.push(file.name.to_owned());
+    }
+    tx.commit().await?;
+    Ok(applied)
 }
 
 /// Fails with [`Error::StorageModeUnavailable`] unless the database has TimescaleDB or can

@@ -105,6 +105,44 @@ pub async fn sql(repo: &EventRepository) -> tokio_postgres::Client {
     client
 }
 
+/// A login role of this cluster that neither owns the tables nor bypasses row-level security,
+/// granted what an application needs as the README says, and a repository in `owner`'s schema
+/// connected as it. Drop it with [`drop_role`].
+pub async fn app_role(owner: &EventRepository, tag: &str) -> (EventRepository, String) {
+    let schema = owner.config().schema.clone().unwrap();
+    let role = format!("synap_app_{tag}_{}", std::process::id());
+    sql(owner)
+        .await
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role};
+             CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS;
+             SELECT synap_grant_application_role('{role}');"
+        ))
+        .await
+        .unwrap();
+    let mut config = owner.config().clone();
+    config.database_url = role_url(&role);
+    config.schema = Some(schema);
+    (EventRepository::new(config).unwrap(), role)
+}
+
+/// DATABASE_URL with `role` as its user.
+pub fn role_url(role: &str) -> String {
+    let url = database_url();
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let host = rest.split_once('@').map(|(_, h)| h).unwrap_or(rest);
+    format!("{scheme}://{role}@{host}")
+}
+
+/// Drops a role made by [`app_role`], with its privileges.
+pub async fn drop_role(owner: &EventRepository, role: &str) {
+    sql(owner)
+        .await
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await
+        .unwrap();
+}
+
 pub async fn count_rows(repo: &EventRepository) -> (i64, i64) {
     let c = sql(repo).await;
     let events: i64 = c.query_one("SELECT count(*) FROM events_v2", &[]).await.unwrap().get(0);
