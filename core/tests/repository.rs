@@ -874,11 +874,14 @@ async fn a_user_stream_touches_only_the_days_it_asks_for() {
     repo.ensure_partitions(today - chrono::Days::new(60), today)
         .await
         .unwrap();
-    // The user's events over 60 days.
+    // The user's events over 60 days, one a day, each an hour more than a whole number of days
+    // before now: seven of them fall in a 7-day window at any hour of the day (a fixed hour of
+    // the day put eight there before that hour).
+    let now = Utc::now();
     let mut history = Vec::new();
-    for d in 0..60u64 {
+    for d in 0..60i64 {
         let mut e = event(Uuid::now_v7(), 1);
-        e.timestamp = Some((today - chrono::Days::new(d)).and_hms_opt(6, 0, 0).unwrap().and_utc());
+        e.timestamp = Some(now - chrono::Duration::days(d) - chrono::Duration::hours(1));
         history.push(e);
     }
     repo.append_batch(history).await.unwrap();
@@ -927,7 +930,7 @@ async fn a_user_stream_touches_only_the_days_it_asks_for() {
         );
     }
     let events = repo.get_user_stream("user-1", &options).await.unwrap();
-    assert_eq!(events.len(), 7, "days 0 to 6 at 06:00");
+    assert_eq!(events.len(), 7, "an hour and 0 to 6 days before now");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
