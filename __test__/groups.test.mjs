@@ -321,7 +321,7 @@ test('bad consumer-group options are refused with codes, and nothing is written'
     await assert.rejects(repo.consume({ group: 'g', handler, batchsize: 5 }), { code: 'VALIDATION_FAILED', field: 'batchsize' })
     await assert.rejects(repo.project({ group: 'g', handler, partitions: 5000 }), { code: 'VALIDATION_FAILED', field: 'partitions' })
     await assert.rejects(repo.consume({ group: 'g', handler, leaseMs: -1 }), { code: 'VALIDATION_FAILED', field: 'lease' })
-    await assert.rejects(repo.forUser('u1').consume({ group: 'g', handler }), { code: 'VALIDATION_FAILED' })
+    await assert.rejects(repo.forUser('u1').consume({ group: 'g', handler }), { code: 'PERMISSION_DENIED' })
     await assert.rejects(repo.parked('none'), { code: 'VALIDATION_FAILED' })
     const { rows } = await sql.query('SELECT count(*)::int AS n FROM consumer_groups')
     assert.equal(rows[0].n, 0)

@@ -1245,7 +1245,7 @@ async fn bad_group_options_are_refused() {
     let scoped = repo.for_user("u1").unwrap();
     assert_eq!(
         scoped.join_group(GroupOptions::new("g")).await.unwrap_err().code(),
-        "VALIDATION_FAILED"
+        "PERMISSION_DENIED"
     );
     assert_eq!(repo.parked("none").await.unwrap_err().code(), "VALIDATION_FAILED");
     // Nothing was written by the refused calls: one group, no member.

@@ -322,24 +322,13 @@ async fn the_snapshot_policy_and_snapshot_with_tail() {
     );
 }
 
-/// Snapshots are isolated like events: a scoped handle stores and uses its user's snapshots and
-/// never sees another user's.
+/// Snapshots are isolated like events: the owner stores them, under the one user whose events
+/// they fold; a scoped handle uses its user's, never stores one, and never sees another user's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_are_isolated_by_user() {
     let owner = common::repo("replay_rls").await;
-    let c = sql(&owner).await;
-    let role = format!("replay_app_{}", std::process::id());
-    c.batch_execute(&format!(
-        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS; SELECT synap_grant_application_role('{role}')"
-    ))
-    .await
-    .unwrap();
-    let url = common::database_url();
-    let (scheme, rest) = url.split_once("://").unwrap();
-    let host = rest.split_once('@').map(|(_, h)| h).unwrap_or(rest);
-    let role_url = format!("{scheme}://{role}@{host}");
-    let mut config = owner.config().clone();
-    config.database_url = role_url.clone();
+    let (app, role) = common::app_role(&owner, "replay_rls").await;
+    let mut config = app.config().clone();
     config.snapshot_every = Some(1);
     let app = EventRepository::new(config).unwrap();
     let alice = app.for_user("alice").unwrap();
@@ -356,14 +345,17 @@ async fn snapshots_are_isolated_by_user() {
     e.timestamp = Some(at(1));
     alice.append(e).await.unwrap();
     let r = alice.replay(id, &FoldOptions::default()).await.unwrap();
-    assert!(r.snapshot_stored, "alice's replay stores alice's snapshot");
+    assert!(!r.snapshot_stored, "a scoped handle never stores a snapshot");
+    assert_eq!(alice.snapshot(id).await.unwrap_err().code(), "PERMISSION_DENIED");
+    assert!(owner.snapshot(id).await.unwrap().snapshot_stored);
     assert_eq!(
         alice
             .replay(id, &FoldOptions::default())
             .await
             .unwrap()
             .snapshot_version,
-        Some(1)
+        Some(1),
+        "alice uses the owner's snapshot of her events"
     );
     // Bob sees neither the stream nor the snapshot.
     let b = bob.replay(id, &FoldOptions::default()).await.unwrap();
@@ -372,24 +364,121 @@ async fn snapshots_are_isolated_by_user() {
         (Value::Null, 0, None)
     );
     assert!(bob.get_snapshot_and_tail(id).await.unwrap().snapshot.is_none());
-    let visible: i64 = {
-        let (client, conn) = tokio_postgres::connect(&role_url, tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn);
+    let visible = |user: &'static str| {
+        let url = app.config().database_url.clone();
         let schema = owner.config().schema.clone().unwrap();
-        client
+        async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client
+                .execute("SELECT set_config('app.current_user_id', $1, false)", &[&user])
+                .await
+                .unwrap();
+            client
+                .query_one(&format!("SELECT count(*) FROM {schema}.event_snapshots"), &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!((visible("alice").await, visible("bob").await), (1, 0));
+
+    // Bob's event in alice's stream (written by the owner): alice cannot read it, so she gets
+    // no state of the stream, and the snapshot that folds it has no user: the owner's only.
+    let mut e = NewEvent::new(
+        id,
+        AggregateType::Entity,
+        "task.updated",
+        "bob",
+        json!({"bobs": "private"}),
+        2,
+    );
+    e.timestamp = Some(at(2));
+    owner.append(e).await.unwrap();
+    assert!(owner.snapshot(id).await.unwrap().snapshot_stored);
+    for err in [
+        alice.replay(id, &FoldOptions::default()).await.unwrap_err(),
+        alice.get_snapshot_and_tail(id).await.unwrap_err(),
+    ] {
+        assert_eq!(err.code(), "PERMISSION_DENIED", "{err}");
+    }
+    assert_eq!((visible("alice").await, visible("bob").await), (1, 0));
+    let users: Vec<Option<String>> = sql(&owner)
+        .await
+        .query("SELECT user_id FROM event_snapshots ORDER BY version", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(users, [Some("alice".to_owned()), None]);
+    let full = owner.replay(id, &FoldOptions::default()).await.unwrap();
+    assert_eq!((full.snapshot_version, full.result.state), (Some(2), json!({"secret": 1, "bobs": "private"})));
+    app.close();
+    common::drop_role(&owner, &role).await;
+}
+
+/// A snapshot is stored only for the stream it folded. Alice's deleted aggregate is folded; while
+/// the snapshot waits to be stored, the aggregate is removed and the id is created again, by
+/// carol, up to the same version: the snapshot must not be stored for carol's stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_never_stored_for_a_later_stream_with_the_same_id() {
+    let owner = common::repo("replay_reborn").await;
+    let mut config = owner.config().clone();
+    config.snapshot_every = Some(1);
+    let policy = EventRepository::new(config).unwrap();
+    let id = Uuid::now_v7();
+    for (v, t, data) in [(1, "task.created", json!({"alice": "secret"})), (2, "task.deleted", json!({}))] {
+        let mut e = NewEvent::new(id, AggregateType::Entity, t, "alice", data, v);
+        e.timestamp = Some(at(v.into()));
+        owner.append(e).await.unwrap();
+    }
+    // The snapshot's insert waits behind this lock once the fold is done.
+    let (mut l, conn) = tokio_postgres::connect(&owner.config().database_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    l.batch_execute(&format!("SET search_path = {}", owner.config().schema.clone().unwrap()))
+        .await
+        .unwrap();
+    let tx = l.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE event_snapshots IN EXCLUSIVE MODE").await.unwrap();
+    let replay = tokio::spawn(async move { policy.replay(id, &FoldOptions::default()).await });
+    let watcher = sql(&owner).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let waiting: bool = watcher
             .query_one(
-                &format!(
-                    "SELECT set_config('app.current_user_id', 'bob', false), count(*) FROM {schema}.event_snapshots"
-                ),
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted AND relation = 'event_snapshots'::regclass)",
                 &[],
             )
             .await
             .unwrap()
-            .get(1)
-    };
-    assert_eq!(visible, 0);
-    app.close();
-    c.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+            .get(0);
+        if waiting {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the replay never reached its snapshot's insert");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // What retention does to a deleted aggregate, then carol's stream with the same id.
+    tx.execute("DELETE FROM events_v2 WHERE aggregate_id = $1", &[&id]).await.unwrap();
+    tx.execute("DELETE FROM event_streams WHERE aggregate_id = $1", &[&id]).await.unwrap();
+    tx.execute(
+        "INSERT INTO event_streams (aggregate_id, aggregate_type, user_id, version, first_timestamp, last_timestamp)
+         VALUES ($1, 'entity', 'carol', 2, now(), now())",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let replayed = replay.await.unwrap().unwrap();
+    assert_eq!(replayed.result.version, 2);
+    assert!(!replayed.snapshot_stored, "alice's state was stored for carol's stream");
+    let stored: i64 = watcher
+        .query_one("SELECT count(*) FROM event_snapshots WHERE aggregate_id = $1", &[&id])
         .await
-        .unwrap();
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0);
 }

@@ -368,8 +368,8 @@ impl EventRepository {
     /// ordering and the consumer was neither repaired nor accepted since
     /// ([`EventRepository::repair_consumer`]).
     pub async fn consumer_checkpoint(&self, consumer: &str) -> Result<Option<Checkpoint>> {
+        self.refuse_scoped("consumer_checkpoint")?;
         check_consumer(consumer)?;
-        self.refuse_scoped_consumer()?;
         in_session!(self, |client| {
             let row = client
                 .query_opt(
@@ -392,8 +392,8 @@ impl EventRepository {
     /// Fails with [`Error::CheckpointConflict`] when the stored checkpoint is already past this
     /// one (another instance of the consumer has read further); nothing is stored then.
     pub async fn save_consumer_checkpoint(&self, consumer: &str, checkpoint: &Checkpoint) -> Result<()> {
+        self.refuse_scoped("save_consumer_checkpoint")?;
         check_consumer(consumer)?;
-        self.refuse_scoped_consumer()?;
         in_session!(self, |client| {
             let saved = client
                 .query_opt(
@@ -446,6 +446,7 @@ impl EventRepository {
     /// the cluster it records. Rewrites `txid` in every row of `events_v2`, holding back writes
     /// while it runs.
     pub async fn rebase_feed(&self) -> Result<FeedRebase> {
+        self.refuse_scoped("rebase_feed")?;
         let client = self.client().await?;
         let row = client
             .query_one(
@@ -490,7 +491,7 @@ impl EventRepository {
 
     /// Every named consumer with its checkpoint, by name.
     pub async fn consumers(&self) -> Result<Vec<ConsumerStatus>> {
-        self.refuse_scoped_consumer()?;
+        self.refuse_scoped("consumers")?;
         let client = self.client().await?;
         let rows = client
             .query(
@@ -520,10 +521,11 @@ impl EventRepository {
     /// checkpoint instead, for a consumer known to be whole. Either way the consumer may read on.
     /// A consumer that does not need repair is left alone.
     ///
-    /// Fails with [`Error::Validation`] for a bad name or a user-scoped handle.
+    /// Fails with [`Error::Validation`] for a bad name, and with [`Error::PermissionDenied`] on a
+    /// user-scoped handle.
     pub async fn repair_consumer(&self, consumer: &str, accept: bool, dry_run: bool) -> Result<ConsumerRepair> {
+        self.refuse_scoped("repair_consumer")?;
         check_consumer(consumer)?;
-        self.refuse_scoped_consumer()?;
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let Some(row) = tx
@@ -636,19 +638,6 @@ impl EventRepository {
         });
         client.batch_execute("LISTEN synap_events").await?;
         Ok(client)
-    }
-}
-
-impl EventRepository {
-    fn refuse_scoped_consumer(&self) -> Result<()> {
-        match self.scoped_user() {
-            Some(_) => Err(Error::invalid(
-                "consumer",
-                IssueCode::OutOfRange,
-                "named consumers belong to unscoped handles: a user-scoped one sees only that user's events",
-            )),
-            None => Ok(()),
-        }
     }
 }
 

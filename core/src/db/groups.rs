@@ -370,17 +370,11 @@ impl EventRepository {
     /// holding no partition yet; it takes its share on its first
     /// [`GroupMember::consume`] / [`GroupMember::project`] call.
     ///
-    /// Fails with [`Error::Validation`] for a bad option, a user-scoped handle, or a partition
-    /// count other than the existing group's.
+    /// Fails with [`Error::Validation`] for a bad option or a partition count other than the
+    /// existing group's, and with [`Error::PermissionDenied`] on a user-scoped handle.
     pub async fn join_group(&self, options: GroupOptions) -> Result<GroupMember> {
+        self.refuse_scoped("join_group")?;
         check_group(&options.group)?;
-        if self.scoped_user().is_some() {
-            return Err(Error::invalid(
-                "group",
-                IssueCode::OutOfRange,
-                "consumer groups belong to unscoped handles: a user-scoped one sees only that user's events",
-            ));
-        }
         let limits = &self.config().limits;
         validate::check_limit("batchSize", options.batch_size, limits)?;
         validate::check_limit("maxInFlight", options.max_in_flight, limits)?;
@@ -1507,6 +1501,7 @@ pub struct GroupStatus {
 impl EventRepository {
     /// Every consumer group with its members, partitions, lag and parked events, by name.
     pub async fn groups(&self) -> Result<Vec<GroupStatus>> {
+        self.refuse_scoped("groups")?;
         let client = self.client().await?;
         let groups = client
             .query("SELECT name, partitions FROM consumer_groups ORDER BY name", &[])
@@ -1582,6 +1577,7 @@ impl EventRepository {
     ///
     /// Fails with [`Error::Validation`] for an unknown group.
     pub async fn parked(&self, group: &str) -> Result<Vec<ParkedEvent>> {
+        self.refuse_scoped("parked")?;
         let client = self.group_client(group).await?;
         let rows = client
             .query(
@@ -1609,6 +1605,7 @@ impl EventRepository {
     ///
     /// Fails with [`Error::Validation`] when the group has no such failed event.
     pub async fn retry_parked(&self, group: &str, event_id: Uuid) -> Result<()> {
+        self.refuse_scoped("retry_parked")?;
         let client = self.group_client(group).await?;
         let n = client
             .execute(
@@ -1625,6 +1622,7 @@ impl EventRepository {
     ///
     /// Fails with [`Error::Validation`] when the group has no such failed event.
     pub async fn skip_parked(&self, group: &str, event_id: Uuid) -> Result<()> {
+        self.refuse_scoped("skip_parked")?;
         let client = self.group_client(group).await?;
         let n = client
             .execute(

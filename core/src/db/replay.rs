@@ -27,20 +27,23 @@ const PAGE: i32 = 5_000;
 
 /// The newest snapshot of these rules at or below a version, usable as of a time (`$4`, NULL
 /// for no time limit).
-const SNAPSHOT_SQL: &str = "SELECT version, state, deleted, last_timestamp, max_timestamp
+const SNAPSHOT_SQL: &str = "SELECT version, state, deleted, last_timestamp, max_timestamp, user_id
    FROM event_snapshots
   WHERE aggregate_id = $1 AND rules = $2 AND version <= $3
     AND ($4::timestamptz IS NULL OR max_timestamp <= $4)
   ORDER BY version DESC LIMIT 1";
 
-/// Stores a snapshot made in an earlier transaction. `FOR SHARE` waits for a retention run that
-/// holds `event_streams` (EXCLUSIVE) and then sees its outcome: a stream it removed gets no
-/// snapshot (which could otherwise outlive it and be used by a later aggregate with the same
-/// id), nor does a stream that is not at that version any more.
+/// Stores a snapshot made in an earlier transaction, only for the stream that was folded: the one
+/// with that id created by the same transaction (`created_txid`, `$9`), at that version or
+/// later. `FOR SHARE` waits for a retention run that holds `event_streams` (EXCLUSIVE) and then
+/// sees its outcome: a stream it removed gets no snapshot, nor does a stream created again with
+/// the same id since (another user's, perhaps), which would otherwise start every replay from
+/// the removed one's state. `$8` is the snapshot's user: the one user of every event folded into
+/// it, NULL when there were several (then only the owner reads it).
 const STORE_SNAPSHOT_SQL: &str = "INSERT INTO event_snapshots
        (aggregate_id, rules, version, user_id, state, deleted, last_timestamp, max_timestamp)
-SELECT $1, $2, $3, s.user_id, $4, $5, $6, $7 FROM event_streams s
- WHERE s.aggregate_id = $1 AND s.version >= $3
+SELECT $1, $2, $3, $8, $4, $5, $6, $7 FROM event_streams s
+ WHERE s.aggregate_id = $1 AND s.version >= $3 AND s.created_txid::text IS NOT DISTINCT FROM $9
    FOR SHARE
 ON CONFLICT DO NOTHING";
 
@@ -109,11 +112,59 @@ struct StreamRow {
     last: DateTime<Utc>,
     version: i32,
     retained_from: i32,
+    /// The transaction that created the stream row (as text; `None` for rows from before
+    /// migration 0015): tells this stream from a later one with the same id.
+    created_txid: Option<String>,
 }
 
 struct StoredSnapshot {
     snapshot: Snapshot,
     max_timestamp: DateTime<Utc>,
+    /// The one user of every event folded into it; `None` for several.
+    user_id: Option<String>,
+}
+
+/// Whose events a fold has taken in: one user's, or several (a snapshot of it then has no user,
+/// and only the owner reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Folded {
+    Nothing,
+    OneUser(String),
+    SeveralUsers,
+}
+
+impl Folded {
+    fn from_base(base: Option<&StoredSnapshot>) -> Folded {
+        match base {
+            None => Folded::Nothing,
+            Some(StoredSnapshot { user_id: Some(u), .. }) => Folded::OneUser(u.clone()),
+            Some(_) => Folded::SeveralUsers,
+        }
+    }
+
+    fn add(&mut self, user: &str) {
+        match self {
+            Folded::Nothing => *self = Folded::OneUser(user.to_owned()),
+            Folded::OneUser(u) if u != user => *self = Folded::SeveralUsers,
+            _ => {}
+        }
+    }
+
+    /// The user a snapshot of this fold is stored under.
+    fn snapshot_user(&self) -> Option<&str> {
+        match self {
+            Folded::OneUser(u) => Some(u),
+            _ => None,
+        }
+    }
+}
+
+/// What a replay's snapshot is stored with: the latest timestamp among the events the result is
+/// made of, whose events they were, and which stream they came from.
+struct FoldedFrom {
+    max_timestamp: Option<DateTime<Utc>>,
+    users: Folded,
+    created_txid: Option<String>,
 }
 
 impl EventRepository {
@@ -138,12 +189,12 @@ impl EventRepository {
                 message: "replay takes neither history nor from".into(),
             });
         }
-        let replay = self.replay_in_snapshot(aggregate_id, options).await?;
-        let (replay, tail_max) = replay;
+        let (replay, from) = self.replay_in_snapshot(aggregate_id, options).await?;
         let policy = self.config().snapshot_every.map(u64::from);
-        if policy.is_some_and(|n| n > 0 && replay.events_folded >= n) {
+        // Snapshots are the owner's to write: a user-scoped handle reads them only.
+        if self.scoped_user().is_none() && policy.is_some_and(|n| n > 0 && replay.events_folded >= n) {
             let stored = self
-                .store_snapshot(aggregate_id, &fold_rules(&options.bookkeeping), &replay, tail_max)
+                .store_snapshot(aggregate_id, &fold_rules(&options.bookkeeping), &replay, &from)
                 .await?;
             return Ok(Replay {
                 snapshot_stored: stored,
@@ -157,11 +208,15 @@ impl EventRepository {
     /// snapshot of the result (unless one is stored at that version already), so that later
     /// replays fold only what comes after. Returns the replay; `snapshot_stored` says whether a
     /// new snapshot was written. An unknown aggregate stores nothing.
+    ///
+    /// Fails with [`Error::PermissionDenied`] on a user-scoped handle: snapshots are written by
+    /// the owner only.
     pub async fn snapshot(&self, aggregate_id: Uuid) -> Result<Replay> {
+        self.refuse_scoped("snapshot")?;
         let options = FoldOptions::default();
-        let (replay, tail_max) = self.replay_in_snapshot(aggregate_id, &options).await?;
+        let (replay, from) = self.replay_in_snapshot(aggregate_id, &options).await?;
         let stored = self
-            .store_snapshot(aggregate_id, &fold_rules(&options.bookkeeping), &replay, tail_max)
+            .store_snapshot(aggregate_id, &fold_rules(&options.bookkeeping), &replay, &from)
             .await?;
         Ok(Replay {
             snapshot_stored: stored,
@@ -174,6 +229,7 @@ impl EventRepository {
     /// (`foldEvents(events, { from: snapshot })`).
     pub async fn get_snapshot_and_tail(&self, aggregate_id: Uuid) -> Result<SnapshotAndTail> {
         let rules = fold_rules(&Bookkeeping::default());
+        let scope = self.scoped_user().map(str::to_owned);
         self.in_read_snapshot(|tx| {
             Box::pin(async move {
                 let Some(stream) = stream_row(tx, aggregate_id).await? else {
@@ -194,6 +250,11 @@ impl EventRepository {
                     }
                     from = to;
                 }
+                // Under row-level security a stream with another user's events reads with gaps.
+                let seen = i64::try_from(events.len()).unwrap_or(i64::MAX);
+                if scope.is_some() && seen != i64::from(stream.version) - i64::from(after) {
+                    return Err(hidden_events(aggregate_id, scope.as_deref()));
+                }
                 Ok(SnapshotAndTail {
                     snapshot: stored.map(|s| s.snapshot),
                     events,
@@ -203,15 +264,15 @@ impl EventRepository {
         .await
     }
 
-    /// The replay itself, in one read-only REPEATABLE READ transaction; also returns the latest
-    /// timestamp among all events the result is made of (for a snapshot of it).
-    async fn replay_in_snapshot(
-        &self,
-        aggregate_id: Uuid,
-        options: &FoldOptions,
-    ) -> Result<(Replay, Option<DateTime<Utc>>)> {
+    /// The replay itself, in one read-only REPEATABLE READ transaction; also returns what a
+    /// snapshot of its result is stored with.
+    ///
+    /// On a user-scoped handle, fails with [`Error::PermissionDenied`] when row-level security
+    /// hides some of the events (another user's events in this user's stream).
+    async fn replay_in_snapshot(&self, aggregate_id: Uuid, options: &FoldOptions) -> Result<(Replay, FoldedFrom)> {
         let rules = fold_rules(&options.bookkeeping);
         let options = options.clone();
+        let scope = self.scoped_user().map(str::to_owned);
         self.in_read_snapshot(|tx| {
             Box::pin(async move {
                 let Some(stream) = stream_row(tx, aggregate_id).await? else {
@@ -222,13 +283,18 @@ impl EventRepository {
                             events_folded: 0,
                             snapshot_stored: false,
                         },
-                        None,
+                        FoldedFrom {
+                            max_timestamp: None,
+                            users: Folded::Nothing,
+                            created_txid: None,
+                        },
                     ));
                 };
                 let target = options.to_version.unwrap_or(i32::MAX).min(stream.version);
                 let stored = newest_snapshot(tx, aggregate_id, &rules, target, options.to_timestamp).await?;
                 check_retained(aggregate_id, &stream, stored.as_ref(), target)?;
                 let mut max_timestamp = stored.as_ref().map(|s| s.max_timestamp);
+                let mut users = Folded::from_base(stored.as_ref());
                 let snapshot_version = stored.as_ref().map(|s| s.snapshot.version);
                 let fold_options = FoldOptions {
                     from: stored.map(|s| s.snapshot),
@@ -242,11 +308,19 @@ impl EventRepository {
                     let to = from.saturating_add(PAGE).min(target);
                     for row in page(tx, aggregate_id, &stream, from, to).await? {
                         let record = record_from_row(&row)?;
-                        if !folder.push(&record)? {
+                        let pushed = match folder.push(&record) {
+                            Err(Error::Fold {
+                                reason: FoldErrorKind::VersionGap,
+                                ..
+                            }) if scope.is_some() => return Err(hidden_events(aggregate_id, scope.as_deref())),
+                            other => other?,
+                        };
+                        if !pushed {
                             stopped = true;
                             break 'pages;
                         }
                         folded += 1;
+                        users.add(&record.user_id);
                         max_timestamp = max_timestamp.max(Some(record.timestamp));
                     }
                     from = to;
@@ -254,6 +328,9 @@ impl EventRepository {
                 // A missing version inside the stream is a fold error at the event after it;
                 // missing last versions would leave the state short of the stream row's version.
                 if !stopped && folder.version() < target {
+                    if scope.is_some() {
+                        return Err(hidden_events(aggregate_id, scope.as_deref()));
+                    }
                     return Err(Error::Internal {
                         message: format!(
                             "aggregate {aggregate_id}: the stream is at version {target} but its events end at version {}",
@@ -268,7 +345,11 @@ impl EventRepository {
                         events_folded: folded,
                         snapshot_stored: false,
                     },
-                    max_timestamp,
+                    FoldedFrom {
+                        max_timestamp,
+                        users,
+                        created_txid: stream.created_txid.clone(),
+                    },
                 ))
             })
         })
@@ -277,14 +358,8 @@ impl EventRepository {
 
     /// Stores `replay`'s result as a snapshot (ON CONFLICT DO NOTHING); true when a row was
     /// written. Nothing is stored for version 0.
-    async fn store_snapshot(
-        &self,
-        aggregate_id: Uuid,
-        rules: &str,
-        replay: &Replay,
-        max_timestamp: Option<DateTime<Utc>>,
-    ) -> Result<bool> {
-        let (Some(last), Some(max)) = (replay.result.last_timestamp, max_timestamp) else {
+    async fn store_snapshot(&self, aggregate_id: Uuid, rules: &str, replay: &Replay, from: &FoldedFrom) -> Result<bool> {
+        let (Some(last), Some(max)) = (replay.result.last_timestamp, from.max_timestamp) else {
             return Ok(false);
         };
         if replay.result.version == 0 {
@@ -293,9 +368,6 @@ impl EventRepository {
         let state = tokio_postgres::types::Json(&replay.result.state);
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        if let Some(user) = &self.scope {
-            tx.batch_execute(&set_user_sql(user)).await?;
-        }
         let written = tx
             .execute(
                 STORE_SNAPSHOT_SQL,
@@ -307,6 +379,8 @@ impl EventRepository {
                     &replay.result.deleted,
                     &last,
                     &max,
+                    &from.users.snapshot_user(),
+                    &from.created_txid,
                 ],
             )
             .await?;
@@ -341,7 +415,8 @@ impl EventRepository {
 async fn stream_row(tx: &deadpool_postgres::Transaction<'_>, aggregate_id: Uuid) -> Result<Option<StreamRow>> {
     let row = tx
         .query_opt(
-            "SELECT first_timestamp, last_timestamp, version, retained_from FROM event_streams WHERE aggregate_id = $1",
+            "SELECT first_timestamp, last_timestamp, version, retained_from, created_txid::text
+               FROM event_streams WHERE aggregate_id = $1",
             &[&aggregate_id],
         )
         .await?;
@@ -350,6 +425,7 @@ async fn stream_row(tx: &deadpool_postgres::Transaction<'_>, aggregate_id: Uuid)
         last: r.get(1),
         version: r.get(2),
         retained_from: r.get(3),
+        created_txid: r.get(4),
     }))
 }
 
@@ -391,9 +467,21 @@ async fn newest_snapshot(
                 last_timestamp: Some(r.get(3)),
             },
             max_timestamp: r.get(4),
+            user_id: r.get(5),
         })
     })
     .transpose()
+}
+
+/// A user-scoped replay of a stream that holds events row-level security hides (another user's
+/// events in this user's stream): the user cannot have its state.
+fn hidden_events(aggregate_id: Uuid, user: Option<&str>) -> Error {
+    Error::PermissionDenied {
+        message: format!(
+            "aggregate {aggregate_id} holds events of another user, which user \"{}\" cannot read",
+            user.unwrap_or_default()
+        ),
+    }
 }
 
 /// `HISTORY_REMOVED` when retention removed versions a fold from `stored` (or from version 0)
@@ -448,10 +536,10 @@ pub(crate) struct Kept {
 
 const AFFECTED_SQL: &str = r#"
 SELECT c.aggregate_id, c.d, s.last_timestamp >= $1 AS cut_through,
-       sn.version, sn.state, sn.deleted, sn.last_timestamp, sn.max_timestamp
+       sn.version, sn.state, sn.deleted, sn.last_timestamp, sn.max_timestamp, sn.user_id
   FROM (SELECT aggregate_id, max(version) AS d FROM events_v2 WHERE "timestamp" < $1 GROUP BY aggregate_id) c
   JOIN event_streams s USING (aggregate_id)
-  LEFT JOIN LATERAL (SELECT version, state, deleted, last_timestamp, max_timestamp FROM event_snapshots
+  LEFT JOIN LATERAL (SELECT version, state, deleted, last_timestamp, max_timestamp, user_id FROM event_snapshots
                       WHERE aggregate_id = c.aggregate_id AND rules = $2 AND version <= c.d
                       ORDER BY version DESC LIMIT 1) sn ON true
 "#;
@@ -471,11 +559,14 @@ SELECT e.id, e."timestamp", e.aggregate_id, e.aggregate_type, e.event_type, e.us
  ORDER BY 3, 9
 "#;
 
+/// Each snapshot's user is the one user of the events folded into it, NULL for several (see
+/// [`STORE_SNAPSHOT_SQL`]).
 const STORE_SNAPSHOTS_SQL: &str = "INSERT INTO event_snapshots
        (aggregate_id, rules, version, user_id, state, deleted, last_timestamp, max_timestamp)
-SELECT u.aggregate_id, $1, u.version, s.user_id, u.state, u.deleted, u.last_timestamp, u.max_timestamp
-  FROM unnest($2::uuid[], $3::integer[], $4::jsonb[], $5::boolean[], $6::timestamptz[], $7::timestamptz[])
-       AS u(aggregate_id, version, state, deleted, last_timestamp, max_timestamp)
+SELECT u.aggregate_id, $1, u.version, u.user_id, u.state, u.deleted, u.last_timestamp, u.max_timestamp
+  FROM unnest($2::uuid[], $3::integer[], $4::jsonb[], $5::boolean[], $6::timestamptz[], $7::timestamptz[],
+              $8::text[])
+       AS u(aggregate_id, version, state, deleted, last_timestamp, max_timestamp, user_id)
   JOIN event_streams s ON s.aggregate_id = u.aggregate_id
 ON CONFLICT DO NOTHING";
 
@@ -513,6 +604,7 @@ pub(crate) async fn keep_before_cutoff(
                         last_timestamp: Some(r.get(6)),
                     },
                     max_timestamp: r.get(7),
+                    user_id: r.get(8),
                 })
             }
         };
@@ -587,6 +679,7 @@ struct FoldedSnapshot {
     deleted: bool,
     last_timestamp: Option<DateTime<Utc>>,
     max_timestamp: Option<DateTime<Utc>>,
+    users: Folded,
 }
 
 impl FoldedSnapshot {
@@ -598,6 +691,7 @@ impl FoldedSnapshot {
             deleted: base.is_some_and(|b| b.snapshot.deleted),
             last_timestamp: base.and_then(|b| b.snapshot.last_timestamp),
             max_timestamp: base.map(|b| b.max_timestamp),
+            users: Folded::from_base(base),
         }
     }
 
@@ -618,6 +712,7 @@ impl FoldedSnapshot {
         self.deleted = result.deleted;
         self.last_timestamp = result.last_timestamp;
         self.max_timestamp = self.max_timestamp.max(Some(record.timestamp));
+        self.users.add(&record.user_id);
         Ok(())
     }
 }
@@ -667,6 +762,7 @@ struct SnapshotBatch {
     deleted: Vec<bool>,
     last: Vec<DateTime<Utc>>,
     max: Vec<DateTime<Utc>>,
+    users: Vec<Option<String>>,
     /// Every aggregate whose events up to a version go, with that version: its stream's
     /// `retained_from` moves past it (a superset of `ids`).
     retain_ids: Vec<Uuid>,
@@ -693,6 +789,7 @@ impl SnapshotBatch {
         self.deleted.push(folded.deleted);
         self.last.push(last);
         self.max.push(max);
+        self.users.push(folded.users.snapshot_user().map(str::to_owned));
         self.retain(id, folded.version);
     }
 
@@ -713,6 +810,7 @@ impl SnapshotBatch {
                     &self.deleted,
                     &self.last,
                     &self.max,
+                    &self.users,
                 ],
             )
             .await?;

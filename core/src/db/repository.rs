@@ -229,8 +229,8 @@ WITH ev AS (
     r#"
     RETURNING "timestamp", position/*DUAL_RETURNING*/
 ), ids AS (
-    INSERT INTO events_v2_ids (id, aggregate_id, version)
-    SELECT id, aggregate_id, version FROM ev WHERE EXISTS (SELECT 1 FROM created UNION ALL SELECT 1 FROM advanced)
+    INSERT INTO events_v2_ids (id, aggregate_id, version, user_id)
+    SELECT id, aggregate_id, version, user_id FROM ev WHERE EXISTS (SELECT 1 FROM created UNION ALL SELECT 1 FROM advanced)
 ), dirty AS (
     INSERT INTO events_daily_dirty (day)
     SELECT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
@@ -288,8 +288,8 @@ WITH ev AS (
      ORDER BY ord
     RETURNING id, "timestamp", position/*DUAL_RETURNING*/
 ), ids AS (
-    INSERT INTO events_v2_ids (id, aggregate_id, version)
-    SELECT id, aggregate_id, version FROM ev WHERE (SELECT ok FROM passed)
+    INSERT INTO events_v2_ids (id, aggregate_id, version, user_id)
+    SELECT id, aggregate_id, version, user_id FROM ev WHERE (SELECT ok FROM passed)
 ), dirty AS (
     INSERT INTO events_daily_dirty (day)
     SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted ORDER BY 1
@@ -499,6 +499,22 @@ impl EventRepository {
         self.scope.as_deref()
     }
 
+    /// The rule for user-scoped handles (docs/reliability.md, "Threat model"): they serve the
+    /// calls that read and write events, within the user's rows; every other call (schema and
+    /// upkeep, the legacy migration, retention, snapshots' writes, named consumers, consumer
+    /// groups and their parked events, store-wide numbers) is the owner's, and a scoped handle
+    /// refuses it with [`Error::PermissionDenied`] before it reaches the database.
+    pub(crate) fn refuse_scoped(&self, call: &str) -> Result<()> {
+        match self.scoped_user() {
+            Some(user) => Err(Error::PermissionDenied {
+                message: format!(
+                    "{call} is not a call of a user-scoped handle (user \"{user}\"): run it on the unscoped repository, as the owner"
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// A repository configured from the `DATABASE_URL` environment variable.
     ///
     /// Fails with [`Error::InvalidConfig`] when the variable is unset or unusable.
@@ -536,6 +552,7 @@ impl EventRepository {
     /// [`Error::MigrationChecksumMismatch`] when an applied file was edited, and
     /// [`Error::MigrationFailed`] when a migration's SQL fails (its transaction is rolled back).
     pub async fn migrate(&self) -> Result<MigrationReport> {
+        self.refuse_scoped("migrate")?;
         let mut client = self.client().await?;
         let report = migrate::run(&mut client, self.config.storage_mode).await?;
         drop(client);
@@ -548,12 +565,14 @@ impl EventRepository {
 
     /// Which migrations have run.
     pub async fn migration_status(&self) -> Result<Vec<MigrationStatus>> {
+        self.refuse_scoped("migration_status")?;
         let client = self.client().await?;
         migrate::status(&client).await
     }
 
     /// `timescaledb` or `native`, as chosen by the first migration.
     pub async fn storage_mode(&self) -> Result<String> {
+        self.refuse_scoped("storage_mode")?;
         let client = self.client().await?;
         Ok(client
             .query_one("SELECT value FROM synap_settings WHERE key = 'storage_mode'", &[])
@@ -564,6 +583,7 @@ impl EventRepository {
     /// Routine upkeep: creates native daily partitions from 7 days back to 30 days ahead.
     /// Returns how many partitions were created (always 0 on TimescaleDB).
     pub async fn maintain(&self) -> Result<i32> {
+        self.refuse_scoped("maintain")?;
         let today = Utc::now().date_naive();
         self.ensure_partitions(today - chrono::Days::new(7), today + chrono::Days::new(30))
             .await
@@ -572,6 +592,7 @@ impl EventRepository {
     /// Creates the missing native daily partitions for `from..=to` (UTC days), moving rows that
     /// the default partition holds for those days. A no-op on TimescaleDB.
     pub async fn ensure_partitions(&self, from: NaiveDate, to: NaiveDate) -> Result<i32> {
+        self.refuse_scoped("ensure_partitions")?;
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         // Upkeep, not an application query: the configured statement timeout does not apply.
@@ -745,12 +766,15 @@ impl EventRepository {
                 )
                 .await?;
             let Some(stream) = stream else {
-                // No stream is visible: either there is none, or row-level security hides
-                // another user's (the guard refused to create it, for version 1).
-                if event.version == 1 || aggregate_exists(client, event.aggregate_id).await? {
-                    return Err(hidden_aggregate(event.aggregate_id));
+                // No stream is visible: there is none, or row-level security hides another
+                // user's, or one was created by a writer that committed after the read above.
+                match unseen_aggregate(client, event.aggregate_id).await? {
+                    Unseen::Hidden => return Err(hidden_aggregate(event.aggregate_id)),
+                    Unseen::JustCreated => continue,
+                    // A version 1 whose guard found a stream that is gone again: try again.
+                    Unseen::Absent if event.version == 1 => continue,
+                    Unseen::Absent => return Err(conflict(&event, 0)),
                 }
-                return Err(conflict(&event, 0));
             };
             let actual: i32 = stream.get(0);
             let stored_type: String = stream.get(1);
@@ -909,22 +933,30 @@ impl EventRepository {
         ];
         // On Citus, batches that share aggregates can deadlock across workers (on one server they
         // lock the streams in aggregate order and never do): the transaction is rolled back, so
-        // the batch is tried again, a few times.
-        let mut attempt = 0;
-        let inserted = loop {
-            attempt += 1;
+        // the batch is tried again, a few times. So is a batch whose guard failed only because a
+        // concurrent append created or moved one of its aggregates in between.
+        let mut deadlocks = 0;
+        let mut raced = 0;
+        let mut rows = loop {
             let tx = client.transaction().await?;
             if let Some(user) = &self.scope {
                 tx.batch_execute(&set_user_sql(user)).await?;
             }
+            // The id of a unique violation on the id registry: row-level security may hide the
+            // stored event that holds it (another user's) from the diagnosis below.
+            let mut duplicate = None;
             match tx.query(&stmt, &params).await {
                 Ok(rows) if rows.len() == n => {
                     tx.commit().await?;
-                    break Some(rows);
+                    break rows;
                 }
                 Ok(_) => {}
-                Err(e) if is_duplicate_id(&e) || is_existing_stream(&e) => {}
-                Err(e) if attempt < 4 && is_deadlock(&e) => {
+                Err(e) if is_duplicate_id(&e) => {
+                    duplicate = Some(duplicate_id_of(&e, &ids));
+                }
+                Err(e) if is_existing_stream(&e) => {}
+                Err(e) if deadlocks < 3 && is_deadlock(&e) => {
+                    deadlocks += 1;
                     tx.rollback().await?;
                     continue;
                 }
@@ -932,9 +964,6 @@ impl EventRepository {
             }
             // The guard may have moved some stream rows before failing: undo.
             tx.rollback().await?;
-            break None;
-        };
-        let Some(mut rows) = inserted else {
             // Look at the committed state (in a transaction of its own, which carries a scoped
             // user).
             let tx = client.transaction().await?;
@@ -943,14 +972,29 @@ impl EventRepository {
             }
             let session = Session::Tx(&tx);
             let outcome = match stored_batch(&session, &events, &ids).await {
-                Ok(Some(stored)) => Ok(stored),
-                Ok(None) => Err(self
-                    .diagnose_batch(&session, &events, &agg_ids, &agg_first, &agg_types)
-                    .await),
+                Ok(Some(stored)) => Ok(Some(stored)),
+                Ok(None) => match duplicate {
+                    Some((index, id)) => Err(Error::DuplicateEventId {
+                        id,
+                        field: format!("events[{index}].id"),
+                    }),
+                    None => match self
+                        .diagnose_batch(&session, &events, &agg_ids, &agg_first, &agg_types)
+                        .await
+                    {
+                        Some(error) => Err(error),
+                        None => Ok(None),
+                    },
+                },
                 Err(e) => Err(e),
             };
             tx.rollback().await?;
-            return outcome;
+            match outcome {
+                Ok(Some(stored)) => return Ok(stored),
+                Ok(None) if raced < 3 => raced += 1,
+                Ok(None) => return Err(moved_concurrently()),
+                Err(e) => return Err(e),
+            }
         };
         self.wake_subscribers();
 
@@ -970,7 +1014,9 @@ impl EventRepository {
         Ok(out)
     }
 
-    /// Names the first aggregate of a failed batch whose guard did not pass (in batch order).
+    /// Names the first aggregate of a failed batch whose guard did not pass (in batch order), or
+    /// `None` when the committed state lets every guard pass: a concurrent append moved or
+    /// created an aggregate of the batch after its statement read it.
     async fn diagnose_batch(
         &self,
         client: &Session<'_, '_>,
@@ -978,7 +1024,7 @@ impl EventRepository {
         agg_ids: &[Uuid],
         agg_first: &[i32],
         agg_types: &[&str],
-    ) -> Error {
+    ) -> Option<Error> {
         let rows = match client
             .query(
                 "SELECT aggregate_id, version, aggregate_type FROM event_streams WHERE aggregate_id = ANY ($1)",
@@ -987,47 +1033,37 @@ impl EventRepository {
             .await
         {
             Ok(rows) => rows,
-            Err(e) => return e.into(),
+            Err(e) => return Some(e.into()),
         };
         let current: HashMap<Uuid, (i32, String)> = rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
-        // A new aggregate that is still not visible either never existed (the batch failed on
-        // another one) or exists behind row-level security; it is the answer only when no visible
-        // aggregate explains the failure.
-        let mut invisible_new = None;
         for (i, agg) in agg_ids.iter().enumerate() {
-            if agg_first[i] == 1 && !current.contains_key(agg) {
-                invisible_new.get_or_insert(*agg);
-                continue;
-            }
             if !current.contains_key(agg) {
-                match aggregate_exists(client, *agg).await {
-                    Ok(true) => return hidden_aggregate(*agg),
-                    Ok(false) => {}
-                    Err(e) => return e,
+                match unseen_aggregate(client, *agg).await {
+                    Ok(Unseen::Hidden) => return Some(hidden_aggregate(*agg)),
+                    Ok(Unseen::JustCreated) => return None,
+                    // A new aggregate that does not exist yet: not what failed the batch.
+                    Ok(Unseen::Absent) if agg_first[i] == 1 => continue,
+                    Ok(Unseen::Absent) => {}
+                    Err(e) => return Some(e),
                 }
             }
             let (actual, stored_type) = current.get(agg).cloned().unwrap_or((0, agg_types[i].to_owned()));
             if stored_type != agg_types[i] {
-                return Error::AggregateTypeMismatch {
+                return Some(Error::AggregateTypeMismatch {
                     aggregate_id: *agg,
                     stored: stored_type,
                     given: agg_types[i].to_owned(),
-                };
+                });
             }
             if actual != agg_first[i] - 1 {
                 let event = events
                     .iter()
                     .find(|e| e.aggregate_id == *agg)
                     .expect("aggregate comes from the batch");
-                return conflict(event, actual);
+                return Some(conflict(event, actual));
             }
         }
-        if let Some(agg) = invisible_new {
-            return hidden_aggregate(agg);
-        }
-        Error::TransactionConflict {
-            message: "a concurrent append moved an aggregate of the batch; retry".into(),
-        }
+        None
     }
 
     /// The aggregate's events in version order (an empty list for an unknown aggregate).
@@ -1246,6 +1282,7 @@ impl EventRepository {
     /// Recomputes `events_daily` for the days that received events since the last refresh
     /// (every day when `full`). Returns how many days were recomputed. Appends wait while it runs.
     pub async fn refresh_analytics(&self, full: bool) -> Result<i32> {
+        self.refuse_scoped("refresh_analytics")?;
         let client = self.client().await?;
         Ok(client
             .query_one("SELECT refresh_events_daily($1)", &[&full])
@@ -1351,6 +1388,20 @@ fn is_duplicate_id(e: &tokio_postgres::Error) -> bool {
     violates(e, "events_v2_ids_pkey")
 }
 
+/// The batch index and id named by a unique violation on the id registry ("Key (id)=(...)
+/// already exists."); the batch's first id when the server's detail does not say.
+fn duplicate_id_of(e: &tokio_postgres::Error, ids: &[Uuid]) -> (usize, Uuid) {
+    let named = e
+        .as_db_error()
+        .and_then(|db| db.detail())
+        .and_then(|d| d.strip_prefix("Key (id)=("))
+        .and_then(|d| d.split_once(')'))
+        .and_then(|(id, _)| Uuid::parse_str(id).ok());
+    named
+        .and_then(|id| ids.iter().position(|i| *i == id).map(|i| (i, id)))
+        .unwrap_or((0, ids[0]))
+}
+
 /// A deadlock, on one server or across a Citus cluster's workers (Citus reports its distributed
 /// deadlocks with the same SQLSTATE).
 fn is_deadlock(e: &tokio_postgres::Error) -> bool {
@@ -1385,11 +1436,42 @@ fn violates(e: &tokio_postgres::Error, name: &str) -> bool {
 
 /// Whether the aggregate exists, whoever it belongs to (`synap_aggregate_exists` runs with the
 /// owner's rights and answers nothing more).
-async fn aggregate_exists(client: &Session<'_, '_>, aggregate_id: Uuid) -> Result<bool> {
-    Ok(client
+/// What an aggregate is whose stream row a statement of this session did not see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unseen {
+    /// There is none.
+    Absent,
+    /// Row-level security hides it: another user's.
+    Hidden,
+    /// A writer created it and committed after the statement that missed it.
+    JustCreated,
+}
+
+/// Tells the three [`Unseen`] cases apart. `synap_aggregate_exists` answers with the owner's
+/// rights; a row it finds is committed, so it is visible to this session's next statement unless
+/// row-level security hides it. A stream created by a concurrent writer is thus never taken for
+/// another user's (which would be `PERMISSION_DENIED`, where the caller should see a conflict).
+async fn unseen_aggregate(client: &Session<'_, '_>, aggregate_id: Uuid) -> Result<Unseen> {
+    let exists: bool = client
         .query_one("SELECT synap_aggregate_exists($1)", &[&aggregate_id])
         .await?
-        .get(0))
+        .get(0);
+    if !exists {
+        return Ok(Unseen::Absent);
+    }
+    let visible = client
+        .query_opt("SELECT 1 FROM event_streams WHERE aggregate_id = $1", &[&aggregate_id])
+        .await?
+        .is_some();
+    Ok(if visible { Unseen::JustCreated } else { Unseen::Hidden })
+}
+
+/// A batch whose guard failed although the committed state, read after it, lets it pass: a
+/// concurrent append moved or created one of its aggregates in between. The batch is tried again.
+fn moved_concurrently() -> Error {
+    Error::TransactionConflict {
+        message: "a concurrent append moved an aggregate of the batch; retry".into(),
+    }
 }
 
 fn hidden_aggregate(aggregate_id: Uuid) -> Error {

@@ -230,6 +230,7 @@ impl EventRepository {
     /// snapshot can stand for them) and `options.force` is false (a dry run reports them
     /// instead); nothing changes then.
     pub async fn apply_retention(&self, options: &RetentionOptions) -> Result<RetentionReport> {
+        self.refuse_scoped("apply_retention")?;
         let cutoff = midnight(options.cutoff.date_naive());
         let cutoff_day = cutoff.date_naive();
         let mut client = self.client().await?;
@@ -412,6 +413,7 @@ impl EventRepository {
     /// Store-wide numbers: events, streams, time span, partitions or chunks, analytics backlog
     /// and legacy migration bookkeeping. Counts are exact (they scan).
     pub async fn stats(&self) -> Result<StoreStats> {
+        self.refuse_scoped("stats")?;
         let client = self.client().await?;
         let mode: String = client
             .query_one("SELECT value FROM synap_settings WHERE key = 'storage_mode'", &[])
