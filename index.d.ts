@@ -343,6 +343,12 @@ export interface EventRecord {
   source: EventSource
   /** Global insert order across aggregates (gaps are possible). */
   position: number
+  /**
+   * Present only on a stored row that cannot be read back as an event (written by other means
+   * than the store): `{ column, reason, raw }`. It stands in the event's place, so that one
+   * such row never fails a read or stops a feed; skip it or park it.
+   */
+  unreadable?: { column: string; reason: string; raw: string }
 }
 
 /** Where an event came from. */

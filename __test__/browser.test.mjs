@@ -136,3 +136,17 @@ test('a bad aggregate id shows the store\'s error code', async () => {
   assert.match(await page.textContent('#status'), /^VALIDATION_FAILED: /)
   await page.close()
 })
+
+test('a malformed request gets 400 and the server serves the next one', async () => {
+  const base = `http://127.0.0.1:${server.address().port}`
+  const id = randomUUID()
+  await seedDemoTask(store.repo, id)
+  for (const path of ['/api/aggregates/%E0%A4%A', '/www/%E0%A4%A', '/www/%']) {
+    const res = await fetch(base + path)
+    assert.equal(res.status, 400, path)
+    assert.equal((await res.json()).code, 'VALIDATION_FAILED', path)
+  }
+  const res = await fetch(`${base}/api/aggregates/${id}`)
+  assert.equal(res.status, 200)
+  assert.equal((await res.json()).events.length, 2)
+})

@@ -138,7 +138,7 @@ test('a consumer stored by the old feed ordering is refused until repaired, then
       "INSERT INTO event_consumers (name, txid, position, needs_repair) VALUES ('old', '99999999999', 2, true)",
     )
     const refused = fresh.repo.subscribe({ consumer: 'old', pollIntervalMs: 50 })[Symbol.asyncIterator]()
-    await assert.rejects(refused.next(), /CONSUMER_NEEDS_REPAIR/)
+    await assert.rejects(refused.next(), { code: 'CONSUMER_NEEDS_REPAIR', consumer: 'old', retryable: false })
 
     const dry = await fresh.repo.repairConsumer('old', { dryRun: true })
     assert.equal(dry.neededRepair, true)

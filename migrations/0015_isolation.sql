@@ -3,7 +3,9 @@
 -- From here on, migrations in this folder change tables only. Functions, policies and grants are
 -- defined once, in migrations/repeatable/, and re-applied whenever one of those files changes.
 
--- On Citus the changes to distributed tables come first, over one connection per worker.
+-- On Citus the changes to distributed tables come first, over one connection per worker, and
+-- each runs as a statement of its own (inside DO blocks: Citus cannot pass a distributed table's
+-- DDL on to the workers from a string of several commands, as the migration runner sends a file).
 DO $$
 BEGIN
     IF (SELECT value FROM synap_settings WHERE key = 'storage_mode') = 'citus' THEN
@@ -17,12 +19,29 @@ $$;
 --    one with that id (retention may remove a deleted aggregate and another user may create the
 --    same id again in between). Rows from before this migration have none; a stream created
 --    later always has one, so the two are never taken for each other.
-ALTER TABLE event_streams ADD COLUMN IF NOT EXISTS created_txid xid8;
-ALTER TABLE event_streams ALTER COLUMN created_txid SET DEFAULT pg_current_xact_id();
+DO $$
+BEGIN
+    ALTER TABLE event_streams ADD COLUMN IF NOT EXISTS created_txid xid8;
+    ALTER TABLE event_streams ALTER COLUMN created_txid SET DEFAULT pg_current_xact_id();
+END
+$$;
 
 -- 2. A snapshot's user is the one user whose events it folded. A snapshot of a stream that holds
 --    several users' events has none: only the owner reads it (unscoped replays, retention).
-ALTER TABLE event_snapshots ALTER COLUMN user_id DROP NOT NULL;
+DO $$
+BEGIN
+    ALTER TABLE event_snapshots ALTER COLUMN user_id DROP NOT NULL;
+END
+$$;
+
+-- 2b. A snapshot's state keeps its keys in the order the fold made them, as a replay from the
+--     first version gives them (jsonb sorts keys: shorter first). States stored before keep
+--     jsonb's order.
+DO $$
+BEGIN
+    ALTER TABLE event_snapshots ALTER COLUMN state TYPE json USING state::json;
+END
+$$;
 
 -- 3. The id registry names each event's user, so that the same policy as events_v2 can hold
 --    it: an application role with no user set read every event's id, aggregate and version.
@@ -54,13 +73,13 @@ $$;
 --    creates them): an application role that is granted more than the README's grants still
 --    changes and removes no event and writes no snapshot. Until they exist, those tables refuse
 --    every row to every role but the owner.
-DROP POLICY IF EXISTS events_v2_user_isolation ON events_v2;
-DROP POLICY IF EXISTS event_streams_user_isolation ON event_streams;
-DROP POLICY IF EXISTS event_snapshots_user_isolation ON event_snapshots;
 DO $$
 DECLARE
     part regclass;
 BEGIN
+    DROP POLICY IF EXISTS events_v2_user_isolation ON events_v2;
+    DROP POLICY IF EXISTS event_streams_user_isolation ON event_streams;
+    DROP POLICY IF EXISTS event_snapshots_user_isolation ON event_snapshots;
     FOR part IN
         SELECT p.polrelid::regclass FROM pg_policy p JOIN pg_inherits i ON i.inhrelid = p.polrelid
          WHERE i.inhparent = 'events_v2'::regclass AND p.polname = 'events_v2_user_isolation'

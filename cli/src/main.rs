@@ -217,6 +217,13 @@ impl Outcome {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if stdout_was_closed() {
+        let _ = print(
+            Stream::Err,
+            "error [INVALID_CONFIG]: standard output is closed (>&-): the report would have nowhere to go",
+        );
+        return ExitCode::from(1);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -254,6 +261,25 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Whether the process started with standard output closed (`synap-events stats >&-`). Rust's
+/// runtime then opens `/dev/null` there, read-write, before `main`, and every report would vanish
+/// with exit code 0; a shell's `>/dev/null` opens it write-only. (Linux; elsewhere: false.)
+fn stdout_was_closed() -> bool {
+    let Ok(target) = std::fs::read_link("/proc/self/fd/1") else {
+        return false;
+    };
+    if target != std::path::Path::new("/dev/null") {
+        return false;
+    }
+    let Ok(info) = std::fs::read_to_string("/proc/self/fdinfo/1") else {
+        return false;
+    };
+    info.lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        .is_some_and(|flags| flags & 0o3 == 0o2)
 }
 
 #[derive(Clone, Copy)]

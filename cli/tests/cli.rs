@@ -639,3 +639,28 @@ async fn consumers_lists_groups_and_retries_and_skips_parked_events() {
     let out = run(s, &["--json", "consumers", "retry", "billing", &failed]);
     assert_eq!(code(&out), 1, "a skipped event is no longer parked");
 }
+
+/// `synap-events stats >&-`: with standard output closed the report would vanish; the command
+/// says so and fails. `>/dev/null` is a choice of the caller's and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_standard_output_fails_and_dev_null_does_not() {
+    let (schema, _c) = fresh("closed_stdout").await;
+    assert_eq!(code(&run(&schema, &["migrate"])), 0);
+    let shell = |redirect: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec \"$0\" --schema {schema} --json stats {redirect}"))
+            .arg(BIN)
+            .env("DATABASE_URL", database_url())
+            .output()
+            .unwrap()
+    };
+    let out = shell(">&-");
+    assert_eq!(code(&out), 1);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("standard output is closed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(code(&shell(">/dev/null")), 0);
+}

@@ -7,7 +7,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Every failure of this crate. [`Error::code`] gives a stable code for each variant.
 #[non_exhaustive]
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// An input failed validation. Nothing was written.
     #[error("invalid {field}: {message}")]

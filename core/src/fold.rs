@@ -487,6 +487,15 @@ fn read_json_event(index: usize, value: &Value) -> Result<FoldEvent<'_, &str>> {
         Some(Value::Number(n)) => json_integer(n).ok_or_else(|| field("version", "an integer"))?,
         _ => return Err(field("version", "an integer")),
     };
+    if obj.get("unreadable").is_some_and(|u| !u.is_null()) {
+        let id = obj.get("id").and_then(Value::as_str).unwrap_or("?");
+        let column = obj
+            .get("unreadable")
+            .and_then(|u| u.get("column"))
+            .and_then(Value::as_str)
+            .unwrap_or("?");
+        return Err(unreadable_event(index, id, column));
+    }
     let data = match obj.get("data") {
         Some(Value::Object(d)) => d,
         _ => return Err(field("data", "an object")),
@@ -619,7 +628,18 @@ impl<'o> RecordFolder<'o> {
     }
 }
 
+/// An event the store could not read back (`EventRecord::unreadable`): no fold can take it.
+fn unreadable_event(index: usize, id: &str, column: &str) -> Error {
+    invalid_event(
+        index,
+        format!("event {id} could not be read back from the store (its {column}), so it cannot be folded"),
+    )
+}
+
 fn read_record(index: usize, record: &EventRecord) -> Result<FoldEvent<'_, uuid::Uuid>> {
+    if let Some(u) = &record.unreadable {
+        return Err(unreadable_event(index, &record.id.to_string(), &u.column));
+    }
     Ok(FoldEvent {
         aggregate_id: record.aggregate_id,
         event_type: &record.event_type,

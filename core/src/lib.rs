@@ -22,7 +22,7 @@ pub use fold::{
     apply_delta, apply_merge_patch, fold_events, fold_records, format_timestamp, parse_fold_options, Bookkeeping,
     FoldErrorKind, FoldOptions, FoldResult, HistoryStep, RecordFolder, Snapshot,
 };
-pub use model::{AggregateType, EventRecord, EventSource, NewEvent};
+pub use model::{AggregateType, EventRecord, EventSource, NewEvent, Unreadable};
 pub use query::{CountFilter, StreamOptions, UserStreamOptions};
 pub use validate::{Issue, IssueCode, Limits, Report};
 
@@ -41,7 +41,9 @@ pub use db::sql::quote_table;
 #[cfg(feature = "postgres")]
 pub use db::{
     config::{RepositoryConfig, StorageMode},
-    feed::{Checkpoint, ConsumerRepair, ConsumerStatus, FeedRebase, Page, SubscribeOptions, Subscription},
+    feed::{
+        read_all_options, Checkpoint, ConsumerRepair, ConsumerStatus, FeedRebase, Page, SubscribeOptions, Subscription,
+    },
     groups::{
         GroupMember, GroupOptions, GroupPartitionStatus, GroupStatus, Handler, HandlerError, HandlerFuture,
         ParkedEvent, ProjectionTx, DEFAULT_PARTITIONS,

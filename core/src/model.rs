@@ -197,4 +197,24 @@ pub struct EventRecord {
     /// Global insert order across all aggregates (gaps are possible).
     #[serde(default)]
     pub position: i64,
+    /// Set when the stored row cannot be read back as an event: a row written by other means than
+    /// the store (plain SQL, another client) with JSON nested deeper than any reader parses, a
+    /// timestamp of `infinity`, and the like. The record still names the event (id, aggregate,
+    /// version, position) and stands in its place, so that one such row never fails a whole read
+    /// or stops a feed; the unreadable column's own field holds a stand-in (`{}`, the Unix
+    /// epoch). A fold refuses it (`INVALID_EVENT`); a consumer skips it, or parks it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<Unreadable>,
+}
+
+/// What could not be read of a stored event (see [`EventRecord::unreadable`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Unreadable {
+    /// The column: `data`, `metadata`, `timestamp`, `aggregate_type` or `source`.
+    pub column: String,
+    /// Why it could not be read.
+    pub reason: String,
+    /// The stored value as PostgreSQL's text, cut at 64 KiB.
+    pub raw: String,
 }

@@ -96,6 +96,28 @@ pub fn all_number_tokens(text: &[u8], mut f: impl FnMut(&str) -> bool) -> bool {
     true
 }
 
+/// The deepest nesting of arrays and objects in `text` (valid JSON; a scalar is 0, `{}` is 1),
+/// without parsing it.
+pub fn text_depth(text: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut i) = (0usize, 0usize, 0);
+    while i < text.len() {
+        match text[i] {
+            b'"' => {
+                i = skip_string(text, i);
+                continue;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    deepest
+}
+
 /// `text` (valid JSON) with each number beyond a double's range (which a JSON parser refuses, and
 /// JavaScript would read as ±Infinity) replaced by `null`; `None` when there is none.
 pub fn without_unreadable_numbers(text: &[u8]) -> Option<String> {

@@ -4,14 +4,14 @@
 //! Filters are parameters, not events: any string matches the events that have it and nothing
 //! else (`countEvents({ eventType: "x' OR '1'='1" })` is 0, as in the design). What cannot be
 //! meant is refused with `VALIDATION_FAILED` naming the field and the value: a negative or
-//! fractional number, NaN, a date that does not parse, a list that is not a list. Keys that are
-//! not options are ignored, as the design's repository ignores them.
+//! fractional number, NaN, a date that does not parse, a list that is not a list, and a key that
+//! is not an option of the call (`UNKNOWN_OPTION`: a misspelt `dryRun` must never run for real).
+//! Every options object of the API is read through [`Options`], the one place these rules live.
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::model::AggregateType;
 use crate::validate::{parse_timestamp, IssueCode};
 
 /// Options of `get_aggregate_stream`, with the design's meaning: the versions after
@@ -37,7 +37,7 @@ pub struct UserStreamOptions {
     /// Only these event types. Default: all.
     pub event_types: Option<Vec<String>>,
     /// Only these aggregate types. Default: all.
-    pub aggregate_types: Option<Vec<AggregateType>>,
+    pub aggregate_types: Option<Vec<String>>,
 }
 
 impl Default for UserStreamOptions {
@@ -59,7 +59,7 @@ pub struct CountFilter {
     /// Only this event type.
     pub event_type: Option<String>,
     /// Only this aggregate type.
-    pub aggregate_type: Option<AggregateType>,
+    pub aggregate_type: Option<String>,
     /// Only events at or after this time.
     pub from_date: Option<DateTime<Utc>>,
     /// Only events before this time.
@@ -77,13 +77,11 @@ pub fn can_match(filter: &str) -> bool {
 /// or `eventTypes` that is not a list of strings. Versions above 2,147,483,647 mean "no later
 /// limit" and are taken as that.
 pub fn stream_options(value: &Value) -> Result<StreamOptions> {
-    let Some(obj) = options_object(value)? else {
-        return Ok(StreamOptions::default());
-    };
+    let o = Options::of(value, &["fromVersion", "toVersion", "eventTypes"])?;
     Ok(StreamOptions {
-        from_version: version_bound(obj, "fromVersion")?,
-        to_version: version_bound(obj, "toVersion")?,
-        event_types: string_list(obj, "eventTypes")?,
+        from_version: version_bound(o, "fromVersion")?,
+        to_version: version_bound(o, "toVersion")?,
+        event_types: o.strings("eventTypes")?,
     })
 }
 
@@ -93,60 +91,31 @@ pub fn stream_options(value: &Value) -> Result<StreamOptions> {
 /// lists that are not lists of strings, or an aggregate type that does not exist.
 pub fn user_stream_options(value: &Value) -> Result<UserStreamOptions> {
     let mut options = UserStreamOptions::default();
-    let Some(obj) = options_object(value)? else {
-        return Ok(options);
-    };
-    if let Some(days) = whole_number(obj, "days")? {
+    let o = Options::of(value, &["days", "limit", "eventTypes", "aggregateTypes"])?;
+    if let Some(days) = o.whole("days")? {
         options.days = days;
     }
-    if let Some(limit) = whole_number(obj, "limit")? {
+    if let Some(limit) = o.whole("limit")? {
         options.limit = limit;
     }
-    options.event_types = string_list(obj, "eventTypes")?;
-    options.aggregate_types = string_list(obj, "aggregateTypes")?
-        .map(|types| {
-            types
-                .iter()
-                .enumerate()
-                .map(|(i, t)| {
-                    t.parse().map_err(|()| {
-                        Error::invalid(
-                            format!("aggregateTypes[{i}]"),
-                            IssueCode::InvalidAggregateType,
-                            format!("\"{t}\" is not one of entity, relation, user, system"),
-                        )
-                    })
-                })
-                .collect::<Result<Vec<AggregateType>>>()
-        })
-        .transpose()?;
+    options.event_types = o.strings("eventTypes")?;
+    options.aggregate_types = o.strings("aggregateTypes")?;
     Ok(options)
 }
 
 /// Reads count filters from JSON (`null` for none).
 ///
 /// Fails with [`Error::Validation`] for a filter of the wrong JSON type, a date that does not
-/// parse (an invalid `Date` included), or an aggregate type that does not exist.
+/// parse (an invalid `Date` included), or a key that is not a filter. An aggregate type that no
+/// event has (`widget`) matches nothing, as an unknown user or event type does.
 pub fn count_filter(value: &Value) -> Result<CountFilter> {
-    let Some(obj) = options_object(value)? else {
-        return Ok(CountFilter::default());
-    };
+    let o = Options::of(value, &["userId", "eventType", "aggregateType", "fromDate", "toDate"])?;
     Ok(CountFilter {
-        user_id: string(obj, "userId")?,
-        event_type: string(obj, "eventType")?,
-        aggregate_type: string(obj, "aggregateType")?
-            .map(|t| {
-                t.parse().map_err(|()| {
-                    Error::invalid(
-                        "aggregateType",
-                        IssueCode::InvalidAggregateType,
-                        format!("\"{t}\" is not one of entity, relation, user, system"),
-                    )
-                })
-            })
-            .transpose()?,
-        from_date: date(obj, "fromDate")?,
-        to_date: date(obj, "toDate")?,
+        user_id: o.string("userId")?,
+        event_type: o.string("eventType")?,
+        aggregate_type: o.string("aggregateType")?,
+        from_date: o.date("fromDate")?,
+        to_date: o.date("toDate")?,
     })
 }
 
@@ -162,6 +131,67 @@ pub fn whole_number_arg(field: &str, value: f64) -> Result<i64> {
             IssueCode::OutOfRange,
             format!("{field} must be a whole number, not {value}"),
         ))
+    }
+}
+
+/// The options object of a call, read by the rules of this module: `null` (or absent) for none,
+/// otherwise an object whose every key is one of the call's options, each of the type the getter
+/// asks for (`null` counts as absent). Fails with `VALIDATION_FAILED` naming the key.
+#[derive(Debug, Clone, Copy)]
+pub struct Options<'a> {
+    obj: Option<&'a Map<String, Value>>,
+}
+
+impl<'a> Options<'a> {
+    /// Checks `value` against the call's option names `known`.
+    pub fn of(value: &'a Value, known: &[&str]) -> Result<Options<'a>> {
+        let obj = options_object(value)?;
+        if let Some(key) = obj.and_then(|o| o.keys().find(|k| !known.contains(&k.as_str()))) {
+            return Err(Error::invalid(
+                key.clone(),
+                IssueCode::UnknownOption,
+                format!("{key} is not an option here; the options are {}", known.join(", ")),
+            ));
+        }
+        Ok(Options { obj })
+    }
+
+    /// The value of an option, `None` when absent or null.
+    pub fn get(&self, key: &str) -> Option<&'a Value> {
+        self.obj.and_then(|o| present(o, key))
+    }
+
+    /// A string option.
+    pub fn string(&self, key: &str) -> Result<Option<String>> {
+        self.obj.map_or(Ok(None), |o| string(o, key))
+    }
+
+    /// A whole-number option (any JavaScript number that is whole).
+    pub fn whole(&self, key: &str) -> Result<Option<i64>> {
+        self.obj.map_or(Ok(None), |o| whole_number(o, key))
+    }
+
+    /// A boolean option.
+    pub fn bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(Error::invalid(
+                key,
+                IssueCode::InvalidType,
+                format!("{key} must be true or false, not {}", kind(other)),
+            )),
+        }
+    }
+
+    /// A list-of-strings option.
+    pub fn strings(&self, key: &str) -> Result<Option<Vec<String>>> {
+        self.obj.map_or(Ok(None), |o| string_list(o, key))
+    }
+
+    /// A date option (an RFC 3339 date-time, milliseconds since 1970, or a JavaScript `Date`).
+    pub fn date(&self, key: &str) -> Result<Option<DateTime<Utc>>> {
+        self.obj.map_or(Ok(None), |o| date(o, key))
     }
 }
 
@@ -198,8 +228,8 @@ fn whole_number(obj: &Map<String, Value>, key: &str) -> Result<Option<i64>> {
 }
 
 /// A version bound: a whole number from 0; above 2^31 - 1 means "no limit" and is clamped.
-fn version_bound(obj: &Map<String, Value>, key: &str) -> Result<Option<i32>> {
-    match whole_number(obj, key)? {
+fn version_bound(o: Options, key: &str) -> Result<Option<i32>> {
+    match o.whole(key)? {
         None => Ok(None),
         Some(v) if v < 0 => Err(Error::invalid(
             key,
@@ -305,9 +335,16 @@ mod tests {
 
     #[test]
     fn filters_take_any_string_and_refuse_what_cannot_be_meant() {
-        let f = count_filter(&json!({"eventType": "x' OR '1'='1", "userId": "", "ignored": 1})).unwrap();
+        let f = count_filter(&json!({"eventType": "x' OR '1'='1", "userId": "", "aggregateType": "widget"})).unwrap();
         assert_eq!(f.event_type.as_deref(), Some("x' OR '1'='1"));
         assert_eq!(f.user_id.as_deref(), Some(""));
+        assert_eq!(f.aggregate_type.as_deref(), Some("widget"));
+        // A key that is not a filter is refused, naming it: a misspelt filter must not count
+        // every event.
+        assert_eq!(
+            code(count_filter(&json!({"userid": "nobody"})).unwrap_err()),
+            ("userid".into(), "UNKNOWN_OPTION".into())
+        );
         assert_eq!(
             code(count_filter(&json!({"toDate": "not a date"})).unwrap_err()),
             ("toDate".into(), "INVALID_TIMESTAMP".into())

@@ -81,6 +81,30 @@ pub enum IssueCode {
     InexactNumber,
     /// A batch with no events.
     EmptyBatch,
+    /// JSON nested deeper than [`MAX_JSON_DEPTH`] levels: no reader could parse it back.
+    TooDeep,
+    /// A key of an options object that is not an option of the call (a misspelt `dryRun`, say).
+    UnknownOption,
+}
+
+/// How deep `data` and `metadata` may nest (arrays and objects; the value itself is level 1):
+/// what every reader of the store parses back (serde_json's limit: 127 levels). Appends from Rust
+/// and Node, batches, the legacy migration and dual-write all refuse deeper values (`TOO_DEEP`).
+pub const MAX_JSON_DEPTH: usize = 127;
+
+/// Whether `value` nests arrays and objects deeper than `max` levels. Iterative: a value too deep
+/// for a recursive walk (or for serde_json's own recursion) is measured without one.
+pub fn deeper_than(value: &Value, max: usize) -> bool {
+    let mut stack: Vec<(&Value, usize)> = vec![(value, 1)];
+    while let Some((v, level)) = stack.pop() {
+        match v {
+            Value::Array(_) | Value::Object(_) if level > max => return true,
+            Value::Array(items) => stack.extend(items.iter().map(|c| (c, level + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|c| (c, level + 1))),
+            _ => {}
+        }
+    }
+    false
 }
 
 impl IssueCode {
@@ -104,6 +128,8 @@ impl IssueCode {
             IssueCode::DuplicateEventId => "DUPLICATE_EVENT_ID",
             IssueCode::InexactNumber => "INEXACT_NUMBER",
             IssueCode::EmptyBatch => "EMPTY_BATCH",
+            IssueCode::TooDeep => "TOO_DEEP",
+            IssueCode::UnknownOption => "UNKNOWN_OPTION",
         }
     }
 }
@@ -540,6 +566,14 @@ fn check_json_object(field: &str, value: &Value, not_object: IssueCode, limits: 
             format!("{field} must be a JSON object, not {}", json_kind(value)),
         )];
     }
+    // First, and without recursion: the other checks walk the value recursively.
+    if deeper_than(value, MAX_JSON_DEPTH) {
+        return vec![Issue::new(
+            field,
+            IssueCode::TooDeep,
+            format!("{field} nests arrays and objects deeper than {MAX_JSON_DEPTH} levels"),
+        )];
+    }
     let mut issues = Vec::new();
     find_nul(value, &mut field.to_owned(), &mut issues);
     if issues.is_empty() {
@@ -777,7 +811,7 @@ pub fn parse_timestamp(v: &Value) -> Option<DateTime<Utc>> {
 
 /// The earliest `timestamptz` PostgreSQL stores: 4714-11-24 BC, the year -4713 in ISO 8601's
 /// numbering (the latest, in the year 294276, is past chrono's, so every parsed time is below it).
-fn earliest_stored() -> DateTime<Utc> {
+pub(crate) fn earliest_stored() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(-4713, 11, 24, 0, 0, 0)
         .single()
         .expect("within chrono's range")
@@ -840,6 +874,33 @@ fn truncate(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// `{"a":{"a":...}}` nested `levels` deep.
+    fn nested(levels: usize) -> serde_json::Value {
+        let mut v = serde_json::json!({});
+        for _ in 1..levels {
+            v = serde_json::json!({ "a": v });
+        }
+        v
+    }
+
+    /// The depth rule is the readers' limit: what it accepts parses back, what it refuses does not.
+    #[test]
+    fn the_depth_limit_is_what_a_reader_parses() {
+        let at = nested(super::MAX_JSON_DEPTH);
+        assert!(!super::deeper_than(&at, super::MAX_JSON_DEPTH));
+        let text = at.to_string();
+        assert_eq!(crate::numbers::text_depth(text.as_bytes()), super::MAX_JSON_DEPTH);
+        assert!(serde_json::from_str::<serde_json::Value>(&text).is_ok());
+        let over = nested(super::MAX_JSON_DEPTH + 1);
+        assert!(super::deeper_than(&over, super::MAX_JSON_DEPTH));
+        let text = over.to_string();
+        assert_eq!(crate::numbers::text_depth(text.as_bytes()), super::MAX_JSON_DEPTH + 1);
+        assert!(serde_json::from_str::<serde_json::Value>(&text).is_err());
+        // Brackets inside strings are not nesting.
+        assert_eq!(crate::numbers::text_depth(br#"{"a":"[[[{\"}","b":[1]}"#), 2);
+        assert!(!super::deeper_than(&serde_json::json!("[[["), 0));
+    }
+
     use super::*;
     use serde_json::json;
 

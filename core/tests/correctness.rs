@@ -311,7 +311,10 @@ async fn the_analytics_refresh_never_counts_from_a_restricted_view() {
     app.refresh_analytics(true).await.unwrap();
     assert_eq!(total().await, 3);
     // A user-scoped handle leaves upkeep to unscoped ones, granted or not.
-    assert_eq!(alice.refresh_analytics(true).await.unwrap_err().code(), "PERMISSION_DENIED");
+    assert_eq!(
+        alice.refresh_analytics(true).await.unwrap_err().code(),
+        "PERMISSION_DENIED"
+    );
     app.close();
     c.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
         .await
@@ -618,4 +621,122 @@ async fn the_switch_over_runbook_with_live_writes_keeps_versions_in_time_order()
     let verify = repo.verify_legacy("events").await.unwrap();
     assert_eq!(verify.missing_count, 0);
     assert_eq!(verify.mismatched_count, 0);
+}
+
+/// `{"a":{"a":...1...}}` nested `levels` deep, as JSON text.
+fn deep_json(levels: usize) -> String {
+    format!("{}1{}", "{\"a\":".repeat(levels), "}".repeat(levels))
+}
+
+/// One rule for what the store accepts, at every entrance: data nested deeper than a reader
+/// parses is refused by appends (Rust and Node), batches and the legacy migration. A row written
+/// by other means (plain SQL) never stops a read or the feed: it reads as a record flagged
+/// unreadable, in its place, and a fold refuses it with a code that names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_unreadable_row_costs_one_event_not_the_feed() {
+    let repo = common::repo("unreadable").await;
+    let c = sql(&repo).await;
+    let too_deep: Value = serde_json::from_str::<Value>(&deep_json(100)).unwrap();
+    let mut deeper = too_deep.clone();
+    for _ in 0..40 {
+        deeper = json!({ "a": deeper });
+    }
+    for (data, metadata) in [(deeper.clone(), None), (json!({}), Some(deeper.clone()))] {
+        let mut e = event(Uuid::now_v7(), 1);
+        e.data = data;
+        e.metadata = metadata;
+        let err = repo.append(e.clone()).await.unwrap_err();
+        assert_eq!(
+            (err.code(), err.details()["reason"].as_str()),
+            ("VALIDATION_FAILED", Some("TOO_DEEP")),
+            "{err}"
+        );
+        let err = repo.append_batch(vec![e]).await.unwrap_err();
+        assert_eq!(err.details()["reason"].as_str(), Some("TOO_DEEP"), "{err}");
+    }
+    c.batch_execute(LEGACY_DDL).await.unwrap();
+    c.execute(
+        &format!("INSERT INTO events (id, user_id, \"timestamp\", type, data) VALUES (gen_random_uuid(), 'u', now(), 'entity.created', '{}')", deep_json(200)),
+        &[],
+    )
+    .await
+    .unwrap();
+    let report = migrate_all(&repo, "events").await;
+    assert_eq!((report.migrated, report.failed), (0, 1));
+    assert_eq!(report.failures[0].reason_code, "TOO_DEEP");
+    assert_eq!(common::count_rows(&repo).await, (0, 0), "nothing stored");
+
+    // Plain SQL writes what the store refuses, between two good events.
+    let good = Uuid::now_v7();
+    repo.append(event(good, 1)).await.unwrap();
+    let bad = Uuid::now_v7();
+    c.execute(
+        &format!(
+            "WITH s AS (INSERT INTO event_streams (aggregate_id, aggregate_type, user_id, version, first_timestamp, last_timestamp)
+                        VALUES ($1, 'entity', 'user-1', 1, now(), now()))
+             INSERT INTO events_v2 (aggregate_id, aggregate_type, event_type, user_id, data, metadata, version)
+             VALUES ($1, 'entity', 'entity.created', 'user-1', '{}', '{}', 1)",
+            deep_json(200),
+            deep_json(150)
+        ),
+        &[&bad],
+    )
+    .await
+    .unwrap();
+    repo.append(event(good, 2)).await.unwrap();
+
+    let flagged = |records: &[synap_events::EventRecord]| {
+        records
+            .iter()
+            .filter(|r| r.unreadable.is_some())
+            .map(|r| (r.aggregate_id, r.version, r.unreadable.clone().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    // The feed: every event, the bad one flagged in its place (the horizon is cluster-wide:
+    // another test's open transaction may hold it back for a moment).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let page = loop {
+        let page = repo.read_all(None, 100).await.unwrap();
+        if page.events.len() >= 3 || Instant::now() > deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(page.events.len(), 3);
+    let on_feed = flagged(&page.events);
+    assert_eq!(on_feed.len(), 1, "{on_feed:?}");
+    let (aggregate, version, why) = &on_feed[0];
+    assert_eq!((*aggregate, *version, why.column.as_str()), (bad, 1, "data"));
+    assert!(why.raw.starts_with("{\"a\": {\"a\":"), "{}", &why.raw[..40]);
+    assert_eq!(page.events[1].data, json!({}));
+    // Every other read.
+    let stream = repo.get_aggregate_stream(bad, &StreamOptions::default()).await.unwrap();
+    assert_eq!(flagged(&stream).len(), 1);
+    let user = repo
+        .get_user_stream("user-1", &UserStreamOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((user.len(), flagged(&user).len()), (3, 1));
+    let by_type = repo.get_events_by_type("entity.created", 10).await.unwrap();
+    assert_eq!(flagged(&by_type).len(), 1);
+    let tail = repo.get_snapshot_and_tail(bad).await.unwrap();
+    assert_eq!(flagged(&tail.events).len(), 1);
+    // A subscriber goes past it.
+    let mut sub = repo
+        .subscribe(SubscribeOptions {
+            consumer: Some("past_the_bad_row".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        seen.extend(sub.next_batch().await.unwrap());
+    }
+    assert_eq!(flagged(&seen).len(), 1);
+    // The fold refuses it with a code that names the event; the other aggregate replays.
+    let err = repo.replay(bad, &Default::default()).await.unwrap_err();
+    assert_eq!(err.code(), "INVALID_EVENT", "{err}");
+    assert!(err.to_string().contains(&page.events[1].id.to_string()), "{err}");
+    assert_eq!(repo.replay(good, &Default::default()).await.unwrap().result.version, 2);
 }

@@ -1626,3 +1626,50 @@ fn a_group_against_a_model() {
         )
         .unwrap();
 }
+
+/// A lone member whose connection is ended while its handler is inside a batch and the
+/// transaction idle (what `idle_in_transaction_session_timeout`, a pooler restart or a failover
+/// do), nine times over: each time the batch rolls back, the member goes on from its stored
+/// checkpoints on a new connection, and in the end every event is applied once. The run never
+/// ends for a connection that a retry restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_goes_on_after_its_connection_is_ended_inside_a_batch() {
+    let repo = repo("groups_blip").await;
+    let client = sql(&repo).await;
+    client.batch_execute(READ_MODEL).await.unwrap();
+    let n = write(&repo, 1, 300, 7).await;
+    let mut one = options("blip", 10_000);
+    one.partitions = Some(1);
+    one.batch_size = 20;
+    let kills = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let run = {
+        let (repo, kills, stop) = (repo.clone(), kills.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut m = repo.join_group(one).await.unwrap();
+            let killer = Arc::new(sql(&repo).await);
+            m.project(
+                move |events: Vec<EventRecord>, tx: ProjectionTx| {
+                    let (kills, killer) = (kills.clone(), killer.clone());
+                    async move {
+                        apply(events.clone(), tx.clone(), "m".into()).await?;
+                        if kills.fetch_add(1, Ordering::SeqCst) < 9 {
+                            let pid: i32 = tx.client().query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                            killer
+                                .execute("SELECT pg_terminate_backend($1::integer)", &[&pid])
+                                .await?;
+                        }
+                        Ok(())
+                    }
+                },
+                async move { stop.notified().await },
+            )
+            .await
+        })
+    };
+    await_applied(&client, n as i64, Duration::from_secs(60)).await;
+    assert!(kills.load(Ordering::SeqCst) >= 10, "nine batches lost their connection");
+    stop.notify_one();
+    run.await.unwrap().expect("the run ends only when stopped");
+    assert_read_model_is_the_feed(&client).await;
+}

@@ -219,7 +219,7 @@ async fn legal_payloads_round_trip_and_filter_exactly() {
 
         let filtered = UserStreamOptions {
             event_types: Some(vec!["entity.created".into()]),
-            aggregate_types: Some(vec![AggregateType::Entity]),
+            aggregate_types: Some(vec!["entity".into()]),
             ..UserStreamOptions::default()
         };
         assert_eq!(repo.get_user_stream(user_id, &filtered).await.unwrap().len(), 1);
@@ -240,7 +240,7 @@ async fn legal_payloads_round_trip_and_filter_exactly() {
         );
         let narrowed = CountFilter {
             event_type: Some("entity.created".into()),
-            aggregate_type: Some(AggregateType::Entity),
+            aggregate_type: Some("entity".into()),
             ..by_user
         };
         assert_eq!(repo.count_events(&narrowed).await.unwrap(), 1);

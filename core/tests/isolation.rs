@@ -5,9 +5,7 @@ mod common;
 
 use common::{app_role, drop_role, event, sql};
 use serde_json::json;
-use synap_events::{
-    AggregateType, CountFilter, Error, EventRepository, NewEvent, StreamOptions, UserStreamOptions,
-};
+use synap_events::{AggregateType, CountFilter, Error, EventRepository, NewEvent, StreamOptions, UserStreamOptions};
 use uuid::Uuid;
 
 fn owned_by(user: &str, aggregate: Uuid, version: i32, workflow: Uuid) -> NewEvent {
@@ -370,7 +368,11 @@ async fn every_definer_function_pins_its_search_path_and_is_not_public() {
         let name: String = r.get(0);
         let config: Vec<String> = r.get(1);
         let paths: Vec<&String> = config.iter().filter(|c| c.starts_with("search_path=")).collect();
-        assert_eq!(paths, [&safe], "{name}: its search_path is pinned, pg_catalog first and pg_temp last");
+        assert_eq!(
+            paths,
+            [&safe],
+            "{name}: its search_path is pinned, pg_catalog first and pg_temp last"
+        );
         assert!(!r.get::<_, bool>(2), "{name}: PUBLIC may not execute it");
         let granted: bool = r.get(3);
         let for_applications = known
@@ -422,7 +424,10 @@ async fn definer_functions_ignore_the_callers_temporary_tables() {
     .await
     .unwrap();
     let secured: bool = c
-        .query_one("SELECT relrowsecurity FROM pg_class WHERE oid = 'victim'::regclass", &[])
+        .query_one(
+            "SELECT relrowsecurity FROM pg_class WHERE oid = 'victim'::regclass",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -530,7 +535,10 @@ async fn rows_of_alice_and_bob(owner: &EventRepository, app: &EventRepository) -
     }
     owner.refresh_analytics(true).await.unwrap();
     let page = owner.read_all(None, 100).await.unwrap();
-    owner.save_consumer_checkpoint("search", &page.checkpoint).await.unwrap();
+    owner
+        .save_consumer_checkpoint("search", &page.checkpoint)
+        .await
+        .unwrap();
     sql(owner)
         .await
         .batch_execute(&format!(
@@ -561,11 +569,19 @@ async fn the_application_role_reaches_no_row_but_its_users() {
     let (_a_agg, b_agg) = rows_of_alice_and_bob(&owner, &app).await;
     let relations = store_relations(&owner).await;
     let names: Vec<&str> = relations.iter().map(|(n, _, _)| n.as_str()).collect();
-    for table in ["event_snapshots", "events_v2_ids", "consumer_group_parked", "event_consumers"] {
+    for table in [
+        "event_snapshots",
+        "events_v2_ids",
+        "consumer_group_parked",
+        "event_consumers",
+    ] {
         assert!(names.contains(&table), "{table} is among {names:?}");
     }
     if common::timescaledb() {
-        assert!(names.iter().any(|n| n.contains("_hyper_")), "chunks are among {names:?}");
+        assert!(
+            names.iter().any(|n| n.contains("_hyper_")),
+            "chunks are among {names:?}"
+        );
     }
 
     // Every table of the store has row-level security: a new one must choose its policies.
@@ -573,7 +589,10 @@ async fn the_application_role_reaches_no_row_but_its_users() {
     for (name, kind, _) in &relations {
         if kind == "r" || kind == "p" {
             let on: bool = c
-                .query_one(&format!("SELECT relrowsecurity FROM pg_class WHERE oid = '{name}'::regclass"), &[])
+                .query_one(
+                    &format!("SELECT relrowsecurity FROM pg_class WHERE oid = '{name}'::regclass"),
+                    &[],
+                )
                 .await
                 .unwrap()
                 .get(0);
@@ -628,7 +647,9 @@ async fn the_application_role_reaches_no_row_but_its_users() {
                         rows.len()
                     })
                 } else {
-                    a.query(&format!("SELECT 1 FROM {name}"), &[]).await.map(|rows| rows.len())
+                    a.query(&format!("SELECT 1 FROM {name}"), &[])
+                        .await
+                        .map(|rows| rows.len())
                 };
                 match read {
                     Ok(n) => assert!(
@@ -689,6 +710,63 @@ async fn the_application_role_reaches_no_row_but_its_users() {
         }
     }
     drop(a);
+    app.close();
+    drop_role(&owner, &role).await;
+}
+
+/// Appends racing to create an aggregate (the owner's repository, and a user on her own
+/// aggregate): a version that lost the race is a conflict, which callers reload and retry,
+/// never PERMISSION_DENIED (another user's aggregate, which they do not). A creation that
+/// commits between a failed guard and its diagnosis once looked like another user's aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_appends_to_a_new_aggregate_are_conflicts_never_another_users() {
+    let owner = common::repo("race_new").await;
+    let (app, role) = app_role(&owner, "race_new").await;
+    let alice = app.for_user("alice").unwrap();
+    let workflow = Uuid::now_v7();
+    let check = |r: Result<_, Error>, what: &str| {
+        if let Err(e) = r {
+            assert!(
+                matches!(e.code(), "CONCURRENCY_CONFLICT" | "TRANSACTION_CONFLICT"),
+                "{what}: {e:?}"
+            );
+        }
+    };
+    let (mut conflicts, mut rounds) = (0, 0);
+    for handle in [&owner, &alice] {
+        for _ in 0..25 {
+            rounds += 1;
+            let id = Uuid::now_v7();
+            let mut tasks = Vec::new();
+            for v in 1..=4 {
+                let h = handle.clone();
+                tasks.push(tokio::spawn(async move {
+                    h.append(owned_by("alice", id, v, workflow)).await
+                }));
+            }
+            for t in tasks {
+                let r = t.await.unwrap();
+                conflicts += usize::from(r.is_err());
+                check(r.map(|_| ()), "append of versions 1 to 4 at once");
+            }
+            let id = Uuid::now_v7();
+            let (h1, h2) = (handle.clone(), handle.clone());
+            let one = tokio::spawn(async move { h1.append(owned_by("alice", id, 1, workflow)).await });
+            let two = tokio::spawn(async move {
+                h2.append_batch(vec![
+                    owned_by("alice", id, 2, workflow),
+                    owned_by("alice", id, 3, workflow),
+                ])
+                .await
+            });
+            check(one.await.unwrap().map(|_| ()), "append of version 1");
+            check(two.await.unwrap().map(|_| ()), "batch of versions 2 and 3");
+        }
+    }
+    assert!(
+        conflicts > 0,
+        "the appends raced ({conflicts} conflicts in {rounds} rounds)"
+    );
     app.close();
     drop_role(&owner, &role).await;
 }

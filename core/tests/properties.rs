@@ -1132,6 +1132,7 @@ impl Stream {
                 correlation_id: None,
                 source: EventSource::Api,
                 position: i as i64,
+                unreadable: None,
             })
             .collect()
     }

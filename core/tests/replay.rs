@@ -413,7 +413,10 @@ async fn snapshots_are_isolated_by_user() {
         .collect();
     assert_eq!(users, [Some("alice".to_owned()), None]);
     let full = owner.replay(id, &FoldOptions::default()).await.unwrap();
-    assert_eq!((full.snapshot_version, full.result.state), (Some(2), json!({"secret": 1, "bobs": "private"})));
+    assert_eq!(
+        (full.snapshot_version, full.result.state),
+        (Some(2), json!({"secret": 1, "bobs": "private"}))
+    );
     app.close();
     common::drop_role(&owner, &role).await;
 }
@@ -428,7 +431,10 @@ async fn a_snapshot_is_never_stored_for_a_later_stream_with_the_same_id() {
     config.snapshot_every = Some(1);
     let policy = EventRepository::new(config).unwrap();
     let id = Uuid::now_v7();
-    for (v, t, data) in [(1, "task.created", json!({"alice": "secret"})), (2, "task.deleted", json!({}))] {
+    for (v, t, data) in [
+        (1, "task.created", json!({"alice": "secret"})),
+        (2, "task.deleted", json!({})),
+    ] {
         let mut e = NewEvent::new(id, AggregateType::Entity, t, "alice", data, v);
         e.timestamp = Some(at(v.into()));
         owner.append(e).await.unwrap();
@@ -442,7 +448,9 @@ async fn a_snapshot_is_never_stored_for_a_later_stream_with_the_same_id() {
         .await
         .unwrap();
     let tx = l.transaction().await.unwrap();
-    tx.batch_execute("LOCK TABLE event_snapshots IN EXCLUSIVE MODE").await.unwrap();
+    tx.batch_execute("LOCK TABLE event_snapshots IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
     let replay = tokio::spawn(async move { policy.replay(id, &FoldOptions::default()).await });
     let watcher = sql(&owner).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -458,12 +466,19 @@ async fn a_snapshot_is_never_stored_for_a_later_stream_with_the_same_id() {
         if waiting {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the replay never reached its snapshot's insert");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replay never reached its snapshot's insert"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     // What retention does to a deleted aggregate, then carol's stream with the same id.
-    tx.execute("DELETE FROM events_v2 WHERE aggregate_id = $1", &[&id]).await.unwrap();
-    tx.execute("DELETE FROM event_streams WHERE aggregate_id = $1", &[&id]).await.unwrap();
+    tx.execute("DELETE FROM events_v2 WHERE aggregate_id = $1", &[&id])
+        .await
+        .unwrap();
+    tx.execute("DELETE FROM event_streams WHERE aggregate_id = $1", &[&id])
+        .await
+        .unwrap();
     tx.execute(
         "INSERT INTO event_streams (aggregate_id, aggregate_type, user_id, version, first_timestamp, last_timestamp)
          VALUES ($1, 'entity', 'carol', 2, now(), now())",

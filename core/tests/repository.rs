@@ -750,7 +750,7 @@ async fn reads_filter_and_order() {
             "user-1",
             &UserStreamOptions {
                 days: 30,
-                aggregate_types: Some(vec![AggregateType::Relation]),
+                aggregate_types: Some(vec!["relation".into()]),
                 ..Default::default()
             },
         )
@@ -800,7 +800,7 @@ async fn reads_filter_and_order() {
     );
     assert_eq!(
         repo.count_events(&CountFilter {
-            aggregate_type: Some(AggregateType::Relation),
+            aggregate_type: Some("relation".into()),
             ..Default::default()
         })
         .await

@@ -9,14 +9,14 @@ use napi_derive::napi;
 use synap_events as core;
 
 use crate::records::EventRecord;
-use crate::{coded_reason, js_to_json, refuse_hidden_value, spawn, to_js_error, Checked, Json};
+use crate::{js_to_json, refuse_hidden_value, spawn, to_js_error, Checked, Json};
 
 type HandlerArgs = FnArgs<(Vec<EventRecord>, Option<ProjectionTransaction>)>;
 /// The handler as the package entry wraps it: always returns a promise of nothing.
 pub(crate) type HandlerFn = ThreadsafeFunction<HandlerArgs, Promise<()>, HandlerArgs, Status, false>;
 
 /// How a run ended: `None` while it runs, then `Ok` or the coded error.
-type Outcome = tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>>;
+type Outcome = tokio::sync::watch::Receiver<Option<core::Result<()>>>;
 /// What `start` gives `GroupRun::new`: the stop signal, the outcome, the member's name.
 type Started = (Arc<tokio::sync::Notify>, Outcome, String);
 
@@ -132,12 +132,11 @@ impl GroupRun {
     #[napi(catch_unwind)]
     pub fn done<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
         let mut outcome = self.outcome.clone();
-        env.spawn_future(async move {
-            let result = match outcome.wait_for(Option::is_some).await {
+        spawn(env, async move {
+            match outcome.wait_for(Option::is_some).await {
                 Ok(r) => r.clone().unwrap_or(Ok(())),
                 Err(_) => Ok(()),
-            };
-            result.map_err(|e| Error::new(Status::GenericFailure, e))
+            }
         })
     }
 }
@@ -159,9 +158,10 @@ pub(crate) async fn start(
         let run =
             std::panic::AssertUnwindSafe(member.run(handler, transactional, async move { stopping.notified().await }));
         let result = match futures_util::FutureExt::catch_unwind(run).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(coded_reason(e).reason),
-            Err(panic) => Err(format!("INTERNAL_ERROR: {}", crate::panic_message(&panic))),
+            Ok(outcome) => outcome,
+            Err(panic) => Err(core::Error::Internal {
+                message: crate::panic_message(&panic),
+            }),
         };
         let _ = send.send(Some(result));
     });

@@ -108,12 +108,7 @@ pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 /// A JavaScript `Error` with `code` and the core error's details as properties.
 pub(crate) fn to_js_error(env: &Env, e: core::Error) -> Error {
     let code = e.code();
-    // The design's repository throws `new Error('Concurrency conflict detected')`: callers that
-    // compare the message keep working; the versions are the error's properties.
-    let message = match e {
-        core::Error::ConcurrencyConflict { .. } => "Concurrency conflict detected".to_owned(),
-        _ => e.to_string(),
-    };
+    let message = message_of(&e);
     let build = || -> Result<Error> {
         let mut obj = env.create_error(Error::new(Status::GenericFailure, message.clone()))?;
         obj.set("code", code)?;
@@ -125,10 +120,29 @@ pub(crate) fn to_js_error(env: &Env, e: core::Error) -> Error {
     build().unwrap_or_else(|_| Error::new(Status::GenericFailure, format!("{code}: {e}")))
 }
 
-/// An error raised outside a JavaScript call frame (the iterator's promise): the code leads
-/// the message and is the error's `code`.
+/// An error raised where no JavaScript object can be made (the async iterator's promise): the
+/// message is `CODE: text`, followed by a line holding the error's details as JSON after
+/// [`DETAILS_MARK`]. database.js turns it back into an error with `code`, `retryable` and the
+/// details as properties, as [`to_js_error`] makes them.
 pub(crate) fn coded_reason(e: core::Error) -> Error {
-    Error::new(Status::GenericFailure, format!("{}: {e}", e.code()))
+    let details = serde_json::Value::Object(e.details());
+    Error::new(
+        Status::GenericFailure,
+        format!("{}: {}\n{DETAILS_MARK}{details}", e.code(), message_of(&e)),
+    )
+}
+
+/// Starts the details line of a [`coded_reason`] message (database.js reads it).
+pub(crate) const DETAILS_MARK: &str = "synap-error-details: ";
+
+/// The error's message in JavaScript: the design's text for a conflict.
+fn message_of(e: &core::Error) -> String {
+    match e {
+        // The design's repository throws `new Error('Concurrency conflict detected')`: callers
+        // that compare the message keep working; the versions are the error's properties.
+        core::Error::ConcurrencyConflict { .. } => "Concurrency conflict detected".to_owned(),
+        _ => e.to_string(),
+    }
 }
 
 /// Which members of a JavaScript value [`js_to_json`] checks before `JSON.stringify` could hide
@@ -137,6 +151,10 @@ pub(crate) fn coded_reason(e: core::Error) -> Error {
 pub(crate) enum Checked<'a> {
     /// These keys of the object, or of each element of an array of objects.
     Keys(&'a [&'a str]),
+    /// An event, or each of an array of events: `timestamp`, and every member at any depth of
+    /// `data` and `metadata` (`{ price: NaN }` would otherwise be stored as `{ price: null }`,
+    /// which a fold reads as "remove price").
+    Events,
     /// Every key of the object (call options, which are small).
     AllKeys,
 }
@@ -221,6 +239,11 @@ fn refuse_hidden_values(value: &Unknown, parsed: &Value, checked: &Checked) -> R
             return Vec::new();
         };
         match checked {
+            Checked::Events => ["timestamp"]
+                .iter()
+                .filter(|k| members.get(**k).is_some_and(Value::is_null))
+                .map(|k| (*k).to_owned())
+                .collect(),
             Checked::Keys(keys) => keys
                 .iter()
                 .filter(|k| members.get(**k).is_some_and(Value::is_null))
@@ -246,21 +269,95 @@ fn refuse_hidden_values(value: &Unknown, parsed: &Value, checked: &Checked) -> R
         }
         Ok(Ok(()))
     };
+    // The members of an event's data and metadata, at any depth.
+    let deep = |event: &Unknown, parsed: &Value, prefix: &str| -> Result<core::Result<()>> {
+        if !matches!(checked, Checked::Events) || event.get_type()? != ValueType::Object {
+            return Ok(Ok(()));
+        }
+        let event: Object = unsafe { event.cast()? };
+        for key in ["data", "metadata"] {
+            if let Some(member) = parsed.get(key).filter(|m| holds_null(m)) {
+                let v: Unknown = event.get_named_property(key)?;
+                if let Err(e) = refuse_hidden_inside(&v, member, format!("{prefix}{key}"))? {
+                    return Ok(Err(e));
+                }
+            }
+        }
+        Ok(Ok(()))
+    };
     match parsed {
         Value::Array(items) if value.is_array()? => {
             let array: Object = unsafe { value.cast()? };
             for (i, item) in items.iter().enumerate() {
                 let keys = nulled(item);
-                if !keys.is_empty() {
+                let inside = matches!(checked, Checked::Events)
+                    && ["data", "metadata"]
+                        .iter()
+                        .any(|k| item.get(*k).is_some_and(holds_null));
+                if !keys.is_empty() || inside {
                     let element: Unknown = array.get_element(i as u32)?;
                     if let Err(e) = check(&element, keys, &format!("events[{i}]."))? {
+                        return Ok(Err(e));
+                    }
+                    if let Err(e) = deep(&element, item, &format!("events[{i}]."))? {
                         return Ok(Err(e));
                     }
                 }
             }
             Ok(Ok(()))
         }
-        Value::Object(_) => check(value, nulled(parsed), ""),
+        Value::Object(_) => {
+            if let Err(e) = check(value, nulled(parsed), "")? {
+                return Ok(Err(e));
+            }
+            deep(value, parsed, "")
+        }
+        _ => Ok(Ok(())),
+    }
+}
+
+/// Whether a JSON value holds a `null` anywhere (iterative: values here are at most 128 deep,
+/// but arrays may be long).
+fn holds_null(v: &Value) -> bool {
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Null => return true,
+            Value::Array(items) => stack.extend(items),
+            Value::Object(map) => stack.extend(map.values()),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The first member of `value` (a JavaScript value whose `JSON.stringify` gave `parsed`) that
+/// became `null` while it is no `null`: an invalid `Date`, a NaN or infinite number. Only the
+/// branches of `parsed` that hold a `null` are looked at in JavaScript.
+fn refuse_hidden_inside(value: &Unknown, parsed: &Value, path: String) -> Result<core::Result<()>> {
+    match parsed {
+        Value::Null => refuse_hidden_value(value, path),
+        Value::Object(members) if value.get_type()? == ValueType::Object && !value.is_date()? => {
+            let obj: Object = unsafe { value.cast()? };
+            for (key, member) in members.iter().filter(|(_, m)| holds_null(m)) {
+                let v: Unknown = obj.get_named_property(key)?;
+                if let Err(e) = refuse_hidden_inside(&v, member, format!("{path}.{key}"))? {
+                    return Ok(Err(e));
+                }
+            }
+            Ok(Ok(()))
+        }
+        Value::Array(items) if value.is_array()? => {
+            let array: Object = unsafe { value.cast()? };
+            for (i, item) in items.iter().enumerate().filter(|(_, m)| holds_null(m)) {
+                let v: Unknown = array.get_element(i as u32)?;
+                if let Err(e) = refuse_hidden_inside(&v, item, format!("{path}[{i}]"))? {
+                    return Ok(Err(e));
+                }
+            }
+            Ok(Ok(()))
+        }
+        // A toJSON made this member: it hides nothing of its own.
         _ => Ok(Ok(())),
     }
 }

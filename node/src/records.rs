@@ -147,6 +147,11 @@ pub struct EventRecord {
     pub source: EventSource,
     /// Global insert order across aggregates (gaps are possible).
     pub position: i64,
+    /// Present only on a stored row that cannot be read back as an event (written by other means
+    /// than the store): `{ column, reason, raw }`. It stands in the event's place, so that one
+    /// such row never fails a read or stops a feed; skip it or park it.
+    #[napi(ts_type = "{ column: string; reason: string; raw: string }")]
+    pub unreadable: Option<Json>,
 }
 
 impl From<core::EventRecord> for EventRecord {
@@ -165,6 +170,7 @@ impl From<core::EventRecord> for EventRecord {
             correlation_id: r.correlation_id.map(|u| u.to_string()),
             source: r.source.into(),
             position: r.position,
+            unreadable: r.unreadable.and_then(|u| serde_json::to_value(u).ok()).map(Json),
         }
     }
 }
@@ -259,12 +265,12 @@ fn write_record(out: &mut Vec<u8>, r: &core::EventRecord) -> serde_json::Result<
     if let Some(id) = &r.correlation_id {
         uuid(out, "correlationId", id);
     }
-    let _ = write!(
-        out,
-        ",\"source\":\"{}\",\"position\":{}}}",
-        r.source.as_str(),
-        r.position
-    );
+    let _ = write!(out, ",\"source\":\"{}\",\"position\":{}", r.source.as_str(), r.position);
+    if let Some(unreadable) = &r.unreadable {
+        out.extend_from_slice(b",\"unreadable\":");
+        serde_json::to_writer(&mut *out, unreadable)?;
+    }
+    out.push(b'}');
     Ok(())
 }
 
@@ -480,31 +486,6 @@ pub struct SubscribeOptions {
     pub batch_size: Option<f64>,
     /// How often to poll when no notification arrives, in ms; default 1000.
     pub poll_interval_ms: Option<f64>,
-}
-
-/// A checkpoint given by JavaScript, checked by the core.
-pub(crate) fn checkpoint_arg(field: &str, value: &Value) -> core::Result<Option<core::Checkpoint>> {
-    let Some(obj) = value.get(field).filter(|v| !v.is_null()) else {
-        return Ok(None);
-    };
-    let txid = obj.get("txid").and_then(Value::as_str).unwrap_or("");
-    let position = match obj.get("position").and_then(Value::as_f64) {
-        Some(p) => core::query::whole_number_arg(&format!("{field}.position"), p)?,
-        None => -1,
-    };
-    let store = match obj.get("store").filter(|v| !v.is_null()) {
-        None => 0,
-        Some(v) => v
-            .as_str()
-            .and_then(|s| s.parse::<i64>().ok())
-            .ok_or_else(|| core::Error::Validation {
-                field: format!("{field}.store"),
-                reason: core::IssueCode::InvalidType,
-                message: format!("{field}.store must be the store string of a checkpoint"),
-            })?,
-    };
-    let place = core::Checkpoint::parse(txid, position)?;
-    Ok(Some(core::Checkpoint { store, ..place }))
 }
 
 /// What `replay` and `snapshot` resolve to: the fold's result, as `foldEvents` gives it, and how

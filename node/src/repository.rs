@@ -11,10 +11,7 @@ use napi_derive::napi;
 use serde_json::Value;
 use synap_events as core;
 
-use crate::records::{
-    checkpoint_arg, DropLegacyOptions, EventRecord, MigrationReport, ReadAllPage, Records, RepairConsumerOptions,
-    ReplayResult, RepositoryOptions, RetentionOptions, SnapshotAndTail,
-};
+use crate::records::{EventRecord, MigrationReport, ReadAllPage, Records, ReplayResult, SnapshotAndTail};
 use crate::subscription::EventSubscription;
 use crate::{js_to_json, options_json, spawn, to_js_error, to_json_value, Checked, IntoJs, Json};
 
@@ -42,48 +39,8 @@ impl EventRepository {
     ///
     /// Throws `INVALID_CONFIG` for unusable options.
     #[napi(constructor, catch_unwind)]
-    pub fn new(
-        env: Env,
-        #[napi(ts_arg_type = "RepositoryOptions | string")] options: Option<Either<String, RepositoryOptions>>,
-    ) -> Result<Self> {
-        let source = match options {
-            None => Source::Env,
-            Some(Either::A(url)) => Source::Config(Box::new(core::RepositoryConfig::new(url))),
-            Some(Either::B(o)) => {
-                let mut config = match o.connection_string {
-                    Some(url) => core::RepositoryConfig::new(url),
-                    None => match core::RepositoryConfig::from_env() {
-                        Ok(c) => c,
-                        // Without a URL yet, keep the options and fail at first use.
-                        Err(_) => core::RepositoryConfig::new(String::new()),
-                    },
-                };
-                let count =
-                    |name: &str, value: Option<f64>| config_count(name, value).map_err(|e| to_js_error(&env, e));
-                if let Some(n) = count("poolSize", o.pool_size)? {
-                    config.pool_size = n as usize;
-                }
-                if let Some(ms) = count("connectTimeoutMs", o.connect_timeout_ms)? {
-                    config.connect_timeout = Duration::from_millis(ms.into());
-                }
-                if let Some(ms) = count("acquireTimeoutMs", o.acquire_timeout_ms)? {
-                    config.acquire_timeout = Duration::from_millis(ms.into());
-                }
-                if let Some(ms) = count("statementTimeoutMs", o.statement_timeout_ms)? {
-                    config.statement_timeout = Some(Duration::from_millis(ms.into()));
-                }
-                config.schema = o.schema;
-                if let Some(mode) = o.storage_mode {
-                    config.storage_mode = core::StorageMode::parse(&mode).map_err(|e| to_js_error(&env, e))?;
-                }
-                if let Some(bytes) = count("maxDataBytes", o.max_data_bytes)? {
-                    config.limits.max_data_bytes = bytes as usize;
-                }
-                config.dual_write_legacy_table = o.dual_write_legacy_table;
-                config.snapshot_every = count("snapshotEvery", o.snapshot_every)?;
-                Source::Config(Box::new(config))
-            }
-        };
+    pub fn new(env: Env, #[napi(ts_arg_type = "RepositoryOptions | string")] options: Option<Unknown>) -> Result<Self> {
+        let source = source_of(&env, options).map_err(|e| to_js_error(&env, e))?;
         let repo = EventRepository {
             source: Arc::new(source),
             inner: Arc::new(Mutex::new(None)),
@@ -153,7 +110,7 @@ impl EventRepository {
     /// `id` after a lost reply resolves to the stored event.
     #[napi(catch_unwind, ts_args_type = "event: AppendEventData")]
     pub fn append<'env>(&self, env: &'env Env, event: Unknown<'env>) -> Result<PromiseRaw<'env, EventRecord>> {
-        let event = js_to_json(env, event, Checked::Keys(&["timestamp"]));
+        let event = js_to_json(env, event, Checked::Events);
         self.run(env, move |repo| async move { repo.append_json(event?).await })
     }
 
@@ -167,7 +124,7 @@ impl EventRepository {
         ts_args_type = "events: AppendEventData[]"
     )]
     pub fn append_batch<'env>(&self, env: &'env Env, events: Unknown<'env>) -> Result<PromiseRaw<'env, Records>> {
-        let events = js_to_json(env, events, Checked::Keys(&["timestamp"]));
+        let events = js_to_json(env, events, Checked::Events);
         self.run(env, move |repo| async move { repo.append_batch_json(events?).await })
     }
 
@@ -291,15 +248,7 @@ impl EventRepository {
         env: &'env Env,
         options: Option<Unknown<'env>>,
     ) -> Result<PromiseRaw<'env, ReadAllPage>> {
-        let options = options_json(env, options);
-        let args = options.and_then(|o| {
-            let after = checkpoint_arg("after", &o)?;
-            let limit = match o.get("limit").and_then(Value::as_f64) {
-                Some(l) => core::query::whole_number_arg("limit", l)?,
-                None => 1000,
-            };
-            Ok((after, limit))
-        });
+        let args = options_json(env, options).and_then(|o| core::read_all_options(&o));
         self.run(env, move |repo| async move {
             let (after, limit) = args?;
             repo.read_all(after.as_ref(), limit).await
@@ -316,20 +265,7 @@ impl EventRepository {
     pub fn subscribe(&self, env: Env, options: Option<Unknown>) -> Result<EventSubscription> {
         let repo = self.repository().map_err(|e| to_js_error(&env, e))?;
         let parse = || -> core::Result<core::SubscribeOptions> {
-            let o = options_json(&env, options)?;
-            let mut core_options = core::SubscribeOptions {
-                consumer: o.get("consumer").and_then(Value::as_str).map(str::to_owned),
-                from: checkpoint_arg("from", &o)?,
-                ..Default::default()
-            };
-            if let Some(n) = o.get("batchSize").and_then(Value::as_f64) {
-                core_options.batch_size = core::query::whole_number_arg("batchSize", n)?;
-            }
-            if let Some(ms) = o.get("pollIntervalMs").and_then(Value::as_f64) {
-                let ms = core::query::whole_number_arg("pollIntervalMs", ms)?;
-                core_options.poll_interval = Duration::from_millis(ms.max(0) as u64);
-            }
-            Ok(core_options)
+            core::SubscribeOptions::from_json(&options_json(&env, options)?)
         };
         let core_options = parse().map_err(|e| to_js_error(&env, e))?;
         Ok(EventSubscription::new(repo, core_options))
@@ -369,36 +305,45 @@ impl EventRepository {
     /// Verifies, then drops the legacy table; refuses without `confirm: true`, or when verify
     /// finds a difference, or while a row could not be migrated (unless `acceptLost`, which
     /// accepts those rows as lost and lists them).
-    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    #[napi(
+        catch_unwind,
+        ts_return_type = "Promise<Record<string, unknown>>",
+        ts_args_type = "legacyTable?: string | undefined | null, confirm?: boolean | undefined | null, options?: DropLegacyOptions | undefined | null"
+    )]
     pub fn drop_legacy_table<'env>(
         &self,
         env: &'env Env,
         legacy_table: Option<String>,
         confirm: Option<bool>,
-        options: Option<DropLegacyOptions>,
+        options: Option<Unknown<'env>>,
     ) -> Result<PromiseRaw<'env, Json>> {
         let table = legacy_table.unwrap_or_else(|| core::DEFAULT_LEGACY_TABLE.to_owned());
         let confirm = confirm.unwrap_or(false);
-        let accept_lost = options.and_then(|o| o.accept_lost).unwrap_or(false);
+        let accept_lost = options_json(env, options).and_then(|o| {
+            Ok(core::query::Options::of(&o, &["acceptLost"])?
+                .bool("acceptLost")?
+                .unwrap_or(false))
+        });
         self.run(env, move |repo| async move {
-            to_json_value(&repo.drop_legacy_table(&table, confirm, accept_lost).await?)
+            to_json_value(&repo.drop_legacy_table(&table, confirm, accept_lost?).await?)
         })
     }
 
     /// Removes events older than `olderThan` by dropping whole partitions or chunks; refuses to
     /// cut through a live aggregate unless `force`.
-    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
-    pub fn apply_retention<'env>(&self, env: &'env Env, options: RetentionOptions) -> Result<PromiseRaw<'env, Json>> {
-        let cutoff = core::RetentionAge::parse(&options.older_than).and_then(|age| age.cutoff(Utc::now()));
-        let dry_run = options.dry_run.unwrap_or(false);
-        let force = options.force.unwrap_or(false);
+    #[napi(
+        catch_unwind,
+        ts_return_type = "Promise<Record<string, unknown>>",
+        ts_args_type = "options: RetentionOptions"
+    )]
+    pub fn apply_retention<'env>(
+        &self,
+        env: &'env Env,
+        options: Option<Unknown<'env>>,
+    ) -> Result<PromiseRaw<'env, Json>> {
+        let opts = options_json(env, options).and_then(|o| core::RetentionOptions::from_json(&o, Utc::now()));
         self.run(env, move |repo| async move {
-            let opts = core::RetentionOptions {
-                cutoff: cutoff?,
-                dry_run,
-                force,
-            };
-            to_json_value(&repo.apply_retention(&opts).await?)
+            to_json_value(&repo.apply_retention(&opts?).await?)
         })
     }
 
@@ -488,16 +433,23 @@ impl EventRepository {
     /// over events): it goes back to the start and gets every event again, or, with
     /// `accept: true`, keeps its checkpoint. `dryRun` says what would happen. Until then,
     /// `subscribe` with that consumer rejects with `CONSUMER_NEEDS_REPAIR`.
-    #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
+    #[napi(
+        catch_unwind,
+        ts_return_type = "Promise<Record<string, unknown>>",
+        ts_args_type = "consumer: string, options?: RepairConsumerOptions | undefined | null"
+    )]
     pub fn repair_consumer<'env>(
         &self,
         env: &'env Env,
         consumer: String,
-        options: Option<RepairConsumerOptions>,
+        options: Option<Unknown<'env>>,
     ) -> Result<PromiseRaw<'env, Json>> {
-        let accept = options.as_ref().and_then(|o| o.accept).unwrap_or(false);
-        let dry_run = options.as_ref().and_then(|o| o.dry_run).unwrap_or(false);
+        let flags = options_json(env, options).and_then(|o| {
+            let o = core::query::Options::of(&o, &["accept", "dryRun"])?;
+            Ok((o.bool("accept")?.unwrap_or(false), o.bool("dryRun")?.unwrap_or(false)))
+        });
         self.run(env, move |repo| async move {
+            let (accept, dry_run) = flags?;
             to_json_value(&repo.repair_consumer(&consumer, accept, dry_run).await?)
         })
     }
@@ -557,6 +509,81 @@ impl EventRepository {
 
 /// A numeric option of the constructor as the whole number it must be (0 to 2^32 - 1): JavaScript
 /// numbers are not wrapped around (`-1` is not 4294967295) nor truncated.
+/// The constructor's options: nothing (`DATABASE_URL` at first use), a connection string, or a
+/// `RepositoryOptions` object, every key of which must be an option (`INVALID_CONFIG` naming
+/// the key otherwise: a misspelt `connectionString` must not quietly connect elsewhere).
+fn source_of(env: &Env, options: Option<Unknown>) -> core::Result<Source> {
+    const KNOWN: &[&str] = &[
+        "connectionString",
+        "poolSize",
+        "connectTimeoutMs",
+        "acquireTimeoutMs",
+        "statementTimeoutMs",
+        "schema",
+        "storageMode",
+        "maxDataBytes",
+        "dualWriteLegacyTable",
+        "snapshotEvery",
+    ];
+    let as_config = |e: core::Error| match e {
+        core::Error::Validation { message, .. } => core::Error::InvalidConfig { message },
+        other => other,
+    };
+    let value = options_json(env, options).map_err(as_config)?;
+    let o = match &value {
+        Value::Null => return Ok(Source::Env),
+        Value::String(url) => return Ok(Source::Config(Box::new(core::RepositoryConfig::new(url.clone())))),
+        Value::Object(_) => core::query::Options::of(&value, KNOWN).map_err(as_config)?,
+        _ => {
+            return Err(core::Error::InvalidConfig {
+                message: "options must be a connection string or an object of RepositoryOptions".into(),
+            })
+        }
+    };
+    let string = |key: &str| o.string(key).map_err(as_config);
+    let count = |key: &str| -> core::Result<Option<u32>> {
+        match o.get(key) {
+            None => Ok(None),
+            Some(v) => config_count(
+                key,
+                Some(v.as_f64().ok_or_else(|| core::Error::InvalidConfig {
+                    message: format!("{key} must be a number"),
+                })?),
+            ),
+        }
+    };
+    let mut config = match string("connectionString")? {
+        Some(url) => core::RepositoryConfig::new(url),
+        None => match core::RepositoryConfig::from_env() {
+            Ok(c) => c,
+            // Without a URL yet, keep the options and fail at first use.
+            Err(_) => core::RepositoryConfig::new(String::new()),
+        },
+    };
+    if let Some(n) = count("poolSize")? {
+        config.pool_size = n as usize;
+    }
+    if let Some(ms) = count("connectTimeoutMs")? {
+        config.connect_timeout = Duration::from_millis(ms.into());
+    }
+    if let Some(ms) = count("acquireTimeoutMs")? {
+        config.acquire_timeout = Duration::from_millis(ms.into());
+    }
+    if let Some(ms) = count("statementTimeoutMs")? {
+        config.statement_timeout = Some(Duration::from_millis(ms.into()));
+    }
+    config.schema = string("schema")?;
+    if let Some(mode) = string("storageMode")? {
+        config.storage_mode = core::StorageMode::parse(&mode)?;
+    }
+    if let Some(bytes) = count("maxDataBytes")? {
+        config.limits.max_data_bytes = bytes as usize;
+    }
+    config.dual_write_legacy_table = string("dualWriteLegacyTable")?;
+    config.snapshot_every = count("snapshotEvery")?;
+    Ok(Source::Config(Box::new(config)))
+}
+
 fn config_count(name: &str, value: Option<f64>) -> core::Result<Option<u32>> {
     match value {
         None => Ok(None),

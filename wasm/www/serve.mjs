@@ -30,7 +30,7 @@ async function serveAggregate(repository, id, res) {
   try {
     sendJson(res, 200, await repository.getSnapshotAndTail(id))
   } catch (err) {
-    const status = err.code === 'VALIDATION_FAILED' ? 400 : 500
+    const status = { VALIDATION_FAILED: 400, PERMISSION_DENIED: 403 }[err.code] ?? (err.retryable ? 503 : 500)
     sendJson(res, status, { code: err.code ?? 'INTERNAL', message: err.message })
   }
 }
@@ -53,6 +53,27 @@ async function serveFile(pathname, res) {
 /** Starts the server; `repository` is an EventRepository (or a handle from `forUser`). */
 export function startServer({ port = 0, repository } = {}) {
   const server = createServer(async (req, res) => {
+    try {
+      await route(req, res, repository)
+    } catch (err) {
+      // A malformed request (a path that does not decode, say) is the client's; anything else is
+      // ours. Either way this request fails and the server stays up.
+      if (!res.headersSent) {
+        const malformed = err instanceof URIError || err instanceof TypeError
+        sendJson(res, malformed ? 400 : 500, {
+          code: malformed ? 'VALIDATION_FAILED' : 'INTERNAL_ERROR',
+          message: malformed ? `malformed request: ${err.message}` : 'internal error',
+        })
+      } else {
+        res.destroy()
+      }
+    }
+  })
+  return new Promise((resolve) => server.listen(port, '127.0.0.1', () => resolve(server)))
+}
+
+async function route(req, res, repository) {
+  {
     const url = new URL(req.url, 'http://x')
     if (url.pathname === '/') {
       // The page loads the web build by relative paths from /www/.
@@ -69,8 +90,7 @@ export function startServer({ port = 0, repository } = {}) {
       return
     }
     await serveFile(url.pathname, res)
-  })
-  return new Promise((resolve) => server.listen(port, '127.0.0.1', () => resolve(server)))
+  }
 }
 
 /** Appends the demo task: five events, with a snapshot after the third. Returns its id. */

@@ -77,6 +77,100 @@ impl Checkpoint {
     }
 }
 
+impl Checkpoint {
+    /// A checkpoint as JavaScript holds it (`{ txid, position, store }`, the 64-bit numbers as
+    /// strings), the option `field` of a call; `None` for null.
+    ///
+    /// Fails with [`Error::Validation`] naming `field.key` for a part of the wrong type or a key
+    /// that is not a part of a checkpoint.
+    pub fn from_json(field: &str, value: &serde_json::Value) -> Result<Option<Checkpoint>> {
+        if value.is_null() {
+            return Ok(None);
+        }
+        let o = crate::query::Options::of(value, &["txid", "position", "store"]).map_err(|e| match e {
+            Error::Validation {
+                field: key,
+                reason,
+                message,
+            } => Error::Validation {
+                field: format!("{field}.{key}"),
+                reason,
+                message,
+            },
+            other => other,
+        })?;
+        let prefixed = |e: Error| match e {
+            Error::Validation {
+                field: key,
+                reason,
+                message,
+            } => Error::Validation {
+                field: format!("{field}.{key}"),
+                reason,
+                message,
+            },
+            other => other,
+        };
+        let txid = o.string("txid").map_err(prefixed)?.unwrap_or_default();
+        let position = o.whole("position").map_err(prefixed)?.unwrap_or(-1);
+        let store = match o.string("store").map_err(prefixed)? {
+            None => 0,
+            Some(s) => s.parse::<i64>().map_err(|_| {
+                Error::invalid(
+                    format!("{field}.store"),
+                    IssueCode::InvalidType,
+                    format!("{field}.store must be the store string of a checkpoint"),
+                )
+            })?,
+        };
+        let place = Checkpoint::parse(&txid, position).map_err(|e| match e {
+            Error::Validation {
+                field: key,
+                reason,
+                message,
+            } => Error::Validation {
+                field: key.replacen("after", field, 1),
+                reason,
+                message,
+            },
+            other => other,
+        })?;
+        Ok(Some(Checkpoint { store, ..place }))
+    }
+}
+
+/// The options of `readAll` as JavaScript passes them: `{ after, limit }` (limit 1000 when
+/// absent).
+///
+/// Fails with [`Error::Validation`] for a value of the wrong type or a key that is not an option.
+pub fn read_all_options(value: &serde_json::Value) -> Result<(Option<Checkpoint>, i64)> {
+    let o = crate::query::Options::of(value, &["after", "limit"])?;
+    let after = Checkpoint::from_json("after", o.get("after").unwrap_or(&serde_json::Value::Null))?;
+    Ok((after, o.whole("limit")?.unwrap_or(1000)))
+}
+
+impl SubscribeOptions {
+    /// The options as JavaScript passes them: `{ consumer, from, batchSize, pollIntervalMs }`.
+    ///
+    /// Fails with [`Error::Validation`] for a value of the wrong type or a key that is not an
+    /// option.
+    pub fn from_json(value: &serde_json::Value) -> Result<SubscribeOptions> {
+        let o = crate::query::Options::of(value, &["consumer", "from", "batchSize", "pollIntervalMs"])?;
+        let mut options = SubscribeOptions {
+            consumer: o.string("consumer")?,
+            from: Checkpoint::from_json("from", o.get("from").unwrap_or(&serde_json::Value::Null))?,
+            ..Default::default()
+        };
+        if let Some(n) = o.whole("batchSize")? {
+            options.batch_size = n;
+        }
+        if let Some(ms) = o.whole("pollIntervalMs")? {
+            options.poll_interval = Duration::from_millis(ms.max(0) as u64);
+        }
+        Ok(options)
+    }
+}
+
 /// One page of [`EventRepository::read_all`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page {
@@ -180,9 +274,10 @@ const PLAN_ROWS: i64 = 2000;
 /// the transactions below the horizon are visible on every worker, and says that the store is
 /// distributed (migration 0013).
 const FEED_PLAN_SQL: &str = "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon, \
+                       pg_snapshot_xmax(pg_current_snapshot()) AS next, \
                        synap_feed_identity() AS store, synap_feed_is_current() AS current, \
                        synap_feed_fence() AS distributed) \
-     SELECT h.horizon::text, f.bucket, f.txid::text, f.day, h.store, h.current, h.distributed \
+     SELECT h.horizon::text, f.bucket, f.txid::text, f.day, h.store, h.current, h.distributed, h.next::text \
        FROM h LEFT JOIN LATERAL ( \
             SELECT DISTINCT bucket, txid, day FROM events_v2_feed_days \
              WHERE bucket >= synap_feed_bucket($1::text::xid8) AND bucket <= synap_feed_bucket(h.horizon) \
@@ -717,6 +812,11 @@ struct FeedPlan {
 /// Fails with [`Error::FeedRebaseRequired`] when the stored transaction ids are another
 /// cluster's, and [`Error::CheckpointFromAnotherStore`] when `after` is another store's.
 async fn plan(client: &Session<'_, '_>, from: u64, after: &Checkpoint) -> Result<FeedPlan> {
+    // A transaction id is below 2^63 (xid8: an epoch and a 32-bit id); one above could only be
+    // made up, and PostgreSQL would refuse it as out of range.
+    if after.txid > i64::MAX as u64 {
+        return Err(beyond_the_horizon(after));
+    }
     let stmt = client.prepare_cached(FEED_PLAN_SQL).await?;
     let rows = client.query(&stmt, &[&from.to_string(), &PLAN_ROWS]).await?;
     let number = |text: String| {
@@ -737,6 +837,12 @@ async fn plan(client: &Session<'_, '_>, from: u64, after: &Checkpoint) -> Result
         return Err(Error::CheckpointFromAnotherStore);
     }
     let horizon = number(first.get(0))?;
+    // Every checkpoint the feed gave is at or below the next transaction id to be assigned (a
+    // horizon of a moment when no transaction ran is that id): one past it comes from elsewhere,
+    // and a reader started there would skip every event until then.
+    if after.txid > number(first.get(7))? {
+        return Err(beyond_the_horizon(after));
+    }
     if first.get::<_, bool>(6) {
         // On Citus the day index misses the rows that other statements than the repository's
         // insert (its trigger cannot run on a distributed table): one window over every day.
@@ -764,6 +870,18 @@ async fn plan(client: &Session<'_, '_>, from: u64, after: &Checkpoint) -> Result
         truncated,
         store,
     })
+}
+
+/// A checkpoint whose transaction id this cluster has not assigned yet.
+fn beyond_the_horizon(after: &Checkpoint) -> Error {
+    Error::invalid(
+        "after.txid",
+        IssueCode::OutOfRange,
+        format!(
+            "checkpoint transaction id {} is past every transaction of this server: not a checkpoint this store gave",
+            after.txid
+        ),
+    )
 }
 
 /// Up to `limit` events of `window` after `from`; `explain` runs EXPLAIN ANALYZE instead and

@@ -129,13 +129,7 @@ impl GroupOptions {
                 "options must be an object with a group",
             )
         })?;
-        if let Some(k) = o.keys().find(|k| !KEYS.contains(&k.as_str())) {
-            return Err(Error::invalid(
-                k.clone(),
-                IssueCode::OutOfRange,
-                format!("unknown option {k}; known: {}", KEYS.join(", ")),
-            ));
-        }
+        crate::query::Options::of(value, KEYS)?;
         let get = |k: &str| crate::query::present(o, k);
         let string = |k: &str| -> Result<Option<String>> {
             get(k)
@@ -530,16 +524,34 @@ impl GroupMember {
         // The partitions still ours are taken up again from their stored checkpoints.
         self.lost().await?;
         tokio::pin!(stop);
+        let mut failures = 0u32;
         let result = loop {
             let delivery = tokio::select! {
                 biased;
                 () = &mut stop => break Ok(()),
                 d = self.next_delivery() => d,
             };
-            match delivery {
-                Ok(d) => {
-                    if let Err(e) = self.handle(d, &mut handler, transactional).await {
-                        break Err(e);
+            let handled = match delivery {
+                Ok(d) => self.handle(d, &mut handler, transactional).await,
+                Err(e) => Err(e),
+            };
+            match handled {
+                Ok(()) => failures = 0,
+                // A lost connection (a pooler or server restart, a failover, an idle transaction
+                // ended by the server), a timeout, a deadlock: the batch's transaction is gone,
+                // and with it what the batch wrote. Like a member that lost its lease, this one
+                // forgets what it read and did not store and goes on from the stored
+                // checkpoints, on a new connection, once the database answers again (it may have
+                // lost its partitions meanwhile). Only what no retry can fix ends the run.
+                Err(e) if e.is_retryable() => {
+                    failures = failures.saturating_add(1);
+                    self.lost().await?;
+                    let wait =
+                        (self.options.poll_interval * 2u32.saturating_pow(failures.min(6) - 1)).min(self.options.lease);
+                    tokio::select! {
+                        biased;
+                        () = &mut stop => break Ok(()),
+                        () = tokio::time::sleep(wait) => {}
                     }
                 }
                 Err(e) => break Err(e),
@@ -1696,6 +1708,15 @@ impl ProjectionTx {
                     message: "the batch's transaction is over: use tx only until the handler's promise settles".into(),
                 });
             };
+            if sql.contains('\0') {
+                // PostgreSQL's protocol ends a statement's text at U+0000: the server would see
+                // the connection break, and the caller a retryable error for a bad statement.
+                return Err(Error::invalid(
+                    "sql",
+                    IssueCode::NulCharacter,
+                    "the statement contains U+0000",
+                ));
+            }
             tx.run_json(&sql, &params).await
         }
     }

@@ -56,8 +56,10 @@ impl RawJsonb {
 pub(crate) struct StoredJson(pub(crate) Value);
 
 impl<'a> FromSql<'a> for StoredJson {
-    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
-        let text = jsonb_text(raw)?;
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        // json is its text as written (snapshots' states keep their keys' order); jsonb has a
+        // version byte first.
+        let text = if *ty == Type::JSON { raw } else { jsonb_text(raw)? };
         match serde_json::from_slice(text) {
             Ok(value) => Ok(StoredJson(value)),
             Err(first) => match crate::numbers::without_unreadable_numbers(text) {
@@ -66,7 +68,28 @@ impl<'a> FromSql<'a> for StoredJson {
             },
         }
     }
-    accepts!(JSONB);
+    accepts!(JSON, JSONB);
+}
+
+/// A stored timestamptz: the time, or PostgreSQL's text for one that has no time the store reads
+/// back (`infinity`, `-infinity`, or beyond the range of times the driver reads).
+pub(crate) struct StoredTimestamp(pub(crate) Result<chrono::DateTime<chrono::Utc>, String>);
+
+impl<'a> FromSql<'a> for StoredTimestamp {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        match chrono::DateTime::<chrono::Utc>::from_sql(ty, raw) {
+            Ok(t) => Ok(StoredTimestamp(Ok(t))),
+            Err(_) => {
+                let micros = <i64 as FromSql>::from_sql(&Type::INT8, raw)?;
+                Ok(StoredTimestamp(Err(match micros {
+                    i64::MAX => "infinity".to_owned(),
+                    i64::MIN => "-infinity".to_owned(),
+                    other => format!("{other} microseconds after 2000-01-01"),
+                })))
+            }
+        }
+    }
+    accepts!(TIMESTAMPTZ);
 }
 
 /// Orders the keys of every object in `value` as jsonb stores them (shorter keys first, then by

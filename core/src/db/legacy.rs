@@ -106,12 +106,11 @@ impl Default for LegacyMigrationOptions {
 
 impl LegacyMigrationOptions {
     /// The options as JavaScript passes them (`legacyTable`, `batchSize`, `writers`, `limit`,
-    /// `dryRun`, `resume`, `onInvalid`; `null` or absent keys keep the defaults, other keys are
-    /// ignored).
+    /// `dryRun`, `resume`, `onInvalid`; `null` or absent keys keep the defaults).
     ///
     /// Fails with [`Error::InvalidConfig`] for a value of the wrong type or below its least
-    /// value, and [`Error::Validation`] for a number that is not whole; upper bounds are checked
-    /// when the migration starts.
+    /// value, and [`Error::Validation`] for a number that is not whole or a key that is not an
+    /// option (`UNKNOWN_OPTION`); upper bounds are checked when the migration starts.
     pub fn from_json(value: &serde_json::Value) -> Result<LegacyMigrationOptions> {
         let mut opts = LegacyMigrationOptions::default();
         let o = match value {
@@ -123,6 +122,18 @@ impl LegacyMigrationOptions {
                 })
             }
         };
+        crate::query::Options::of(
+            value,
+            &[
+                "legacyTable",
+                "batchSize",
+                "writers",
+                "limit",
+                "dryRun",
+                "resume",
+                "onInvalid",
+            ],
+        )?;
         let wrong = |field: &str, expected: &str| Error::InvalidConfig {
             message: format!("{field} must be {expected}"),
         };
@@ -492,6 +503,16 @@ fn check_row(row: &LegacyRow, limits: &Limits) -> std::result::Result<Candidate,
                 format!("data must be a JSON object, not {kind}"),
             ))
         }
+    }
+    if crate::numbers::text_depth(&data.0) > validate::MAX_JSON_DEPTH {
+        return Err(failure(
+            row,
+            "TOO_DEEP",
+            format!(
+                "data nests arrays and objects deeper than {} levels, which no reader could parse back",
+                validate::MAX_JSON_DEPTH
+            ),
+        ));
     }
     if !crate::numbers::all_number_tokens(&data.0, crate::numbers::number_text_is_carried) {
         return Err(failure(

@@ -187,7 +187,10 @@ impl Repeatable {
 }
 
 fn sha256_hex(text: &str) -> String {
-    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// What a migration run did.
@@ -345,7 +348,8 @@ async fn apply_repeatable(client: &mut tokio_postgres::Client, versioned_applied
     tx.batch_execute(CREATE_REPEATABLE_TABLE).await?;
     // On Citus: DDL on distributed tables over one connection per worker, as the versioned files
     // do (a placeholder that nothing reads elsewhere).
-    tx.batch_execute("SET LOCAL citus.multi_shard_modify_mode = 'sequential'").await?;
+    tx.batch_execute("SET LOCAL citus.multi_shard_modify_mode = 'sequential'")
+        .await?;
     let recorded: std::collections::HashMap<String, String> = tx
         .query("SELECT name, checksum FROM synap_repeatable_migrations", &[])
         .await?

@@ -50,16 +50,30 @@ ON CONFLICT DO NOTHING";
 /// The name of a fold's rules, stored with each snapshot: a replay uses only snapshots made by
 /// the same rules. The fold's own version comes first, so that a change to the fold's
 /// semantics (a new `FOLD_RULES_VERSION`) leaves every older snapshot unused.
+///
+/// A long text (many `ignoreKeys`) is named by its SHA-256 instead (`fold1 sha256:<hex>`): the
+/// name is part of the snapshots' primary key, whose index entries PostgreSQL limits to about
+/// 2,700 bytes.
 pub fn fold_rules(bookkeeping: &Bookkeeping) -> String {
+    use sha2::{Digest, Sha256};
     let mut keys = bookkeeping.ignore_keys.clone();
     keys.sort();
     keys.dedup();
-    format!(
-        "fold{FOLD_RULES_VERSION} {}",
-        // Keys in this order: the text of stored snapshots' rules, which must not change.
-        json!({ "dropPreviousCompanions": bookkeeping.drop_previous_companions, "ignoreKeys": keys })
-    )
+    // Keys in this order: the text of stored snapshots' rules, which must not change.
+    let rules =
+        json!({ "dropPreviousCompanions": bookkeeping.drop_previous_companions, "ignoreKeys": keys }).to_string();
+    if rules.len() <= RULES_TEXT_MAX {
+        return format!("fold{FOLD_RULES_VERSION} {rules}");
+    }
+    let hex: String = Sha256::digest(rules.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("fold{FOLD_RULES_VERSION} sha256:{hex}")
 }
+
+/// The longest rules text stored as it is.
+const RULES_TEXT_MAX: usize = 512;
 
 /// Bumped whenever the fold's rules change what state a stream folds to.
 const FOLD_RULES_VERSION: u32 = 1;
@@ -358,7 +372,13 @@ impl EventRepository {
 
     /// Stores `replay`'s result as a snapshot (ON CONFLICT DO NOTHING); true when a row was
     /// written. Nothing is stored for version 0.
-    async fn store_snapshot(&self, aggregate_id: Uuid, rules: &str, replay: &Replay, from: &FoldedFrom) -> Result<bool> {
+    async fn store_snapshot(
+        &self,
+        aggregate_id: Uuid,
+        rules: &str,
+        replay: &Replay,
+        from: &FoldedFrom,
+    ) -> Result<bool> {
         let (Some(last), Some(max)) = (replay.result.last_timestamp, from.max_timestamp) else {
             return Ok(false);
         };
@@ -564,7 +584,7 @@ SELECT e.id, e."timestamp", e.aggregate_id, e.aggregate_type, e.event_type, e.us
 const STORE_SNAPSHOTS_SQL: &str = "INSERT INTO event_snapshots
        (aggregate_id, rules, version, user_id, state, deleted, last_timestamp, max_timestamp)
 SELECT u.aggregate_id, $1, u.version, u.user_id, u.state, u.deleted, u.last_timestamp, u.max_timestamp
-  FROM unnest($2::uuid[], $3::integer[], $4::jsonb[], $5::boolean[], $6::timestamptz[], $7::timestamptz[],
+  FROM unnest($2::uuid[], $3::integer[], $4::json[], $5::boolean[], $6::timestamptz[], $7::timestamptz[],
               $8::text[])
        AS u(aggregate_id, version, state, deleted, last_timestamp, max_timestamp, user_id)
   JOIN event_streams s ON s.aggregate_id = u.aggregate_id
@@ -839,6 +859,23 @@ mod tests {
             super::fold_rules(&crate::fold::Bookkeeping::default()),
             r#"fold1 {"dropPreviousCompanions":true,"ignoreKeys":["updatedFields"]}"#
         );
+        // Many ignored keys: a name short enough for the snapshots' index, the same for the
+        // same keys in any order, another for other keys.
+        let many = |n: usize, skip: usize| crate::fold::Bookkeeping {
+            ignore_keys: (0..n)
+                .filter(|i| *i != skip)
+                .rev()
+                .map(|i| format!("key_number_{i}"))
+                .collect(),
+            ..Default::default()
+        };
+        let long = super::fold_rules(&many(400, usize::MAX));
+        assert!(
+            long.starts_with("fold1 sha256:") && long.len() == "fold1 sha256:".len() + 64,
+            "{long}"
+        );
+        assert_eq!(long, super::fold_rules(&many(400, usize::MAX)));
+        assert_ne!(long, super::fold_rules(&many(400, 7)));
     }
 
     #[test]

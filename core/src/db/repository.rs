@@ -1181,10 +1181,7 @@ impl EventRepository {
         if !can_match(user_id) || types.as_ref().is_some_and(Vec::is_empty) && options.event_types.is_some() {
             return Ok(Vec::new());
         }
-        let aggregate_types: Option<Vec<&str>> = options
-            .aggregate_types
-            .as_ref()
-            .map(|types| types.iter().map(|t| t.as_str()).collect());
+        let aggregate_types = matchable(options.aggregate_types.as_deref());
         in_session!(self, |client| {
             let rows = client
                 .query_typed(
@@ -1211,10 +1208,7 @@ impl EventRepository {
         let days = validate::check_days("days", options.days, limits)?;
         let since = Utc::now() - chrono::Duration::days(days);
         let limit = validate::check_limit("limit", options.limit, limits)?;
-        let aggregate_types: Option<Vec<&str>> = options
-            .aggregate_types
-            .as_ref()
-            .map(|types| types.iter().map(|t| t.as_str()).collect());
+        let aggregate_types = matchable(options.aggregate_types.as_deref());
         let client = self.client().await?;
         let rows = client
             .query(
@@ -1260,7 +1254,7 @@ impl EventRepository {
         if filters.iter().any(|f| f.as_deref().is_some_and(|f| !can_match(f))) {
             return Ok(0);
         }
-        let aggregate_type = filter.aggregate_type.map(|t| t.as_str());
+        let aggregate_type = filter.aggregate_type.as_deref();
         in_session!(self, |client| {
             let stmt = client.prepare_cached(COUNT_SQL).await?;
             Ok(client
@@ -1507,38 +1501,91 @@ fn record_from_new(mut event: NewEvent, id: Uuid, timestamp: DateTime<Utc>, posi
         correlation_id: event.correlation_id,
         source: event.source,
         position,
+        unreadable: None,
     }
 }
 
 /// A jsonb column, read without failing on a number (see [`StoredJson`]).
-fn stored_json(row: &Row, column: usize) -> Result<Option<Value>> {
-    row.try_get::<_, Option<StoredJson>>(column)
-        .map(|v| v.map(|j| j.0))
-        .map_err(|e| Error::Internal {
-            message: format!("stored JSON in column {column} is unreadable: {e}"),
-        })
+/// The raw text of what could not be read, cut at 64 KiB (on a character boundary).
+fn raw_text(text: String) -> String {
+    const MAX: usize = 64 * 1024;
+    if text.len() <= MAX {
+        return text;
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
+/// A stored event from a row of [`EVENT_COLUMNS`]. A column that cannot be read (see
+/// [`EventRecord::unreadable`]) gives a record flagged unreadable, never a failed read.
 pub(crate) fn record_from_row(row: &Row) -> Result<EventRecord> {
-    let aggregate_type: &str = row.get(3);
-    let source: &str = row.get(11);
+    let mut unreadable: Option<crate::model::Unreadable> = None;
+    let mut flag = |column: &str, reason: String, raw: String| {
+        unreadable.get_or_insert(crate::model::Unreadable {
+            column: column.to_owned(),
+            reason,
+            raw: raw_text(raw),
+        });
+    };
+    let timestamp = match row.try_get::<_, crate::db::json::StoredTimestamp>(1) {
+        Ok(crate::db::json::StoredTimestamp(Ok(t))) => t,
+        Ok(crate::db::json::StoredTimestamp(Err(raw))) => {
+            flag("timestamp", "outside the times the store reads back".into(), raw);
+            DateTime::<Utc>::UNIX_EPOCH
+        }
+        Err(e) => {
+            flag("timestamp", e.to_string(), String::new());
+            DateTime::<Utc>::UNIX_EPOCH
+        }
+    };
+    let mut json = |column: usize, name: &str| -> Option<Value> {
+        match row.try_get::<_, Option<StoredJson>>(column) {
+            Ok(v) => v.map(|j| j.0),
+            Err(e) => {
+                let raw = row
+                    .try_get::<_, Option<crate::db::json::RawJsonb>>(column)
+                    .ok()
+                    .flatten()
+                    .map(|r| String::from_utf8_lossy(&r.0).into_owned())
+                    .unwrap_or_default();
+                flag(name, e.to_string(), raw);
+                Some(Value::Object(Default::default()))
+            }
+        }
+    };
+    let data = json(6, "data").unwrap_or(Value::Null);
+    let metadata = json(7, "metadata");
+    let aggregate_type: &str = row.try_get(3).unwrap_or_default();
+    let aggregate_type = AggregateType::from_str(aggregate_type).unwrap_or_else(|()| {
+        flag(
+            "aggregate_type",
+            "not a known aggregate type".into(),
+            aggregate_type.to_owned(),
+        );
+        AggregateType::Entity
+    });
+    let source: &str = row.try_get(11).unwrap_or_default();
+    let source = EventSource::from_str(source).unwrap_or_else(|()| {
+        flag("source", "not a known source".into(), source.to_owned());
+        EventSource::Api
+    });
     Ok(EventRecord {
-        id: row.get(0),
-        timestamp: row.get(1),
-        aggregate_id: row.get(2),
-        aggregate_type: AggregateType::from_str(aggregate_type).map_err(|()| Error::Internal {
-            message: format!("stored aggregate_type \"{aggregate_type}\" is unknown"),
-        })?,
-        event_type: row.get(4),
-        user_id: row.get(5),
-        data: stored_json(row, 6)?.unwrap_or(Value::Null),
-        metadata: stored_json(row, 7)?,
-        version: row.get(8),
-        causation_id: row.get(9),
-        correlation_id: row.get(10),
-        source: EventSource::from_str(source).map_err(|()| Error::Internal {
-            message: format!("stored source \"{source}\" is unknown"),
-        })?,
-        position: row.get(12),
+        id: row.try_get(0)?,
+        timestamp,
+        aggregate_id: row.try_get(2)?,
+        aggregate_type,
+        event_type: row.try_get(4)?,
+        user_id: row.try_get(5)?,
+        data,
+        metadata,
+        version: row.try_get(8)?,
+        causation_id: row.try_get(9)?,
+        correlation_id: row.try_get(10)?,
+        source,
+        position: row.try_get(12)?,
+        unreadable,
     })
 }

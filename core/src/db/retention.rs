@@ -55,8 +55,41 @@ impl RetentionAge {
             RetentionAge::Weeks(n) => today.checked_sub_days(Days::new(u64::from(n) * 7)),
             RetentionAge::Years(n) => today.checked_sub_months(Months::new(n.saturating_mul(12))),
         };
-        day.map(midnight).ok_or_else(|| Error::InvalidConfig {
-            message: format!("the age {self:?} reaches too far back"),
+        day.map(midnight)
+            .filter(|cutoff| *cutoff >= crate::validate::earliest_stored())
+            .ok_or_else(|| Error::InvalidConfig {
+                message: format!("the age {self:?} reaches before 4714-11-24 BC, the earliest time PostgreSQL stores"),
+            })
+    }
+}
+
+impl RetentionOptions {
+    /// The options as JavaScript passes them: `{ olderThan, dryRun, force }` (`olderThan`
+    /// required, an age such as `90d`, `12w` or `2y`), with the cut-off taken from `now`.
+    ///
+    /// Fails with [`Error::Validation`] for a missing `olderThan`, a value of the wrong type or a
+    /// key that is not an option, and [`Error::InvalidConfig`] for an age that does not parse or
+    /// reaches before the earliest time PostgreSQL stores.
+    pub fn from_json(value: &serde_json::Value, now: DateTime<Utc>) -> Result<RetentionOptions> {
+        if value.is_null() {
+            return Err(Error::invalid(
+                "options",
+                crate::validate::IssueCode::Required,
+                "options must be an object with olderThan",
+            ));
+        }
+        let o = crate::query::Options::of(value, &["olderThan", "dryRun", "force"])?;
+        let age = o.string("olderThan")?.ok_or_else(|| {
+            Error::invalid(
+                "olderThan",
+                crate::validate::IssueCode::Required,
+                "olderThan is required: an age such as 90d, 12w or 2y",
+            )
+        })?;
+        Ok(RetentionOptions {
+            cutoff: RetentionAge::parse(&age)?.cutoff(now)?,
+            dry_run: o.bool("dryRun")?.unwrap_or(false),
+            force: o.bool("force")?.unwrap_or(false),
         })
     }
 }
