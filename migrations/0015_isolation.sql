@@ -72,7 +72,9 @@ $$;
 -- 4. One policy per command where there was one for all (migrations/repeatable/90_security.sql
 --    creates them): an application role that is granted more than the README's grants still
 --    changes and removes no event and writes no snapshot. Until they exist, those tables refuse
---    every row to every role but the owner.
+--    every row to every role but the owner. The partitions and chunks of events_v2 keep row-level
+--    security with no policy at all: a role that names one directly reads and writes nothing
+--    (through events_v2, events_v2's policies hold).
 DO $$
 DECLARE
     part regclass;

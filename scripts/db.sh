@@ -6,6 +6,8 @@
 #   scripts/db.sh status [--timescaledb|--citus]   running or not
 #   scripts/db.sh url [--timescaledb|--citus]      print the DATABASE_URL
 #   scripts/db.sh env [--timescaledb|--citus]      print `export DATABASE_URL=...` (for eval)
+#   scripts/db.sh start --pooler                   PgBouncer in transaction mode in front of the
+#                                                  native cluster (started too); prints its URL
 #
 # Without a flag: plain PostgreSQL in .local/pg on 127.0.0.1:${SYNAP_PG_PORT:-54329}, where
 # `migrate()` picks native partitioning. With --timescaledb: a cluster in .local/pg-timescaledb on
@@ -31,6 +33,7 @@ case "${2:-}" in
     --timescaledb) MODE=timescaledb ;;
     --citus) MODE=citus ;;
     --citus-node) MODE=citus-node ;;
+    --pooler) MODE=pooler ;;
     *) echo "db.sh: unknown option ${2}" >&2; exit 2 ;;
 esac
 if [ "$MODE" = timescaledb ]; then
@@ -43,6 +46,9 @@ elif [ "$MODE" = citus ]; then
     PORT="${SYNAP_PG_PORT:-54331}"
     TOP="${SYNAP_PG_DIR:-$ROOT/.local/pg-citus}"
     BASE="$TOP/coordinator"
+elif [ "$MODE" = pooler ]; then
+    PORT="${SYNAP_POOLER_PORT:-54339}"
+    BASE="$ROOT/.local/pgbouncer"
 else
     PORT="${SYNAP_PG_PORT:-54329}"
     # postgres must own its data, socket and log directories, all inside one directory of its own.
@@ -51,6 +57,8 @@ fi
 DATA="$BASE/data"
 LOG="$BASE/server.log"
 URL="postgres://postgres@127.0.0.1:$PORT/postgres"
+# The repository is told by the URL that it goes through a transaction-mode pooler.
+if [ "$MODE" = pooler ]; then URL="$URL?pooler=transaction"; fi
 
 find_bindir() {
     if command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/initdb" ]; then
@@ -199,6 +207,68 @@ start_citus() {
     echo "postgres://postgres@127.0.0.1:$coordinator/postgres"
 }
 
+# PgBouncer 1.18 (Debian 12's package) in transaction mode, with its default startup parameter
+# handling, in front of the native cluster: every role of the server logs in (trust, looked up with
+# auth_query), as Neon's or Supabase's pooled URL lets every role of the database in.
+start_pooler() {
+    if ! command -v pgbouncer >/dev/null 2>&1; then
+        echo "db.sh: pgbouncer not found; installing it with apt" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null
+    fi
+    local backend backend_port
+    backend="$(SYNAP_PG_PORT="${SYNAP_PG_PORT:-54329}" "$ROOT/scripts/db.sh" start)"
+    backend_port="${backend##*:}"
+    backend_port="${backend_port%%/*}"
+    mkdir -p "$BASE"
+    if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$BASE"; fi
+    chmod 700 "$BASE"
+    if [ -f "$BASE/pgbouncer.pid" ] && kill -0 "$(cat "$BASE/pgbouncer.pid")" 2>/dev/null; then
+        echo "$URL"
+        return
+    fi
+    {
+        echo "[databases]"
+        echo "* = host=127.0.0.1 port=$backend_port"
+        echo
+        echo "[pgbouncer]"
+        echo "listen_addr = 127.0.0.1"
+        echo "listen_port = $PORT"
+        echo "unix_socket_dir = $BASE"
+        echo "auth_type = trust"
+        echo "auth_file = $BASE/userlist.txt"
+        echo "auth_user = postgres"
+        echo 'auth_query = SELECT usename, passwd FROM pg_shadow WHERE usename = $1'
+        echo "pool_mode = transaction"
+        echo "max_client_conn = 2000"
+        echo "default_pool_size = 60"
+        echo "logfile = $BASE/pgbouncer.log"
+        echo "pidfile = $BASE/pgbouncer.pid"
+    } >"$BASE/pgbouncer.ini"
+    echo '"postgres" ""' >"$BASE/userlist.txt"
+    if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$BASE/pgbouncer.ini" "$BASE/userlist.txt"; fi
+    as_pg pgbouncer -d "$BASE/pgbouncer.ini" >/dev/null
+    local i
+    for i in $(seq 1 50); do
+        if as_pg "$BINDIR/psql" -qAt -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -c "SELECT 1" >/dev/null 2>&1; then
+            echo "$URL"
+            return
+        fi
+        sleep 0.1
+    done
+    tail -n 20 "$BASE/pgbouncer.log" >&2 || true
+    exit 1
+}
+
+stop_pooler() {
+    if [ -f "$BASE/pgbouncer.pid" ] && kill "$(cat "$BASE/pgbouncer.pid")" 2>/dev/null; then
+        rm -f "$BASE/pgbouncer.pid"
+        echo "stopped"
+    else
+        echo "not running"
+    fi
+}
+
 # Stops the coordinator and the workers.
 stop_citus() {
     local node stopped=0
@@ -223,7 +293,9 @@ stop() {
 
 case "$COMMAND" in
     start)
-        if [ "$MODE" = citus ]; then
+        if [ "$MODE" = pooler ]; then
+            start_pooler
+        elif [ "$MODE" = citus ]; then
             start_citus
         elif [ "$MODE" = citus-node ]; then
             # One more node that preloads Citus, for a test to add to a cluster as a worker.
@@ -233,12 +305,15 @@ case "$COMMAND" in
             start
         fi
         ;;
-    stop) if [ "$MODE" = citus ]; then stop_citus; else stop; fi ;;
+    stop)
+        if [ "$MODE" = citus ]; then stop_citus
+        elif [ "$MODE" = pooler ]; then stop_pooler
+        else stop; fi ;;
     status) if is_running; then echo "running: $URL"; else echo "not running"; exit 3; fi ;;
     url) echo "$URL" ;;
     env) echo "export DATABASE_URL=$URL" ;;
     *)
-        echo "usage: scripts/db.sh start|stop|status|url|env [--timescaledb|--citus|--citus-node]" >&2
+        echo "usage: scripts/db.sh start|stop|status|url|env [--timescaledb|--citus|--citus-node|--pooler]" >&2
         exit 2
         ;;
 esac

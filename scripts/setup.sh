@@ -28,6 +28,15 @@ if [ ! -x /usr/bin/chromium ] && [ -z "${CHROMIUM_PATH:-}" ]; then
         echo "setup: install Debian's chromium (or set CHROMIUM_PATH) for the browser test" >&2
     fi
 fi
+# PgBouncer for the pooler test pass (Debian's package; scripts/db.sh start --pooler runs it).
+if ! command -v pgbouncer >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null
+    else
+        echo "setup: install Debian's pgbouncer for the pooler test pass" >&2
+    fi
+fi
 # TimescaleDB for the hypertable test pass: no registry ships it, so the build in
 # ../shared/timescaledb is installed when it is there (root; idempotent).
 if [ -x ../shared/timescaledb/install.sh ] && [ "$(id -u)" = 0 ]; then

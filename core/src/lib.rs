@@ -40,7 +40,7 @@ pub use db::retention::{
 pub use db::sql::quote_table;
 #[cfg(feature = "postgres")]
 pub use db::{
-    config::{RepositoryConfig, StorageMode},
+    config::{Pooler, RepositoryConfig, StorageMode},
     feed::{
         read_all_options, Checkpoint, ConsumerRepair, ConsumerStatus, FeedRebase, Page, SubscribeOptions, Subscription,
     },

@@ -240,9 +240,7 @@ async fn no_partition_or_chunk_opens_another_users_rows() {
     }
 
     // The application role, as bob, names each partition or chunk directly.
-    let url = app.config().database_url.clone();
-    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let c = common::connect(&app.config().database_url).await;
     c.batch_execute(&format!("SET search_path = {schema}")).await.unwrap();
     let mut readable = 0;
     for child in &all {
@@ -403,10 +401,7 @@ async fn definer_functions_ignore_the_callers_temporary_tables() {
     owner.append(event(Uuid::now_v7(), 1)).await.unwrap();
     owner.refresh_analytics(true).await.unwrap();
 
-    let (a, conn) = tokio_postgres::connect(&app.config().database_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let a = common::connect(&app.config().database_url).await;
     a.batch_execute(&format!("SET search_path = {schema}")).await.unwrap();
     // A fake catalog that lists the victim as a child of events_v2 without row-level security,
     // and a fake settings table: at commit the deferred trigger would secure the victim.
@@ -600,10 +595,7 @@ async fn the_application_role_reaches_no_row_but_its_users() {
         }
     }
 
-    let (a, conn) = tokio_postgres::connect(&app.config().database_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let a = common::connect(&app.config().database_url).await;
     a.batch_execute(&format!("SET search_path = {schema}")).await.unwrap();
     for broad in [false, true] {
         if broad {

@@ -368,8 +368,7 @@ async fn snapshots_are_isolated_by_user() {
         let url = app.config().database_url.clone();
         let schema = owner.config().schema.clone().unwrap();
         async move {
-            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-            tokio::spawn(conn);
+            let client = common::connect(&url).await;
             client
                 .execute("SELECT set_config('app.current_user_id', $1, false)", &[&user])
                 .await
@@ -440,10 +439,7 @@ async fn a_snapshot_is_never_stored_for_a_later_stream_with_the_same_id() {
         owner.append(e).await.unwrap();
     }
     // The snapshot's insert waits behind this lock once the fold is done.
-    let (mut l, conn) = tokio_postgres::connect(&owner.config().database_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut l = common::connect(&owner.config().database_url).await;
     l.batch_execute(&format!("SET search_path = {}", owner.config().schema.clone().unwrap()))
         .await
         .unwrap();

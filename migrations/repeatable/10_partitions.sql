@@ -61,10 +61,11 @@ BEGIN
 END
 $$;
 
--- The user policies of events_v2 on every child of events_v2 (native partition or TimescaleDB
--- chunk) that lacks them (synap_isolate_user_rows, 90_security.sql). A child named directly is a
--- table of its own: TimescaleDB copies the hypertable's GRANTs to its chunks but not its
--- policies. Returns how many it secured.
+-- Row-level security on every child of events_v2 (native partition or TimescaleDB chunk) that
+-- lacks it, with no policy: a child named directly is a table of its own (TimescaleDB copies the
+-- hypertable's GRANTs to its chunks), and with no policy no role but the owner reads or writes a
+-- row of it, whatever it is granted. Reads and writes through events_v2 are held by events_v2's
+-- own policies (PostgreSQL applies the parent's there). Returns how many it secured.
 --
 -- SECURITY DEFINER: a chunk is created by whichever role's insert needs it (the application
 -- role's, usually), and only the owner may alter it. EXECUTE is the owner's alone; the trigger
@@ -81,12 +82,9 @@ BEGIN
     FOR part IN
         SELECT i.inhrelid::regclass
           FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-         WHERE i.inhparent = 'events_v2'::regclass
-           AND NOT (c.relrowsecurity
-                    AND EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid AND p.polname = 'events_v2_user_select')
-                    AND EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid AND p.polname = 'events_v2_user_insert'))
+         WHERE i.inhparent = 'events_v2'::regclass AND NOT c.relrowsecurity
     LOOP
-        PERFORM synap_isolate_user_rows(part, 'events_v2', ARRAY['SELECT', 'INSERT']);
+        EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', part);
         secured := secured + 1;
     END LOOP;
     RETURN secured;

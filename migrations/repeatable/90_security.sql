@@ -41,8 +41,8 @@ REVOKE ALL ON FUNCTION synap_isolate_user_rows(regclass, text, text[]) FROM PUBL
 
 -- The tables with a user's rows: the application role reads its user's rows, appends events (with
 -- their ids and streams) and advances its user's streams. Nothing else: it changes or removes no
--- event, and snapshots are the owner's to write. Every partition and chunk of events_v2 gets the
--- policies of events_v2 (synap_secure_partitions).
+-- event, and snapshots are the owner's to write. Every partition and chunk of events_v2 has
+-- row-level security and no policy (synap_secure_partitions): it is reached through events_v2.
 SELECT synap_isolate_user_rows('events_v2', 'events_v2', ARRAY['SELECT', 'INSERT']);
 SELECT synap_isolate_user_rows('events_v2_ids', 'events_v2_ids', ARRAY['SELECT', 'INSERT']);
 SELECT synap_isolate_user_rows('event_streams', 'event_streams', ARRAY['SELECT', 'INSERT', 'UPDATE']);

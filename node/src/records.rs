@@ -347,6 +347,14 @@ pub struct RepositoryOptions {
     /// snapshot stores a snapshot of its result. Default: none (only `snapshot()` and retention
     /// write them).
     pub snapshot_every: Option<f64>,
+    /// `transaction` when the connection string goes through a transaction-mode pooler
+    /// (PgBouncer, Neon's or Supabase's pooled URL), `none` when it does not; default `auto`:
+    /// `?pooler=transaction` or `?pgbouncer=true` in the URL, a Neon `-pooler` host or port 6543
+    /// say so (docs/api.md, "Connection poolers").
+    pub pooler: Option<String>,
+    /// Through a transaction-mode pooler: a direct URL for `subscribe`'s LISTEN (Neon's
+    /// unpooled URL). Without it, subscribers there poll (`pollIntervalMs`).
+    pub listen_url: Option<String>,
 }
 
 /// Options of `migrateLegacyEvents`.

@@ -524,6 +524,8 @@ fn source_of(env: &Env, options: Option<Unknown>) -> core::Result<Source> {
         "maxDataBytes",
         "dualWriteLegacyTable",
         "snapshotEvery",
+        "pooler",
+        "listenUrl",
     ];
     let as_config = |e: core::Error| match e {
         core::Error::Validation { message, .. } => core::Error::InvalidConfig { message },
@@ -581,6 +583,10 @@ fn source_of(env: &Env, options: Option<Unknown>) -> core::Result<Source> {
     }
     config.dual_write_legacy_table = string("dualWriteLegacyTable")?;
     config.snapshot_every = count("snapshotEvery")?;
+    if let Some(pooler) = string("pooler")? {
+        config.pooler = core::Pooler::parse(&pooler)?;
+    }
+    config.listen_url = string("listenUrl")?;
     Ok(Source::Config(Box::new(config)))
 }
 

@@ -46,6 +46,44 @@ impl StorageMode {
     }
 }
 
+/// How the repository's connections reach PostgreSQL (docs/api.md, "Connection poolers").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pooler {
+    /// Decided from the connection string: `pooler=transaction` or `pooler=none` in its query
+    /// (taken out before connecting), or `pgbouncer=true` (Prisma's flag); a host name with
+    /// `-pooler.` in it (Neon's pooled endpoints) or port 6543 (Supabase's transaction pooler)
+    /// means a transaction-mode pooler. Otherwise a direct connection.
+    #[default]
+    Auto,
+    /// A direct connection (or a pooler in session mode): the schema, the statement timeout and
+    /// the other settings are the connections' startup parameters, and statements are prepared
+    /// once per connection.
+    None,
+    /// A pooler in transaction mode (PgBouncer, Neon's and Supabase's pooled URLs): consecutive
+    /// transactions of one connection may run on different server connections, so nothing of a
+    /// session is used. Every call runs in transactions that begin with `SET LOCAL` of the
+    /// settings; no named statement outlives its transaction; `subscribe` polls (or listens on
+    /// [`RepositoryConfig::listen_url`]); the legacy migration refuses to run (it needs session
+    /// locks: give it a direct URL).
+    Transaction,
+}
+
+impl Pooler {
+    /// Parses `auto`, `none` or `transaction`.
+    ///
+    /// Fails with [`Error::InvalidConfig`] for anything else.
+    pub fn parse(s: &str) -> Result<Pooler> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(Pooler::Auto),
+            "none" | "session" => Ok(Pooler::None),
+            "transaction" => Ok(Pooler::Transaction),
+            other => Err(Error::InvalidConfig {
+                message: format!("pooler must be auto, none or transaction, not \"{other}\""),
+            }),
+        }
+    }
+}
+
 /// Settings of an [`crate::EventRepository`].
 #[derive(Debug, Clone)]
 pub struct RepositoryConfig {
@@ -76,6 +114,13 @@ pub struct RepositoryConfig {
     /// snapshot stores a snapshot of its result, so the next replay folds only what came after.
     /// `None` (the default): snapshots are written only by `snapshot()` and retention.
     pub snapshot_every: Option<u32>,
+    /// Whether the connection string goes through a transaction-mode pooler. Default
+    /// [`Pooler::Auto`].
+    pub pooler: Pooler,
+    /// A direct (unpooled) connection string for `subscribe`'s LISTEN when the connections go
+    /// through a transaction-mode pooler, which cannot hold a LISTEN (Neon's "unpooled" URL).
+    /// Without it, subscribers there find new events by polling (`pollIntervalMs`).
+    pub listen_url: Option<String>,
 }
 
 impl RepositoryConfig {
@@ -92,6 +137,8 @@ impl RepositoryConfig {
             limits: Limits::default(),
             dual_write_legacy_table: None,
             snapshot_every: None,
+            pooler: Pooler::Auto,
+            listen_url: None,
         }
     }
 
@@ -141,5 +188,68 @@ impl RepositoryConfig {
             crate::db::sql::quote_table(table)?;
         }
         Ok(())
+    }
+}
+
+/// The connection string without the repository's own `pooler=` and `pgbouncer=` parameters
+/// (which PostgreSQL does not know), and what they say. A `key=value` string is returned as it is.
+pub(crate) fn split_pooler(url: &str) -> Result<(String, Option<Pooler>)> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), None));
+    };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Ok((url.to_owned(), None));
+    }
+    let mut pooler = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("pooler", value)) => pooler = Some(Pooler::parse(value)?),
+            Some(("pgbouncer", "true")) => pooler = Some(Pooler::Transaction),
+            Some(("pgbouncer", _)) => {}
+            _ if pair.is_empty() => {}
+            _ => kept.push(pair),
+        }
+    }
+    let url = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((url, pooler))
+}
+
+/// Whether a parsed connection string names a known transaction-mode pooler: Neon's pooled
+/// endpoints (`-pooler.` in the host name) or Supabase's transaction pooler (port 6543).
+pub(crate) fn looks_pooled(config: &tokio_postgres::Config) -> bool {
+    let neon = config.get_hosts().iter().any(|h| match h {
+        tokio_postgres::config::Host::Tcp(name) => name.contains("-pooler."),
+        #[cfg(unix)]
+        tokio_postgres::config::Host::Unix(_) => false,
+    });
+    neon || config.get_ports().contains(&6543)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pooler_is_read_from_the_url_and_taken_out_of_it() {
+        let split = |u: &str| split_pooler(u).unwrap();
+        assert_eq!(split("postgres://h/db"), ("postgres://h/db".into(), None));
+        assert_eq!(
+            split("postgres://u@h:6432/db?pooler=transaction&sslmode=disable"),
+            ("postgres://u@h:6432/db?sslmode=disable".into(), Some(Pooler::Transaction))
+        );
+        assert_eq!(split("postgres://h/db?pgbouncer=true"), ("postgres://h/db".into(), Some(Pooler::Transaction)));
+        assert_eq!(split("postgres://h/db?pooler=none"), ("postgres://h/db".into(), Some(Pooler::None)));
+        assert_eq!(split_pooler("postgres://h/db?pooler=maybe").unwrap_err().code(), "INVALID_CONFIG");
+        assert_eq!(split("host=h dbname=d"), ("host=h dbname=d".into(), None));
+        let parsed = |u: &str| u.parse::<tokio_postgres::Config>().unwrap();
+        assert!(looks_pooled(&parsed("postgres://u@ep-cool-name-123456-pooler.us-east-2.aws.neon.tech/db")));
+        assert!(looks_pooled(&parsed("postgres://u@aws-0-eu.pooler.supabase.com:6543/postgres")));
+        assert!(!looks_pooled(&parsed("postgres://u@ep-cool-name-123456.us-east-2.aws.neon.tech/db")));
+        assert!(!looks_pooled(&parsed("postgres://u@127.0.0.1:5432/db")));
     }
 }

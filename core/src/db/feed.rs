@@ -443,18 +443,18 @@ impl EventRepository {
     /// and reads them in index order rather than sorting.
     pub async fn explain_read_all(&self, after: Option<&Checkpoint>, limit: i64) -> Result<String> {
         let after = after.copied().unwrap_or(Checkpoint::START);
-        let client = self.client().await?;
-        let session = Session::Client(&client);
-        let FeedPlan { windows, .. } = plan(&session, after.txid, &after).await?;
-        let Some(window) = windows.iter().find(|w| w.end > after.txid && !w.days.is_empty()) else {
-            return Ok(String::new());
-        };
-        let rows = read_window(&session, &after, window, limit, None, true).await?;
-        Ok(rows
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect::<Vec<_>>()
-            .join("\n"))
+        in_session!(self, |session| {
+            let FeedPlan { windows, .. } = plan(&session, after.txid, &after).await?;
+            let Some(window) = windows.iter().find(|w| w.end > after.txid && !w.days.is_empty()) else {
+                return Ok(String::new());
+            };
+            let rows = read_window(&session, &after, window, limit, None, true).await?;
+            Ok(rows
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n"))
+        })
     }
 
     /// The stored checkpoint of a named consumer, if it has one.
@@ -542,7 +542,7 @@ impl EventRepository {
     /// while it runs.
     pub async fn rebase_feed(&self) -> Result<FeedRebase> {
         self.refuse_scoped("rebase_feed")?;
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let row = client
             .query_one(
                 "SELECT synap_feed_is_current(), (SELECT count(DISTINCT txid) FROM events_v2),
@@ -587,7 +587,7 @@ impl EventRepository {
     /// Every named consumer with its checkpoint, by name.
     pub async fn consumers(&self) -> Result<Vec<ConsumerStatus>> {
         self.refuse_scoped("consumers")?;
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let rows = client
             .query(
                 "SELECT name, txid::text, position, updated_at, needs_repair, synap_feed_identity() \
@@ -717,9 +717,16 @@ impl EventRepository {
         })
     }
 
-    /// A connection outside the pool that LISTENs on `synap_events` and wakes `notify`.
+    /// A connection outside the pool that LISTENs on `synap_events` and wakes `notify`. Through a
+    /// transaction-mode pooler, which cannot hold a LISTEN, it connects to the direct URL given
+    /// for it ([`crate::RepositoryConfig::listen_url`]); without one it fails, and subscribers poll.
     pub(crate) async fn listen(&self, notify: Arc<Notify>) -> Result<tokio_postgres::Client> {
-        let (client, mut connection) = self.pg_config.connect(NoTls).await?;
+        let Some(config) = &self.pg_config else {
+            return Err(Error::InvalidConfig {
+                message: "no direct URL to LISTEN on through a transaction-mode pooler: subscribers poll".into(),
+            });
+        };
+        let (client, mut connection) = config.connect(NoTls).await?;
         tokio::spawn(async move {
             while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                 match message {

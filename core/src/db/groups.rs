@@ -411,7 +411,7 @@ impl EventRepository {
             }
             None => format!("{}-{}", std::process::id(), Uuid::now_v7().simple()),
         };
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         // A member that joins a new group while another makes it waits for the other's insert to
         // commit and then finds no row: its statement's snapshot is older than that commit. The
         // next statement sees the row.
@@ -571,7 +571,7 @@ impl GroupMember {
 
     /// Gives back every partition and leaves the group's members.
     pub async fn leave(&mut self) -> Result<()> {
-        let client = self.repo.client().await?;
+        let mut client = self.repo.client().await?;
         client
             .execute(
                 "UPDATE consumer_group_partitions SET owner = NULL, lease_expires = NULL \
@@ -674,7 +674,7 @@ impl GroupMember {
     async fn take_up_to(&mut self, share: usize) -> Result<bool> {
         let want = (share - self.held.len()) as i64;
         let lease = self.options.lease.as_secs_f64();
-        let client = self.repo.client().await?;
+        let mut client = self.repo.client().await?;
         let rows = client
             .query(
                 "UPDATE consumer_group_partitions p \
@@ -724,7 +724,7 @@ impl GroupMember {
     async fn renew_leases(&mut self) -> Result<(Vec<String>, Vec<(i32, i64, Checkpoint)>)> {
         let lease = self.options.lease.as_secs_f64();
         let group = &self.options.group;
-        let client = self.repo.client().await?;
+        let mut client = self.repo.client().await?;
         let members = client
             .query(
                 "WITH me AS (INSERT INTO consumer_group_members (group_name, member, expires) \
@@ -939,7 +939,7 @@ impl GroupMember {
     /// partition's checkpoint; see [`GroupMember::next_release`]).
     async fn refresh_queue(&mut self) -> Result<()> {
         let held: Vec<i32> = self.held.keys().copied().collect();
-        let client = self.repo.client().await?;
+        let mut client = self.repo.client().await?;
         let rows = client
             .query(
                 "SELECT q.aggregate_id, bool_or(q.state = 'failed'), \
@@ -963,7 +963,7 @@ impl GroupMember {
     async fn next_release(&mut self) -> Result<Option<Delivery>> {
         let limit = self.options.batch_size.min(self.options.max_in_flight);
         let held: Vec<i32> = self.held.keys().copied().collect();
-        let client = self.repo.client().await?;
+        let mut client = self.repo.client().await?;
         let rows = client
             .query(
                 "SELECT q.event_id, q.partition, q.aggregate_id, q.txid::text, q.position \
@@ -1333,12 +1333,17 @@ impl GroupMember {
         // a timeout around the run) must not put the connection back in the pool inside the
         // transaction, where every later statement on it would join the transaction and none
         // would commit.
+        let (client, settings) = self.repo.client().await?.into_parts();
         let tx = ProjectionTx(Arc::new(TxInner {
-            client: Some(self.repo.client().await?),
+            client: Some(client),
             finished: std::sync::atomic::AtomicBool::new(false),
             open: Arc::new(tokio::sync::RwLock::new(true)),
         }));
-        tx.client().batch_execute("BEGIN").await?;
+        match settings {
+            // Through a transaction-mode pooler, the settings a session would have had.
+            Some(settings) => tx.client().batch_execute(&format!("BEGIN; {settings}")).await?,
+            None => tx.client().batch_execute("BEGIN").await?,
+        }
         let handled = handler.handle(events, Some(tx.clone())).await;
         *tx.0.open.write().await = false;
         let outcome = match handled {
@@ -1514,7 +1519,7 @@ impl EventRepository {
     /// Every consumer group with its members, partitions, lag and parked events, by name.
     pub async fn groups(&self) -> Result<Vec<GroupStatus>> {
         self.refuse_scoped("groups")?;
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let groups = client
             .query("SELECT name, partitions FROM consumer_groups ORDER BY name", &[])
             .await?;
@@ -1590,7 +1595,7 @@ impl EventRepository {
     /// Fails with [`Error::Validation`] for an unknown group.
     pub async fn parked(&self, group: &str) -> Result<Vec<ParkedEvent>> {
         self.refuse_scoped("parked")?;
-        let client = self.group_client(group).await?;
+        let mut client = self.group_client(group).await?;
         let rows = client
             .query(
                 "SELECT event_id, aggregate_id, partition, state, attempts, error, parked_at FROM consumer_group_parked \
@@ -1618,7 +1623,7 @@ impl EventRepository {
     /// Fails with [`Error::Validation`] when the group has no such failed event.
     pub async fn retry_parked(&self, group: &str, event_id: Uuid) -> Result<()> {
         self.refuse_scoped("retry_parked")?;
-        let client = self.group_client(group).await?;
+        let mut client = self.group_client(group).await?;
         let n = client
             .execute(
                 "UPDATE consumer_group_parked SET state = 'waiting' \
@@ -1635,7 +1640,7 @@ impl EventRepository {
     /// Fails with [`Error::Validation`] when the group has no such failed event.
     pub async fn skip_parked(&self, group: &str, event_id: Uuid) -> Result<()> {
         self.refuse_scoped("skip_parked")?;
-        let client = self.group_client(group).await?;
+        let mut client = self.group_client(group).await?;
         let n = client
             .execute(
                 "DELETE FROM consumer_group_parked WHERE group_name = $1 AND event_id = $2 AND state = 'failed'",
@@ -1657,9 +1662,9 @@ impl EventRepository {
         Ok(())
     }
 
-    async fn group_client(&self, group: &str) -> Result<deadpool_postgres::Object> {
+    async fn group_client(&self, group: &str) -> Result<crate::db::conn::Conn> {
         check_group(group)?;
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let known = client
             .query_opt("SELECT 1 FROM consumer_groups WHERE name = $1", &[&group])
             .await?;

@@ -735,6 +735,7 @@ impl EventRepository {
         progress: &mut (dyn FnMut(&LegacyMigrationProgress) + Send),
     ) -> Result<LegacyMigrationReport> {
         self.refuse_scoped("migrate_legacy_events")?;
+        self.refuse_pooled("migrate_legacy_events")?;
         let legacy = quote_table(&options.legacy_table)?;
         if options.batch_size == 0 || options.batch_size > 100_000 {
             return Err(Error::InvalidConfig {
@@ -749,8 +750,8 @@ impl EventRepository {
         let started = Instant::now();
         // The connections leave the pool: they close when the run ends, which also releases the
         // session advisory locks even when the run fails half way.
-        let mut reader = deadpool_postgres::Object::take(self.client().await?);
-        let writer = deadpool_postgres::Object::take(self.client().await?);
+        let mut reader = deadpool_postgres::Object::take(self.object().await?);
+        let writer = deadpool_postgres::Object::take(self.object().await?);
         check_legacy_table(&*reader, &options.legacy_table).await?;
         let key = table_key(&*reader, &options.legacy_table).await?;
         let table = key.as_str();
@@ -812,7 +813,7 @@ impl EventRepository {
             OnInvalid::Skip => options.writers,
         };
         while writers.len() < lanes {
-            writers.push(deadpool_postgres::Object::take(self.client().await?));
+            writers.push(deadpool_postgres::Object::take(self.object().await?));
         }
         // The reader records the run's progress: a later run must wait for it as for a writer.
         for client in writers.iter().map(|w| &**w).chain([reader]) {
@@ -1048,7 +1049,7 @@ impl EventRepository {
         // TimescaleDB chunks are created by a connection of their own, ahead of the writers.
         let mut chunk_client = match days.is_empty() {
             true => None,
-            false => self.client().await.ok(),
+            false => self.object().await.ok(),
         };
         let chunks = async {
             if let Some(client) = chunk_client.as_mut() {
@@ -1861,8 +1862,9 @@ impl EventRepository {
     /// Fails with [`Error::LegacyTableNotFound`] or [`Error::InvalidConfig`] for a bad table.
     pub async fn verify_legacy(&self, legacy_table: &str) -> Result<VerifyReport> {
         self.refuse_scoped("verify_legacy")?;
+        self.refuse_pooled("verify_legacy")?;
         quote_table(legacy_table)?;
-        let mut client = self.client().await?;
+        let mut client = self.object().await?;
         let tx = client
             .build_transaction()
             .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -1891,13 +1893,14 @@ impl EventRepository {
         accept_lost: bool,
     ) -> Result<DropLegacyReport> {
         self.refuse_scoped("drop_legacy_table")?;
+        self.refuse_pooled("drop_legacy_table")?;
         let legacy = quote_table(legacy_table)?;
         if !confirm {
             return Err(Error::ConfirmationRequired {
                 action: format!("dropping the legacy table \"{legacy_table}\""),
             });
         }
-        let mut client = self.client().await?;
+        let mut client = self.object().await?;
         let tx = client.transaction().await?;
         let key = table_key(&*tx, legacy_table).await?;
         // Readers go on; writers wait, so nothing lands between the verify and the drop.

@@ -256,7 +256,7 @@ const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.
 /// database.
 const EXTENSION_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('synap.timescaledb_extension'))";
 
-pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) -> Result<MigrationReport> {
+pub(crate) async fn run(client: &mut crate::db::conn::Conn, mode: StorageMode) -> Result<MigrationReport> {
     {
         let tx = client.transaction().await?;
         // A configured statement timeout is for the application's queries, not schema changes
@@ -303,10 +303,10 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) 
             tx.batch_execute(EXTENSION_LOCK).await?;
         }
         if migration.version == 1 && mode == StorageMode::Timescaledb {
-            check_timescaledb(&tx).await?;
+            check_timescaledb(&*tx).await?;
         }
         if migration.version == 1 && mode == StorageMode::Citus {
-            check_citus(&tx).await?;
+            check_citus(&*tx).await?;
         }
         let started = Instant::now();
         tx.execute("SELECT set_config('synap.storage_mode', $1, true)", &[&mode.as_str()])
@@ -341,7 +341,7 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client, mode: StorageMode) 
 /// Applies every repeatable file, in order and in one transaction, when one of them changed
 /// since the last run or `versioned_applied` (a versioned file ran, which may have replaced what
 /// they define); returns the names applied.
-async fn apply_repeatable(client: &mut tokio_postgres::Client, versioned_applied: bool) -> Result<Vec<String>> {
+async fn apply_repeatable(client: &mut crate::db::conn::Conn, versioned_applied: bool) -> Result<Vec<String>> {
     let tx = client.transaction().await?;
     tx.batch_execute(NO_TIMEOUT).await?;
     tx.batch_execute(LOCK).await?;
@@ -444,7 +444,7 @@ async fn check_citus(client: &impl tokio_postgres::GenericClient) -> Result<()> 
     })
 }
 
-pub(crate) async fn status(client: &tokio_postgres::Client) -> Result<Vec<MigrationStatus>> {
+pub(crate) async fn status(client: &mut crate::db::conn::Conn) -> Result<Vec<MigrationStatus>> {
     let exists: bool = client
         .query_one("SELECT to_regclass('synap_migrations') IS NOT NULL", &[])
         .await?

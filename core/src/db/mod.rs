@@ -1,6 +1,7 @@
 //! The PostgreSQL layer.
 
 pub mod config;
+pub(crate) mod conn;
 pub mod feed;
 mod feed_plan;
 pub mod groups;

@@ -418,10 +418,7 @@ impl EventRepository {
     {
         let mut client = self.client().await?;
         let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
+            .transaction_with(tokio_postgres::IsolationLevel::RepeatableRead, true)
             .await?;
         if let Some(user) = &self.scope {
             tx.batch_execute(&set_user_sql(user)).await?;

@@ -10,7 +10,8 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
-use crate::db::config::RepositoryConfig;
+use crate::db::config::{Pooler, RepositoryConfig};
+use crate::db::conn::Conn;
 use crate::db::json::StoredJson;
 use crate::db::migrate::{self, MigrationReport, MigrationStatus};
 use crate::db::sql::{feed_days_ctes, feed_days_mark, stream_guard_ctes};
@@ -31,8 +32,12 @@ pub struct EventRepository {
     /// Set by [`EventRepository::for_user`]: every call runs in a transaction that first sets
     /// `app.current_user_id` with `SET LOCAL` semantics, which the row-level security policies read.
     pub(crate) scope: Option<std::sync::Arc<str>>,
-    /// The connection settings, for the subscription's LISTEN connection outside the pool.
-    pub(crate) pg_config: std::sync::Arc<tokio_postgres::Config>,
+    /// The connection settings of the subscriptions' LISTEN connections, outside the pool;
+    /// `None` through a transaction-mode pooler without a direct URL for them (they poll).
+    pub(crate) pg_config: Option<std::sync::Arc<tokio_postgres::Config>>,
+    /// Through a transaction-mode pooler: the `SET LOCAL` statements every transaction begins
+    /// with (crate::db::conn).
+    pooled: Option<std::sync::Arc<str>>,
     /// Set once the dual-write legacy table's history is known to be migrated.
     dual_write_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Subscriber wake-ups ([`EventRepository::wake_subscribers`]).
@@ -59,123 +64,7 @@ struct Wake {
 /// (0.4 ms an append) would otherwise pay for a `pg_notify` after each one.
 const WAKE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// The statements that set the user for row-level security until the end of the current
-/// transaction only, so that a pooled connection never carries it into another caller's query.
-/// `SET LOCAL` rather than `set_config`: on Citus the policies of distributed tables run on the
-/// workers, and Citus passes a transaction's `SET LOCAL` commands on to them when
-/// `citus.propagate_set_commands` says so (set here for the transaction too; elsewhere a
-/// placeholder that nothing reads). The user id is a validated string without NUL, written as an
-/// escape string literal, so that its quotes and backslashes read back unchanged whatever
-/// `standard_conforming_strings` says.
-pub(crate) fn set_user_sql(user: &str) -> String {
-    let mut literal = String::with_capacity(user.len() + 3);
-    literal.push_str("E'");
-    for c in user.chars() {
-        if c == '\\' || c == '\'' {
-            literal.push('\\');
-        }
-        literal.push(c);
-    }
-    literal.push('\'');
-    format!("SET LOCAL citus.propagate_set_commands = 'local'; SET LOCAL app.current_user_id = {literal}")
-}
-
-/// A pooled connection, or a transaction on one: the same queries run on either.
-pub(crate) enum Session<'a, 'b> {
-    Client(&'a deadpool_postgres::ClientWrapper),
-    Tx(&'a deadpool_postgres::Transaction<'b>),
-}
-
-impl Session<'_, '_> {
-    pub(crate) async fn prepare_cached(&self, sql: &str) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
-        match self {
-            Session::Client(c) => c.prepare_cached(sql).await,
-            Session::Tx(t) => t.prepare_cached(sql).await,
-        }
-    }
-
-    pub(crate) async fn query<T>(
-        &self,
-        statement: &T,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, tokio_postgres::Error>
-    where
-        T: ?Sized + tokio_postgres::ToStatement,
-    {
-        match self {
-            Session::Client(c) => c.query(statement, params).await,
-            Session::Tx(t) => t.query(statement, params).await,
-        }
-    }
-
-    /// A query as an unnamed statement with its parameter types given: one round trip, and
-    /// PostgreSQL plans it for the values at hand every time (partitions and chunks pruned while
-    /// planning), where a prepared statement may switch to a generic plan.
-    pub(crate) async fn query_typed(
-        &self,
-        statement: &str,
-        params: &[(&(dyn ToSql + Sync), tokio_postgres::types::Type)],
-    ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        match self {
-            Session::Client(c) => c.query_typed(statement, params).await,
-            Session::Tx(t) => t.query_typed(statement, params).await,
-        }
-    }
-
-    pub(crate) async fn query_opt<T>(
-        &self,
-        statement: &T,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Option<Row>, tokio_postgres::Error>
-    where
-        T: ?Sized + tokio_postgres::ToStatement,
-    {
-        match self {
-            Session::Client(c) => c.query_opt(statement, params).await,
-            Session::Tx(t) => t.query_opt(statement, params).await,
-        }
-    }
-
-    pub(crate) async fn query_one<T>(
-        &self,
-        statement: &T,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Row, tokio_postgres::Error>
-    where
-        T: ?Sized + tokio_postgres::ToStatement,
-    {
-        match self {
-            Session::Client(c) => c.query_one(statement, params).await,
-            Session::Tx(t) => t.query_one(statement, params).await,
-        }
-    }
-}
-
-/// Runs `$body` with `$s` bound to a connection, or, for a user-scoped repository, to a
-/// transaction that has set `app.current_user_id` (committed when `$body` succeeds, rolled back
-/// when it fails). `$body` evaluates to a `Result`.
-macro_rules! in_session {
-    ($repo:expr, |$s:ident| $body:block) => {{
-        let mut client = $repo.client().await?;
-        match $repo.scope.clone() {
-            None => {
-                let $s = Session::Client(&client);
-                async { $body }.await
-            }
-            Some(user) => {
-                let tx = client.transaction().await?;
-                tx.batch_execute(&$crate::db::repository::set_user_sql(&user)).await?;
-                let $s = Session::Tx(&tx);
-                let out: Result<_> = async { $body }.await;
-                if out.is_ok() {
-                    tx.commit().await?;
-                }
-                out
-            }
-        }
-    }};
-}
-pub(crate) use in_session;
+pub(crate) use crate::db::conn::{in_session, set_user_sql, Session};
 
 impl std::fmt::Debug for EventRepository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -329,6 +218,26 @@ impl TimeSpan {
     }
 }
 
+/// A direct connection's session settings, as its startup `options`: the schema, the statement
+/// timeout, and Citus's per-shard deadlock prevention turned off.
+fn with_session_options(pg: &mut tokio_postgres::Config, config: &RepositoryConfig) {
+    let mut options = pg.get_options().map(str::to_owned).unwrap_or_default();
+    if let Some(schema) = &config.schema {
+        options.push_str(&format!(" -c search_path={schema}"));
+    }
+    if let Some(timeout) = config.statement_timeout {
+        options.push_str(&format!(" -c statement_timeout={}", timeout.as_millis().max(1)));
+    }
+    // On Citus, a write over several shards takes a lock per shard that conflicts with every
+    // other such write, shard by shard as each part of the statement runs: two batches whose
+    // parts reach the shards in different orders deadlock although they share no aggregate.
+    // Without those locks only row locks remain, as on one server (batches that share
+    // aggregates in a different order meet Citus's deadlock detection, a retryable
+    // TRANSACTION_CONFLICT). Elsewhere the setting is a placeholder that nothing reads.
+    options.push_str(" -c citus.enable_deadlock_prevention=off");
+    pg.options(options.trim());
+}
+
 /// The append statements, with the dual-write CTEs spliced in when a legacy table is configured:
 /// the legacy row and its `legacy_migration_map` row are written by the same statement as the
 /// event, so they commit or roll back together.
@@ -418,31 +327,48 @@ impl EventRepository {
     /// Fails with [`Error::InvalidConfig`] when the connection string or settings are invalid.
     pub fn new(config: RepositoryConfig) -> Result<EventRepository> {
         config.check()?;
-        let mut pg: tokio_postgres::Config = config.database_url.parse().map_err(|e| Error::InvalidConfig {
-            message: format!("cannot parse the connection string: {e}"),
-        })?;
-        pg.connect_timeout(config.connect_timeout);
-        if pg.get_application_name().is_none() {
-            pg.application_name("synap-events");
-        }
-        let mut options = pg.get_options().map(str::to_owned).unwrap_or_default();
-        if let Some(schema) = &config.schema {
-            options.push_str(&format!(" -c search_path={schema}"));
-        }
-        if let Some(timeout) = config.statement_timeout {
-            options.push_str(&format!(" -c statement_timeout={}", timeout.as_millis().max(1)));
-        }
-        // On Citus, a write over several shards takes a lock per shard that conflicts with every
-        // other such write, shard by shard as each part of the statement runs: two batches whose
-        // parts reach the shards in different orders deadlock although they share no aggregate.
-        // Without those locks only row locks remain, as on one server (batches that share
-        // aggregates in a different order meet Citus's deadlock detection, a retryable
-        // TRANSACTION_CONFLICT). Elsewhere the setting is a placeholder that nothing reads.
-        options.push_str(" -c citus.enable_deadlock_prevention=off");
-        if !options.trim().is_empty() {
-            pg.options(options.trim());
-        }
-        let pg_config = std::sync::Arc::new(pg.clone());
+        let (url, pooler_in_url) = crate::db::config::split_pooler(&config.database_url)?;
+        let parse = |url: &str| -> Result<tokio_postgres::Config> {
+            let mut pg: tokio_postgres::Config = url.parse().map_err(|e| Error::InvalidConfig {
+                message: format!("cannot parse the connection string: {e}"),
+            })?;
+            pg.connect_timeout(config.connect_timeout);
+            if pg.get_application_name().is_none() {
+                pg.application_name("synap-events");
+            }
+            Ok(pg)
+        };
+        let mut pg = parse(&url)?;
+        let pooled = match (config.pooler, pooler_in_url) {
+            (Pooler::Transaction, _) => true,
+            (Pooler::None, _) => false,
+            (Pooler::Auto, Some(p)) => p == Pooler::Transaction,
+            (Pooler::Auto, None) => crate::db::config::looks_pooled(&pg),
+        };
+        // Through a transaction-mode pooler no startup parameter but PgBouncer's own may be sent
+        // (it refuses `options`), and a session's settings would not last: every transaction
+        // sets them instead (crate::db::conn).
+        let settings = pooled.then(|| {
+            std::sync::Arc::<str>::from(crate::db::conn::pooled_settings(
+                config.schema.as_deref(),
+                config.statement_timeout.map(|t| t.as_millis()),
+            ))
+        });
+        // The LISTEN of subscriptions needs a session: the connection string itself, or through
+        // a pooler the direct one given for it (none: subscribers poll).
+        let listen = match (&settings, &config.listen_url) {
+            (None, _) => {
+                with_session_options(&mut pg, &config);
+                Some(std::sync::Arc::new(pg.clone()))
+            }
+            (Some(_), Some(direct)) => {
+                let (direct, _) = crate::db::config::split_pooler(direct)?;
+                let mut listen = parse(&direct)?;
+                with_session_options(&mut listen, &config);
+                Some(std::sync::Arc::new(listen))
+            }
+            (Some(_), None) => None,
+        };
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -466,7 +392,8 @@ impl EventRepository {
             append_sql,
             append_batch_sql,
             scope: None,
-            pg_config,
+            pooled: settings,
+            pg_config: listen,
             dual_write_ready: Default::default(),
             wake: Default::default(),
             routed_append: Default::default(),
@@ -533,13 +460,40 @@ impl EventRepository {
         self.pool.close();
     }
 
-    pub(crate) async fn client(&self) -> Result<Object> {
-        self.pool.get().await.map_err(|e| match Error::from(e) {
+    pub(crate) async fn client(&self) -> Result<Conn> {
+        let client = self.pool.get().await.map_err(|e| match Error::from(e) {
             Error::PoolTimeout { .. } => Error::PoolTimeout {
                 timeout_ms: self.config.acquire_timeout.as_millis() as u64,
             },
             other => other,
-        })
+        })?;
+        Ok(Conn::new(client, self.pooled.clone()))
+    }
+
+    /// A pooled connection as it is, for what needs a session of its own and refuses to run
+    /// through a transaction-mode pooler ([`EventRepository::refuse_pooled`]): the legacy
+    /// migration's reader and writers.
+    pub(crate) async fn object(&self) -> Result<Object> {
+        Ok(self.client().await?.into_parts().0)
+    }
+
+    /// Whether this repository's connections go through a transaction-mode pooler.
+    pub fn through_pooler(&self) -> bool {
+        self.pooled.is_some()
+    }
+
+    /// Fails with [`Error::InvalidConfig`] through a transaction-mode pooler: `call` needs a
+    /// session of its own (session locks, several connections in step).
+    pub(crate) fn refuse_pooled(&self, call: &str) -> Result<()> {
+        if self.through_pooler() {
+            return Err(Error::InvalidConfig {
+                message: format!(
+                    "{call} needs a direct connection (it holds session locks, which a transaction-mode pooler cannot keep): \
+                     run it with the database's direct URL"
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn limits(&self) -> &Limits {
@@ -566,14 +520,14 @@ impl EventRepository {
     /// Which migrations have run.
     pub async fn migration_status(&self) -> Result<Vec<MigrationStatus>> {
         self.refuse_scoped("migration_status")?;
-        let client = self.client().await?;
-        migrate::status(&client).await
+        let mut client = self.client().await?;
+        migrate::status(&mut client).await
     }
 
     /// `timescaledb` or `native`, as chosen by the first migration.
     pub async fn storage_mode(&self) -> Result<String> {
         self.refuse_scoped("storage_mode")?;
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         Ok(client
             .query_one("SELECT value FROM synap_settings WHERE key = 'storage_mode'", &[])
             .await?
@@ -639,7 +593,7 @@ impl EventRepository {
             return Ok(());
         }
         let quoted = crate::db::sql::quote_table(table)?;
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let migrated: bool = client
             .query_one(
                 &format!(
@@ -908,7 +862,8 @@ impl EventRepository {
         let sorted_takes_now: Vec<bool> = order.iter().map(|&i| agg_spans[i].takes_now).collect();
 
         let mut client = self.client().await?;
-        let stmt = client.prepare_cached(&self.append_batch_sql).await?;
+        let pooled = client.pooled();
+        let user_sql = self.scope.as_deref().map(set_user_sql).unwrap_or_default();
         let params: [&(dyn ToSql + Sync); 20] = [
             &ids,
             &timestamps,
@@ -938,14 +893,15 @@ impl EventRepository {
         let mut deadlocks = 0;
         let mut raced = 0;
         let mut rows = loop {
-            let tx = client.transaction().await?;
-            if let Some(user) = &self.scope {
-                tx.batch_execute(&set_user_sql(user)).await?;
-            }
+            let tx = client.begin(&user_sql).await?;
             // The id of a unique violation on the id registry: row-level security may hide the
             // stored event that holds it (another user's) from the diagnosis below.
             let mut duplicate = None;
-            match tx.query(&stmt, &params).await {
+            let inserted = match Session::Tx(&tx, pooled).prepare_cached(&self.append_batch_sql).await {
+                Ok(stmt) => tx.query(&stmt, &params).await,
+                Err(e) => Err(e),
+            };
+            match inserted {
                 Ok(rows) if rows.len() == n => {
                     tx.commit().await?;
                     break rows;
@@ -966,11 +922,8 @@ impl EventRepository {
             tx.rollback().await?;
             // Look at the committed state (in a transaction of its own, which carries a scoped
             // user).
-            let tx = client.transaction().await?;
-            if let Some(user) = &self.scope {
-                tx.batch_execute(&set_user_sql(user)).await?;
-            }
-            let session = Session::Tx(&tx);
+            let tx = client.begin(&user_sql).await?;
+            let session = Session::Tx(&tx, pooled);
             let outcome = match stored_batch(&session, &events, &ids).await {
                 Ok(Some(stored)) => Ok(Some(stored)),
                 Ok(None) => match duplicate {
@@ -1130,7 +1083,7 @@ impl EventRepository {
     /// The query plan of [`EventRepository::get_aggregate_stream`] for this aggregate, as
     /// PostgreSQL's text EXPLAIN (to check which chunks or partitions a read touches).
     pub async fn explain_aggregate_stream(&self, aggregate_id: Uuid) -> Result<String> {
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let Some(span) = client
             .query_opt(
                 "SELECT first_timestamp, last_timestamp FROM event_streams WHERE aggregate_id = $1",
@@ -1209,7 +1162,7 @@ impl EventRepository {
         let since = Utc::now() - chrono::Duration::days(days);
         let limit = validate::check_limit("limit", options.limit, limits)?;
         let aggregate_types = matchable(options.aggregate_types.as_deref());
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let rows = client
             .query(
                 &format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {USER_STREAM_SQL}"),
@@ -1277,7 +1230,7 @@ impl EventRepository {
     /// (every day when `full`). Returns how many days were recomputed. Appends wait while it runs.
     pub async fn refresh_analytics(&self, full: bool) -> Result<i32> {
         self.refuse_scoped("refresh_analytics")?;
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         Ok(client
             .query_one("SELECT refresh_events_daily($1)", &[&full])
             .await?

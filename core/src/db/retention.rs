@@ -447,12 +447,16 @@ impl EventRepository {
     /// and legacy migration bookkeeping. Counts are exact (they scan).
     pub async fn stats(&self) -> Result<StoreStats> {
         self.refuse_scoped("stats")?;
-        let client = self.client().await?;
-        let mode: String = client
+        let mut client = self.client().await?;
+        // One snapshot of the store (and one transaction through a pooler).
+        let tx = client
+            .transaction_with(tokio_postgres::IsolationLevel::RepeatableRead, true)
+            .await?;
+        let mode: String = tx
             .query_one("SELECT value FROM synap_settings WHERE key = 'storage_mode'", &[])
             .await?
             .get(0);
-        let row = client
+        let row = tx
             .query_one(
                 "SELECT (SELECT count(*) FROM events_v2), (SELECT count(*) FROM event_streams),
                         (SELECT min(first_timestamp) FROM event_streams), (SELECT max(last_timestamp) FROM event_streams),
@@ -461,11 +465,11 @@ impl EventRepository {
             )
             .await?;
         let (partitions, default_rows): (i64, i64) = if mode == "timescaledb" {
-            let n: i64 = client
+            let n: i64 = tx
                 .query_one(
                     &format!(
                         "SELECT count(*) FROM {}.show_chunks('events_v2'::regclass)",
-                        timescaledb_schema(&**client).await?
+                        timescaledb_schema(&*tx).await?
                     ),
                     &[],
                 )
@@ -473,19 +477,20 @@ impl EventRepository {
                 .get(0);
             (n, 0)
         } else {
-            let n = client.query(PARTITIONS_SQL, &[]).await?.len() as i64;
-            let d: i64 = client
+            let n = tx.query(PARTITIONS_SQL, &[]).await?.len() as i64;
+            let d: i64 = tx
                 .query_one("SELECT count(*) FROM events_v2_default", &[])
                 .await?
                 .get(0);
             (n, d)
         };
-        let legacy = client
+        let legacy = tx
             .query(
                 "SELECT legacy_table, migrated, failed, updated_at, finished_at FROM legacy_migration_runs ORDER BY 1",
                 &[],
             )
             .await?;
+        tx.commit().await?;
         Ok(StoreStats {
             storage_mode: mode,
             events: row.get(0),

@@ -29,6 +29,38 @@ pub fn database_url() -> String {
     std::env::var("DATABASE_URL").expect("DATABASE_URL must point at a PostgreSQL server: run `eval $(scripts/db.sh start >/dev/null; scripts/db.sh env)`")
 }
 
+/// Whether this pass reaches the server through a transaction-mode pooler (scripts/test.sh's
+/// pooler pass): DATABASE_URL is then the pooler's, for repositories, and SYNAP_TEST_DIRECT_URL the
+/// server's, for a test's own statements.
+pub fn pooled() -> bool {
+    std::env::var("SYNAP_TEST_DIRECT_URL").is_ok_and(|u| !u.is_empty())
+}
+
+/// `url` (DATABASE_URL or a role's URL made from it) on the server directly, without the
+/// repository's `pooler=` parameter.
+pub fn direct(url: &str) -> String {
+    let Ok(server) = std::env::var("SYNAP_TEST_DIRECT_URL") else {
+        return url.to_owned();
+    };
+    let host_of = |u: &str| {
+        let rest = u.split_once("://").map_or(u, |(_, r)| r);
+        let rest = rest.split_once('@').map_or(rest, |(_, r)| r);
+        rest.split(['/', '?']).next().unwrap_or("").to_owned()
+    };
+    let base = url.split('?').next().unwrap_or(url);
+    base.replacen(&host_of(&database_url()), &host_of(&server), 1)
+}
+
+/// A plain client for a test's own statements (session settings, locks, LISTEN): on the server
+/// directly, whatever `url` goes through.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&direct(url), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A fresh, empty schema (not migrated).
@@ -39,10 +71,7 @@ pub async fn fresh_schema(tag: &str) -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::SeqCst)
     );
-    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
+    let client = connect(&database_url()).await;
     client
         .batch_execute(&format!(
             "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
@@ -57,6 +86,8 @@ pub fn config(schema: &str) -> RepositoryConfig {
     config.schema = Some(schema.to_owned());
     config.storage_mode = StorageMode::Auto;
     config.pool_size = 16;
+    // Through a pooler, subscribers LISTEN on the server directly.
+    config.listen_url = std::env::var("SYNAP_TEST_DIRECT_URL").ok();
     config
 }
 
@@ -93,10 +124,7 @@ pub async fn repo(tag: &str) -> EventRepository {
 
 /// A plain client on the repository's server whose search_path is the repository's schema.
 pub async fn sql(repo: &EventRepository) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&repo.config().database_url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
+    let client = connect(&repo.config().database_url).await;
     let schema = repo.config().schema.clone().unwrap();
     client
         .batch_execute(&format!("SET search_path = {schema}"))
