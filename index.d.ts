@@ -574,6 +574,18 @@ export interface RepositoryOptions {
    * write them).
    */
   snapshotEvery?: number
+  /**
+   * `transaction` when the connection string goes through a transaction-mode pooler
+   * (PgBouncer, Neon's or Supabase's pooled URL), `none` when it does not; default `auto`:
+   * `?pooler=transaction` or `?pgbouncer=true` in the URL, a Neon `-pooler` host or port 6543
+   * say so (docs/api.md, "Connection poolers").
+   */
+  pooler?: string
+  /**
+   * Through a transaction-mode pooler: a direct URL for `subscribe`'s LISTEN (Neon's
+   * unpooled URL). Without it, subscribers there poll (`pollIntervalMs`).
+   */
+  listenUrl?: string
 }
 
 /** Options of `applyRetention`. */

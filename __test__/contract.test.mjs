@@ -3,8 +3,9 @@
 // has its arguments below):
 // - every options object refuses a key that is not one of its options, naming it, and writes
 //   nothing (a misspelt `dryRun` must never run for real);
-// - every rejection or throw, whatever the arguments, has a `code` from the README's table of
-//   codes and a boolean `retryable`.
+// - every rejection or throw, whatever the arguments, has a `code` from docs/api.md's table of
+//   codes and a boolean `retryable`;
+// - every call is named in docs/api.md.
 import { test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
 import fs from 'node:fs'
@@ -26,15 +27,17 @@ function declaredCalls() {
   return calls
 }
 
-/** The codes of the README's table (the first column of "### Errors"), with the fold's. */
+const apiDoc = () => fs.readFileSync(new URL('../docs/api.md', import.meta.url), 'utf8')
+
+/** The codes of docs/api.md's table (the first column under "### Errors"), with the fold's. */
 function documentedCodes() {
-  const readme = fs.readFileSync(new URL('../README.md', import.meta.url), 'utf8')
-  const table = readme.slice(readme.indexOf('### Errors'), readme.indexOf('\n## ', readme.indexOf('### Errors')))
+  const doc = apiDoc()
+  const table = doc.slice(doc.indexOf('### Errors'), doc.indexOf('\n## ', doc.indexOf('### Errors')))
   const codes = new Set()
   for (const line of table.split('\n').filter((l) => l.startsWith('| `'))) {
     for (const m of line.split('|')[1].matchAll(/`([A-Z_]+)`/g)) codes.add(m[1])
   }
-  // The fold's codes (README, "Replay fold").
+  // The fold's codes (docs/api.md, "Replay fold").
   for (const c of ['VERSION_GAP', 'DUPLICATE_VERSION', 'UNORDERED_EVENTS', 'MIXED_AGGREGATES', 'INVALID_EVENT', 'INVALID_OPTIONS']) {
     codes.add(c)
   }
@@ -78,6 +81,12 @@ const WITH_OPTIONS = {
   repairConsumer: (o) => ['c', o],
   replay: (o) => [id(), o],
 }
+
+test('every call of the declarations is in the API reference', () => {
+  const doc = apiDoc()
+  const missing = [...declaredCalls().keys()].filter((call) => !doc.includes(`${call}(`))
+  assert.deepEqual(missing, [], 'docs/api.md names each call as name(...)')
+})
 
 test('every call with an options object has its place here', () => {
   const withOptions = [...declaredCalls()].filter(([, params]) => /\boptions\??:/.test(params)).map(([name]) => name)

@@ -230,6 +230,8 @@ start_pooler() {
     {
         echo "[databases]"
         echo "* = host=127.0.0.1 port=$backend_port"
+        # One server connection for every client: tests interleave users on it.
+        echo "postgres_one = host=127.0.0.1 port=$backend_port dbname=postgres pool_size=1"
         echo
         echo "[pgbouncer]"
         echo "listen_addr = 127.0.0.1"

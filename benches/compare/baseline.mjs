@@ -26,7 +26,9 @@ function toRecord(r) {
 
 export class BaselineEventRepository {
   constructor({ connectionString, schema, max = 10 }) {
-    this.pool = new pg.Pool({ connectionString, max, options: `-c search_path=${schema}` })
+    // Without a schema (a database of its own, as through a pooler, which refuses `options`):
+    // the server's search_path.
+    this.pool = new pg.Pool({ connectionString, max, ...(schema ? { options: `-c search_path=${schema}` } : {}) })
   }
 
   async append(event) {

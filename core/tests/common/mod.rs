@@ -36,19 +36,23 @@ pub fn pooled() -> bool {
     std::env::var("SYNAP_TEST_DIRECT_URL").is_ok_and(|u| !u.is_empty())
 }
 
-/// `url` (DATABASE_URL or a role's URL made from it) on the server directly, without the
-/// repository's `pooler=` parameter.
+/// `url` (DATABASE_URL or a role's URL made from it) on the server directly: the server's URL
+/// with `url`'s user.
 pub fn direct(url: &str) -> String {
     let Ok(server) = std::env::var("SYNAP_TEST_DIRECT_URL") else {
         return url.to_owned();
     };
-    let host_of = |u: &str| {
+    let user_of = |u: &str| {
         let rest = u.split_once("://").map_or(u, |(_, r)| r);
-        let rest = rest.split_once('@').map_or(rest, |(_, r)| r);
-        rest.split(['/', '?']).next().unwrap_or("").to_owned()
+        rest.split_once('@').map(|(user, _)| user.to_owned())
     };
-    let base = url.split('?').next().unwrap_or(url);
-    base.replacen(&host_of(&database_url()), &host_of(&server), 1)
+    match (user_of(url), server.split_once("://")) {
+        (Some(user), Some((scheme, rest))) => {
+            let host = rest.split_once('@').map_or(rest, |(_, h)| h);
+            format!("{scheme}://{user}@{host}")
+        }
+        _ => server,
+    }
 }
 
 /// A plain client for a test's own statements (session settings, locks, LISTEN): on the server
