@@ -494,7 +494,9 @@ async fn every_upgrade_ends_at_the_catalog_of_a_new_store() {
     grant(fresh.clone()).await;
     let expected = catalog(&fresh).await;
     assert!(
-        expected.iter().any(|o| o.contains("STORE.synap_grant_application_role(p_role name)") && o.contains("acl=")),
+        expected
+            .iter()
+            .any(|o| o.contains("STORE.synap_grant_application_role(p_role name)") && o.contains("acl=")),
         "{expected:#?}"
     );
 
@@ -532,7 +534,11 @@ async fn every_upgrade_ends_at_the_catalog_of_a_new_store() {
             repo.migrate().await.unwrap().repeatable_applied.len(),
             synap_events::REPEATABLE.len()
         );
-        assert_eq!(catalog(&schema).await, upgraded, "after re-applying the repeatable files");
+        assert_eq!(
+            catalog(&schema).await,
+            upgraded,
+            "after re-applying the repeatable files"
+        );
         repo.close();
     }
     admin

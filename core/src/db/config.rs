@@ -240,16 +240,34 @@ mod tests {
         assert_eq!(split("postgres://h/db"), ("postgres://h/db".into(), None));
         assert_eq!(
             split("postgres://u@h:6432/db?pooler=transaction&sslmode=disable"),
-            ("postgres://u@h:6432/db?sslmode=disable".into(), Some(Pooler::Transaction))
+            (
+                "postgres://u@h:6432/db?sslmode=disable".into(),
+                Some(Pooler::Transaction)
+            )
         );
-        assert_eq!(split("postgres://h/db?pgbouncer=true"), ("postgres://h/db".into(), Some(Pooler::Transaction)));
-        assert_eq!(split("postgres://h/db?pooler=none"), ("postgres://h/db".into(), Some(Pooler::None)));
-        assert_eq!(split_pooler("postgres://h/db?pooler=maybe").unwrap_err().code(), "INVALID_CONFIG");
+        assert_eq!(
+            split("postgres://h/db?pgbouncer=true"),
+            ("postgres://h/db".into(), Some(Pooler::Transaction))
+        );
+        assert_eq!(
+            split("postgres://h/db?pooler=none"),
+            ("postgres://h/db".into(), Some(Pooler::None))
+        );
+        assert_eq!(
+            split_pooler("postgres://h/db?pooler=maybe").unwrap_err().code(),
+            "INVALID_CONFIG"
+        );
         assert_eq!(split("host=h dbname=d"), ("host=h dbname=d".into(), None));
         let parsed = |u: &str| u.parse::<tokio_postgres::Config>().unwrap();
-        assert!(looks_pooled(&parsed("postgres://u@ep-cool-name-123456-pooler.us-east-2.aws.neon.tech/db")));
-        assert!(looks_pooled(&parsed("postgres://u@aws-0-eu.pooler.supabase.com:6543/postgres")));
-        assert!(!looks_pooled(&parsed("postgres://u@ep-cool-name-123456.us-east-2.aws.neon.tech/db")));
+        assert!(looks_pooled(&parsed(
+            "postgres://u@ep-cool-name-123456-pooler.us-east-2.aws.neon.tech/db"
+        )));
+        assert!(looks_pooled(&parsed(
+            "postgres://u@aws-0-eu.pooler.supabase.com:6543/postgres"
+        )));
+        assert!(!looks_pooled(&parsed(
+            "postgres://u@ep-cool-name-123456.us-east-2.aws.neon.tech/db"
+        )));
         assert!(!looks_pooled(&parsed("postgres://u@127.0.0.1:5432/db")));
     }
 }

@@ -40,6 +40,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::db::conn::query_on;
 use crate::db::feed::{check_name, parse_checkpoint, Checkpoint, PartitionFilter};
 use crate::db::repository::{record_from_row, EventRepository, EVENT_COLUMNS};
 use crate::error::{Error, Result};
@@ -288,6 +289,8 @@ pub struct ProjectionTx(Arc<TxInner>);
 
 struct TxInner {
     client: Option<deadpool_postgres::Object>,
+    /// Through a transaction-mode pooler: its settings, and statements run unnamed.
+    pooled: Option<Arc<crate::db::conn::Pooled>>,
     finished: std::sync::atomic::AtomicBool,
     /// Open while the handler runs: [`ProjectionTx::query_json`] takes it for reading when it
     /// is called and holds it through its statements, and the batch closes it (waiting for
@@ -1333,22 +1336,31 @@ impl GroupMember {
         // a timeout around the run) must not put the connection back in the pool inside the
         // transaction, where every later statement on it would join the transaction and none
         // would commit.
-        let (client, settings) = self.repo.client().await?.into_parts();
+        let (client, pooled) = self.repo.client().await?.into_parts();
         let tx = ProjectionTx(Arc::new(TxInner {
             client: Some(client),
+            pooled: pooled.clone(),
             finished: std::sync::atomic::AtomicBool::new(false),
             open: Arc::new(tokio::sync::RwLock::new(true)),
         }));
-        match settings {
+        match &pooled {
             // Through a transaction-mode pooler, the settings a session would have had.
-            Some(settings) => tx.client().batch_execute(&format!("BEGIN; {settings}")).await?,
+            Some(p) => tx.client().batch_execute(&format!("BEGIN; {}", p.settings())).await?,
             None => tx.client().batch_execute("BEGIN").await?,
         }
         let handled = handler.handle(events, Some(tx.clone())).await;
         *tx.0.open.write().await = false;
         let outcome = match handled {
             Err(e) => Outcome::Failed(e.to_string()),
-            Ok(()) => match settle(tx.client(), &self.options.group, &self.member, settlement).await {
+            Ok(()) => match settle(
+                tx.client(),
+                pooled.as_deref().map(|p| (p, None)),
+                &self.options.group,
+                &self.member,
+                settlement,
+            )
+            .await
+            {
                 // A statement of the handler's failed and it resolved anyway (it did not wait
                 // for the statement): the batch failed.
                 Err(Error::Database { sqlstate, message }) if sqlstate == "25P02" => {
@@ -1380,7 +1392,15 @@ impl GroupMember {
     async fn settle_alone(&mut self, settlement: &Settlement) -> Result<()> {
         let mut client = self.repo.client().await?;
         let tx = client.transaction().await?;
-        if settle(&*tx, &self.options.group, &self.member, settlement).await? {
+        if settle(
+            tx.client(),
+            tx.pooled().map(|(p, cut)| (p, Some(cut))),
+            &self.options.group,
+            &self.member,
+            settlement,
+        )
+        .await?
+        {
             tx.commit().await?;
             Ok(())
         } else {
@@ -1396,6 +1416,7 @@ impl GroupMember {
 /// held at the epoch it names.
 async fn settle<C: tokio_postgres::GenericClient>(
     client: &C,
+    pooled: Option<(&crate::db::conn::Pooled, Option<&std::sync::atomic::AtomicBool>)>,
     group: &str,
     member: &str,
     s: &Settlement,
@@ -1405,18 +1426,19 @@ async fn settle<C: tokio_postgres::GenericClient>(
     let txids: Vec<String> = s.advance.iter().map(|a| a.2.txid.to_string()).collect();
     let positions: Vec<i64> = s.advance.iter().map(|a| a.2.position).collect();
     // Checkpoints only move forward; the row is locked (and its epoch checked) either way.
-    let moved = client
-        .query(
-            "UPDATE consumer_group_partitions p \
+    let moved = query_on(
+        client,
+        pooled,
+        "UPDATE consumer_group_partitions p \
                 SET txid = CASE WHEN (u.txid::xid8, u.position) > (p.txid, p.position) THEN u.txid::xid8 ELSE p.txid END, \
                     position = CASE WHEN (u.txid::xid8, u.position) > (p.txid, p.position) THEN u.position ELSE p.position END, \
                     updated_at = CASE WHEN (u.txid::xid8, u.position) > (p.txid, p.position) THEN now() ELSE p.updated_at END \
                FROM unnest($3::integer[], $4::bigint[], $5::text[], $6::bigint[]) AS u(partition, epoch, txid, position) \
               WHERE p.group_name = $1 AND p.partition = u.partition AND p.owner = $2 AND p.epoch = u.epoch \
              RETURNING p.partition",
-            &[&group, &member, &parts, &epochs, &txids, &positions],
-        )
-        .await?;
+        &[&group, &member, &parts, &epochs, &txids, &positions],
+    )
+    .await?;
     if moved.len() != parts.len() {
         return Ok(false);
     }
@@ -1433,25 +1455,27 @@ async fn settle<C: tokio_postgres::GenericClient>(
             .collect();
         let attempts: Vec<i32> = s.park.iter().map(|p| p.failed.as_ref().map_or(0, |f| f.0)).collect();
         let errors: Vec<Option<&str>> = s.park.iter().map(|p| p.failed.as_ref().map(|f| f.1.as_str())).collect();
-        client
-            .execute(
-                "INSERT INTO consumer_group_parked (group_name, event_id, partition, aggregate_id, txid, position, state, attempts, error) \
+        query_on(
+            client,
+            pooled,
+            "INSERT INTO consumer_group_parked (group_name, event_id, partition, aggregate_id, txid, position, state, attempts, error) \
                  SELECT $1, u.* FROM unnest($2::uuid[], $3::integer[], $4::uuid[], $5::text[]::xid8[], $6::bigint[], \
                                             $7::text[], $8::integer[], $9::text[]) AS u \
                  ON CONFLICT (group_name, event_id) DO UPDATE \
                     SET state = EXCLUDED.state, attempts = consumer_group_parked.attempts + EXCLUDED.attempts, \
                         error = EXCLUDED.error, parked_at = now()",
-                &[&group, &ids, &partitions, &aggregates, &txids, &positions, &states, &attempts, &errors],
-            )
-            .await?;
+            &[&group, &ids, &partitions, &aggregates, &txids, &positions, &states, &attempts, &errors],
+        )
+        .await?;
     }
     if !s.release.is_empty() {
-        client
-            .execute(
-                "DELETE FROM consumer_group_parked WHERE group_name = $1 AND event_id = ANY ($2)",
-                &[&group, &s.release],
-            )
-            .await?;
+        query_on(
+            client,
+            pooled,
+            "DELETE FROM consumer_group_parked WHERE group_name = $1 AND event_id = ANY ($2)",
+            &[&group, &s.release],
+        )
+        .await?;
     }
     Ok(true)
 }
@@ -1729,31 +1753,50 @@ impl ProjectionTx {
     async fn run_json(&self, sql: &str, params: &[serde_json::Value]) -> Result<serde_json::Value> {
         use tokio_postgres::types::ToSql;
         let client = self.client();
-        let stmt = client.prepare(sql).await?;
-        if stmt.params().len() != params.len() {
+        // Through a pooler the statement runs unnamed (crate::db::conn::Pooled); otherwise it is
+        // prepared here, and closed with the rows at the end.
+        let (stmt, types, returns_rows) = match &self.0.pooled {
+            Some(p) => {
+                let d = p.describe(client, None, sql).await?;
+                (None, d.params.clone(), d.returns_rows)
+            }
+            None => {
+                let stmt = client.prepare(sql).await?;
+                let (types, returns) = (stmt.params().to_vec(), !stmt.columns().is_empty());
+                (Some(stmt), types, returns)
+            }
+        };
+        if types.len() != params.len() {
             return Err(Error::invalid(
                 "params",
                 IssueCode::OutOfRange,
-                format!(
-                    "the statement takes {} parameters, {} given",
-                    stmt.params().len(),
-                    params.len()
-                ),
+                format!("the statement takes {} parameters, {} given", types.len(), params.len()),
             ));
         }
-        let values: Vec<Box<dyn ToSql + Sync + Send>> = stmt
-            .params()
+        let values: Vec<Box<dyn ToSql + Sync + Send>> = types
             .iter()
             .zip(params)
             .enumerate()
             .map(|(i, (ty, v))| sql_param(i, ty, v))
             .collect::<Result<_>>()?;
         let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
-        if stmt.columns().is_empty() {
-            let n = client.execute(&stmt, &refs).await?;
+        let (rows, n) = match (&stmt, &self.0.pooled) {
+            (Some(stmt), _) if !returns_rows => (Vec::new(), client.execute(stmt, &refs).await?),
+            (Some(stmt), _) => {
+                let rows = client.query(stmt, &refs).await?;
+                let n = rows.len() as u64;
+                (rows, n)
+            }
+            (None, Some(p)) => p.run(client, None, sql, &refs).await?,
+            (None, None) => {
+                return Err(Error::Internal {
+                    message: "a projection statement neither prepared nor pooled".into(),
+                })
+            }
+        };
+        if !returns_rows {
             return Ok(serde_json::json!({ "rows": [], "rowCount": n }));
         }
-        let rows = client.query(&stmt, &refs).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut obj = serde_json::Map::new();

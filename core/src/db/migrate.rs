@@ -303,10 +303,10 @@ pub(crate) async fn run(client: &mut crate::db::conn::Conn, mode: StorageMode) -
             tx.batch_execute(EXTENSION_LOCK).await?;
         }
         if migration.version == 1 && mode == StorageMode::Timescaledb {
-            check_timescaledb(&*tx).await?;
+            check_timescaledb(tx.client()).await?;
         }
         if migration.version == 1 && mode == StorageMode::Citus {
-            check_citus(&*tx).await?;
+            check_citus(tx.client()).await?;
         }
         let started = Instant::now();
         tx.execute("SELECT set_config('synap.storage_mode', $1, true)", &[&mode.as_str()])

@@ -413,7 +413,7 @@ impl EventRepository {
     async fn in_read_snapshot<T, F>(&self, body: F) -> Result<T>
     where
         F: for<'t> FnOnce(
-            &'t deadpool_postgres::Transaction<'_>,
+            &'t crate::db::conn::Tx<'_>,
         ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 't>>,
     {
         let mut client = self.client().await?;
@@ -429,7 +429,7 @@ impl EventRepository {
     }
 }
 
-async fn stream_row(tx: &deadpool_postgres::Transaction<'_>, aggregate_id: Uuid) -> Result<Option<StreamRow>> {
+async fn stream_row(tx: &crate::db::conn::Tx<'_>, aggregate_id: Uuid) -> Result<Option<StreamRow>> {
     let row = tx
         .query_opt(
             "SELECT first_timestamp, last_timestamp, version, retained_from, created_txid::text
@@ -462,7 +462,7 @@ fn as_stored(t: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 async fn newest_snapshot(
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: &crate::db::conn::Tx<'_>,
     aggregate_id: Uuid,
     rules: &str,
     target: i32,
@@ -516,7 +516,7 @@ fn check_retained(aggregate_id: Uuid, stream: &StreamRow, stored: Option<&Stored
 }
 
 async fn page(
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: &crate::db::conn::Tx<'_>,
     aggregate_id: Uuid,
     stream: &StreamRow,
     after: i32,
@@ -600,7 +600,7 @@ struct Affected {
 /// event goes are listed instead (they go entirely). Runs in the retention's transaction,
 /// which holds back appends.
 pub(crate) async fn keep_before_cutoff(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &crate::db::conn::Tx<'_>,
     cutoff: DateTime<Utc>,
     write: bool,
 ) -> Result<Kept> {
@@ -812,7 +812,7 @@ impl SnapshotBatch {
 
     /// Stores the snapshots, moves their streams' `retained_from` past them, and empties the
     /// batch.
-    async fn store(&mut self, tx: &tokio_postgres::Transaction<'_>, rules: &str) -> Result<()> {
+    async fn store(&mut self, tx: &crate::db::conn::Tx<'_>, rules: &str) -> Result<()> {
         if self.retain_ids.is_empty() {
             return Ok(());
         }

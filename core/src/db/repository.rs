@@ -37,7 +37,7 @@ pub struct EventRepository {
     pub(crate) pg_config: Option<std::sync::Arc<tokio_postgres::Config>>,
     /// Through a transaction-mode pooler: the `SET LOCAL` statements every transaction begins
     /// with (crate::db::conn).
-    pooled: Option<std::sync::Arc<str>>,
+    pooled: Option<std::sync::Arc<crate::db::conn::Pooled>>,
     /// Set once the dual-write legacy table's history is known to be migrated.
     dual_write_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Subscriber wake-ups ([`EventRepository::wake_subscribers`]).
@@ -349,10 +349,10 @@ impl EventRepository {
         // (it refuses `options`), and a session's settings would not last: every transaction
         // sets them instead (crate::db::conn).
         let settings = pooled.then(|| {
-            std::sync::Arc::<str>::from(crate::db::conn::pooled_settings(
+            std::sync::Arc::new(crate::db::conn::Pooled::new(crate::db::conn::pooled_settings(
                 config.schema.as_deref(),
                 config.statement_timeout.map(|t| t.as_millis()),
-            ))
+            )))
         });
         // The LISTEN of subscriptions needs a session: the connection string itself, or through
         // a pooler the direct one given for it (none: subscribers poll).
@@ -707,7 +707,7 @@ impl EventRepository {
                 &event.correlation_id,
                 &event.source.as_str(),
             ];
-            match client.query_opt(&stmt, &params).await {
+            match client.query(&stmt, &params).await.map(|mut rows| rows.pop()) {
                 Ok(Some(row)) => return Ok(record_from_new(event, id, row.get(0), row.get(1))),
                 Ok(None) => {}
                 Err(e) if is_duplicate_id(&e) => return Err(Error::DuplicateEventId { id, field: "id".into() }),
@@ -862,7 +862,6 @@ impl EventRepository {
         let sorted_takes_now: Vec<bool> = order.iter().map(|&i| agg_spans[i].takes_now).collect();
 
         let mut client = self.client().await?;
-        let pooled = client.pooled();
         let user_sql = self.scope.as_deref().map(set_user_sql).unwrap_or_default();
         let params: [&(dyn ToSql + Sync); 20] = [
             &ids,
@@ -897,7 +896,7 @@ impl EventRepository {
             // The id of a unique violation on the id registry: row-level security may hide the
             // stored event that holds it (another user's) from the diagnosis below.
             let mut duplicate = None;
-            let inserted = match Session::Tx(&tx, pooled).prepare_cached(&self.append_batch_sql).await {
+            let inserted = match Session::Tx(&tx).prepare_cached(&self.append_batch_sql).await {
                 Ok(stmt) => tx.query(&stmt, &params).await,
                 Err(e) => Err(e),
             };
@@ -923,7 +922,7 @@ impl EventRepository {
             // Look at the committed state (in a transaction of its own, which carries a scoped
             // user).
             let tx = client.begin(&user_sql).await?;
-            let session = Session::Tx(&tx, pooled);
+            let session = Session::Tx(&tx);
             let outcome = match stored_batch(&session, &events, &ids).await {
                 Ok(Some(stored)) => Ok(Some(stored)),
                 Ok(None) => match duplicate {

@@ -328,7 +328,7 @@ impl EventRepository {
         }
 
         if mode == "timescaledb" {
-            let ts = timescaledb_schema(&*tx).await?;
+            let ts = timescaledb_schema(tx.client()).await?;
             // older_than is "any" in TimescaleDB's signature: the cast gives the parameter a type.
             let chunks = tx
                 .query(
@@ -341,7 +341,7 @@ impl EventRepository {
             for chunk in &chunks {
                 // The name comes from the catalog, already quoted as regclass text.
                 let name: String = chunk.get(0);
-                let (rows, from, to) = span(&*tx, &name, "", &[]).await?;
+                let (rows, from, to) = span(tx.client(), &name, "", &[]).await?;
                 report.targets.push(RetentionTarget {
                     name,
                     kind: "chunk".into(),
@@ -359,7 +359,7 @@ impl EventRepository {
             }
         } else {
             let (default_rows, from, to) =
-                span(&*tx, "events_v2_default", "WHERE \"timestamp\" < $1", &[&cutoff]).await?;
+                span(tx.client(), "events_v2_default", "WHERE \"timestamp\" < $1", &[&cutoff]).await?;
             if default_rows > 0 {
                 if options.dry_run {
                     report.targets.push(RetentionTarget {
@@ -389,7 +389,7 @@ impl EventRepository {
                     _ => continue,
                 }
                 // `name` matched ^events_v2_p[0-9]{8}$, so it needs no quoting.
-                let (rows, from, to) = span(&*tx, &name, "", &[]).await?;
+                let (rows, from, to) = span(tx.client(), &name, "", &[]).await?;
                 if !options.dry_run {
                     // Two commands, not one string: Citus forwards a DDL command's text to the
                     // workers, and refuses a text that holds two.
@@ -469,7 +469,7 @@ impl EventRepository {
                 .query_one(
                     &format!(
                         "SELECT count(*) FROM {}.show_chunks('events_v2'::regclass)",
-                        timescaledb_schema(&*tx).await?
+                        timescaledb_schema(tx.client()).await?
                     ),
                     &[],
                 )

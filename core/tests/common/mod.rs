@@ -37,11 +37,20 @@ pub fn pooled() -> bool {
 }
 
 /// `url` (DATABASE_URL or a role's URL made from it) on the server directly: the server's URL
-/// with `url`'s user.
+/// with `url`'s user. Any other URL (a private cluster's) is returned as it is.
 pub fn direct(url: &str) -> String {
     let Ok(server) = std::env::var("SYNAP_TEST_DIRECT_URL") else {
         return url.to_owned();
     };
+    let host_of = |u: &str| {
+        let rest = u.split_once("://").map_or(u, |(_, r)| r);
+        let rest = rest.split_once('@').map_or(rest, |(_, r)| r);
+        rest.split(['/', '?']).next().unwrap_or("").to_owned()
+    };
+    if host_of(url) != host_of(&database_url()) {
+        // Not the pooler's (a private cluster's): already direct.
+        return url.to_owned();
+    }
     let user_of = |u: &str| {
         let rest = u.split_once("://").map_or(u, |(_, r)| r);
         rest.split_once('@').map(|(user, _)| user.to_owned())
