@@ -52,9 +52,8 @@ test('a replay from a snapshot gives the keys in the order a replay from version
   const after = await db.repo.replay(id)
   assert.equal(after.snapshotVersion, 1)
   assert.deepEqual(Object.keys(after.state), Object.keys(before.state))
-  assert.deepEqual(Object.keys(after.state), ['longer_key', 'a'])
   const { snapshot } = await db.repo.getSnapshotAndTail(id)
-  assert.deepEqual(Object.keys(snapshot.state), ['longer_key', 'a'])
+  assert.deepEqual(Object.keys(snapshot.state), Object.keys(before.state))
 })
 
 test('a replay with hundreds of ignored keys stores and uses its snapshot', async () => {

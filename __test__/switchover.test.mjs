@@ -27,7 +27,7 @@ test('legacy events migrate exactly once; dual-write keeps old readers working',
     // run and says to use the direct URL, which the rest of this test then does.
     const legacy = POOLED ? new EventRepository({ connectionString: DIRECT_URL, schema: db.schema }) : db.repo
     if (POOLED) {
-      for (const call of [() => legacy.migrateLegacyEvents({ dryRun: true }), () => legacy.verifyLegacy(), () => legacy.dropLegacyTable('events', true)]) {
+      for (const call of [() => db.repo.migrateLegacyEvents({ dryRun: true }), () => db.repo.verifyLegacy(), () => db.repo.dropLegacyTable('events', true)]) {
         await assert.rejects(call(), (e) => e.code === 'INVALID_CONFIG' && /direct/.test(e.message))
       }
     }
@@ -61,8 +61,8 @@ test('legacy events migrate exactly once; dual-write keeps old readers working',
       aggregateId: entity, aggregateType: AggregateType.ENTITY, eventType: 'entity.updated',
       userId: 'u1', data: { title: 'c' }, version: 3,
     })
-    const legacy = await db.sql.query('SELECT type, data FROM events WHERE id = $1', [appended.id])
-    assert.deepEqual(legacy.rows, [{ type: 'entity.updated', data: { title: 'c' } }])
+    const written = await db.sql.query('SELECT type, data FROM events WHERE id = $1', [appended.id])
+    assert.deepEqual(written.rows, [{ type: 'entity.updated', data: { title: 'c' } }])
     await assert.rejects(dual.append({
       aggregateId: entity, aggregateType: AggregateType.ENTITY, eventType: 'entity.updated',
       userId: 'u1', data: {}, version: 3,
