@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+pub use crate::error::{Issue, IssueCode};
 use crate::model::{AggregateType, EventSource, NewEvent};
 
 /// Size limits applied by validation.
@@ -42,51 +43,6 @@ impl Default for Limits {
     }
 }
 
-/// What is wrong with a field. Serialized as its SCREAMING_SNAKE code.
-#[non_exhaustive]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum IssueCode {
-    /// A required field is missing or null.
-    Required,
-    /// A field has the wrong JSON type (e.g. a number where a string belongs).
-    InvalidType,
-    /// Not a UUID.
-    InvalidUuid,
-    /// Not one of entity, relation, user, system.
-    InvalidAggregateType,
-    /// Not one of api, automation, sync, migration, system.
-    InvalidSource,
-    /// Not a dotted lowercase name such as `entity.created`, or too long.
-    InvalidEventType,
-    /// Empty, blank or too long.
-    InvalidUserId,
-    /// `data` is not a JSON object.
-    InvalidData,
-    /// `metadata` is not a JSON object.
-    InvalidMetadata,
-    /// Not an integer in 1..=2147483647, or not consecutive within a batch.
-    InvalidVersion,
-    /// A string or key holds U+0000, which PostgreSQL's jsonb and text cannot store.
-    NulCharacter,
-    /// Larger than the configured limit.
-    TooLarge,
-    /// A number outside its allowed range (limits, days, dates).
-    OutOfRange,
-    /// Not an RFC 3339 date-time or a millisecond timestamp.
-    InvalidTimestamp,
-    /// Two events of one batch share an id.
-    DuplicateEventId,
-    /// A number that a JavaScript number (an IEEE double) cannot hold exactly, such as `1e400` or
-    /// `9007199254740993`: it would read back changed. See [`crate::numbers`].
-    InexactNumber,
-    /// A batch with no events.
-    EmptyBatch,
-    /// JSON nested deeper than [`MAX_JSON_DEPTH`] levels: no reader could parse it back.
-    TooDeep,
-    /// A key of an options object that is not an option of the call (a misspelt `dryRun`, say).
-    UnknownOption,
-}
-
 /// How deep `data` and `metadata` may nest (arrays and objects; the value itself is level 1):
 /// what every reader of the store parses back (serde_json's limit: 127 levels). Appends from Rust
 /// and Node, batches, the legacy migration and dual-write all refuse deeper values (`TOO_DEEP`).
@@ -105,66 +61,6 @@ pub fn deeper_than(value: &Value, max: usize) -> bool {
         }
     }
     false
-}
-
-impl IssueCode {
-    /// The stable code.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            IssueCode::Required => "REQUIRED",
-            IssueCode::InvalidType => "INVALID_TYPE",
-            IssueCode::InvalidUuid => "INVALID_UUID",
-            IssueCode::InvalidAggregateType => "INVALID_AGGREGATE_TYPE",
-            IssueCode::InvalidSource => "INVALID_SOURCE",
-            IssueCode::InvalidEventType => "INVALID_EVENT_TYPE",
-            IssueCode::InvalidUserId => "INVALID_USER_ID",
-            IssueCode::InvalidData => "INVALID_DATA",
-            IssueCode::InvalidMetadata => "INVALID_METADATA",
-            IssueCode::InvalidVersion => "INVALID_VERSION",
-            IssueCode::NulCharacter => "NUL_CHARACTER",
-            IssueCode::TooLarge => "TOO_LARGE",
-            IssueCode::OutOfRange => "OUT_OF_RANGE",
-            IssueCode::InvalidTimestamp => "INVALID_TIMESTAMP",
-            IssueCode::DuplicateEventId => "DUPLICATE_EVENT_ID",
-            IssueCode::InexactNumber => "INEXACT_NUMBER",
-            IssueCode::EmptyBatch => "EMPTY_BATCH",
-            IssueCode::TooDeep => "TOO_DEEP",
-            IssueCode::UnknownOption => "UNKNOWN_OPTION",
-        }
-    }
-}
-
-impl std::fmt::Display for IssueCode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl Serialize for IssueCode {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-/// One problem found by validation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Issue {
-    /// Path of the field, e.g. `aggregateId`, `data.tags[2]`.
-    pub path: String,
-    /// What is wrong.
-    pub code: IssueCode,
-    /// A sentence for people.
-    pub message: String,
-}
-
-impl Issue {
-    fn new(path: impl Into<String>, code: IssueCode, message: impl Into<String>) -> Issue {
-        Issue {
-            path: path.into(),
-            code,
-            message: message.into(),
-        }
-    }
 }
 
 /// The result of validating an event for display: `{ valid, errors }`.
