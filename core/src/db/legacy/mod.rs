@@ -8,7 +8,7 @@
 //!
 //! Rooms: this file holds the copy (options, the reader, the writers, locks and progress);
 //! [`verify`] compares the two tables; [`drop`] verifies under a lock and drops the legacy table.
-//! Dual-write is a form of the append statement (`crate::db::sql`).
+//! Dual-write is a form of the append statement (`with_dual_write` in `crate::db::repository`).
 
 mod drop;
 mod verify;
