@@ -100,22 +100,27 @@ test("a group run ended by what no retry can fix rejects done() with the store's
   const fresh = await freshRepository('done')
   await fresh.repo.append(ev(randomUUID(), 1, {}))
   const run = await fresh.repo.consume({ group: 'g', partitions: 1, pollIntervalMs: 50, handler: async () => {} })
-  // The store's tables go away under the running member. The DROP and the member's statements
-  // take their locks in different orders: when the server picks the DROP as a deadlock's victim,
-  // it is tried again, as PostgreSQL asks of a victim.
-  for (let attempt = 1; ; attempt++) {
-    try {
-      await fresh.sql.query(`DROP SCHEMA ${fresh.schema} CASCADE`)
-      break
-    } catch (e) {
-      if (e.code !== '40P01' || attempt === 10) throw e
+  try {
+    // The store's tables go away under the running member. The DROP and the member's statements
+    // take their locks in different orders: when the server picks the DROP as a deadlock's victim,
+    // it is tried again, as PostgreSQL asks of a victim.
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await fresh.sql.query(`DROP SCHEMA ${fresh.schema} CASCADE`)
+        break
+      } catch (e) {
+        if (e.code !== '40P01' || attempt === 10) throw e
+      }
     }
+    await assert.rejects(run.done(), (e) => {
+      assert.match(e.code, /^[A-Z_]+$/, String(e))
+      assert.notEqual(e.code, 'GenericFailure')
+      assert.equal(typeof e.retryable, 'boolean')
+      return true
+    })
+  } finally {
+    // Whatever failed above, the member stops: a run left going would keep this process alive.
+    await run.stop().catch(() => {})
+    await fresh.close()
   }
-  await assert.rejects(run.done(), (e) => {
-    assert.match(e.code, /^[A-Z_]+$/, String(e))
-    assert.notEqual(e.code, 'GenericFailure')
-    assert.equal(typeof e.retryable, 'boolean')
-    return true
-  })
-  await fresh.close()
 })
