@@ -368,16 +368,22 @@ async fn snapshots_are_isolated_by_user() {
         let url = app.config().database_url.clone();
         let schema = owner.config().schema.clone().unwrap();
         async move {
+            // As the repository sets the user: in the transaction, passed on to Citus's workers,
+            // where the policies of distributed tables run.
             let client = common::connect(&url).await;
             client
-                .execute("SELECT set_config('app.current_user_id', $1, false)", &[&user])
+                .batch_execute(&format!(
+                    "BEGIN; SET LOCAL citus.propagate_set_commands = 'local'; SET LOCAL app.current_user_id = '{user}'"
+                ))
                 .await
                 .unwrap();
-            client
+            let n = client
                 .query_one(&format!("SELECT count(*) FROM {schema}.event_snapshots"), &[])
                 .await
                 .unwrap()
-                .get::<_, i64>(0)
+                .get::<_, i64>(0);
+            client.batch_execute("COMMIT").await.unwrap();
+            n
         }
     };
     assert_eq!((visible("alice").await, visible("bob").await), (1, 0));
