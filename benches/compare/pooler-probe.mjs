@@ -77,6 +77,6 @@ for (const w of Object.keys(work)) {
     `${(m['design on node-postgres, pooled'] / m['ours, pooled']).toFixed(2)}x`.padStart(13),
   )
 }
-for (const s of Object.values(stores)) (s.close ?? (() => s.pool.end()))()
+for (const s of Object.values(stores)) await (s.close ? s.close() : s.pool.end())
 await admin.query(`DROP DATABASE ${database} WITH (FORCE)`)
 await admin.end()
