@@ -128,7 +128,8 @@ async fn files_apply_with_psql_as_they_are() {
     for file in files {
         let out = std::process::Command::new("psql")
             .arg(common::database_url())
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-v"])
+            .arg(format!("store_schema={schema}"))
             .env("PGOPTIONS", format!("-c search_path={schema}"))
             .arg("-f")
             .arg(&file)

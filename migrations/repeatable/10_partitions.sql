@@ -69,11 +69,13 @@ $$;
 --
 -- SECURITY DEFINER: a chunk is created by whichever role's insert needs it (the application
 -- role's, usually), and only the owner may alter it. EXECUTE is the owner's alone; the trigger
--- below calls it for the application role. Its search_path is pinned by 90_security.sql.
+-- below calls it for the application role. Like every definer function of the store, it sets its own
+-- search_path: pg_catalog first, pg_temp last (see 90_security.sql).
 CREATE OR REPLACE FUNCTION synap_secure_partitions()
 RETURNS integer
 LANGUAGE plpgsql
 SECURITY DEFINER
+SET search_path = pg_catalog, :"store_schema", pg_temp
 AS $$
 DECLARE
     part    regclass;
@@ -103,6 +105,7 @@ CREATE OR REPLACE FUNCTION synap_feed_days_secure()
 RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
+SET search_path = pg_catalog, :"store_schema", pg_temp
 AS $$
 BEGIN
     IF (SELECT value FROM synap_settings WHERE key = 'storage_mode') = 'timescaledb' THEN

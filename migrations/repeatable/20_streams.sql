@@ -70,6 +70,7 @@ CREATE OR REPLACE FUNCTION synap_aggregate_exists(p_aggregate_id uuid)
 RETURNS boolean
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
+SET search_path = pg_catalog, :"store_schema", pg_temp
 AS $$
 DECLARE
     shard_table text;

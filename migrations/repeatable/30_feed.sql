@@ -58,6 +58,7 @@ CREATE OR REPLACE FUNCTION synap_feed_identity()
 RETURNS bigint
 LANGUAGE sql STABLE
 SECURITY DEFINER
+SET search_path = pg_catalog, :"store_schema", pg_temp
 AS $$
     SELECT hashtextextended(
         (SELECT value FROM synap_settings WHERE key = 'store_id') || '@' ||
@@ -71,6 +72,7 @@ CREATE OR REPLACE FUNCTION synap_feed_is_current()
 RETURNS boolean
 LANGUAGE sql STABLE
 SECURITY DEFINER
+SET search_path = pg_catalog, :"store_schema", pg_temp
 AS $$
     SELECT (SELECT value FROM synap_settings WHERE key = 'cluster_id')
            = (SELECT system_identifier::text FROM pg_control_system())
@@ -191,5 +193,7 @@ BEGIN
         RETURN true;
     END
     $f$;
+    -- Inside this block the schema is not text psql can fill in: the same search_path, set here.
+    EXECUTE format('ALTER FUNCTION synap_feed_fence() SET search_path = pg_catalog, %I, pg_temp', current_schema());
 END
 $fence$;

@@ -17,6 +17,7 @@ CREATE OR REPLACE FUNCTION refresh_events_daily(p_full boolean DEFAULT false)
 RETURNS integer
 LANGUAGE plpgsql
 SECURITY DEFINER
+SET search_path = pg_catalog, :"store_schema", pg_temp
 SET jit = off
 AS $$
 DECLARE

@@ -76,12 +76,15 @@ BEGIN
 END
 $$;
 
--- Every SECURITY DEFINER function of the store runs with a search_path of its own, pg_catalog
--- first and pg_temp last, so that no object of the caller's (a temporary table named pg_class or
--- synap_settings, say) can stand in for the catalog's or the store's: PostgreSQL otherwise
--- searches the caller's temporary schema first ("Writing SECURITY DEFINER Functions Safely").
--- EXECUTE is taken from PUBLIC; synap_grant_application_role gives application roles the ones
--- they call. A test lists them from pg_proc (core/tests/isolation.rs).
+-- Every SECURITY DEFINER function of the store sets a search_path of its own in its definition,
+-- pg_catalog first and pg_temp last (`SET search_path = pg_catalog, :"store_schema", pg_temp`;
+-- the migration runner writes the store's schema in for `:"store_schema"`), so that no object of
+-- the caller's (a temporary table named pg_class or synap_settings, say) can stand in for the
+-- catalog's or the store's: PostgreSQL otherwise searches the caller's temporary schema first
+-- ("Writing SECURITY DEFINER Functions Safely"). The loop below is the net for one that forgets
+-- (it gets the same setting), and takes EXECUTE from PUBLIC; synap_grant_application_role gives
+-- application roles the ones they call. A test lists them from pg_proc (core/tests/isolation.rs).
+-- Functions of an extension installed in the schema are its own, and left alone.
 DO $$
 DECLARE
     f regprocedure;
@@ -90,6 +93,8 @@ BEGIN
         SELECT p.oid::regprocedure FROM pg_proc p
          WHERE p.pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())
            AND p.prosecdef
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                            WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
          ORDER BY p.oid::regprocedure::text
     LOOP
         EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, %I, pg_temp', f, current_schema());

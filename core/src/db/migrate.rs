@@ -247,6 +247,10 @@ const CREATE_REPEATABLE_TABLE: &str = "CREATE TABLE IF NOT EXISTS synap_repeatab
 );
 ALTER TABLE synap_repeatable_migrations ENABLE ROW LEVEL SECURITY";
 
+/// What a repeatable file writes for the store's schema (as psql's variables look), replaced with
+/// the schema's quoted name before the file runs.
+const STORE_SCHEMA: &str = ":\"store_schema\"";
+
 const NO_TIMEOUT: &str = "SET LOCAL statement_timeout = 0";
 
 /// Key of the advisory lock: one per schema.
@@ -362,10 +366,13 @@ async fn apply_repeatable(client: &mut crate::db::conn::Conn, versioned_applied:
     if current && !versioned_applied {
         return Ok(Vec::new());
     }
+    // Definer functions name the store's schema in their search_path (90_security.sql).
+    let schema: String = tx.query_one("SELECT quote_ident(current_schema())", &[]).await?.get(0);
     let mut applied = Vec::with_capacity(REPEATABLE.len());
     for file in REPEATABLE {
         let started = Instant::now();
-        tx.batch_execute(file.sql).await.map_err(|e| Error::MigrationFailed {
+        let sql = file.sql.replace(STORE_SCHEMA, &schema);
+        tx.batch_execute(&sql).await.map_err(|e| Error::MigrationFailed {
             version: 0,
             name: format!("repeatable/{}", file.name),
             message: e
