@@ -295,25 +295,12 @@ impl Conn {
 
     /// [`Conn::query`] of exactly one row.
     pub(crate) async fn query_one(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
-        let mut rows = self.query(sql, params).await?;
-        match rows.len() {
-            1 => Ok(rows.remove(0)),
-            n => Err(crate::error::Error::Internal {
-                message: format!("expected one row, got {n}: {sql}"),
-            }),
-        }
+        one(self.query(sql, params).await?, Stmt::Text(sql))
     }
 
     /// [`Conn::query`] of at most one row.
     pub(crate) async fn query_opt(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
-        let mut rows = self.query(sql, params).await?;
-        match rows.len() {
-            0 => Ok(None),
-            1 => Ok(Some(rows.remove(0))),
-            n => Err(crate::error::Error::Internal {
-                message: format!("expected at most one row, got {n}: {sql}"),
-            }),
-        }
+        at_most_one(self.query(sql, params).await?, Stmt::Text(sql))
     }
 
     /// [`Conn::query`] of a statement that returns no rows: how many it changed.
@@ -383,23 +370,32 @@ impl<'s> From<&'s Prepared<'_>> for Stmt<'s> {
     }
 }
 
+impl std::fmt::Display for Stmt<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stmt::Text(sql) => f.write_str(sql),
+            Stmt::Named(_) => f.write_str("a prepared statement"),
+        }
+    }
+}
+
 /// The one row a query must return.
-fn one(mut rows: Vec<Row>) -> Result<Row> {
+fn one(mut rows: Vec<Row>, statement: Stmt<'_>) -> Result<Row> {
     match rows.len() {
         1 => Ok(rows.remove(0)),
         n => Err(crate::error::Error::Internal {
-            message: format!("expected one row, got {n}"),
+            message: format!("expected one row, got {n}: {statement}"),
         }),
     }
 }
 
 /// The row a query returns, if any.
-fn at_most_one(mut rows: Vec<Row>) -> Result<Option<Row>> {
+fn at_most_one(mut rows: Vec<Row>, statement: Stmt<'_>) -> Result<Option<Row>> {
     match rows.len() {
         0 => Ok(None),
         1 => Ok(Some(rows.remove(0))),
         n => Err(crate::error::Error::Internal {
-            message: format!("expected at most one row, got {n}"),
+            message: format!("expected at most one row, got {n}: {statement}"),
         }),
     }
 }
@@ -444,7 +440,8 @@ impl Tx<'_> {
         statement: impl Into<Stmt<'s>>,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row> {
-        one(self.query(statement, params).await?)
+        let statement = statement.into();
+        one(self.query(statement, params).await?, statement)
     }
 
     pub(crate) async fn query_opt<'s>(
@@ -452,7 +449,8 @@ impl Tx<'_> {
         statement: impl Into<Stmt<'s>>,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>> {
-        at_most_one(self.query(statement, params).await?)
+        let statement = statement.into();
+        at_most_one(self.query(statement, params).await?, statement)
     }
 
     /// A statement's count of changed rows.
@@ -570,7 +568,8 @@ impl Session<'_, '_> {
         statement: impl Into<Stmt<'s>>,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>> {
-        at_most_one(self.query(statement, params).await?)
+        let statement = statement.into();
+        at_most_one(self.query(statement, params).await?, statement)
     }
 
     pub(crate) async fn query_one<'s>(
@@ -578,7 +577,8 @@ impl Session<'_, '_> {
         statement: impl Into<Stmt<'s>>,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row> {
-        one(self.query(statement, params).await?)
+        let statement = statement.into();
+        one(self.query(statement, params).await?, statement)
     }
 }
 
