@@ -125,6 +125,74 @@ BEGIN
 END
 $$;
 
+-- The append statement of a repository behind a transaction-mode pooler (docs/api.md,
+-- "Connection poolers"): the repository's single-append statement (`APPEND_SQL` in
+-- core/src/db/repository.rs, word for word; a test keeps the two alike), run by a PL/pgSQL
+-- function because the server keeps a function's plans for as long as its connection lives,
+-- while a statement sent through a pooler cannot stay prepared and is planned afresh on every
+-- call. Directly connected, the repository prepares the statement itself. It runs with the
+-- caller's rights: row-level security applies as to the statement.
+CREATE OR REPLACE FUNCTION synap_append(
+    p_id uuid, p_timestamp timestamptz, p_aggregate_id uuid, p_aggregate_type text, p_event_type text,
+    p_user_id text, p_data jsonb, p_metadata jsonb, p_version integer, p_causation_id uuid,
+    p_correlation_id uuid, p_source text)
+RETURNS TABLE (out_timestamp timestamptz, out_position bigint)
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
+WITH ev AS (
+    SELECT $1::uuid AS id, coalesce($2::timestamptz, now()) AS ts, $3::uuid AS aggregate_id,
+           $4::text AS aggregate_type, $5::text AS event_type, $6::text AS user_id, $7::jsonb AS data,
+           $8::jsonb AS metadata, $9::integer AS version, $10::uuid AS causation_id,
+           $11::uuid AS correlation_id, $12::text AS source
+), created AS (
+    INSERT INTO event_streams (aggregate_id, aggregate_type, user_id, version, first_timestamp, last_timestamp)
+    SELECT aggregate_id, aggregate_type, user_id, version, ts, ts FROM ev WHERE version = 1
+    ON CONFLICT (aggregate_id) DO NOTHING
+    RETURNING aggregate_id
+), advanced AS (
+    UPDATE event_streams s
+       SET version = ev.version,
+           first_timestamp = least(s.first_timestamp, ev.ts),
+           last_timestamp = greatest(s.last_timestamp, ev.ts)
+      FROM ev
+     WHERE s.aggregate_id = ev.aggregate_id
+       AND ev.version > 1
+       AND s.version = ev.version - 1
+       AND s.aggregate_type = ev.aggregate_type
+    RETURNING s.aggregate_id
+), inserted AS (
+    INSERT INTO events_v2 (id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
+                           version, causation_id, correlation_id, source)
+    SELECT id, ts, aggregate_id, aggregate_type, event_type, user_id, data, metadata,
+           version, causation_id, correlation_id, source
+      FROM ev
+     WHERE EXISTS (SELECT 1 FROM created UNION ALL SELECT 1 FROM advanced)
+       AND (SELECT set_config('synap.feed_days', pg_current_xact_id()::text, true)) IS NOT NULL
+    RETURNING "timestamp", position
+), ids AS (
+    INSERT INTO events_v2_ids (id, aggregate_id, version, user_id)
+    SELECT id, aggregate_id, version, user_id FROM ev WHERE EXISTS (SELECT 1 FROM created UNION ALL SELECT 1 FROM advanced)
+), dirty AS (
+    INSERT INTO events_daily_dirty (day)
+    SELECT ("timestamp" AT TIME ZONE 'UTC')::date FROM inserted
+    ON CONFLICT (day) DO NOTHING
+), feed_days AS (
+    INSERT INTO events_v2_feed_days (bucket, day, txid)
+    SELECT d.bucket, d.day, d.txid
+      FROM (SELECT DISTINCT synap_feed_bucket(pg_current_xact_id()) AS bucket, w.day,
+                   CASE WHEN abs(w.day - (now() AT TIME ZONE 'UTC')::date) > 1 THEN pg_current_xact_id() END AS txid
+              FROM (SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date AS day FROM inserted) w) d
+     WHERE NOT EXISTS (SELECT 1 FROM events_v2_feed_days f
+                        WHERE f.bucket = d.bucket AND f.day = d.day
+                          AND (f.txid = d.txid OR (d.txid IS NULL AND f.txid IS NULL)))
+)
+SELECT "timestamp", position FROM inserted;
+END
+$$;
+
 -- The citus mode's single-shard append (docs/scale-out.md). The repository's append statement
 -- (one statement with data-modifying CTEs) runs on Citus as is, but Citus splits it into
 -- subplans: the guard goes to every shard and the transaction commits with two-phase commit.

@@ -52,7 +52,8 @@ pub(crate) fn set_user_sql(user: &str) -> String {
 
 /// The `SET LOCAL` statements a transaction through a transaction-mode pooler begins with: what a
 /// direct connection has from its startup parameters.
-pub(crate) fn pooled_settings(schema: Option<&str>, statement_timeout_ms: Option<u128>) -> String {
+/// Without Citus's setting: what a statement needs where Citus is known to be absent.
+fn pooled_settings(schema: Option<&str>, statement_timeout_ms: Option<u128>) -> (String, String) {
     let mut sql = String::new();
     if let Some(schema) = schema {
         // A checked identifier (lowercase letters, digits, `_`): quoted, nothing to escape.
@@ -61,8 +62,9 @@ pub(crate) fn pooled_settings(schema: Option<&str>, statement_timeout_ms: Option
     if let Some(ms) = statement_timeout_ms {
         sql.push_str(&format!("SET LOCAL statement_timeout = {}; ", ms.max(1)));
     }
+    let plain = sql.trim_end_matches("; ").to_owned();
     sql.push_str("SET LOCAL citus.enable_deadlock_prevention = off");
-    sql
+    (sql, plain)
 }
 
 /// What a repository keeps for its connections through a transaction-mode pooler: the settings
@@ -71,6 +73,9 @@ pub(crate) fn pooled_settings(schema: Option<&str>, statement_timeout_ms: Option
 /// Then every later run is one unnamed statement (see the module's comment).
 pub(crate) struct Pooled {
     settings: String,
+    /// [`Pooled::settings`] without Citus's (`citus.enable_deadlock_prevention`), for a
+    /// statement that is known to run where Citus is not: often nothing at all.
+    plain: String,
     described: std::sync::Mutex<std::collections::HashMap<String, Arc<Described>>>,
 }
 
@@ -84,9 +89,13 @@ pub(crate) struct Described {
 const DESCRIBED_MAX: usize = 1024;
 
 impl Pooled {
-    pub(crate) fn new(settings: String) -> Pooled {
+    /// The settings of a repository in `schema` (`None`: the server's search path) with its
+    /// statement timeout.
+    pub(crate) fn new(schema: Option<&str>, statement_timeout_ms: Option<u128>) -> Pooled {
+        let (settings, plain) = pooled_settings(schema, statement_timeout_ms);
         Pooled {
             settings,
+            plain,
             described: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -94,6 +103,15 @@ impl Pooled {
     /// The `SET LOCAL` statements each transaction begins with.
     pub(crate) fn settings(&self) -> &str {
         &self.settings
+    }
+
+    /// What the server said of `sql`, if it has been asked ([`Pooled::describe`]).
+    fn described(&self, sql: &str) -> Option<Arc<Described>> {
+        self.described
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(sql)
+            .cloned()
     }
 
     /// `sql` as the server describes it: asked once per repository with a statement prepared
@@ -144,7 +162,6 @@ impl Pooled {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<(Vec<Row>, u64), tokio_postgres::Error> {
-        use futures_util::TryStreamExt;
         let described = if params.is_empty() {
             None
         } else {
@@ -158,14 +175,7 @@ impl Pooled {
             return Ok((rows, n));
         }
         let typed: Vec<(&(dyn ToSql + Sync), Type)> = params.iter().copied().zip(types.iter().cloned()).collect();
-        let stream = client.query_typed_raw(sql, typed).await?;
-        futures_util::pin_mut!(stream);
-        let mut rows = Vec::new();
-        while let Some(row) = stream.try_next().await? {
-            rows.push(row);
-        }
-        let n = stream.rows_affected().unwrap_or(rows.len() as u64);
-        Ok((rows, n))
+        collect(client.query_typed_raw(sql, typed).await?).await
     }
 }
 
@@ -181,6 +191,44 @@ pub(crate) async fn query_on<C: tokio_postgres::GenericClient>(
         Some((p, cut)) => Ok(p.run(client, cut, sql, params).await?.0),
         None => client.query(sql, params).await,
     }
+}
+
+/// Whether a statement of [`Conn::at_once`] may run on Citus, whose setting the settings carry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Citus {
+    Maybe,
+    /// The caller knows the store is not on Citus (it found no function of the citus mode's).
+    Absent,
+}
+
+/// The rows of a statement's stream, and how many rows it returned or changed.
+async fn collect(stream: tokio_postgres::RowStream) -> Result<(Vec<Row>, u64), tokio_postgres::Error> {
+    use futures_util::TryStreamExt;
+    futures_util::pin_mut!(stream);
+    let mut rows = Vec::new();
+    while let Some(row) = stream.try_next().await? {
+        rows.push(row);
+    }
+    let n = stream.rows_affected().unwrap_or(rows.len() as u64);
+    Ok((rows, n))
+}
+
+/// `begin` (statements without parameters, the first of them `BEGIN`), `statement` and `COMMIT`
+/// written together ([`Conn::at_once`]). The driver writes each request when its future is first
+/// polled, and `join3` polls them in order, so they leave in this order without waiting for each
+/// other's answers; the server answers each in turn. The first error wins: after one, the server refuses what follows
+/// in the transaction and takes the `COMMIT` for a rollback.
+async fn pipelined(
+    client: &tokio_postgres::Client,
+    begin: &str,
+    statement: impl std::future::Future<Output = Result<(Vec<Row>, u64), tokio_postgres::Error>>,
+) -> Result<(Vec<Row>, u64), tokio_postgres::Error> {
+    let (began, ran, committed) =
+        futures_util::future::join3(client.batch_execute(begin), statement, client.batch_execute("COMMIT")).await;
+    began?;
+    let out = ran?;
+    committed?;
+    Ok(out)
 }
 
 /// A connection of the pool (see the module's comment).
@@ -282,10 +330,73 @@ impl Conn {
         Ok(Tx { tx, pooled, cut })
     }
 
+    /// `sql` in a transaction of its own that begins with `prefix` (statements without
+    /// parameters: a scoped user's [`set_user_sql`], or nothing), in one round trip: `BEGIN` with
+    /// the settings and `prefix` as one simple query, the statement, and `COMMIT` are written
+    /// together, and the server answers them in order (a pipeline). A transaction of the usual
+    /// kind waits for each: four round trips through a pooler or for a scoped user. Directly
+    /// connected with no `prefix`, the statement alone (autocommit), prepared once per
+    /// connection. Its rows, and how many rows it returned or changed.
+    ///
+    /// `None` when it cannot: through a pooler, a statement text whose parameter types have not
+    /// been asked yet ([`Pooled::describe`] needs a transaction of the usual kind); the caller
+    /// then runs it that way. Once written, the three are on their way together: an error of the
+    /// statement makes the `COMMIT` a rollback, and a call dropped after the write leaves the
+    /// server to finish the transaction, committed or not, so the connection is never left
+    /// inside one.
+    pub(crate) async fn at_once(
+        &mut self,
+        prefix: &str,
+        citus: Citus,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<(Vec<Row>, u64)>, tokio_postgres::Error> {
+        let client: &deadpool_postgres::ClientWrapper = self.object();
+        match &self.pooled {
+            Some(p) => {
+                let types = match params.is_empty() {
+                    true => Vec::new(),
+                    false => match p.described(sql) {
+                        Some(d) if d.params.len() == params.len() => d.params.clone(),
+                        _ => return Ok(None),
+                    },
+                };
+                let settings = match citus {
+                    Citus::Maybe => p.settings(),
+                    Citus::Absent => &p.plain,
+                };
+                let begin = match (settings.is_empty(), prefix.is_empty()) {
+                    (true, true) => String::new(),
+                    (false, true) => format!("BEGIN; {settings}"),
+                    (true, false) => format!("BEGIN; {prefix}"),
+                    (false, false) => format!("BEGIN; {settings}; {prefix}"),
+                };
+                let typed: Vec<(&(dyn ToSql + Sync), Type)> = params.iter().copied().zip(types).collect();
+                let statement = async { collect(client.query_typed_raw(sql, typed).await?).await };
+                match begin.is_empty() {
+                    // Nothing to set: the statement alone is a transaction of its own.
+                    true => statement.await.map(Some),
+                    false => pipelined(client, &begin, statement).await.map(Some),
+                }
+            }
+            None => {
+                let statement = client.prepare_cached(sql).await?;
+                let run = async { collect(client.query_raw(&statement, params.iter().copied()).await?).await };
+                match prefix.is_empty() {
+                    true => run.await.map(Some),
+                    false => pipelined(client, &format!("BEGIN; {prefix}"), run).await.map(Some),
+                }
+            }
+        }
+    }
+
     /// One statement on its own (a transaction of its own through a pooler).
     pub(crate) async fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         if self.pooled.is_none() {
             return Ok(self.object().query(sql, params).await?);
+        }
+        if let Some((rows, _)) = self.at_once("", Citus::Maybe, sql, params).await? {
+            return Ok(rows);
         }
         let tx = self.transaction().await?;
         let rows = tx.query(sql, params).await?;
@@ -307,6 +418,9 @@ impl Conn {
     pub(crate) async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         if self.pooled.is_none() {
             return Ok(self.object().execute(sql, params).await?);
+        }
+        if let Some((_, n)) = self.at_once("", Citus::Maybe, sql, params).await? {
+            return Ok(n);
         }
         let tx = self.transaction().await?;
         let n = tx.execute(sql, params).await?;
