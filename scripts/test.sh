@@ -56,30 +56,77 @@ else
     echo "== timescaledb pass skipped: TimescaleDB is not installed and cannot be installed here"
 fi
 
-# The third pass: a coordinator and two workers (scripts/db.sh start --citus).
-if DATABASE_URL="$(scripts/db.sh start --citus)"; then
-    export DATABASE_URL
-    run_pass citus
-    scripts/db.sh stop --citus >/dev/null
-elif [ "${CI:-}" = true ]; then
-    echo "test.sh: the Citus pass cannot run here (see above); CI requires it" >&2
-    exit 1
-else
-    echo "== citus pass skipped: Citus is not installed and cannot be installed here"
-fi
-
 # The fourth pass: PgBouncer in transaction mode (Debian's package, with its default settings) in
 # front of the native cluster, as Neon's or Supabase's pooled URL puts one in front of theirs. The
 # whole Node suite and the Rust tests that are not about the server itself go through it; the
 # tests' own statements (session settings, LISTEN) go to the server (SYNAP_TEST_DIRECT_URL).
-DIRECT_URL="$(scripts/db.sh start)"
-POOLED_URL="$(scripts/db.sh start --pooler)"
-echo "== pooler pass against $POOLED_URL (PgBouncer in transaction mode)"
-export DATABASE_URL="$POOLED_URL" SYNAP_TEST_DIRECT_URL="$DIRECT_URL" SYNAP_TEST_STORAGE_MODE=native
-echo "== pooler: Rust (repository, isolation, replay, feed, groups, injection, retention)"
-cargo test -p synap-events --test repository --test isolation --test replay --test feed --test groups \
-    --test injection --test retention
-echo "== pooler: Node (the built module through the pooler)"
-node --test __test__/
-scripts/db.sh stop --pooler >/dev/null
-scripts/db.sh stop >/dev/null
+# The Rust tests run as the other passes built them (`cargo test --workspace`): naming them with
+# `--test` would build them again, with the features of one package instead of the workspace's.
+POOLER_TESTS="repository isolation replay feed groups injection retention"
+pooler_pass() {
+    local direct pooled
+    direct="$(scripts/db.sh start)"
+    pooled="$(scripts/db.sh start --pooler)"
+    echo "== pooler pass against $pooled (PgBouncer in transaction mode)"
+    export DATABASE_URL="$pooled" SYNAP_TEST_DIRECT_URL="$direct" SYNAP_TEST_STORAGE_MODE=native
+    echo "== pooler: Rust (repository, isolation, replay, feed, groups, injection, retention)"
+    local bins
+    bins="$(cargo test --workspace --no-run --message-format=json 2>/dev/null | POOLER_TESTS="$POOLER_TESTS" node -e '
+        const want = new Set(process.env.POOLER_TESTS.split(" "))
+        for (const line of require("fs").readFileSync(0, "utf8").split("\n")) {
+          if (!line.startsWith("{")) continue
+          const m = JSON.parse(line)
+          if (m.reason === "compiler-artifact" && m.executable && m.target.kind.includes("test") && want.has(m.target.name)) {
+            console.log(m.executable)
+          }
+        }')"
+    [ "$(echo "$bins" | wc -w)" = "$(echo "$POOLER_TESTS" | wc -w)" ] || {
+        echo "test.sh: the pooler pass found these test binaries: $bins" >&2
+        return 1
+    }
+    for bin in $bins; do
+        echo "     Running $bin"
+        # As cargo runs them: from the package's directory.
+        (cd core && "$bin")
+    done
+    echo "== pooler: Node (the built module through the pooler)"
+    node --test __test__/
+    scripts/db.sh stop --pooler >/dev/null
+    scripts/db.sh stop >/dev/null
+}
+
+# The third and fourth passes run side by side: they use different clusters (the Citus pass its
+# own three, the pooler pass the native one behind PgBouncer) and the test binaries built for the
+# first pass, and each spends most of its time waiting on its servers. The pooler pass writes to
+# a log of its own, printed when both have ended.
+POOLER_LOG="$(mktemp)"
+( set -e; pooler_pass ) >"$POOLER_LOG" 2>&1 &
+POOLER_PID=$!
+
+# The third pass: a coordinator and two workers (scripts/db.sh start --citus).
+citus_status=0
+if DATABASE_URL="$(scripts/db.sh start --citus)"; then
+    export DATABASE_URL
+    # Not `( ... ) || status=$?`: inside that, bash would ignore `set -e`.
+    set +e
+    ( set -e; run_pass citus )
+    citus_status=$?
+    set -e
+    scripts/db.sh stop --citus >/dev/null
+elif [ "${CI:-}" = true ]; then
+    echo "test.sh: the Citus pass cannot run here (see above); CI requires it" >&2
+    citus_status=1
+else
+    echo "== citus pass skipped: Citus is not installed and cannot be installed here"
+fi
+
+set +e
+wait "$POOLER_PID"
+pooler_status=$?
+set -e
+cat "$POOLER_LOG"
+rm -f "$POOLER_LOG"
+if [ "$citus_status" != 0 ] || [ "$pooler_status" != 0 ]; then
+    echo "test.sh: citus pass exit $citus_status, pooler pass exit $pooler_status" >&2
+    exit 1
+fi
