@@ -7,6 +7,8 @@
 // pooler either), interleaved rounds, medians, ratios. Usage:
 //   DIRECT_URL=postgres://...:54329/postgres POOLED_URL=postgres://...:54339/postgres [REPS=9] \
 //     npm run bench:pooler
+// With POOLER_PIDFILE (e.g. .local/pgbouncer/pgbouncer.pid) it also says how much CPU time the
+// pooler process spent per run of each work through it (from /proc, 10 ms ticks).
 import pg from 'pg'
 import { randomUUID } from 'node:crypto'
 import { EventRepository } from '@synap/database'
@@ -56,12 +58,21 @@ const work = {
   },
 }
 const times = {}
+const poolerPid = process.env.POOLER_PIDFILE ? (await import('node:fs')).readFileSync(process.env.POOLER_PIDFILE, 'utf8').trim() : null
+const poolerCpu = async () => {
+  const stat = (await import('node:fs')).readFileSync(`/proc/${poolerPid}/stat`, 'utf8')
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+  return (Number(fields[11]) + Number(fields[12])) * 10 // utime + stime, ticks of 10 ms
+}
+const cpu = {}
 for (let r = 0; r < REPS; r++) {
   for (const [w, run] of Object.entries(work)) {
     for (const [name, store] of Object.entries(stores)) {
+      const c = poolerPid ? await poolerCpu() : 0
       const t = now()
       await run(store)
       ;(times[`${w}|${name}`] ??= []).push(now() - t)
+      if (poolerPid) (cpu[`${w}|${name}`] ??= []).push((await poolerCpu()) - c)
     }
   }
 }
@@ -76,6 +87,13 @@ for (const w of Object.keys(work)) {
     `  ${(m['ours, direct'] / m['ours, pooled']).toFixed(2)}x`.padStart(15),
     `${(m['design on node-postgres, pooled'] / m['ours, pooled']).toFixed(2)}x`.padStart(13),
   )
+}
+if (poolerPid) {
+  console.log('pooler CPU per run, mean (ms):')
+  for (const w of Object.keys(work)) {
+    const mean = (xs) => xs.reduce((a, b) => a + b, 0) / xs.length
+    console.log(' ', w.padEnd(9), Object.keys(stores).map((n) => `${n}: ${mean(cpu[`${w}|${n}`]).toFixed(1)}`).join(', '))
+  }
 }
 for (const s of Object.values(stores)) await (s.close ? s.close() : s.pool.end())
 await admin.query(`DROP DATABASE ${database} WITH (FORCE)`)

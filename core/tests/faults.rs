@@ -105,6 +105,14 @@ async fn an_exhausted_pool_fails_with_a_code_after_the_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_timeout_cancels_and_writes_nothing() {
+    // Under libfaketime (scripts/clock-test.sh) the server's timers do not end a lock wait: a
+    // backend waiting for a row lock gets its statement timeout only once the lock is released
+    // (checked with psql: a 300 ms timeout took 4 s, the holder's time). The wait below would
+    // never end there.
+    if std::env::var_os("FAKETIME").is_some() {
+        eprintln!("not run under libfaketime: its timers do not interrupt a lock wait");
+        return;
+    }
     let repo = repo_with("stmt_timeout", |c| {
         c.statement_timeout = Some(Duration::from_millis(300))
     })

@@ -283,3 +283,33 @@ async fn every_aggregates_events_come_in_version_order_on_the_feed() {
         &out_of_order[..out_of_order.len().min(5)]
     );
 }
+
+/// An insert of no rows into events_v2 (an append whose version guard did not pass) leaves its
+/// transaction without a transaction id: the notify trigger, which fires once per statement,
+/// neither asks for one nor queues a notification, so that such a transaction commits nothing
+/// and takes no notify lock. (The citus mode has no triggers on its distributed tables.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_of_no_rows_takes_no_transaction_id() {
+    if common::citus() {
+        return;
+    }
+    let repo = repo("feed_no_rows").await;
+    repo.append(event(Uuid::now_v7(), 1)).await.unwrap();
+    let client = sql(&repo).await;
+    client.batch_execute("BEGIN").await.unwrap();
+    let inserted = client
+        .execute(
+            "INSERT INTO events_v2 (aggregate_id, aggregate_type, event_type, user_id, data, version)
+             SELECT aggregate_id, aggregate_type, event_type, user_id, data, version FROM events_v2 WHERE false",
+            &[],
+        )
+        .await
+        .unwrap();
+    let assigned: Option<String> = client
+        .query_one("SELECT pg_current_xact_id_if_assigned()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!((inserted, assigned), (0, None));
+}

@@ -35,12 +35,19 @@ $$;
 -- inside a transaction makes its commit take PostgreSQL's database-wide notify lock through the
 -- WAL flush (migration 0010). The repository's statements mark themselves (synap.feed_days =
 -- their transaction id) and send one pg_notify after committing; inserts from elsewhere notify
--- here. Fired once per inserting statement by events_v2_notify (migration 0003); it also clears
--- the mark, so that it covers exactly one statement.
+-- here. Fired once per inserting statement by events_v2_notify (migration 0003), also by one
+-- that inserted nothing; it also clears the mark, so that it covers exactly one statement. A
+-- transaction that has written nothing (an append whose version guard did not pass) has no
+-- transaction id yet: nothing to notify, and asking for its id would give it one, and with it a
+-- commit record and the notify lock at its commit.
 CREATE OR REPLACE FUNCTION synap_notify_events() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
+    IF pg_current_xact_id_if_assigned() IS NULL THEN
+        PERFORM set_config('synap.feed_days', '', true);
+        RETURN NULL;
+    END IF;
     IF coalesce(current_setting('synap.feed_days', true), '') <> pg_current_xact_id()::text THEN
         PERFORM pg_notify('synap_events', '');
     END IF;
