@@ -1,5 +1,9 @@
 //! The replay fold: the state of one aggregate, computed from its events.
 //!
+//! One file of about 830 lines and 270 more of tests: the options, the three entry points (JSON
+//! values, streaming JSON text, typed records) and the one `Folder` they share are one algorithm,
+//! best read together; the wasm build and the Node module run exactly this.
+//!
 //! [`fold_events`] (untyped JSON, as JavaScript sends it) and [`fold_records`] (typed
 //! [`EventRecord`]s) run the same algorithm and give the same [`FoldResult`].
 //!

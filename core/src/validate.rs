@@ -1,5 +1,8 @@
 //! Validation of events and query inputs: one set of rules for Rust, Node and the browser.
 //!
+//! About 770 lines and 180 of tests: the field checks are shared by the typed and the untyped
+//! paths, and splitting them would split one rule set.
+//!
 //! [`parse_event`] checks untyped JSON (what JavaScript sends) and returns a typed [`NewEvent`]
 //! or every [`Issue`] found; [`NewEvent::validate`] checks a typed event. Both use the same
 //! field checks below.

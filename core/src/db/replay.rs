@@ -8,6 +8,10 @@
 //! kept. Memory holds the state and one page, whatever the stream's length.
 //!
 //! The fold is [`crate::fold`]'s, the same that `foldEvents` runs in Node and in the browser.
+//!
+//! About 850 lines with its tests: replay and the snapshot writer (`snapshot`, the bulk
+//! snapshots after retention) share the stream row, the snapshot statements and the fold rules'
+//! fingerprint, and each is read beside the other.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
