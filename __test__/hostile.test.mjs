@@ -96,7 +96,11 @@ test("a NUL byte in a projection's statement is refused as bad input, not a lost
   assert.equal(seen.retryable, false)
 })
 
-test("a group run ended by what no retry can fix rejects done() with the store's code", async () => {
+// Under libfaketime (scripts/clock-test.sh) the server's timers do not end a lock wait, so its
+// deadlock detector never runs: the DROP below and the member would wait for each other forever.
+const underFaketime = process.env.FAKETIME ? 'libfaketime: no deadlock detection in lock waits' : false
+
+test("a group run ended by what no retry can fix rejects done() with the store's code", { skip: underFaketime }, async () => {
   const fresh = await freshRepository('done')
   await fresh.repo.append(ev(randomUUID(), 1, {}))
   const run = await fresh.repo.consume({ group: 'g', partitions: 1, pollIntervalMs: 50, handler: async () => {} })
