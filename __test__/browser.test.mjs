@@ -24,6 +24,10 @@ before(async () => {
   profile = mkdtempSync(join(tmpdir(), 'synap-chromium-'))
   browser = await chromium.launch({
     executablePath,
+    // Without libfaketime (scripts/clock-test.sh preloads it into every process): under it
+    // Chromium never finishes loading a page. The clock that test is about is the server's and
+    // this process's; the browser only folds what they give it.
+    env: Object.fromEntries(Object.entries(process.env).filter(([k]) => k !== 'LD_PRELOAD' && !k.startsWith('FAKETIME'))),
     args: [
       '--no-sandbox',
       '--disable-gpu',
