@@ -15,7 +15,7 @@ const N = Number(process.env.N ?? 500)
 const ROUNDS = Number(process.env.ROUNDS ?? 5)
 const client = new pg.Client({ connectionString: url })
 await client.connect()
-const { rows } = await client.query("SELECT prosrc FROM pg_proc WHERE proname = 'synap_append'")
+const { rows } = await client.query("SELECT prosrc FROM pg_proc WHERE proname = 'synap_append' AND pronamespace = current_schema()::regnamespace")
 if (rows.length !== 1) throw new Error('synap_append not found: migrate the database first')
 const src = rows[0].prosrc
 const statement = src.slice(src.indexOf('RETURN QUERY') + 'RETURN QUERY'.length, src.lastIndexOf(';'))
