@@ -122,7 +122,22 @@ citus_installed() {
     [ -f "$("$BINDIR/pg_config" --pkglibdir 2>/dev/null || echo "$(dirname "$BINDIR")/lib")/citus.so" ]
 }
 
+# The clusters' fixed ports (54329-54350) lie in Linux's ephemeral port range (32768-60999): a
+# client connection made anywhere on the machine may take one as its local port, and a server
+# started while it does cannot listen there ("could not bind ... Address already in use"; seen
+# once in CI as the TimescaleDB pass began on 54330). Where we may (root), they are reserved:
+# the kernel then never hands them out as ephemeral ports.
+reserve_ports() {
+    local f=/proc/sys/net/ipv4/ip_local_reserved_ports
+    [ -w "$f" ] || return 0
+    grep -q "54329-54360" "$f" 2>/dev/null && return 0
+    local current
+    current="$(cat "$f" 2>/dev/null || true)"
+    echo "${current:+$current,}54329-54360" >"$f" 2>/dev/null || true
+}
+
 start() {
+    reserve_ports
     if [ -z "$BINDIR" ]; then
         echo "db.sh: cannot find initdb even after installing PostgreSQL" >&2
         exit 1
