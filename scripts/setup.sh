@@ -42,11 +42,6 @@ fi
 if [ -x ../shared/timescaledb/install.sh ] && [ "$(id -u)" = 0 ]; then
     ../shared/timescaledb/install.sh
 fi
-# The clusters' ports, reserved before anything connects (scripts/db.sh, `reserve_ports`).
-if [ -w /proc/sys/net/ipv4/ip_local_reserved_ports ] && ! grep -q "54329-54360" /proc/sys/net/ipv4/ip_local_reserved_ports; then
-    current="$(cat /proc/sys/net/ipv4/ip_local_reserved_ports)"
-    echo "${current:+$current,}54329-54360" >/proc/sys/net/ipv4/ip_local_reserved_ports || true
-fi
 # The native module (release build; regenerates index.js and index.d.ts).
 npm run --silent build
 # The wasm package (wasm/pkg/web and wasm/pkg/node).

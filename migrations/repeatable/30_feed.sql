@@ -159,21 +159,9 @@ $$;
 -- SECURITY DEFINER on Citus: an application role may read the feed without the right to ask the
 -- workers. EXECUTE is granted to application roles.
 DO $fence$
-BEGIN
-    IF (SELECT value FROM synap_settings WHERE key = 'storage_mode') <> 'citus' THEN
-        CREATE OR REPLACE FUNCTION synap_feed_fence()
-        RETURNS boolean
-        LANGUAGE sql IMMUTABLE PARALLEL SAFE
-        AS $f$
-            SELECT false
-        $f$;
-        RETURN;
-    END IF;
-    CREATE OR REPLACE FUNCTION synap_feed_fence()
-    RETURNS boolean
-    LANGUAGE plpgsql VOLATILE
-    SECURITY DEFINER
-    AS $f$
+DECLARE
+    -- The Citus version's body, created below with its search_path.
+    fence constant text := $f$
     DECLARE
         horizon constant xid8 := pg_snapshot_xmin(pg_current_snapshot());
         pending text[];
@@ -200,7 +188,20 @@ BEGIN
         RETURN true;
     END
     $f$;
-    -- Inside this block the schema is not text psql can fill in: the same search_path, set here.
-    EXECUTE format('ALTER FUNCTION synap_feed_fence() SET search_path = pg_catalog, %I, pg_temp', current_schema());
+BEGIN
+    IF (SELECT value FROM synap_settings WHERE key = 'storage_mode') <> 'citus' THEN
+        CREATE OR REPLACE FUNCTION synap_feed_fence()
+        RETURNS boolean
+        LANGUAGE sql IMMUTABLE PARALLEL SAFE
+        AS $f$
+            SELECT false
+        $f$;
+        RETURN;
+    END IF;
+    -- The search_path in the definition itself, pg_catalog first and pg_temp last: the schema is
+    -- not text the runner or psql can fill in inside this block, so the statement is made here.
+    EXECUTE format('CREATE OR REPLACE FUNCTION synap_feed_fence() RETURNS boolean LANGUAGE plpgsql VOLATILE '
+                   'SECURITY DEFINER SET search_path = pg_catalog, %I, pg_temp AS %L',
+                   current_schema(), fence);
 END
 $fence$;

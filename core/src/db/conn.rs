@@ -354,13 +354,14 @@ impl Conn {
         let client: &deadpool_postgres::ClientWrapper = self.object();
         match &self.pooled {
             Some(p) => {
-                let types = match params.is_empty() {
-                    true => Vec::new(),
+                let described = match params.is_empty() {
+                    true => None,
                     false => match p.described(sql) {
-                        Some(d) if d.params.len() == params.len() => d.params.clone(),
+                        Some(d) if d.params.len() == params.len() => Some(d),
                         _ => return Ok(None),
                     },
                 };
+                let types = described.as_ref().map_or(&[][..], |d| &d.params[..]);
                 let settings = match citus {
                     Citus::Maybe => p.settings(),
                     Citus::Absent => &p.plain,
@@ -371,7 +372,8 @@ impl Conn {
                     (true, false) => format!("BEGIN; {prefix}"),
                     (false, false) => format!("BEGIN; {settings}; {prefix}"),
                 };
-                let typed: Vec<(&(dyn ToSql + Sync), Type)> = params.iter().copied().zip(types).collect();
+                let typed: Vec<(&(dyn ToSql + Sync), Type)> =
+                    params.iter().copied().zip(types.iter().cloned()).collect();
                 let statement = async { collect(client.query_typed_raw(sql, typed).await?).await };
                 match begin.is_empty() {
                     // Nothing to set: the statement alone is a transaction of its own.
