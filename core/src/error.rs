@@ -307,6 +307,27 @@ pub enum Error {
     )]
     CheckpointFromAnotherStore,
 
+    /// The user is being erased (`erase_user`): the store refuses their appends until the
+    /// erasure ends. Nothing was written.
+    #[error("{message}")]
+    UserBeingErased {
+        /// What the server said, naming the user.
+        message: String,
+    },
+
+    /// An erasure could not go on: transactions that were running when it began did not end in
+    /// time (it must wait for them, see docs/erasure.md). The user's appends stay refused until
+    /// the erasure is run again and completes; nothing was deleted.
+    #[error("erasure waited {waited_ms} ms for {transactions} older transaction(s) to end (backends {pids:?}); run it again")]
+    ErasureBlocked {
+        /// How long it waited.
+        waited_ms: u64,
+        /// Transactions still running.
+        transactions: usize,
+        /// Their backends' process ids.
+        pids: Vec<i32>,
+    },
+
     /// A bug: an invariant broke or a panic was caught at a language boundary.
     #[error("internal error: {message}")]
     Internal {
@@ -381,6 +402,8 @@ impl Error {
             Error::LeaseLost { .. } => "LEASE_LOST",
             Error::FeedRebaseRequired { .. } => "FEED_REBASE_REQUIRED",
             Error::CheckpointFromAnotherStore => "CHECKPOINT_FROM_ANOTHER_STORE",
+            Error::UserBeingErased { .. } => "USER_BEING_ERASED",
+            Error::ErasureBlocked { .. } => "ERASURE_BLOCKED",
             Error::Internal { .. } => "INTERNAL_ERROR",
         }
     }
@@ -461,6 +484,11 @@ impl Error {
             Error::StorageModeUnavailable { requested, .. } => json!({ "storageMode": requested }),
             Error::ConsumerNeedsRepair { consumer } => json!({ "consumer": consumer }),
             Error::LeaseLost { group } => json!({ "group": group }),
+            Error::ErasureBlocked {
+                waited_ms,
+                transactions,
+                pids,
+            } => json!({ "waitedMs": waited_ms, "transactions": transactions, "pids": pids }),
             Error::CheckpointConflict {
                 consumer,
                 stored,

@@ -41,6 +41,10 @@ pub use db::sql::quote_table;
 #[cfg(feature = "postgres")]
 pub use db::{
     config::{Pooler, RepositoryConfig, StorageMode},
+    erasure::{
+        EraseOptions, ErasedRows, ErasureNotice, ErasureReport, EVENT_ERASED, TABLES_WITHOUT_USER_DATA,
+        USER_DATA_TABLES, USER_ERASED,
+    },
     feed::{
         read_all_options, Checkpoint, ConsumerRepair, ConsumerStatus, FeedRebase, Page, SubscribeOptions, Subscription,
     },

@@ -235,6 +235,7 @@ fn parse_fields(
             // Report the content problems too, so a form can show them all at once.
             if let Some(t) = &event_type {
                 issues.extend(check_event_type(t, limits).err());
+                issues.extend(check_not_reserved(t).err());
             }
             if let Some(u) = &user_id {
                 issues.extend(check_user_id(u, limits).err());
@@ -372,6 +373,7 @@ fn check_batch(events: &[NewEvent], field_limits: Option<&Limits>) -> Result<()>
 fn check_fields(event: &NewEvent, limits: &Limits) -> Vec<Issue> {
     let mut issues = Vec::new();
     issues.extend(check_event_type(&event.event_type, limits).err());
+    issues.extend(check_not_reserved(&event.event_type).err());
     issues.extend(check_user_id(&event.user_id, limits).err());
     issues.extend(check_data(&event.data, limits));
     if let Some(m) = &event.metadata {
@@ -427,6 +429,26 @@ pub fn check_event_type(s: &str, limits: &Limits) -> std::result::Result<(), Iss
             "\"{}\" is not a dotted lowercase event type such as entity.created",
             truncate(s)
         )));
+    }
+    Ok(())
+}
+
+/// The event types the store writes itself (docs/erasure.md): `synap.user_erased`, and any
+/// other `synap.` type it may add. An append of one is refused, so that a notice in the feed
+/// always comes from the store and an erasure never leaves a user's own event behind as one.
+pub const RESERVED_EVENT_TYPE_PREFIX: &str = "synap.";
+
+/// Refuses an appended event type in the store's own namespace ([`RESERVED_EVENT_TYPE_PREFIX`]).
+pub fn check_not_reserved(s: &str) -> std::result::Result<(), Issue> {
+    if s.starts_with(RESERVED_EVENT_TYPE_PREFIX) {
+        return Err(Issue::new(
+            "eventType",
+            IssueCode::InvalidEventType,
+            format!(
+                "\"{}\" is reserved: event types under synap. are the store's own notices",
+                truncate(s)
+            ),
+        ));
     }
     Ok(())
 }
@@ -933,6 +955,12 @@ mod tests {
         ] {
             assert!(check_event_type(bad, &l).is_err(), "{bad}");
         }
+        assert!(check_not_reserved("synap.user_erased").is_err());
+        assert!(check_not_reserved("synapse.created").is_ok());
+        let mut v = valid();
+        v["eventType"] = json!("synap.user_erased");
+        let issues = parse_event(&v, &l).unwrap_err();
+        assert_eq!(issues[0].code, IssueCode::InvalidEventType);
     }
 
     #[test]

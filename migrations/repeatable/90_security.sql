@@ -122,7 +122,8 @@ BEGIN
                              'events_v2_ids', 'event_snapshots', 'events_daily', 'events_daily_dirty',
                              'events_v2_feed_days', 'event_consumers', 'legacy_migration_map',
                              'legacy_migration_failures', 'legacy_migration_runs', 'consumer_groups',
-                             'consumer_group_partitions', 'consumer_group_members', 'consumer_group_parked'] LOOP
+                             'consumer_group_partitions', 'consumer_group_members', 'consumer_group_parked',
+                             'synap_erasures', 'synap_erasure_rewrites'] LOOP
         IF to_regclass(quote_ident(t)) IS NOT NULL THEN
             EXECUTE format('REVOKE ALL ON %I FROM %I', t, p_role);
         END IF;

@@ -134,6 +134,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0015_isolation.sql"),
         earlier_checksums: &[],
     },
+    Migration {
+        version: 16,
+        name: "erasure",
+        sql: include_str!("../../../migrations/0016_erasure.sql"),
+        earlier_checksums: &[],
+    },
 ];
 
 /// A repeatable migration file: the current definitions of one concern's functions, policies
@@ -172,6 +178,10 @@ pub const REPEATABLE: &[Repeatable] = &[
     Repeatable {
         name: "60_groups",
         sql: include_str!("../../../migrations/repeatable/60_groups.sql"),
+    },
+    Repeatable {
+        name: "70_erasure",
+        sql: include_str!("../../../migrations/repeatable/70_erasure.sql"),
     },
     Repeatable {
         name: "90_security",

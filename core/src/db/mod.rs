@@ -2,6 +2,7 @@
 
 pub mod config;
 pub(crate) mod conn;
+pub mod erasure;
 pub mod feed;
 mod feed_plan;
 pub mod groups;

@@ -20,6 +20,9 @@ impl From<tokio_postgres::Error> for Error {
             Error::TransactionConflict { message }
         } else if *code == SqlState::UNDEFINED_TABLE || *code == SqlState::UNDEFINED_FUNCTION {
             Error::SchemaNotReady { message }
+        } else if code.code() == "SY001" {
+            // migrations/repeatable/70_erasure.sql
+            Error::UserBeingErased { message }
         } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
             Error::PermissionDenied { message }
         } else if code.code().starts_with("08")
