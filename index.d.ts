@@ -116,6 +116,15 @@ export declare class EventRepository {
    * cut through a live aggregate unless `force`.
    */
   applyRetention(options: RetentionOptions): Promise<Record<string, unknown>>
+  /**
+   * Removes every row that holds `userId`'s data (events, streams, ids, snapshots, daily
+   * counts, parked events, legacy rows and their bookkeeping), redacts the user's events in
+   * other users' streams, appends one `synap.user_erased` notice to the feed and rewrites the
+   * relations it touched (docs/erasure.md). Resolves to a report per table; `{ dryRun: true }`
+   * counts and changes nothing. Rejects with `PERMISSION_DENIED` on a `forUser` handle and
+   * `ERASURE_BLOCKED` when older transactions do not end within `waitTimeoutMs`.
+   */
+  eraseUser(userId: string, options?: EraseUserOptions | undefined | null): Promise<Record<string, unknown>>
   /** Store-wide numbers: events, aggregates, partitions, storage mode. */
   stats(): Promise<Record<string, unknown>>
   /**
@@ -310,6 +319,14 @@ export interface DropLegacyOptions {
    * drop is refused while any row is neither migrated nor accepted.
    */
   acceptLost?: boolean
+}
+
+/** Options of `eraseUser`. */
+export interface EraseUserOptions {
+  /** Count what would go; change nothing. */
+  dryRun?: boolean
+  /** How long to wait for transactions older than the erasure to end (default 60000). */
+  waitTimeoutMs?: number
 }
 
 /** A stored event. */

@@ -75,6 +75,7 @@ const WITH_OPTIONS = {
   migrateLegacyEvents: (o) => [o],
   dropLegacyTable: (o) => ['events', false, o],
   applyRetention: (o) => [{ olderThan: '1d', ...o }],
+  eraseUser: (o) => ['nobody', o],
   runGroup: (o) => [{ group: 'g', ...o }, handler, false],
   consume: (o) => [{ group: 'g', handler, ...o }],
   project: (o) => [{ group: 'g', handler, ...o }],

@@ -113,6 +113,19 @@ enum Command {
     },
     /// Store-wide numbers.
     Stats,
+    /// Erase one user everywhere: their events, streams, snapshots, daily counts, parked events
+    /// and legacy rows; their events in other users' streams are redacted; the feed gets one
+    /// synap.user_erased notice; the touched tables are rewritten (docs/erasure.md)
+    EraseUser {
+        /// The user id.
+        user_id: String,
+        /// Count what would go; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Seconds to wait for transactions older than the erasure to end.
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        wait: u64,
+    },
     /// After a restore into another cluster: renumber the global feed's transaction ids into
     /// this cluster's past (the feed refuses to read until then).
     RebaseFeed,
@@ -537,6 +550,32 @@ async fn run(cli: Cli) -> Result<Outcome, Error> {
                 json!({ "daysRefreshed": days, "full": full }),
                 format!("refreshed {days} day(s) of events_daily"),
             ))
+        }
+        Command::EraseUser { user_id, dry_run, wait } => {
+            let options = synap_events::EraseOptions {
+                dry_run,
+                wait_timeout: std::time::Duration::from_secs(wait.max(1)),
+            };
+            let report = repo.erase_user(&user_id, &options).await?;
+            let mut text = format!(
+                "{}user {:?}: {} stream(s), {} event(s) of other users in them",
+                if dry_run { "DRY RUN (nothing changed) " } else { "" },
+                report.user_id,
+                report.streams,
+                report.other_users_events
+            );
+            for t in &report.tables {
+                text.push_str(&format!("\n  {:<28} {:>9} {}", t.table, t.rows, t.action));
+            }
+            match &report.notice {
+                Some(n) => text.push_str(&format!("\nnotice {} on the feed (stream {})", n.id, n.aggregate_id)),
+                None if !dry_run => text.push_str("\nnothing of the user was left: no notice"),
+                None => {}
+            }
+            for r in &report.rewritten {
+                text.push_str(&format!("\nrewritten {r}"));
+            }
+            Ok(Outcome::ok(to_json(&report), text))
         }
         Command::Stats => {
             let stats = repo.stats().await?;

@@ -155,6 +155,18 @@ async fn exit_codes_and_json_reports() {
     let out = run(s, &["--json", "refresh-analytics"]);
     assert_eq!(json(&out)["daysRefreshed"], 1);
 
+    // Erasure of a user with nothing stored: a report of zeros, no notice.
+    let out = run(s, &["--json", "erase-user", "nobody", "--dry-run"]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(json(&out)["dryRun"], true);
+    assert_eq!(json(&out)["tables"][0]["rows"], 0);
+    let out = run(s, &["--json", "erase-user", "nobody"]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(json(&out)["notice"], Value::Null);
+    let out = run(s, &["erase-user", ""]);
+    assert_eq!(code(&out), 1);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("[VALIDATION_FAILED]"));
+
     // Retention: everything is from May 2024, so a one-day age drops that partition.
     let out = run(s, &["--json", "retention", "--older-than", "1d", "--dry-run"]);
     assert_eq!(code(&out), 0);

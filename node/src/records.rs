@@ -385,6 +385,15 @@ pub struct DropLegacyOptions {
     pub accept_lost: Option<bool>,
 }
 
+/// Options of `eraseUser`.
+#[napi(object, object_to_js = false)]
+pub struct EraseUserOptions {
+    /// Count what would go; change nothing.
+    pub dry_run: Option<bool>,
+    /// How long to wait for transactions older than the erasure to end (default 60000).
+    pub wait_timeout_ms: Option<f64>,
+}
+
 /// Options of `repairConsumer`.
 #[napi(object, object_to_js = false)]
 pub struct RepairConsumerOptions {

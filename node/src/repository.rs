@@ -347,6 +347,29 @@ impl EventRepository {
         })
     }
 
+    /// Removes every row that holds `userId`'s data (events, streams, ids, snapshots, daily
+    /// counts, parked events, legacy rows and their bookkeeping), redacts the user's events in
+    /// other users' streams, appends one `synap.user_erased` notice to the feed and rewrites the
+    /// relations it touched (docs/erasure.md). Resolves to a report per table; `{ dryRun: true }`
+    /// counts and changes nothing. Rejects with `PERMISSION_DENIED` on a `forUser` handle and
+    /// `ERASURE_BLOCKED` when older transactions do not end within `waitTimeoutMs`.
+    #[napi(
+        catch_unwind,
+        ts_return_type = "Promise<Record<string, unknown>>",
+        ts_args_type = "userId: string, options?: EraseUserOptions | undefined | null"
+    )]
+    pub fn erase_user<'env>(
+        &self,
+        env: &'env Env,
+        user_id: String,
+        options: Option<Unknown<'env>>,
+    ) -> Result<PromiseRaw<'env, Json>> {
+        let opts = options_json(env, options).and_then(|o| core::EraseOptions::from_json(&o));
+        self.run(env, move |repo| async move {
+            to_json_value(&repo.erase_user(&user_id, &opts?).await?)
+        })
+    }
+
     /// Store-wide numbers: events, aggregates, partitions, storage mode.
     #[napi(catch_unwind, ts_return_type = "Promise<Record<string, unknown>>")]
     pub fn stats<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, Json>> {
