@@ -322,6 +322,10 @@ fn definer_functions() -> Vec<(&'static str, &'static str)> {
             "compares synap_settings with pg_control_system() (application roles)",
         ),
         (
+            "synap_refuse_erased_users()",
+            "trigger: reads synap_erasures, which no application role may read, to refuse appends of a user being erased",
+        ),
+        (
             "synap_secure_partitions()",
             "gives new partitions and chunks the user policy (owner only)",
         ),
