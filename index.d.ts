@@ -117,6 +117,14 @@ export declare class EventRepository {
    */
   applyRetention(options: RetentionOptions): Promise<Record<string, unknown>>
   /**
+   * Deletes a stream. Soft (the default): appends `<aggregateType>.deleted` at the next
+   * version, so that the fold says `deleted: true` and appends stay possible. `{ hard: true }`
+   * (unscoped handles only): removes its rows, leaves a tombstone (a later append with the id
+   * rejects with `STREAM_DELETED`) and puts a `synap.stream_deleted` notice on the feed.
+   * Resolves to `{ aggregateId, hard, found, events, event, notice }`.
+   */
+  deleteStream(aggregateId: string, options?: DeleteStreamOptions | undefined | null): Promise<Record<string, unknown>>
+  /**
    * Removes every row that holds `userId`'s data (events, streams, ids, snapshots, daily
    * counts, parked events, legacy rows and their bookkeeping), redacts the user's events in
    * other users' streams, appends one `synap.user_erased` notice to the feed and rewrites the
@@ -310,6 +318,12 @@ export interface CountEventsOptions {
   fromDate?: Date
   /** Only events before this time (an invalid Date is refused). */
   toDate?: Date
+}
+
+/** Options of `deleteStream`. */
+export interface DeleteStreamOptions {
+  /** Remove the stream's rows and leave a tombstone instead of appending its deletion event. */
+  hard?: boolean
 }
 
 /** Options of `dropLegacyTable`. */

@@ -76,6 +76,7 @@ const WITH_OPTIONS = {
   dropLegacyTable: (o) => ['events', false, o],
   applyRetention: (o) => [{ olderThan: '1d', ...o }],
   eraseUser: (o) => ['nobody', o],
+  deleteStream: (o) => [id(), o],
   runGroup: (o) => [{ group: 'g', ...o }, handler, false],
   consume: (o) => [{ group: 'g', handler, ...o }],
   project: (o) => [{ group: 'g', handler, ...o }],

@@ -73,3 +73,20 @@ test('the store refuses to append its own event types, and scoped handles may no
   await assert.rejects(repo.eraseUser(''), (e) => e.code === 'VALIDATION_FAILED')
   await assert.rejects(repo.eraseUser('ann', { waitTimeoutMs: -1 }), (e) => e.code === 'VALIDATION_FAILED')
 })
+
+test('deleteStream: soft folds as deleted, hard leaves a tombstone that refuses the id', async () => {
+  const { repo } = db
+  const [soft, hard] = [randomUUID(), randomUUID()]
+  await repo.append(event(soft, 1, 'cy', { a: 1 }))
+  await repo.append(event(hard, 1, 'cy', { a: 1 }))
+  const s = await repo.deleteStream(soft)
+  assert.deepEqual([s.found, s.hard, s.event.eventType, s.event.version], [true, false, 'entity.deleted', 2])
+  assert.equal((await repo.replay(soft)).deleted, true)
+  const h = await repo.deleteStream(hard, { hard: true })
+  assert.deepEqual([h.found, h.hard, h.events], [true, true, 1])
+  assert.deepEqual(await repo.getAggregateStream(hard), [])
+  await assert.rejects(repo.append(event(hard, 1, 'cy', {})), (e) => e.code === 'STREAM_DELETED' && e.aggregateId === hard)
+  await assert.rejects(repo.append(event(hard, 2, 'cy', {})), (e) => e.code === 'STREAM_DELETED')
+  await assert.rejects(repo.forUser('cy').deleteStream(soft, { hard: true }), (e) => e.code === 'PERMISSION_DENIED')
+  await assert.rejects(repo.deleteStream('not-a-uuid'), (e) => e.code === 'VALIDATION_FAILED')
+})

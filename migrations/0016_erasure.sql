@@ -1,5 +1,6 @@
--- Erasure (docs/erasure.md): the bookkeeping of eraseUser. Neither table is distributed on
--- Citus: both stay on the coordinator, beside events_v2_ids, whose trigger reads the first.
+-- Erasure (docs/erasure.md): the bookkeeping of eraseUser and deleteStream. No table here is
+-- distributed on Citus: they stay on the coordinator, beside events_v2_ids, whose trigger reads
+-- them.
 
 -- A user being erased. Appends of the user are refused from the moment the row commits
 -- (events_v2_ids's trigger, migrations/repeatable/70_erasure.sql) until the erasure's own
@@ -18,7 +19,17 @@ CREATE TABLE IF NOT EXISTS synap_erasure_rewrites (
     queued_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- Streams removed by deleteStream({ hard: true }): an append with the id is refused
+-- (STREAM_DELETED). The owner's id, so that erasing the owner removes the tombstone too.
+CREATE TABLE IF NOT EXISTS event_stream_tombstones (
+    aggregate_id uuid        PRIMARY KEY,
+    user_id      text        NOT NULL,
+    version      integer     NOT NULL,
+    deleted_at   timestamptz NOT NULL DEFAULT now()
+);
+
 -- No policy: no role but the owner reads or writes them (as every table without a user's rows,
 -- migration 0015).
 ALTER TABLE synap_erasures ENABLE ROW LEVEL SECURITY;
 ALTER TABLE synap_erasure_rewrites ENABLE ROW LEVEL SECURITY;
+ALTER TABLE event_stream_tombstones ENABLE ROW LEVEL SECURITY;

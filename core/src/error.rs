@@ -315,6 +315,14 @@ pub enum Error {
         message: String,
     },
 
+    /// The stream was deleted for good (`delete_stream` with `hard`): its id cannot be used
+    /// again. Nothing was written.
+    #[error("stream {aggregate_id} was deleted: its id cannot be used again")]
+    StreamDeleted {
+        /// The stream.
+        aggregate_id: Uuid,
+    },
+
     /// An erasure could not go on: transactions that were running when it began did not end in
     /// time (it must wait for them, see docs/erasure.md). The user's appends stay refused until
     /// the erasure is run again and completes; nothing was deleted.
@@ -404,6 +412,7 @@ impl Error {
             Error::CheckpointFromAnotherStore => "CHECKPOINT_FROM_ANOTHER_STORE",
             Error::UserBeingErased { .. } => "USER_BEING_ERASED",
             Error::ErasureBlocked { .. } => "ERASURE_BLOCKED",
+            Error::StreamDeleted { .. } => "STREAM_DELETED",
             Error::Internal { .. } => "INTERNAL_ERROR",
         }
     }
@@ -484,6 +493,7 @@ impl Error {
             Error::StorageModeUnavailable { requested, .. } => json!({ "storageMode": requested }),
             Error::ConsumerNeedsRepair { consumer } => json!({ "consumer": consumer }),
             Error::LeaseLost { group } => json!({ "group": group }),
+            Error::StreamDeleted { aggregate_id } => json!({ "aggregateId": aggregate_id.to_string() }),
             Error::ErasureBlocked {
                 waited_ms,
                 transactions,

@@ -42,8 +42,8 @@ pub use db::sql::quote_table;
 pub use db::{
     config::{Pooler, RepositoryConfig, StorageMode},
     erasure::{
-        EraseOptions, ErasedRows, ErasureNotice, ErasureReport, EVENT_ERASED, TABLES_WITHOUT_USER_DATA,
-        USER_DATA_TABLES, USER_ERASED,
+        DeleteStreamOptions, EraseOptions, ErasedRows, ErasureNotice, ErasureReport, StreamDeletion, EVENT_ERASED,
+        STREAM_DELETED, TABLES_WITHOUT_USER_DATA, USER_DATA_TABLES, USER_ERASED,
     },
     feed::{
         read_all_options, Checkpoint, ConsumerRepair, ConsumerStatus, FeedRebase, Page, SubscribeOptions, Subscription,

@@ -10,8 +10,8 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{json, Value};
 use synap_events::{
-    AggregateType, Checkpoint, EraseOptions, Error, LegacyMigrationOptions, NewEvent, EVENT_ERASED,
-    TABLES_WITHOUT_USER_DATA, USER_DATA_TABLES, USER_ERASED,
+    AggregateType, Checkpoint, DeleteStreamOptions, EraseOptions, Error, LegacyMigrationOptions, NewEvent,
+    EVENT_ERASED, STREAM_DELETED, TABLES_WITHOUT_USER_DATA, USER_DATA_TABLES, USER_ERASED,
 };
 use uuid::Uuid;
 
@@ -634,4 +634,151 @@ async fn the_erased_bytes_are_gone_from_the_relation_files() {
         .unwrap()
         .get(0);
     assert_eq!(in_stats, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_deleted_stream_folds_as_deleted_and_takes_appends() {
+    let owner = common::repo("delete_soft").await;
+    let (app, role) = common::app_role(&owner, "delete_soft").await;
+    let alice = app.for_user("alice").unwrap();
+    let s = fresh();
+    alice
+        .append(new_event(s, 1, "alice", json!({ "a": 1 }), None))
+        .await
+        .unwrap();
+    alice
+        .append(new_event(s, 2, "alice", json!({ "b": 2 }), None))
+        .await
+        .unwrap();
+
+    let done = alice.delete_stream(s, &DeleteStreamOptions::default()).await.unwrap();
+    assert!(done.found && !done.hard && done.notice.is_none());
+    let event = done.event.unwrap();
+    assert_eq!(
+        (event.event_type.as_str(), event.version, event.user_id.as_str()),
+        ("entity.deleted", 3, "alice")
+    );
+    let replay = owner.replay(s, &Default::default()).await.unwrap();
+    assert!(replay.result.deleted);
+    assert_eq!(replay.result.state, json!({ "a": 1, "b": 2 }));
+    // Appends go on; a .created event revives it, as in the fold.
+    alice
+        .append(new_event(s, 4, "alice", json!({ "c": 3 }), None))
+        .await
+        .unwrap();
+    assert!(owner.replay(s, &Default::default()).await.unwrap().result.deleted);
+    // Another user's stream is not there for a scoped handle.
+    let bob = app.for_user("bob").unwrap();
+    assert!(
+        !bob.delete_stream(s, &DeleteStreamOptions::default())
+            .await
+            .unwrap()
+            .found
+    );
+    assert_eq!(
+        owner.get_aggregate_stream(s, &Default::default()).await.unwrap().len(),
+        4
+    );
+    common::drop_role(&owner, &role).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_deleted_stream_leaves_a_tombstone_and_a_notice() {
+    let owner = common::repo("delete_hard").await;
+    let (app, role) = common::app_role(&owner, "delete_hard").await;
+    let alice = app.for_user("alice").unwrap();
+    let c = common::sql(&owner).await;
+    let (s, other) = (fresh(), fresh());
+    for v in 1..=3 {
+        alice
+            .append(new_event(s, v, "alice", json!({ "v": v }), None))
+            .await
+            .unwrap();
+    }
+    alice
+        .append(new_event(other, 1, "alice", json!({}), None))
+        .await
+        .unwrap();
+    owner.snapshot(s).await.unwrap();
+    let hard = DeleteStreamOptions { hard: true };
+
+    let err = alice.delete_stream(s, &hard).await.unwrap_err();
+    assert_eq!(err.code(), "PERMISSION_DENIED");
+    let done = owner.delete_stream(s, &hard).await.unwrap();
+    assert!(done.found && done.hard && done.events == 3, "{done:?}");
+    let notice = done.notice.unwrap();
+    for table in ["events_v2", "events_v2_ids", "event_streams", "event_snapshots"] {
+        let n: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {table} WHERE aggregate_id = $1"), &[&s])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "{table}");
+    }
+    assert_eq!(
+        owner
+            .get_aggregate_stream(other, &Default::default())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Every way of appending to the id again is STREAM_DELETED, as the owner and as the
+    // application's role, and writes nothing.
+    for repo in [&owner, &alice] {
+        for version in [1, 4] {
+            let err = repo
+                .append(new_event(s, version, "alice", json!({}), None))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), "STREAM_DELETED", "version {version}: {err:?}");
+            assert_eq!(err.details()["aggregateId"], json!(s.to_string()));
+            let err = repo
+                .append_batch(vec![new_event(s, version, "alice", json!({}), None)])
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), "STREAM_DELETED", "batch, version {version}: {err:?}");
+        }
+    }
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM events_v2 WHERE aggregate_id = $1", &[&s])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+
+    // The feed says so, with the stream's owner.
+    let mut after = Checkpoint::START;
+    let mut seen = Vec::new();
+    while !seen.iter().any(|e: &synap_events::EventRecord| e.id == notice.id) {
+        let page = owner.read_all(Some(&after), 100).await.unwrap();
+        if page.events.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        seen.extend(page.events);
+        after = page.checkpoint;
+    }
+    let n = seen.iter().find(|e| e.id == notice.id).unwrap();
+    assert_eq!(
+        (n.event_type.as_str(), n.user_id.as_str(), &n.data),
+        (STREAM_DELETED, "alice", &json!({ "aggregateId": s.to_string() }))
+    );
+    assert!(!seen.iter().any(|e| e.aggregate_id == s));
+
+    // Again: nothing there.
+    assert!(!owner.delete_stream(s, &hard).await.unwrap().found);
+    // Erasing the owner takes the tombstone and the notice with it.
+    let report = owner.erase_user("alice", &EraseOptions::default()).await.unwrap();
+    assert_eq!(report.rows("event_stream_tombstones"), 1);
+    let left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM events_v2 WHERE user_id = 'alice' AND event_type <> $1",
+            &[&USER_ERASED],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    common::drop_role(&owner, &role).await;
 }

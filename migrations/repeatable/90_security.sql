@@ -123,7 +123,7 @@ BEGIN
                              'events_v2_feed_days', 'event_consumers', 'legacy_migration_map',
                              'legacy_migration_failures', 'legacy_migration_runs', 'consumer_groups',
                              'consumer_group_partitions', 'consumer_group_members', 'consumer_group_parked',
-                             'synap_erasures', 'synap_erasure_rewrites'] LOOP
+                             'synap_erasures', 'synap_erasure_rewrites', 'event_stream_tombstones'] LOOP
         IF to_regclass(quote_ident(t)) IS NOT NULL THEN
             EXECUTE format('REVOKE ALL ON %I FROM %I', t, p_role);
         END IF;
@@ -137,8 +137,8 @@ BEGIN
     EXECUTE format('GRANT SELECT, INSERT ON events_daily_dirty, events_v2_feed_days TO %I', p_role);
     EXECUTE format('GRANT USAGE ON SEQUENCE events_v2_position_seq TO %I', p_role);
     -- The definer functions that scoped appends and feed reads call.
-    EXECUTE format('GRANT EXECUTE ON FUNCTION synap_aggregate_exists(uuid), synap_feed_identity(), '
-                   'synap_feed_is_current(), synap_feed_fence() TO %I', p_role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION synap_aggregate_exists(uuid), synap_stream_deleted(uuid), '
+                   'synap_feed_identity(), synap_feed_is_current(), synap_feed_fence() TO %I', p_role);
     INSERT INTO synap_application_roles (role_name) VALUES (p_role) ON CONFLICT DO NOTHING;
 END
 $$;

@@ -385,6 +385,13 @@ pub struct DropLegacyOptions {
     pub accept_lost: Option<bool>,
 }
 
+/// Options of `deleteStream`.
+#[napi(object, object_to_js = false)]
+pub struct DeleteStreamOptions {
+    /// Remove the stream's rows and leave a tombstone instead of appending its deletion event.
+    pub hard: Option<bool>,
+}
+
 /// Options of `eraseUser`.
 #[napi(object, object_to_js = false)]
 pub struct EraseUserOptions {

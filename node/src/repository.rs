@@ -347,6 +347,29 @@ impl EventRepository {
         })
     }
 
+    /// Deletes a stream. Soft (the default): appends `<aggregateType>.deleted` at the next
+    /// version, so that the fold says `deleted: true` and appends stay possible. `{ hard: true }`
+    /// (unscoped handles only): removes its rows, leaves a tombstone (a later append with the id
+    /// rejects with `STREAM_DELETED`) and puts a `synap.stream_deleted` notice on the feed.
+    /// Resolves to `{ aggregateId, hard, found, events, event, notice }`.
+    #[napi(
+        catch_unwind,
+        ts_return_type = "Promise<Record<string, unknown>>",
+        ts_args_type = "aggregateId: string, options?: DeleteStreamOptions | undefined | null"
+    )]
+    pub fn delete_stream<'env>(
+        &self,
+        env: &'env Env,
+        aggregate_id: String,
+        options: Option<Unknown<'env>>,
+    ) -> Result<PromiseRaw<'env, Json>> {
+        let id = core::validate::parse_uuid_arg("aggregateId", &aggregate_id);
+        let opts = options_json(env, options).and_then(|o| core::DeleteStreamOptions::from_json(&o));
+        self.run(env, move |repo| async move {
+            to_json_value(&repo.delete_stream(id?, &opts?).await?)
+        })
+    }
+
     /// Removes every row that holds `userId`'s data (events, streams, ids, snapshots, daily
     /// counts, parked events, legacy rows and their bookkeeping), redacts the user's events in
     /// other users' streams, appends one `synap.user_erased` notice to the feed and rewrites the

@@ -50,6 +50,7 @@ pub const USER_DATA_TABLES: &[(&str, &str)] = &[
     ("consumer_group_parked", "parked events of the user's streams or redacted events: deleted"),
     ("legacy_migration_map", "rows of the user's legacy rows or deleted events: deleted"),
     ("legacy_migration_failures", "failures of the user's legacy rows: deleted"),
+    ("event_stream_tombstones", "tombstones of the user's hard-deleted streams: deleted"),
     ("synap_erasures", "the erasure's own row: deleted when the erasure commits"),
 ];
 
@@ -384,6 +385,16 @@ impl EventRepository {
             remove(
                 &tx,
                 dry_run,
+                "event_stream_tombstones",
+                "SELECT 1 FROM event_stream_tombstones WHERE user_id = $1",
+                &[&user],
+            )
+            .await?,
+        );
+        counts.push(
+            remove(
+                &tx,
+                dry_run,
                 "events_daily",
                 "SELECT 1 FROM events_daily WHERE user_id = $1",
                 &[&user],
@@ -543,22 +554,8 @@ impl EventRepository {
         tx.execute("DELETE FROM synap_erasures WHERE user_id = $1", &[&user])
             .await?;
         if report.found_anything() {
-            let fresh = tx.query_one("SELECT gen_random_uuid(), gen_random_uuid()", &[]).await?;
-            let (id, aggregate_id): (Uuid, Uuid) = (fresh.get(0), fresh.get(1));
-            let append = if mode == "citus" {
-                "SELECT \"timestamp\" FROM synap_append_routed($1, NULL, $2, 'system', $3, $4, $5, NULL, 1, NULL, NULL, 'system')"
-            } else {
-                "SELECT out_timestamp FROM synap_append($1, NULL, $2, 'system', $3, $4, $5, NULL, 1, NULL, NULL, 'system')"
-            };
             let data = serde_json::json!({ "userId": user });
-            let row = tx
-                .query_one(append, &[&id, &aggregate_id, &USER_ERASED, &user, &data])
-                .await?;
-            report.notice = Some(ErasureNotice {
-                id,
-                aggregate_id,
-                timestamp: row.get(0),
-            });
+            report.notice = Some(append_notice(&tx, &mode, USER_ERASED, user, &data).await?);
         }
         tx.commit().await?;
         Ok(())
@@ -633,6 +630,193 @@ impl EventRepository {
         }
         Ok(done)
     }
+}
+
+/// The event type of the notice of a hard [`EventRepository::delete_stream`]: `aggregateType`
+/// `system`, `source` `system`, version 1 of a stream of its own, the deleted stream owner's
+/// `userId`, and `data` `{ "aggregateId": ... }`.
+pub const STREAM_DELETED: &str = "synap.stream_deleted";
+
+/// What [`EventRepository::delete_stream`] did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamDeletion {
+    /// The stream.
+    pub aggregate_id: Uuid,
+    /// Whether its rows were removed for good.
+    pub hard: bool,
+    /// Whether there was a stream to delete (false: no such stream, or, hard, one already gone).
+    pub found: bool,
+    /// Hard: the events removed.
+    pub events: i64,
+    /// Soft: the `<aggregateType>.deleted` event appended.
+    pub event: Option<crate::model::EventRecord>,
+    /// Hard: the notice appended to the feed.
+    pub notice: Option<ErasureNotice>,
+}
+
+/// Options of [`EventRepository::delete_stream`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeleteStreamOptions {
+    /// Remove the stream's rows and leave a tombstone, instead of marking it deleted.
+    pub hard: bool,
+}
+
+impl DeleteStreamOptions {
+    /// The options as JavaScript passes them: `{ hard }`, optional.
+    ///
+    /// Fails with [`Error::Validation`] for a value of the wrong type or an unknown key.
+    pub fn from_json(value: &serde_json::Value) -> Result<DeleteStreamOptions> {
+        if value.is_null() {
+            return Ok(DeleteStreamOptions::default());
+        }
+        let o = crate::query::Options::of(value, &["hard"])?;
+        Ok(DeleteStreamOptions {
+            hard: o.bool("hard")?.unwrap_or(false),
+        })
+    }
+}
+
+impl EventRepository {
+    /// Deletes a stream (docs/erasure.md, "Deleting a stream").
+    ///
+    /// Soft (the default): appends the fold's deletion event, `<aggregateType>.deleted` with
+    /// `data` `{}` and `source` `system`, as the stream's owner, at the next version: a replay
+    /// or fold of the stream says `deleted: true`, and appends stay possible (a `.created` event
+    /// revives it, as in the fold). A scoped handle may delete its own user's streams so.
+    ///
+    /// Hard: removes the stream's events, id rows, snapshots and parked events and its stream
+    /// row, leaves a tombstone (a later append with the id is refused with
+    /// [`Error::StreamDeleted`]) and appends a [`STREAM_DELETED`] notice to the feed, in one
+    /// transaction. Unscoped handles only ([`Error::PermissionDenied`]). Deleting a stream that
+    /// is already gone changes nothing (`found: false`).
+    pub async fn delete_stream(&self, aggregate_id: Uuid, options: &DeleteStreamOptions) -> Result<StreamDeletion> {
+        let mut out = StreamDeletion {
+            aggregate_id,
+            hard: options.hard,
+            found: false,
+            events: 0,
+            event: None,
+            notice: None,
+        };
+        if !options.hard {
+            let stream = crate::db::conn::in_session!(self, |client| {
+                Ok(client
+                    .query_opt(
+                        "SELECT version, aggregate_type, user_id FROM event_streams WHERE aggregate_id = $1",
+                        &[&aggregate_id],
+                    )
+                    .await?
+                    .map(|r| (r.get::<_, i32>(0), r.get::<_, String>(1), r.get::<_, String>(2))))
+            })?;
+            let Some((version, aggregate_type, owner)) = stream else {
+                return Ok(out);
+            };
+            let aggregate_type: crate::model::AggregateType =
+                serde_json::from_value(serde_json::Value::String(aggregate_type.clone())).map_err(|_| {
+                    Error::Internal {
+                        message: format!("stream {aggregate_id} has the aggregate type {aggregate_type:?}"),
+                    }
+                })?;
+            let mut event = crate::model::NewEvent::new(
+                aggregate_id,
+                aggregate_type,
+                &format!("{}.deleted", aggregate_type.as_str()),
+                &owner,
+                serde_json::json!({}),
+                version + 1,
+            );
+            event.source = crate::model::EventSource::System;
+            out.event = Some(self.append(event).await?);
+            out.found = true;
+            return Ok(out);
+        }
+        self.refuse_scoped("delete_stream with hard")?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let mode: String = tx
+            .query_one("SELECT value FROM synap_settings WHERE key = 'storage_mode'", &[])
+            .await?
+            .get(0);
+        let Some(stream) = tx
+            .query_opt(
+                "SELECT user_id, version FROM event_streams WHERE aggregate_id = $1 FOR UPDATE",
+                &[&aggregate_id],
+            )
+            .await?
+        else {
+            tx.rollback().await?;
+            return Ok(out);
+        };
+        let (owner, version): (String, i32) = (stream.get(0), stream.get(1));
+        let events = tx
+            .query(
+                "DELETE FROM events_v2 WHERE aggregate_id = $1 RETURNING id, \"timestamp\"",
+                &[&aggregate_id],
+            )
+            .await?;
+        let ids: Vec<Uuid> = events.iter().map(|r| r.get(0)).collect();
+        let days: Vec<DateTime<Utc>> = events.iter().map(|r| r.get(1)).collect();
+        tx.execute("DELETE FROM events_v2_ids WHERE aggregate_id = $1", &[&aggregate_id])
+            .await?;
+        tx.execute("DELETE FROM event_snapshots WHERE aggregate_id = $1", &[&aggregate_id])
+            .await?;
+        tx.execute(
+            "DELETE FROM consumer_group_parked WHERE aggregate_id = $1",
+            &[&aggregate_id],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM legacy_migration_map WHERE event_id = ANY ($1::uuid[])",
+            &[&ids],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO events_daily_dirty (day)
+             SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date FROM unnest($1::timestamptz[]) ts
+             ON CONFLICT (day) DO NOTHING",
+            &[&days],
+        )
+        .await?;
+        tx.execute("DELETE FROM event_streams WHERE aggregate_id = $1", &[&aggregate_id])
+            .await?;
+        tx.execute(
+            "INSERT INTO event_stream_tombstones (aggregate_id, user_id, version) VALUES ($1, $2, $3)",
+            &[&aggregate_id, &owner, &version],
+        )
+        .await?;
+        let data = serde_json::json!({ "aggregateId": aggregate_id });
+        out.notice = Some(append_notice(&tx, &mode, STREAM_DELETED, &owner, &data).await?);
+        tx.commit().await?;
+        out.found = true;
+        out.events = ids.len() as i64;
+        Ok(out)
+    }
+}
+
+/// Appends a notice of the store's (a stream of its own, version 1, `system`) in `tx`.
+async fn append_notice(
+    tx: &crate::db::conn::Tx<'_>,
+    mode: &str,
+    event_type: &str,
+    user: &str,
+    data: &serde_json::Value,
+) -> Result<ErasureNotice> {
+    let fresh = tx.query_one("SELECT gen_random_uuid(), gen_random_uuid()", &[]).await?;
+    let (id, aggregate_id): (Uuid, Uuid) = (fresh.get(0), fresh.get(1));
+    let append = if mode == "citus" {
+        "SELECT \"timestamp\" FROM synap_append_routed($1, NULL, $2, 'system', $3, $4, $5, NULL, 1, NULL, NULL, 'system')"
+    } else {
+        "SELECT out_timestamp FROM synap_append($1, NULL, $2, 'system', $3, $4, $5, NULL, 1, NULL, NULL, 'system')"
+    };
+    let row = tx
+        .query_one(append, &[&id, &aggregate_id, &event_type, &user, data])
+        .await?;
+    Ok(ErasureNotice {
+        id,
+        aggregate_id,
+        timestamp: row.get(0),
+    })
 }
 
 /// Deletes the rows `sql` selects (`SELECT 1 FROM table WHERE ...`), or counts them in a dry run.

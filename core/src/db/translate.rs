@@ -23,6 +23,15 @@ impl From<tokio_postgres::Error> for Error {
         } else if code.code() == "SY001" {
             // migrations/repeatable/70_erasure.sql
             Error::UserBeingErased { message }
+        } else if code.code() == "SY002" {
+            // migrations/repeatable/70_erasure.sql: "stream <uuid> was deleted: ..."
+            match message.split(' ').nth(1).and_then(|id| uuid::Uuid::parse_str(id).ok()) {
+                Some(aggregate_id) => Error::StreamDeleted { aggregate_id },
+                None => Error::Database {
+                    sqlstate: code.code().to_owned(),
+                    message,
+                },
+            }
         } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
             Error::PermissionDenied { message }
         } else if code.code().starts_with("08")

@@ -249,6 +249,11 @@ impl EventRepository {
                 // user's, or one was created by a writer that committed after the read above.
                 match unseen_aggregate(client, event.aggregate_id).await? {
                     Unseen::Hidden => return Err(hidden_aggregate(event.aggregate_id)),
+                    Unseen::Deleted => {
+                        return Err(Error::StreamDeleted {
+                            aggregate_id: event.aggregate_id,
+                        })
+                    }
                     Unseen::JustCreated => continue,
                     // A version 1 whose guard found a stream that is gone again: try again.
                     Unseen::Absent if event.version == 1 => continue,
@@ -311,6 +316,8 @@ pub(super) enum Unseen {
     Hidden,
     /// A writer created it and committed after the statement that missed it.
     JustCreated,
+    /// There is none: it was deleted for good (`delete_stream` with `hard`).
+    Deleted,
 }
 
 /// Tells the three [`Unseen`] cases apart. `synap_aggregate_exists` answers with the owner's
@@ -318,12 +325,14 @@ pub(super) enum Unseen {
 /// row-level security hides it. A stream created by a concurrent writer is thus never taken for
 /// another user's (which would be `PERMISSION_DENIED`, where the caller should see a conflict).
 pub(super) async fn unseen_aggregate(client: &Session<'_, '_>, aggregate_id: Uuid) -> Result<Unseen> {
-    let exists: bool = client
-        .query_one("SELECT synap_aggregate_exists($1)", &[&aggregate_id])
-        .await?
-        .get(0);
-    if !exists {
-        return Ok(Unseen::Absent);
+    let row = client
+        .query_one(
+            "SELECT synap_aggregate_exists($1), synap_stream_deleted($1)",
+            &[&aggregate_id],
+        )
+        .await?;
+    if !row.get::<_, bool>(0) {
+        return Ok(if row.get(1) { Unseen::Deleted } else { Unseen::Absent });
     }
     let visible = client
         .query_opt("SELECT 1 FROM event_streams WHERE aggregate_id = $1", &[&aggregate_id])

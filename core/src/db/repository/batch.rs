@@ -309,6 +309,7 @@ impl EventRepository {
             if !current.contains_key(agg) {
                 match unseen_aggregate(client, *agg).await {
                     Ok(Unseen::Hidden) => return Some(hidden_aggregate(*agg)),
+                    Ok(Unseen::Deleted) => return Some(Error::StreamDeleted { aggregate_id: *agg }),
                     Ok(Unseen::JustCreated) => return None,
                     // A new aggregate that does not exist yet: not what failed the batch.
                     Ok(Unseen::Absent) if agg_first[i] == 1 => continue,
