@@ -721,7 +721,7 @@ impl EventRepository {
             let mut event = crate::model::NewEvent::new(
                 aggregate_id,
                 aggregate_type,
-                &format!("{}.deleted", aggregate_type.as_str()),
+                format!("{}.deleted", aggregate_type.as_str()),
                 &owner,
                 serde_json::json!({}),
                 version + 1,
