@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -781,4 +782,129 @@ async fn a_hard_deleted_stream_leaves_a_tombstone_and_a_notice() {
         .get(0);
     assert_eq!(left, 0);
     common::drop_role(&owner, &role).await;
+}
+
+/// A projection of a consumer group: each event's user, and on a notice, the user forgotten.
+async fn derive(
+    events: Vec<synap_events::EventRecord>,
+    tx: synap_events::ProjectionTx,
+    member: &'static str,
+) -> Result<(), synap_events::HandlerError> {
+    for e in events {
+        if e.event_type == USER_ERASED {
+            let user = e.data["userId"].as_str().unwrap_or_default().to_owned();
+            tx.client()
+                .execute("DELETE FROM derived WHERE user_id = $1", &[&user])
+                .await?;
+            tx.client()
+                .execute(
+                    "INSERT INTO notices (member, event_id) VALUES ($1, $2)",
+                    &[&member, &e.id],
+                )
+                .await?;
+        } else {
+            tx.client()
+                .execute(
+                    "INSERT INTO derived (user_id, event_id, member) VALUES ($1, $2, $3)",
+                    &[&e.user_id, &e.id, &member],
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_member_of_a_group_gets_the_notice_once_and_forgets_the_user() {
+    let repo = common::repo("erase_group").await;
+    let c = common::sql(&repo).await;
+    c.batch_execute(
+        "CREATE TABLE derived (user_id text, event_id uuid, member text);
+         CREATE TABLE notices (member text, event_id uuid)",
+    )
+    .await
+    .unwrap();
+    let options = || {
+        let mut o = synap_events::GroupOptions::new("erasure");
+        o.partitions = Some(8);
+        o.lease = Duration::from_millis(600);
+        o.poll_interval = Duration::from_millis(50);
+        o
+    };
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut members = Vec::new();
+    for name in ["m1", "m2"] {
+        let mut m = repo.join_group(options()).await.unwrap();
+        let stop = stop.clone();
+        members.push(tokio::spawn(async move {
+            m.project(move |events, tx| derive(events, tx, name), async move {
+                stop.notified().await
+            })
+            .await
+        }));
+    }
+    // Both hold four partitions.
+    loop {
+        let status = repo.groups().await.unwrap();
+        let owners: BTreeSet<String> = status[0].partitions.iter().filter_map(|p| p.owner.clone()).collect();
+        let held = status[0].partitions.iter().filter(|p| p.owner.is_some()).count();
+        if owners.len() == 2 && held == 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Forty streams spread over the eight partitions.
+    let mut written = 0i64;
+    for i in 0..40 {
+        let user = if i % 2 == 0 { "alice" } else { "bob" };
+        repo.append(new_event(fresh(), 1, user, json!({ "i": i }), None))
+            .await
+            .unwrap();
+        written += 1;
+    }
+    let count = |sql: &'static str| {
+        let c = &c;
+        async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    while count("SELECT count(*) FROM derived").await < written {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let members_with_alice = count("SELECT count(DISTINCT member) FROM derived WHERE user_id = 'alice'").await;
+    assert_eq!(members_with_alice, 2, "both members derived from alice's events");
+
+    let report = repo.erase_user("alice", &EraseOptions::default()).await.unwrap();
+    let notice = report.notice.unwrap();
+    let start = std::time::Instant::now();
+    while count("SELECT count(DISTINCT member) FROM notices").await < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "a member never got the notice: {:?}",
+            c.query("SELECT member FROM notices", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Time for a second delivery to show, had there been one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.notify_waiters();
+    for m in members {
+        m.await.unwrap().unwrap();
+    }
+    let per_member: Vec<(String, i64)> = c
+        .query(
+            "SELECT member, count(*) FROM notices WHERE event_id = $1 GROUP BY 1 ORDER BY 1",
+            &[&notice.id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(per_member, vec![("m1".to_owned(), 1), ("m2".to_owned(), 1)]);
+    assert_eq!(count("SELECT count(*) FROM derived WHERE user_id = 'alice'").await, 0);
+    assert_eq!(count("SELECT count(*) FROM derived WHERE user_id = 'bob'").await, 20);
 }

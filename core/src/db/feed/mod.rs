@@ -234,9 +234,16 @@ fn partition_sql(limit: usize, filter: bool) -> (String, String) {
         return (String::new(), String::new());
     }
     let (count, owned) = (limit + 1, limit + 2);
+    // The store's notices (erasure, a hard-deleted stream) reach every member: each has to
+    // forget what it derived (docs/erasure.md).
     (
         format!(", synap_group_partition(e.aggregate_id, ${count}::integer) AS part"),
-        format!(" AND synap_group_partition(e.aggregate_id, ${count}::integer) = ANY (${owned}::integer[])"),
+        format!(
+            " AND (synap_group_partition(e.aggregate_id, ${count}::integer) = ANY (${owned}::integer[]) \
+               OR (e.aggregate_type = 'system' AND e.event_type IN ('{}', '{}')))",
+            crate::db::erasure::USER_ERASED,
+            crate::db::erasure::STREAM_DELETED
+        ),
     )
 }
 

@@ -7,6 +7,14 @@
 
 use super::*;
 
+/// Whether the event is one of the store's notices ([`crate::db::erasure::USER_ERASED`],
+/// [`crate::db::erasure::STREAM_DELETED`]).
+fn is_notice(event: &EventRecord) -> bool {
+    event.aggregate_type == crate::model::AggregateType::System
+        && (event.event_type == crate::db::erasure::USER_ERASED
+            || event.event_type == crate::db::erasure::STREAM_DELETED)
+}
+
 impl GroupMember {
     /// The next delivery, waiting until there is one.
     pub(super) async fn next_delivery(&mut self) -> Result<Delivery> {
@@ -38,6 +46,22 @@ impl GroupMember {
             let (page, meta) = self.repo.read_feed(Some(&from), limit, Some(&filter)).await?;
             let full = page.events.len() as i64 == limit;
             for (event, (part, place)) in page.events.into_iter().zip(meta) {
+                // A notice of the store's is read by every member: handed out once, in the held
+                // partition furthest behind that has not passed it (every held partition's
+                // checkpoint moves past it with that delivery).
+                let part = if is_notice(&event) {
+                    match self
+                        .held
+                        .iter()
+                        .filter(|(_, h)| place.place() > h.cursor.place())
+                        .min_by_key(|(p, h)| (h.cursor.place(), **p))
+                    {
+                        Some((p, _)) => *p,
+                        None => continue,
+                    }
+                } else {
+                    part
+                };
                 let Some(held) = self.held.get(&part) else { continue };
                 // By place only: a checkpoint read back from the lease row names no store, the
                 // event's place does, and `Checkpoint`'s order compares the store last (an event
