@@ -134,6 +134,13 @@ const SCOPED = {
     const other = await h.getSnapshotAndTail(bob.agg)
     assert.deepEqual([other.snapshot ?? null, other.events], [null, []])
   },
+  deleteStream: async (h) => {
+    // Soft: another user's stream is not there for it; hard: the owner's.
+    const before = await db.repo.getAggregateVersion(bob.agg)
+    assert.equal((await h.deleteStream(bob.agg)).found, false)
+    await assert.rejects(h.deleteStream(bob.agg, { hard: true }), { code: 'PERMISSION_DENIED' })
+    assert.equal(await db.repo.getAggregateVersion(bob.agg), before)
+  },
   forUser: async (h) => assert.throws(() => h.forUser('bob'), { code: 'VALIDATION_FAILED' }),
   close: async () => {
     const h = app.forUser('alice')
@@ -163,6 +170,7 @@ const OWNER = {
   consumers: (h) => h.consumers(),
   repairConsumer: (h) => h.repairConsumer('search', { accept: true }),
   snapshot: (h) => h.snapshot(alice.agg),
+  eraseUser: (h) => h.eraseUser('bob'),
 }
 
 test('every call of EventRepository has its place in the rule', () => {
