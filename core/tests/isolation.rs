@@ -326,12 +326,12 @@ fn definer_functions() -> Vec<(&'static str, &'static str)> {
             "trigger: reads synap_erasures, which no application role may read, to refuse appends of a user being erased",
         ),
         (
-            "synap_stream_deleted(uuid)",
-            "tells a failed append whether the stream it cannot see was deleted for good (application roles)",
-        ),
-        (
             "synap_secure_partitions()",
             "gives new partitions and chunks the user policy (owner only)",
+        ),
+        (
+            "synap_stream_deleted(uuid)",
+            "tells a failed append whether the stream it cannot see was deleted for good (application roles)",
         ),
     ];
     if common::citus() {
