@@ -291,6 +291,13 @@ impl EventRepository {
             .map(|r| r.get(0))
             .collect();
         report.streams = streams.len() as i64;
+        if !dry_run {
+            // The user's stream rows first, as appends take them: an append of another user to
+            // one of them (an unscoped handle may write one) waits, then finds the stream gone
+            // and writes nothing, instead of leaving its event behind in a stream that no
+            // longer exists. (On Citus the rows are locked shard by shard.)
+            tx.query("SELECT 1 FROM synap_lock_streams($1)", &[&streams]).await?;
+        }
         let mut touched: Vec<u32> = Vec::new();
         let mut touched_days: BTreeSet<chrono::NaiveDate> = BTreeSet::new();
         let mut recount_days: Vec<DateTime<Utc>> = Vec::new();
