@@ -908,3 +908,146 @@ async fn every_member_of_a_group_gets_the_notice_once_and_forgets_the_user() {
     assert_eq!(count("SELECT count(*) FROM derived WHERE user_id = 'alice'").await, 0);
     assert_eq!(count("SELECT count(*) FROM derived WHERE user_id = 'bob'").await, 20);
 }
+
+/// One step of [`erasure_against_a_model`].
+#[derive(Debug, Clone)]
+enum Op {
+    /// `user` appends to stream `stream` (creating it, or at its next version).
+    Append { user: usize, stream: usize },
+    /// `user` is erased.
+    Erase { user: usize },
+    /// Stream `stream` is deleted for good.
+    HardDelete { stream: usize },
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        6 => (0..3usize, 0..5usize).prop_map(|(user, stream)| Op::Append { user, stream }),
+        2 => (0..3usize).prop_map(|user| Op::Erase { user }),
+        1 => (0..5usize).prop_map(|stream| Op::HardDelete { stream }),
+    ]
+}
+
+/// A stored event as the model sees it: (version, user, type, data).
+type Seen = (i32, String, String, Value);
+
+#[derive(Default, Clone)]
+struct ModelStream {
+    owner: String,
+    events: Vec<Seen>,
+    tombstone: bool,
+}
+
+#[test]
+fn erasure_against_a_model() {
+    let (runtime, mut runner) = common::model_runner(8);
+    let users = ["ann", "ben", "cy"];
+    runner
+        .run(&proptest::collection::vec(op(), 1..16), |ops| {
+            runtime.block_on(async {
+                let repo = common::repo("erase_model").await;
+                let c = common::sql(&repo).await;
+                let mut model: Vec<Option<ModelStream>> = vec![None; 5];
+                let mut notices: Vec<(String, String)> = Vec::new();
+                for (n, op) in ops.iter().enumerate() {
+                    match op {
+                        Op::Append { user, stream } => {
+                            let user = users[*user];
+                            let id = Uuid::from_u128(*stream as u128 + 1);
+                            let data = json!({ "n": n, "by": user });
+                            let slot = &mut model[*stream];
+                            let version = slot.as_ref().map_or(1, |s| s.events.len() as i32 + 1);
+                            let got = repo.append(new_event(id, version, user, data.clone(), None)).await;
+                            match slot {
+                                Some(s) if s.tombstone => {
+                                    assert_eq!(got.unwrap_err().code(), "STREAM_DELETED", "{op:?}");
+                                }
+                                _ => {
+                                    let e = got.unwrap();
+                                    let s = slot.get_or_insert_with(|| ModelStream {
+                                        owner: user.to_owned(),
+                                        ..ModelStream::default()
+                                    });
+                                    s.events.push((e.version, user.to_owned(), e.event_type, data));
+                                }
+                            }
+                        }
+                        Op::Erase { user } => {
+                            let user = users[*user];
+                            let report = repo.erase_user(user, &EraseOptions::default()).await.unwrap();
+                            let mut found = false;
+                            for slot in model.iter_mut() {
+                                let Some(s) = slot else { continue };
+                                if s.owner == user {
+                                    // The stream goes, tombstone and all: its id is free again.
+                                    found = true;
+                                    *slot = None;
+                                    continue;
+                                }
+                                for e in s.events.iter_mut().filter(|e| e.1 == user) {
+                                    found = true;
+                                    *e = (e.0, s.owner.clone(), EVENT_ERASED.to_owned(), json!({}));
+                                }
+                            }
+                            // Stream-deletion notices of the user go with their data.
+                            let had_notices = notices.iter().any(|(u, t)| u == user && t == STREAM_DELETED);
+                            notices.retain(|(u, t)| !(u == user && t == STREAM_DELETED));
+                            assert_eq!(report.notice.is_some(), found || had_notices, "{op:?}: {report:?}");
+                            if report.notice.is_some() {
+                                notices.push((user.to_owned(), USER_ERASED.to_owned()));
+                            }
+                        }
+                        Op::HardDelete { stream } => {
+                            let id = Uuid::from_u128(*stream as u128 + 1);
+                            let done = repo
+                                .delete_stream(id, &DeleteStreamOptions { hard: true })
+                                .await
+                                .unwrap();
+                            match &mut model[*stream] {
+                                Some(s) if !s.tombstone => {
+                                    assert!(done.found, "{op:?}");
+                                    notices.push((s.owner.clone(), STREAM_DELETED.to_owned()));
+                                    s.events.clear();
+                                    s.tombstone = true;
+                                }
+                                _ => assert!(!done.found, "{op:?}"),
+                            }
+                        }
+                    }
+                }
+                // Every stream reads back as the model has it.
+                for (i, slot) in model.iter().enumerate() {
+                    let id = Uuid::from_u128(i as u128 + 1);
+                    let stored: Vec<Seen> = repo
+                        .get_aggregate_stream(id, &Default::default())
+                        .await
+                        .unwrap()
+                        .into_iter()
+                        .map(|e| (e.version, e.user_id, e.event_type, e.data))
+                        .collect();
+                    let expected = slot.as_ref().map(|s| s.events.clone()).unwrap_or_default();
+                    assert_eq!(stored, expected, "stream {i} after {ops:?}");
+                }
+                // No other event is stored but the notices the model expects.
+                let mut stored_notices: Vec<(String, String)> = c
+                    .query(
+                        "SELECT user_id, event_type FROM events_v2 WHERE aggregate_type = 'system' ORDER BY 1, 2",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect();
+                stored_notices.sort();
+                notices.sort();
+                assert_eq!(stored_notices, notices, "after {ops:?}");
+                let total: i64 = c.query_one("SELECT count(*) FROM events_v2", &[]).await.unwrap().get(0);
+                let modelled: usize = model.iter().flatten().map(|s| s.events.len()).sum::<usize>() + notices.len();
+                assert_eq!(total as usize, modelled, "after {ops:?}");
+            });
+            Ok(())
+        })
+        .unwrap();
+}
