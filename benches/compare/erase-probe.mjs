@@ -4,7 +4,8 @@
 // users. Then WRITERS clients (default 16) append single events of other users, first for
 // BASELINE_MS (default 5000) alone, then while `eraseUser` runs; the latency medians of the two
 // windows are compared.
-// Usage: DATABASE_URL=... [EVENTS=1000000] [WRITERS=16] [BASELINE_MS=5000] npm run bench:erase
+// Usage: DATABASE_URL=... [EVENTS=1000000] [WRITERS=16] [BASELINE_MS=5000] [LOAD_ONLY=1] npm run bench:erase
+// (LOAD_ONLY=1 loads the store and leaves its schema, bench_erase_<pid>, for a look with psql.)
 import pg from 'pg'
 import { randomUUID } from 'node:crypto'
 import { EventRepository } from '@synap/database'
@@ -60,6 +61,12 @@ await admin.query('COMMIT')
 await admin.query('DROP TABLE load')
 await admin.query('VACUUM ANALYZE events_v2, events_v2_ids, event_streams')
 const loadMs = now() - t
+if (process.env.LOAD_ONLY === '1') {
+  console.log(`loaded ${EVENTS} events into schema ${schema} in ${(loadMs / 1000).toFixed(1)} s (LOAD_ONLY: left in place)`)
+  repo.close()
+  await admin.end()
+  process.exit(0)
+}
 
 const ev = (user) => ({
   aggregateId: randomUUID(), aggregateType: 'entity', eventType: 'entity.created', userId: user,
@@ -94,7 +101,7 @@ const latencies = await during
 const erased = report.tables.find((x) => x.table === 'events_v2' && x.action === 'deleted').rows
 
 console.log(`${EVENTS} events (${erased} of the erased user), ${WRITERS} writers, fsync ${settings.fsync}, ${settings.mode}; load ${(loadMs / 1000).toFixed(1)} s`)
-console.log(`eraseUser: ${(eraseMs / 1000).toFixed(2)} s (waited ${report.waitedMs} ms for older transactions; rewrote ${report.rewritten.length} relations)`)
+console.log(`eraseUser: ${(eraseMs / 1000).toFixed(2)} s: deleting ${report.deleteMs} ms, rewriting ${report.rewritten.length} relations ${report.rewriteMs} ms, waiting for older transactions ${report.waitedMs} ms`)
 console.log(`append latency, ms     median   p90    p99    appends`)
 for (const [name, xs] of [['alone', baseline], ['during the erasure', latencies]]) {
   console.log(`  ${name.padEnd(20)} ${median(xs).toFixed(2).padStart(6)} ${pct(xs, 0.9).toFixed(2).padStart(6)} ${pct(xs, 0.99).toFixed(2).padStart(6)} ${String(xs.length).padStart(8)}`)

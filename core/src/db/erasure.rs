@@ -167,6 +167,10 @@ pub struct ErasureReport {
     pub rewritten: Vec<String>,
     /// Milliseconds spent waiting for older transactions (steps 2 and 4).
     pub waited_ms: u64,
+    /// Milliseconds of the deleting transaction (step 3).
+    pub delete_ms: u64,
+    /// Milliseconds of the rewrites (step 4).
+    pub rewrite_ms: u64,
 }
 
 impl ErasureReport {
@@ -240,6 +244,8 @@ impl EventRepository {
             notice: None,
             rewritten: Vec::new(),
             waited_ms: 0,
+            delete_ms: 0,
+            rewrite_ms: 0,
         };
         for (table, _) in USER_DATA_TABLES.iter().filter(|(t, _)| *t != "synap_erasures") {
             report.count(table, "deleted", 0);
@@ -258,9 +264,13 @@ impl EventRepository {
             .await?;
         drop(client);
         report.waited_ms += self.wait_for_older_transactions(options.wait_timeout).await?;
+        let started = Instant::now();
         self.erase_in_one_transaction(user_id, &mut report, false).await?;
+        report.delete_ms = started.elapsed().as_millis() as u64;
         report.waited_ms += self.wait_for_older_transactions(options.wait_timeout).await?;
+        let started = Instant::now();
         report.rewritten = self.rewrite_queued().await?;
+        report.rewrite_ms = started.elapsed().as_millis() as u64;
         Ok(report)
     }
 
@@ -597,43 +607,73 @@ impl EventRepository {
     /// the queue. Returns their names.
     async fn rewrite_queued(&self) -> Result<Vec<String>> {
         let mut client = self.client().await?;
-        let queued: Vec<String> = client
-            .query("SELECT relation FROM synap_erasure_rewrites ORDER BY relation", &[])
+        let parent: String = client.query_one(QUALIFIED_SQL_BY_NAME, &[&"events_v2"]).await?.get(0);
+        // Each queued relation that still exists, whether it is a partition or chunk of
+        // events_v2, and whether events_v2 has statistics of its own (gathered over every
+        // partition: then one ANALYZE of events_v2 refreshes them and every partition's at once).
+        let queued: Vec<(String, bool, bool)> = client
+            .query(
+                "SELECT q.relation, to_regclass(q.relation) IS NOT NULL,
+                        EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(q.relation))
+                   FROM synap_erasure_rewrites q ORDER BY q.relation",
+                &[],
+            )
             .await?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect();
-        let mut done = Vec::new();
-        let parent: String = client.query_one(QUALIFIED_SQL_BY_NAME, &[&"events_v2"]).await?.get(0);
-        let mut partitions = false;
-        for relation in queued {
-            let exists: bool = client
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&relation])
-                .await?
-                .get(0);
-            if exists {
-                // Outside a transaction block, as VACUUM must be; the name is schema-qualified,
-                // so no search_path is needed (also through a pooler).
+        let parent_has_statistics: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stats WHERE format('%I.%I', schemaname, tablename) = $1)",
+                &[&parent],
+            )
+            .await?
+            .get(0);
+        drop(client);
+        let any_partition = queued.iter().any(|(_, exists, partition)| *exists && *partition);
+        // Two connections rewrite at once, taking the relations in turn.
+        let lanes: Vec<Vec<(String, bool, bool)>> = (0..2)
+            .map(|lane| queued.iter().skip(lane).step_by(2).cloned().collect())
+            .collect();
+        let rewrite = |lane: Vec<(String, bool, bool)>| async move {
+            let mut client = self.client().await?;
+            let mut done = Vec::new();
+            for (relation, exists, partition) in lane {
+                if exists {
+                    // Outside a transaction block, as VACUUM must be; the name is
+                    // schema-qualified, so no search_path is needed (also through a pooler).
+                    let analyze = if partition && parent_has_statistics {
+                        ""
+                    } else {
+                        ", ANALYZE"
+                    };
+                    client
+                        .raw()
+                        .batch_execute(&format!("VACUUM (FULL{analyze}) {relation}"))
+                        .await?;
+                    done.push(relation.clone());
+                }
                 client
-                    .raw()
-                    .batch_execute(&format!("VACUUM (FULL, ANALYZE) {relation}"))
+                    .execute("DELETE FROM synap_erasure_rewrites WHERE relation = $1", &[&relation])
                     .await?;
-                partitions |= client
-                    .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass($1))",
-                        &[&relation],
-                    )
-                    .await?
-                    .get::<_, bool>(0);
-                done.push(relation.clone());
             }
-            client
-                .execute("DELETE FROM synap_erasure_rewrites WHERE relation = $1", &[&relation])
+            Ok::<_, Error>(done)
+        };
+        let mut lanes = lanes.into_iter();
+        let (a, b) = futures_util::future::join(
+            rewrite(lanes.next().unwrap_or_default()),
+            rewrite(lanes.next().unwrap_or_default()),
+        )
+        .await;
+        let mut done = a?;
+        done.extend(b?);
+        done.sort();
+        if any_partition && parent_has_statistics {
+            self.client()
+                .await?
+                .raw()
+                .batch_execute(&format!("ANALYZE {parent}"))
                 .await?;
-        }
-        if partitions {
-            // The parent's own statistics sample every partition.
-            client.raw().batch_execute(&format!("ANALYZE {parent}")).await?;
         }
         Ok(done)
     }
