@@ -196,6 +196,12 @@ impl ErasureReport {
     }
 }
 
+/// Marks the UTC days of some timestamps for the next analytics refresh (other users' counts of
+/// the days whose events went or changed).
+const MARK_DAYS_SQL: &str = "INSERT INTO events_daily_dirty (day)
+   SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date FROM unnest($1::timestamptz[]) ts
+   ON CONFLICT (day) DO NOTHING";
+
 /// The qualified name of each relation behind `oids` (partitions, chunks or tables).
 const QUALIFIED_SQL: &str = "SELECT DISTINCT format('%I.%I', n.nspname, c.relname)
    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY ($1::oid[])";
@@ -519,13 +525,7 @@ impl EventRepository {
             .await?;
         }
         // Other users' counts of the days whose events went or changed are recounted.
-        tx.execute(
-            "INSERT INTO events_daily_dirty (day)
-             SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date FROM unnest($1::timestamptz[]) ts
-             ON CONFLICT (day) DO NOTHING",
-            &[&recount_days],
-        )
-        .await?;
+        tx.execute(MARK_DAYS_SQL, &[&recount_days]).await?;
 
         // The relations to rewrite.
         let mut relations: BTreeSet<String> = BTreeSet::new();
@@ -818,13 +818,7 @@ impl EventRepository {
             &[&ids],
         )
         .await?;
-        tx.execute(
-            "INSERT INTO events_daily_dirty (day)
-             SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date FROM unnest($1::timestamptz[]) ts
-             ON CONFLICT (day) DO NOTHING",
-            &[&days],
-        )
-        .await?;
+        tx.execute(MARK_DAYS_SQL, &[&days]).await?;
         tx.execute("DELETE FROM event_streams WHERE aggregate_id = $1", &[&aggregate_id])
             .await?;
         tx.execute(
