@@ -62,14 +62,14 @@ fi
 # tests' own statements (session settings, LISTEN) go to the server (SYNAP_TEST_DIRECT_URL).
 # The Rust tests run as the other passes built them (`cargo test --workspace`): naming them with
 # `--test` would build them again, with the features of one package instead of the workspace's.
-POOLER_TESTS="repository isolation replay feed groups injection retention"
+POOLER_TESTS="repository isolation replay feed groups injection retention erasure"
 pooler_pass() {
     local direct pooled
     direct="$(scripts/db.sh start)"
     pooled="$(scripts/db.sh start --pooler)"
     echo "== pooler pass against $pooled (PgBouncer in transaction mode)"
     export DATABASE_URL="$pooled" SYNAP_TEST_DIRECT_URL="$direct" SYNAP_TEST_STORAGE_MODE=native
-    echo "== pooler: Rust (repository, isolation, replay, feed, groups, injection, retention)"
+    echo "== pooler: Rust (repository, isolation, replay, feed, groups, injection, retention, erasure)"
     local bins
     bins="$(cargo test --workspace --no-run --message-format=json 2>/dev/null | POOLER_TESTS="$POOLER_TESTS" node -e '
         const want = new Set(process.env.POOLER_TESTS.split(" "))

@@ -150,7 +150,15 @@ async fn a_user_is_erased_from_every_table_and_the_feed_says_so_once() {
         .await
         .unwrap();
     }
-    repo.migrate_legacy_events(&LegacyMigrationOptions::default(), &mut |_| {})
+    // The legacy migration holds session locks: directly connected, also in the pooler pass.
+    let direct = {
+        let mut config = repo.config().clone();
+        config.database_url = common::direct(&config.database_url);
+        config.pooler = synap_events::Pooler::None;
+        synap_events::EventRepository::new(config).unwrap()
+    };
+    direct
+        .migrate_legacy_events(&LegacyMigrationOptions::default(), &mut |_| {})
         .await
         .unwrap();
 
