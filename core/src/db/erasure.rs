@@ -759,12 +759,9 @@ impl EventRepository {
             let Some((version, aggregate_type, owner)) = stream else {
                 return Ok(out);
             };
-            let aggregate_type: crate::model::AggregateType =
-                serde_json::from_value(serde_json::Value::String(aggregate_type.clone())).map_err(|_| {
-                    Error::Internal {
-                        message: format!("stream {aggregate_id} has the aggregate type {aggregate_type:?}"),
-                    }
-                })?;
+            let aggregate_type: crate::model::AggregateType = aggregate_type.parse().map_err(|_| Error::Internal {
+                message: format!("stream {aggregate_id} has the aggregate type {aggregate_type:?}"),
+            })?;
             let mut event = crate::model::NewEvent::new(
                 aggregate_id,
                 aggregate_type,
