@@ -336,6 +336,18 @@ pub enum Error {
         pids: Vec<i32>,
     },
 
+    /// An upcaster definition was refused (see [`crate::upcast`]).
+    #[error("invalid upcasters: {message}")]
+    InvalidUpcasters {
+        /// The step, as `eventType@fromVersion` (`upcasters[i]` when the step has no valid name
+        /// yet, empty for the definition as a whole).
+        step: String,
+        /// Which rule was broken.
+        reason: UpcasterErrorKind,
+        /// A sentence for people.
+        message: String,
+    },
+
     /// A bug: an invariant broke or a panic was caught at a language boundary.
     #[error("internal error: {message}")]
     Internal {
@@ -360,6 +372,38 @@ pub enum FoldErrorKind {
     InvalidEvent,
     /// The fold options are malformed; `index` is 0.
     InvalidOptions,
+}
+
+/// The rules an upcaster definition can break; see [`crate::upcast`].
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpcasterErrorKind {
+    /// Not an array of well-formed steps (a key missing, unknown or of the wrong type).
+    InvalidDefinition,
+    /// An operation this version does not know.
+    UnknownOperation,
+    /// A known operation with a missing, unknown or malformed key.
+    InvalidOperation,
+    /// Two steps of one type from the same version.
+    DuplicateStep,
+    /// A type's steps leave a version out, or a `renameType` goes past its target's latest.
+    Gap,
+    /// Steps that could bring an event back where it has been.
+    Cycle,
+}
+
+impl UpcasterErrorKind {
+    /// The reason as it appears in error details (camelCase).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpcasterErrorKind::InvalidDefinition => "invalidDefinition",
+            UpcasterErrorKind::UnknownOperation => "unknownOperation",
+            UpcasterErrorKind::InvalidOperation => "invalidOperation",
+            UpcasterErrorKind::DuplicateStep => "duplicateStep",
+            UpcasterErrorKind::Gap => "gap",
+            UpcasterErrorKind::Cycle => "cycle",
+        }
+    }
 }
 
 impl FoldErrorKind {
@@ -412,6 +456,7 @@ impl Error {
             Error::CheckpointFromAnotherStore => "CHECKPOINT_FROM_ANOTHER_STORE",
             Error::UserBeingErased { .. } => "USER_BEING_ERASED",
             Error::ErasureBlocked { .. } => "ERASURE_BLOCKED",
+            Error::InvalidUpcasters { .. } => "INVALID_UPCASTERS",
             Error::StreamDeleted { .. } => "STREAM_DELETED",
             Error::Internal { .. } => "INTERNAL_ERROR",
         }
@@ -494,6 +539,7 @@ impl Error {
             Error::ConsumerNeedsRepair { consumer } => json!({ "consumer": consumer }),
             Error::LeaseLost { group } => json!({ "group": group }),
             Error::StreamDeleted { aggregate_id } => json!({ "aggregateId": aggregate_id.to_string() }),
+            Error::InvalidUpcasters { step, reason, .. } => json!({ "step": step, "reason": reason.as_str() }),
             Error::ErasureBlocked {
                 waited_ms,
                 transactions,

@@ -58,6 +58,7 @@ use serde_json::{Map, Number, Value};
 pub use crate::error::FoldErrorKind;
 use crate::error::{Error, Result};
 use crate::model::EventRecord;
+use crate::upcast::{json_schema_version, EventShape, Upcasters};
 use crate::validate::parse_timestamp;
 
 /// Which top-level keys of an event's `data` are bookkeeping, removed before the data is applied.
@@ -127,6 +128,10 @@ pub struct FoldOptions {
     pub bookkeeping: Bookkeeping,
     /// Start from this snapshot instead of `null` at version 0.
     pub from: Option<Snapshot>,
+    /// Bring each event to its type's latest shape before it is applied (see
+    /// [`crate::upcast`]). Events already at it (as a repository with the same definition
+    /// delivers them) are applied as they are.
+    pub upcasters: Upcasters,
 }
 
 impl<'de> Deserialize<'de> for FoldOptions {
@@ -156,7 +161,18 @@ pub fn parse_fold_options(value: &Value) -> Result<FoldOptions> {
             )))
         }
     };
-    refuse_unknown_keys(obj, "", &["toVersion", "toTimestamp", "history", "bookkeeping", "from"])?;
+    refuse_unknown_keys(
+        obj,
+        "",
+        &[
+            "toVersion",
+            "toTimestamp",
+            "history",
+            "bookkeeping",
+            "from",
+            "upcasters",
+        ],
+    )?;
     let to_version = match present(obj, "toVersion") {
         None => None,
         Some(v) => Some(non_negative_i32(v).ok_or_else(|| {
@@ -189,12 +205,17 @@ pub fn parse_fold_options(value: &Value) -> Result<FoldOptions> {
         None => None,
         Some(v) => Some(parse_snapshot(v)?),
     };
+    let upcasters = match present(obj, "upcasters") {
+        None => Upcasters::none(),
+        Some(v) => Upcasters::parse(v)?,
+    };
     Ok(FoldOptions {
         to_version,
         to_timestamp,
         history,
         bookkeeping,
         from,
+        upcasters,
     })
 }
 
@@ -443,6 +464,9 @@ struct FoldEvent<'a, Id> {
     version: i64,
     data: &'a Map<String, Value>,
     timestamp: DateTime<Utc>,
+    /// Read only when an upcaster step applies.
+    metadata: Option<&'a Value>,
+    schema_version: i32,
 }
 
 /// Folds events given as JSON in the [`EventRecord`] camelCase shape (`aggregateId`,
@@ -508,12 +532,16 @@ fn read_json_event(index: usize, value: &Value) -> Result<FoldEvent<'_, &str>> {
         .get("timestamp")
         .and_then(parse_timestamp)
         .ok_or_else(|| field("timestamp", "an RFC 3339 date-time or integer milliseconds since 1970"))?;
+    let schema_version = json_schema_version(obj.get("schemaVersion"))
+        .ok_or_else(|| field("schemaVersion", "an integer between 1 and 2147483647"))?;
     Ok(FoldEvent {
         aggregate_id,
         event_type,
         version,
         data,
         timestamp,
+        metadata: obj.get("metadata"),
+        schema_version,
     })
 }
 
@@ -560,6 +588,8 @@ impl<'de> serde::de::Visitor<'de> for &mut StreamingFold<'_> {
                     version: e.version,
                     data: e.data,
                     timestamp: e.timestamp,
+                    metadata: e.metadata,
+                    schema_version: e.schema_version,
                 })
             }) {
                 Ok(true) => {}
@@ -655,6 +685,8 @@ fn read_record(index: usize, record: &EventRecord) -> Result<FoldEvent<'_, uuid:
             )
         })?,
         timestamp: record.timestamp,
+        metadata: record.metadata.as_ref(),
+        schema_version: record.schema_version,
     })
 }
 
@@ -727,12 +759,30 @@ where
         }
         check_version(index, self.version, event_version, options.from.is_some())?;
 
-        if event.event_type.ends_with(".created") {
+        let upcast;
+        let (event_type, data) = if options.upcasters.applies_to(event.event_type, event.schema_version) {
+            let mut shape = EventShape {
+                event_type: event.event_type.to_owned(),
+                schema_version: event.schema_version,
+                data: Value::Object(event.data.clone()),
+                metadata: event.metadata.filter(|m| !m.is_null()).cloned(),
+            };
+            options.upcasters.upcast(&mut shape);
+            upcast = shape;
+            let data = match &upcast.data {
+                Value::Object(d) => d,
+                _ => event.data,
+            };
+            (upcast.event_type.as_str(), data)
+        } else {
+            (event.event_type, event.data)
+        };
+        if event_type.ends_with(".created") {
             self.state = Value::Object(Map::new());
             self.deleted = false;
         }
-        apply_event_data(&mut self.state, event.data, &options.bookkeeping);
-        if event.event_type.ends_with(".deleted") {
+        apply_event_data(&mut self.state, data, &options.bookkeeping);
+        if event_type.ends_with(".deleted") {
             self.deleted = true;
         }
         self.version = event_version;
@@ -741,7 +791,7 @@ where
             steps.push(HistoryStep {
                 version: self.version,
                 timestamp: event.timestamp,
-                event_type: event.event_type.to_owned(),
+                event_type: event_type.to_owned(),
                 state: self.state.clone(),
                 deleted: self.deleted,
             });

@@ -12,18 +12,20 @@ pub mod interop;
 mod model;
 pub mod numbers;
 pub mod query;
+pub mod upcast;
 pub mod validate;
 
 #[cfg(feature = "postgres")]
 mod db;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, UpcasterErrorKind};
 pub use fold::{
     apply_delta, apply_merge_patch, fold_events, fold_records, format_timestamp, parse_fold_options, Bookkeeping,
     FoldErrorKind, FoldOptions, FoldResult, HistoryStep, RecordFolder, Snapshot,
 };
-pub use model::{AggregateType, EventRecord, EventSource, NewEvent, Unreadable};
+pub use model::{AggregateType, EventRecord, EventSource, NewEvent, StoredShape, Unreadable};
 pub use query::{CountFilter, StreamOptions, UserStreamOptions};
+pub use upcast::Upcasters;
 pub use validate::{Issue, IssueCode, Limits, Report};
 
 #[cfg(feature = "postgres")]

@@ -134,6 +134,9 @@ pub struct NewEvent {
     pub correlation_id: Option<Uuid>,
     /// Where it came from.
     pub source: EventSource,
+    /// The version of this event type's shape that `data` and `metadata` follow (see
+    /// [`crate::upcast`]). 1 unless the writer says otherwise.
+    pub schema_version: i32,
 }
 
 impl NewEvent {
@@ -159,6 +162,7 @@ impl NewEvent {
             causation_id: None,
             correlation_id: None,
             source: EventSource::Api,
+            schema_version: 1,
         }
     }
 }
@@ -205,6 +209,42 @@ pub struct EventRecord {
     /// epoch). A fold refuses it (`INVALID_EVENT`); a consumer skips it, or parks it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unreadable: Option<Unreadable>,
+    /// The version of this event type's shape that `data` and `metadata` follow, as delivered:
+    /// the stored one, or the one the repository's upcasters brought it to.
+    #[serde(default = "first_schema_version")]
+    pub schema_version: i32,
+    /// What the event was stored as, when upcasters changed it on the way (see
+    /// [`crate::upcast`]); `None` when it is delivered as stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upcast_from: Option<StoredShape>,
+}
+
+fn first_schema_version() -> i32 {
+    1
+}
+
+impl EventRecord {
+    /// The schema version the event was stored at.
+    pub fn stored_schema_version(&self) -> i32 {
+        self.upcast_from
+            .as_ref()
+            .map_or(self.schema_version, |s| s.schema_version)
+    }
+
+    /// The event type the event was stored as.
+    pub fn stored_event_type(&self) -> &str {
+        self.upcast_from.as_ref().map_or(&self.event_type, |s| &s.event_type)
+    }
+}
+
+/// What an upcast event was stored as (see [`EventRecord::upcast_from`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredShape {
+    /// The stored event type.
+    pub event_type: String,
+    /// The stored schema version.
+    pub schema_version: i32,
 }
 
 /// What could not be read of a stored event (see [`EventRecord::unreadable`]).

@@ -176,6 +176,32 @@ fn parse_fields(
             None
         }
     };
+    let schema_version = match obj.get("schemaVersion") {
+        None | Some(Value::Null) => 1,
+        Some(Value::Number(n)) => match n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 1e18)
+                .map(|f| f as i64)
+        }) {
+            Some(v) if (1..=i64::from(i32::MAX)).contains(&v) => v as i32,
+            _ => {
+                issues.push(Issue::new(
+                    "schemaVersion",
+                    IssueCode::InvalidVersion,
+                    format!("schemaVersion must be an integer between 1 and 2147483647, not {n}"),
+                ));
+                1
+            }
+        },
+        Some(_) => {
+            issues.push(Issue::new(
+                "schemaVersion",
+                IssueCode::InvalidType,
+                "schemaVersion must be a number",
+            ));
+            1
+        }
+    };
     let causation_id = optional_uuid(obj, "causationId", &mut issues);
     let correlation_id = optional_uuid(obj, "correlationId", &mut issues);
     let source = match obj.get("source") {
@@ -223,6 +249,7 @@ fn parse_fields(
                 causation_id: causation_id.flatten(),
                 correlation_id: correlation_id.flatten(),
                 source,
+                schema_version,
             };
             let more = check_fields(&event, limits);
             if more.is_empty() {

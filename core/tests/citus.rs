@@ -323,7 +323,7 @@ async fn a_single_append_writes_one_shard_on_one_worker_in_one_phase() {
         let rows = client
             .query(
                 "SELECT * FROM synap_append_routed(gen_random_uuid(), NULL, $1, 'entity', 'e', 'u', '{}', '{}', $2, \
-                 NULL, NULL, 'api')",
+                 NULL, NULL, 'api', 1)",
                 &[&b, &version],
             )
             .await
@@ -334,7 +334,7 @@ async fn a_single_append_writes_one_shard_on_one_worker_in_one_phase() {
     let rows = client
         .query(
             "SELECT * FROM synap_append_routed(gen_random_uuid(), NULL, $1, 'entity', 'e', 'u', '{}', '{}', 2, \
-             NULL, NULL, 'api')",
+             NULL, NULL, 'api', 1)",
             &[&b],
         )
         .await

@@ -761,11 +761,12 @@ fn valid_event() -> BoxedStrategy<ValidEvent> {
         opt(any_uuid()),
         opt(select(EventSource::ALL.to_vec())),
         prop::collection::vec(("x-[a-z]{1,5}", json()), 0..3),
+        opt(1..=i32::MAX),
     );
     (required, optional)
         .prop_map(|(r, o)| {
             let ((aggregate, form), aggregate_type, event_type, user_id, data, metadata, (version, float)) = r;
-            let (id, timestamp, causation, correlation, source, extra) = o;
+            let (id, timestamp, causation, correlation, source, extra, schema_version) = o;
             let mut obj: Map<String, Value> = extra.into_iter().collect();
             let uuid = |(u, f): &(Uuid, u8)| json!(uuid_text(*u, *f));
             obj.insert("aggregateId".into(), json!(uuid_text(aggregate, form)));
@@ -787,6 +788,7 @@ fn valid_event() -> BoxedStrategy<ValidEvent> {
             put(&mut obj, "causationId", &causation, uuid);
             put(&mut obj, "correlationId", &correlation, uuid);
             put(&mut obj, "source", &source, |s| json!(s.as_str()));
+            put(&mut obj, "schemaVersion", &schema_version, |v| json!(v));
             let expected = NewEvent {
                 id: id.value().map(|u| u.0),
                 timestamp: timestamp.value().map(|t| t.0),
@@ -800,6 +802,7 @@ fn valid_event() -> BoxedStrategy<ValidEvent> {
                 causation_id: causation.value().map(|u| u.0),
                 correlation_id: correlation.value().map(|u| u.0),
                 source: source.value().copied().unwrap_or(EventSource::Api),
+                schema_version: schema_version.value().copied().unwrap_or(1),
             };
             ValidEvent { json: obj, expected }
         })
@@ -1133,6 +1136,8 @@ impl Stream {
                 source: EventSource::Api,
                 position: i as i64,
                 unreadable: None,
+                schema_version: 1,
+                upcast_from: None,
             })
             .collect()
     }

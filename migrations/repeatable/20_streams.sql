@@ -135,7 +135,7 @@ $$;
 CREATE OR REPLACE FUNCTION synap_append(
     p_id uuid, p_timestamp timestamptz, p_aggregate_id uuid, p_aggregate_type text, p_event_type text,
     p_user_id text, p_data jsonb, p_metadata jsonb, p_version integer, p_causation_id uuid,
-    p_correlation_id uuid, p_source text)
+    p_correlation_id uuid, p_source text, p_schema_version integer)
 RETURNS TABLE (out_timestamp timestamptz, out_position bigint)
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -146,7 +146,7 @@ WITH ev AS (
     SELECT $1::uuid AS id, coalesce($2::timestamptz, now()) AS ts, $3::uuid AS aggregate_id,
            $4::text AS aggregate_type, $5::text AS event_type, $6::text AS user_id, $7::jsonb AS data,
            $8::jsonb AS metadata, $9::integer AS version, $10::uuid AS causation_id,
-           $11::uuid AS correlation_id, $12::text AS source
+           $11::uuid AS correlation_id, $12::text AS source, $13::integer AS schema_version
 ), created AS (
     INSERT INTO event_streams (aggregate_id, aggregate_type, user_id, version, first_timestamp, last_timestamp)
     SELECT aggregate_id, aggregate_type, user_id, version, ts, ts FROM ev WHERE version = 1
@@ -165,9 +165,9 @@ WITH ev AS (
     RETURNING s.aggregate_id
 ), inserted AS (
     INSERT INTO events_v2 (id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
-                           version, causation_id, correlation_id, source)
+                           version, causation_id, correlation_id, source, schema_version)
     SELECT id, ts, aggregate_id, aggregate_type, event_type, user_id, data, metadata,
-           version, causation_id, correlation_id, source
+           version, causation_id, correlation_id, source, schema_version
       FROM ev
      WHERE EXISTS (SELECT 1 FROM created UNION ALL SELECT 1 FROM advanced)
        AND (SELECT set_config('synap.feed_days', pg_current_xact_id()::text, true)) IS NOT NULL
@@ -216,7 +216,7 @@ BEGIN
     CREATE OR REPLACE FUNCTION synap_append_routed(
         p_id uuid, p_timestamp timestamptz, p_aggregate_id uuid, p_aggregate_type text, p_event_type text,
         p_user_id text, p_data jsonb, p_metadata jsonb, p_version integer, p_causation_id uuid,
-        p_correlation_id uuid, p_source text)
+        p_correlation_id uuid, p_source text, p_schema_version integer)
     RETURNS TABLE ("timestamp" timestamptz, "position" bigint)
     LANGUAGE plpgsql VOLATILE
     AS $f$
@@ -243,9 +243,9 @@ BEGIN
         END IF;
         INSERT INTO events_v2_ids (id, aggregate_id, version, user_id) VALUES (p_id, p_aggregate_id, p_version, p_user_id);
         INSERT INTO events_v2 AS e (id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data,
-                                    metadata, version, causation_id, correlation_id, source)
+                                    metadata, version, causation_id, correlation_id, source, schema_version)
         VALUES (p_id, ts, p_aggregate_id, p_aggregate_type, p_event_type, p_user_id, p_data,
-                p_metadata, p_version, p_causation_id, p_correlation_id, p_source)
+                p_metadata, p_version, p_causation_id, p_correlation_id, p_source, p_schema_version)
         RETURNING e."timestamp", e.position INTO "timestamp", "position";
         INSERT INTO events_daily_dirty (day) VALUES ((ts AT TIME ZONE 'UTC')::date) ON CONFLICT (day) DO NOTHING;
         RETURN NEXT;

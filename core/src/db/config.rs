@@ -121,6 +121,11 @@ pub struct RepositoryConfig {
     /// through a transaction-mode pooler, which cannot hold a LISTEN (Neon's "unpooled" URL).
     /// Without it, subscribers there find new events by polling (`pollIntervalMs`).
     pub listen_url: Option<String>,
+    /// Upcasters applied to every event this repository reads (docs/upcasting.md, and
+    /// [`crate::upcast`]): streams, user, type and correlation reads, `read_all`, subscriptions,
+    /// consumer groups, replay and `get_snapshot_and_tail`. Snapshots are made and used under
+    /// this definition only. Default none.
+    pub upcasters: std::sync::Arc<crate::upcast::Upcasters>,
 }
 
 impl RepositoryConfig {
@@ -139,6 +144,7 @@ impl RepositoryConfig {
             snapshot_every: None,
             pooler: Pooler::Auto,
             listen_url: None,
+            upcasters: Default::default(),
         }
     }
 

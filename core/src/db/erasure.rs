@@ -327,7 +327,7 @@ impl EventRepository {
         } else {
             "UPDATE events_v2 e
                 SET event_type = 'synap.event_erased', user_id = s.user_id, data = '{}'::jsonb, metadata = NULL,
-                    causation_id = NULL, correlation_id = NULL, source = 'system'
+                    schema_version = 1, causation_id = NULL, correlation_id = NULL, source = 'system'
                FROM event_streams s
               WHERE s.aggregate_id = e.aggregate_id AND e.user_id = $1 AND s.user_id <> $1
           RETURNING e.id, e.aggregate_id, s.user_id, e.tableoid::oid, e.\"timestamp\""
@@ -843,9 +843,9 @@ async fn append_notice(
     let fresh = tx.query_one("SELECT gen_random_uuid(), gen_random_uuid()", &[]).await?;
     let (id, aggregate_id): (Uuid, Uuid) = (fresh.get(0), fresh.get(1));
     let append = if mode == "citus" {
-        "SELECT \"timestamp\" FROM synap_append_routed($1, NULL, $2, 'system', $3, $4, $5, NULL, 1, NULL, NULL, 'system')"
+        "SELECT \"timestamp\" FROM synap_append_routed($1, NULL, $2, 'system', $3, $4, $5, NULL, 1, NULL, NULL, 'system', 1)"
     } else {
-        "SELECT out_timestamp FROM synap_append($1, NULL, $2, 'system', $3, $4, $5, NULL, 1, NULL, NULL, 'system')"
+        "SELECT out_timestamp FROM synap_append($1, NULL, $2, 'system', $3, $4, $5, NULL, 1, NULL, NULL, 'system', 1)"
     };
     let row = tx
         .query_one(append, &[&id, &aggregate_id, &event_type, &user, data])

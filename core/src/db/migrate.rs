@@ -140,6 +140,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0016_erasure.sql"),
         earlier_checksums: &[],
     },
+    Migration {
+        version: 17,
+        name: "schema_version",
+        sql: include_str!("../../../migrations/0017_schema_version.sql"),
+        earlier_checksums: &[],
+    },
 ];
 
 /// A repeatable migration file: the current definitions of one concern's functions, policies

@@ -24,6 +24,7 @@ use crate::db::repository::{record_from_row, set_user_sql, EventRepository, STRE
 use crate::error::{Error, Result};
 use crate::fold::{Bookkeeping, FoldErrorKind, FoldOptions, FoldResult, RecordFolder, Snapshot};
 use crate::model::EventRecord;
+use crate::upcast::Upcasters;
 
 /// Versions read per page (each page is the ordinary stream read, `STREAM_SQL`, over a version
 /// window).
@@ -57,9 +58,28 @@ ON CONFLICT DO NOTHING";
 ///
 /// A long text (many `ignoreKeys`) is named by its SHA-256 instead (`fold1 sha256:<hex>`): the
 /// name is part of the snapshots' primary key, whose index entries PostgreSQL limits to about
-/// 2,700 bytes.
-pub fn fold_rules(bookkeeping: &Bookkeeping) -> String {
+/// 2,700 bytes. Under upcasters, the SHA-256 of their canonical text follows (`... upcasters
+/// sha256:<hex>`): a snapshot is used only under the definition it was made with, and a changed
+/// definition leaves the older snapshots unused, not wrong.
+pub fn fold_rules(bookkeeping: &Bookkeeping, upcasters: &Upcasters) -> String {
+    let rules = bookkeeping_rules(bookkeeping);
+    if upcasters.is_empty() {
+        return rules;
+    }
+    format!("{rules} upcasters sha256:{}", sha256_hex(upcasters.canonical_text()))
+}
+
+fn sha256_hex(text: &str) -> String {
     use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The rules' text for the bookkeeping rule alone: the text of snapshots stored before upcasters
+/// existed, which must not change.
+fn bookkeeping_rules(bookkeeping: &Bookkeeping) -> String {
     let mut keys = bookkeeping.ignore_keys.clone();
     keys.sort();
     keys.dedup();
@@ -69,11 +89,7 @@ pub fn fold_rules(bookkeeping: &Bookkeeping) -> String {
     if rules.len() <= RULES_TEXT_MAX {
         return format!("fold{FOLD_RULES_VERSION} {rules}");
     }
-    let hex: String = Sha256::digest(rules.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("fold{FOLD_RULES_VERSION} sha256:{hex}")
+    format!("fold{FOLD_RULES_VERSION} sha256:{}", sha256_hex(&rules))
 }
 
 /// The longest rules text stored as it is.
@@ -119,6 +135,13 @@ pub fn replay_options(value: &Value) -> Result<FoldOptions> {
                 reason: FoldErrorKind::InvalidOptions,
                 index: 0,
                 message: format!("{key} is not an option of replay (it returns one state and starts from the newest usable snapshot)"),
+            });
+        }
+        if obj.contains_key("upcasters") {
+            return Err(Error::Fold {
+                reason: FoldErrorKind::InvalidOptions,
+                index: 0,
+                message: "upcasters is not an option of replay: it folds under the repository's upcasters (its upcasters option), with whose snapshots it starts".into(),
             });
         }
     }
@@ -212,7 +235,12 @@ impl EventRepository {
         // Snapshots are the owner's to write: a user-scoped handle reads them only.
         if self.scoped_user().is_none() && policy.is_some_and(|n| n > 0 && replay.events_folded >= n) {
             let stored = self
-                .store_snapshot(aggregate_id, &fold_rules(&options.bookkeeping), &replay, &from)
+                .store_snapshot(
+                    aggregate_id,
+                    &fold_rules(&options.bookkeeping, &self.config().upcasters),
+                    &replay,
+                    &from,
+                )
                 .await?;
             return Ok(Replay {
                 snapshot_stored: stored,
@@ -234,7 +262,12 @@ impl EventRepository {
         let options = FoldOptions::default();
         let (replay, from) = self.replay_in_snapshot(aggregate_id, &options).await?;
         let stored = self
-            .store_snapshot(aggregate_id, &fold_rules(&options.bookkeeping), &replay, &from)
+            .store_snapshot(
+                aggregate_id,
+                &fold_rules(&options.bookkeeping, &self.config().upcasters),
+                &replay,
+                &from,
+            )
             .await?;
         Ok(Replay {
             snapshot_stored: stored,
@@ -246,7 +279,8 @@ impl EventRepository {
     /// in one database snapshot: what a browser needs to finish the fold itself
     /// (`foldEvents(events, { from: snapshot })`).
     pub async fn get_snapshot_and_tail(&self, aggregate_id: Uuid) -> Result<SnapshotAndTail> {
-        let rules = fold_rules(&Bookkeeping::default());
+        let upcasters = self.config().upcasters.clone();
+        let rules = fold_rules(&Bookkeeping::default(), &upcasters);
         let scope = self.scoped_user().map(str::to_owned);
         self.in_read_snapshot(|tx| {
             Box::pin(async move {
@@ -264,7 +298,9 @@ impl EventRepository {
                 while from < stream.version {
                     let to = from.saturating_add(PAGE).min(stream.version);
                     for row in page(tx, aggregate_id, &stream, from, to).await? {
-                        events.push(record_from_row(&row)?);
+                        let mut record = record_from_row(&row)?;
+                        upcasters.upcast_record(&mut record);
+                        events.push(record);
                     }
                     from = to;
                 }
@@ -288,7 +324,8 @@ impl EventRepository {
     /// On a user-scoped handle, fails with [`Error::PermissionDenied`] when row-level security
     /// hides some of the events (another user's events in this user's stream).
     async fn replay_in_snapshot(&self, aggregate_id: Uuid, options: &FoldOptions) -> Result<(Replay, FoldedFrom)> {
-        let rules = fold_rules(&options.bookkeeping);
+        let upcasters = self.config().upcasters.clone();
+        let rules = fold_rules(&options.bookkeeping, &upcasters);
         let options = options.clone();
         let scope = self.scoped_user().map(str::to_owned);
         self.in_read_snapshot(|tx| {
@@ -325,7 +362,8 @@ impl EventRepository {
                 'pages: while from < target {
                     let to = from.saturating_add(PAGE).min(target);
                     for row in page(tx, aggregate_id, &stream, from, to).await? {
-                        let record = record_from_row(&row)?;
+                        let mut record = record_from_row(&row)?;
+                        upcasters.upcast_record(&mut record);
                         let pushed = match folder.push(&record) {
                             Err(Error::Fold {
                                 reason: FoldErrorKind::VersionGap,
@@ -569,11 +607,11 @@ SELECT c.aggregate_id, c.d, s.last_timestamp >= $1 AS cut_through,
 /// version before it (a later timestamp at a lower version), by aggregate and version.
 const FOLD_BEFORE_CUTOFF_SQL: &str = r#"
 SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
-       version, causation_id, correlation_id, source, position
+       version, causation_id, correlation_id, source, position, schema_version
   FROM events_v2 WHERE "timestamp" < $1
 UNION ALL
 SELECT e.id, e."timestamp", e.aggregate_id, e.aggregate_type, e.event_type, e.user_id, e.data, e.metadata,
-       e.version, e.causation_id, e.correlation_id, e.source, e.position
+       e.version, e.causation_id, e.correlation_id, e.source, e.position, e.schema_version
   FROM unnest($2::uuid[], $3::integer[]) AS ct(aggregate_id, d)
   JOIN events_v2 e ON e.aggregate_id = ct.aggregate_id AND e.version <= ct.d
  WHERE e."timestamp" >= $1
@@ -607,8 +645,9 @@ pub(crate) async fn keep_before_cutoff(
     tx: &crate::db::conn::Tx<'_>,
     cutoff: DateTime<Utc>,
     write: bool,
+    upcasters: &Upcasters,
 ) -> Result<Kept> {
-    let rules = fold_rules(&Bookkeeping::default());
+    let rules = fold_rules(&Bookkeeping::default(), upcasters);
     let mut affected = std::collections::HashMap::new();
     for r in tx.query(AFFECTED_SQL, &[&cutoff, &rules]).await? {
         let base = match r.get::<_, Option<i32>>(3) {
@@ -655,7 +694,8 @@ pub(crate) async fn keep_before_cutoff(
             break;
         }
         for row in &rows {
-            let record = record_from_row(row)?;
+            let mut record = record_from_row(row)?;
+            upcasters.upcast_record(&mut record);
             if current.as_ref().map(|(id, _)| *id) != Some(record.aggregate_id) {
                 if let Some((id, folded)) = current.take() {
                     finish_aggregate(id, folded, &affected, &mut kept, &mut batch);
@@ -857,7 +897,7 @@ mod tests {
     #[test]
     fn the_rules_text_of_stored_snapshots_is_stable() {
         assert_eq!(
-            super::fold_rules(&crate::fold::Bookkeeping::default()),
+            super::fold_rules(&crate::fold::Bookkeeping::default(), &crate::upcast::Upcasters::none()),
             r#"fold1 {"dropPreviousCompanions":true,"ignoreKeys":["updatedFields"]}"#
         );
         // Many ignored keys: a name short enough for the snapshots' index, the same for the
@@ -870,13 +910,19 @@ mod tests {
                 .collect(),
             ..Default::default()
         };
-        let long = super::fold_rules(&many(400, usize::MAX));
+        let long = super::fold_rules(&many(400, usize::MAX), &crate::upcast::Upcasters::none());
         assert!(
             long.starts_with("fold1 sha256:") && long.len() == "fold1 sha256:".len() + 64,
             "{long}"
         );
-        assert_eq!(long, super::fold_rules(&many(400, usize::MAX)));
-        assert_ne!(long, super::fold_rules(&many(400, 7)));
+        assert_eq!(
+            long,
+            super::fold_rules(&many(400, usize::MAX), &crate::upcast::Upcasters::none())
+        );
+        assert_ne!(
+            long,
+            super::fold_rules(&many(400, 7), &crate::upcast::Upcasters::none())
+        );
     }
 
     #[test]

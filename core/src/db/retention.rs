@@ -286,7 +286,7 @@ impl EventRepository {
         let cut = tx.query_one(CUT_THROUGH_SQL, &[&cutoff]).await?;
         // Every aggregate with events before the cut-off keeps its state as a snapshot at its
         // last version before it (written now, before the events go; counted in a dry run).
-        let kept = keep_before_cutoff(&tx, cutoff, !options.dry_run).await?;
+        let kept = keep_before_cutoff(&tx, cutoff, !options.dry_run, &self.config().upcasters).await?;
         let mut report = RetentionReport {
             storage_mode: mode.clone(),
             cutoff,

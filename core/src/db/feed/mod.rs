@@ -22,7 +22,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::db::feed_plan::{plan_windows, IndexRow, Window};
-use crate::db::repository::{in_session, record_from_row, EventRepository, Session};
+use crate::db::repository::{in_session, EventRepository, Session};
 use crate::error::{Error, Result};
 use crate::model::EventRecord;
 use crate::validate::{self, IssueCode};
@@ -207,7 +207,7 @@ fn read_window_sql(runs: usize, filter: bool) -> String {
         .map(|i| {
             format!(
                 "(SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, metadata, \
-                         version, causation_id, correlation_id, source, position, txid, txid::text AS txid_text{part} \
+                         version, causation_id, correlation_id, source, position, schema_version, txid, txid::text AS txid_text{part} \
                     FROM events_v2 e \
                    WHERE (e.txid, e.position) > ($1::text::xid8, $2) AND e.txid < $3::text::xid8 \
                      AND e.\"timestamp\" >= ${} AND e.\"timestamp\" < ${}{only} \
@@ -220,7 +220,7 @@ fn read_window_sql(runs: usize, filter: bool) -> String {
     let outer_part = if filter { ", part" } else { "" };
     format!(
         "SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, metadata, version, \
-                causation_id, correlation_id, source, position, txid_text{outer_part} \
+                causation_id, correlation_id, source, position, schema_version, txid_text{outer_part} \
            FROM ({}) w ORDER BY w.txid, w.position LIMIT ${limit}",
         branches.join(" UNION ALL ")
     )
@@ -252,7 +252,7 @@ fn read_window_any_day_sql(filter: bool) -> String {
     let (part, only) = partition_sql(4, filter);
     format!(
         "SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, \
-                data, metadata, version, causation_id, correlation_id, source, position, txid::text AS txid_text{part} \
+                data, metadata, version, causation_id, correlation_id, source, position, schema_version, txid::text AS txid_text{part} \
            FROM events_v2 e \
           WHERE (e.txid, e.position) > ($1::text::xid8, $2) \
             AND e.txid < $3::text::xid8{only} \
@@ -317,10 +317,10 @@ impl EventRepository {
                         let rows = read_window(&client, &scan_from, window, want, filter, false).await?;
                         let got = rows.len() as i64;
                         for row in &rows {
-                            checkpoint = parse_checkpoint(row.get(13), row.get(12), store)?;
-                            events.push(record_from_row(row)?);
+                            checkpoint = parse_checkpoint(row.get(14), row.get(12), store)?;
+                            events.push(self.delivered(row)?);
                             if filter.is_some() {
-                                parts.push((row.get(14), checkpoint));
+                                parts.push((row.get(15), checkpoint));
                             }
                         }
                         if got == want {

@@ -209,7 +209,7 @@ impl GroupMember {
             .await?;
         let mut by_id: HashMap<Uuid, EventRecord> = HashMap::new();
         for r in &stored {
-            let e = record_from_row(r)?;
+            let e = self.repo.delivered(r)?;
             by_id.insert(e.id, e);
         }
         let mut delivery = Delivery {

@@ -58,7 +58,7 @@ pub use status::{GroupPartitionStatus, GroupStatus, ParkedEvent};
 
 use crate::db::conn::query_on;
 use crate::db::feed::{check_name, parse_checkpoint, Checkpoint, PartitionFilter};
-use crate::db::repository::{record_from_row, EventRepository, EVENT_COLUMNS};
+use crate::db::repository::{EventRepository, EVENT_COLUMNS};
 use crate::error::{Error, Result};
 use crate::model::EventRecord;
 use crate::validate::{self, IssueCode};

@@ -16,7 +16,7 @@ WITH ev AS (
     SELECT $1::uuid AS id, coalesce($2::timestamptz, now()) AS ts, $3::uuid AS aggregate_id,
            $4::text AS aggregate_type, $5::text AS event_type, $6::text AS user_id, $7::jsonb AS data,
            $8::jsonb AS metadata, $9::integer AS version, $10::uuid AS causation_id,
-           $11::uuid AS correlation_id, $12::text AS source
+           $11::uuid AS correlation_id, $12::text AS source, $13::integer AS schema_version
 ), created AS (
     INSERT INTO event_streams (aggregate_id, aggregate_type, user_id, version, first_timestamp, last_timestamp)
     SELECT aggregate_id, aggregate_type, user_id, version, ts, ts FROM ev WHERE version = 1
@@ -35,9 +35,9 @@ WITH ev AS (
     RETURNING s.aggregate_id
 ), inserted AS (
     INSERT INTO events_v2 (id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
-                           version, causation_id, correlation_id, source)
+                           version, causation_id, correlation_id, source, schema_version)
     SELECT id, ts, aggregate_id, aggregate_type, event_type, user_id, data, metadata,
-           version, causation_id, correlation_id, source
+           version, causation_id, correlation_id, source, schema_version
       FROM ev
      WHERE EXISTS (SELECT 1 FROM created UNION ALL SELECT 1 FROM advanced)
        AND "#,
@@ -60,17 +60,16 @@ SELECT "timestamp", position FROM inserted
 
 /// The append of the citus mode (migration 0014): the same parameters and result as
 /// [`APPEND_SQL`], each step routed to the aggregate's shard.
-pub(super) const ROUTED_APPEND_SQL: &str =
-    r#"SELECT "timestamp", "position" FROM synap_append_routed($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"#;
+pub(super) const ROUTED_APPEND_SQL: &str = r#"SELECT "timestamp", "position" FROM synap_append_routed($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"#;
 
 pub(super) const ROUTED_APPEND_SIGNATURE: &str =
-    "synap_append_routed(uuid, timestamptz, uuid, text, text, text, jsonb, jsonb, integer, uuid, uuid, text)";
+    "synap_append_routed(uuid, timestamptz, uuid, text, text, text, jsonb, jsonb, integer, uuid, uuid, text, integer)";
 
 pub(super) const PLANNED_APPEND_SQL: &str =
-    r#"SELECT out_timestamp, out_position FROM synap_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"#;
+    r#"SELECT out_timestamp, out_position FROM synap_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"#;
 
 pub(super) const PLANNED_APPEND_SIGNATURE: &str =
-    "synap_append(uuid, timestamptz, uuid, text, text, text, jsonb, jsonb, integer, uuid, uuid, text)";
+    "synap_append(uuid, timestamptz, uuid, text, text, text, jsonb, jsonb, integer, uuid, uuid, text, integer)";
 
 impl EventRepository {
     /// Appends one event. `event.version` must be the aggregate's current version + 1 (1 creates
@@ -147,7 +146,7 @@ impl EventRepository {
         let Some(sql) = self.known_append_statement() else {
             return Ok(None);
         };
-        let params: [&(dyn ToSql + Sync); 12] = [
+        let params: [&(dyn ToSql + Sync); 13] = [
             &id,
             &event.timestamp,
             &event.aggregate_id,
@@ -160,6 +159,7 @@ impl EventRepository {
             &event.causation_id,
             &event.correlation_id,
             &event.source.as_str(),
+            &event.schema_version,
         ];
         let user = self.scope.as_deref().map(set_user_sql).unwrap_or_default();
         // `synap_append` is the route only where `synap_append_routed` is absent: not on Citus.
@@ -218,7 +218,7 @@ impl EventRepository {
         // Racing writers can move the aggregate to exactly version - 1 between the failed guard
         // and the diagnosis below; then the append is simply tried again.
         for _ in 0..3 {
-            let params: [&(dyn ToSql + Sync); 12] = [
+            let params: [&(dyn ToSql + Sync); 13] = [
                 &id,
                 &event.timestamp,
                 &event.aggregate_id,
@@ -231,6 +231,7 @@ impl EventRepository {
                 &event.causation_id,
                 &event.correlation_id,
                 &event.source.as_str(),
+                &event.schema_version,
             ];
             match client.query(&stmt, &params).await.map(|mut rows| rows.pop()) {
                 Ok(Some(row)) => return Ok(record_from_new(event, id, row.get(0), row.get(1))),
@@ -383,6 +384,8 @@ pub(super) fn record_from_new(mut event: NewEvent, id: Uuid, timestamp: DateTime
         source: event.source,
         position,
         unreadable: None,
+        schema_version: event.schema_version,
+        upcast_from: None,
     }
 }
 

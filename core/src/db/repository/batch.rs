@@ -9,17 +9,17 @@ use super::*;
 /// columns, $13..$20 one entry per aggregate, sorted by aggregate id (so that every batch locks
 /// the guard rows it shares with another in the same order): its type, user, first and last
 /// version in the batch, its earliest and latest given timestamps, and whether any of its events
-/// takes the database's `now()`. Inserts happen only if every aggregate's guard passed; the caller
+/// takes the database's `now()`; $21 is the events' schema versions. Inserts happen only if every aggregate's guard passed; the caller
 /// rolls back otherwise.
 pub(super) const APPEND_BATCH_SQL: &str = concat!(
     r#"
 WITH ev AS (
     SELECT u.ord, u.id, coalesce(u.ts, now()) AS ts, u.aggregate_id, u.aggregate_type, u.event_type, u.user_id,
-           u.data, u.metadata, u.version, u.causation_id, u.correlation_id, u.source
+           u.data, u.metadata, u.version, u.causation_id, u.correlation_id, u.source, u.schema_version
       FROM unnest($1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::jsonb[],
-                  $8::jsonb[], $9::integer[], $10::uuid[], $11::uuid[], $12::text[])
+                  $8::jsonb[], $9::integer[], $10::uuid[], $11::uuid[], $12::text[], $21::integer[])
            WITH ORDINALITY AS u(id, ts, aggregate_id, aggregate_type, event_type, user_id, data, metadata,
-                                version, causation_id, correlation_id, source, ord)
+                                version, causation_id, correlation_id, source, schema_version, ord)
 ), req AS (
     SELECT r.aggregate_id, r.aggregate_type, r.user_id, r.first_version, r.last_version,
            least(r.first_ts, CASE WHEN r.takes_now THEN now() END) AS first_ts,
@@ -33,9 +33,9 @@ WITH ev AS (
     SELECT (SELECT count(*) FROM created) + (SELECT count(*) FROM advanced) = cardinality($13::uuid[]) AS ok
 ), inserted AS (
     INSERT INTO events_v2 (id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
-                           version, causation_id, correlation_id, source)
+                           version, causation_id, correlation_id, source, schema_version)
     SELECT id, ts, aggregate_id, aggregate_type, event_type, user_id, data, metadata,
-           version, causation_id, correlation_id, source
+           version, causation_id, correlation_id, source, schema_version
       FROM ev
      WHERE (SELECT ok FROM passed)
        AND "#,
@@ -122,6 +122,7 @@ impl EventRepository {
         let mut causation_ids = Vec::with_capacity(n);
         let mut correlation_ids = Vec::with_capacity(n);
         let mut sources = Vec::with_capacity(n);
+        let mut schema_versions = Vec::with_capacity(n);
         // One entry per aggregate, in order of first appearance.
         let mut agg_index: HashMap<Uuid, usize> = HashMap::new();
         let mut agg_ids = Vec::new();
@@ -143,6 +144,7 @@ impl EventRepository {
             causation_ids.push(event.causation_id);
             correlation_ids.push(event.correlation_id);
             sources.push(event.source.as_str());
+            schema_versions.push(event.schema_version);
             match agg_index.get(&event.aggregate_id) {
                 Some(&i) => {
                     if agg_types[i] != event.aggregate_type.as_str() {
@@ -180,7 +182,7 @@ impl EventRepository {
 
         let mut client = self.client().await?;
         let user_sql = self.scope.as_deref().map(set_user_sql).unwrap_or_default();
-        let params: [&(dyn ToSql + Sync); 20] = [
+        let params: [&(dyn ToSql + Sync); 21] = [
             &ids,
             &timestamps,
             &aggregate_ids,
@@ -201,6 +203,7 @@ impl EventRepository {
             &sorted_earliest,
             &sorted_latest,
             &sorted_takes_now,
+            &schema_versions,
         ];
         // On Citus, batches that share aggregates can deadlock across workers (on one server they
         // lock the streams in aggregate order and never do): the transaction is rolled back, so

@@ -99,7 +99,7 @@ impl std::fmt::Debug for EventRepository {
 
 pub(crate) const EVENT_COLUMNS: &str =
     "id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, metadata, \
-                             version, causation_id, correlation_id, source, position";
+                             version, causation_id, correlation_id, source, position, schema_version";
 
 /// A direct connection's session settings, as its startup `options`: the schema, the statement
 /// timeout, and Citus's per-shard deadlock prevention turned off.
@@ -463,6 +463,16 @@ fn raw_text(text: String) -> String {
     text[..end].to_owned()
 }
 
+impl EventRepository {
+    /// A stored event as this repository delivers it: read from a row of [`EVENT_COLUMNS`] and
+    /// brought to its latest shape by the repository's upcasters.
+    pub(crate) fn delivered(&self, row: &Row) -> Result<EventRecord> {
+        let mut record = record_from_row(row)?;
+        self.config.upcasters.upcast_record(&mut record);
+        Ok(record)
+    }
+}
+
 /// A stored event from a row of [`EVENT_COLUMNS`]. A column that cannot be read (see
 /// [`EventRecord::unreadable`]) gives a record flagged unreadable, never a failed read.
 pub(crate) fn record_from_row(row: &Row) -> Result<EventRecord> {
@@ -531,5 +541,7 @@ pub(crate) fn record_from_row(row: &Row) -> Result<EventRecord> {
         source,
         position: row.try_get(12)?,
         unreadable,
+        schema_version: row.try_get(13)?,
+        upcast_from: None,
     })
 }

@@ -10,7 +10,7 @@ use super::*;
 /// or partitions in its time span are scanned.
 pub(crate) const STREAM_SQL: &str = r#"
 SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
-       version, causation_id, correlation_id, source, position
+       version, causation_id, correlation_id, source, position, schema_version
   FROM events_v2
  WHERE aggregate_id = $1
    AND "timestamp" >= $2 AND "timestamp" <= $3
@@ -23,7 +23,7 @@ SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data,
 /// before planning them, where `now() - interval` is only pruned after planning every one.
 pub(super) const USER_STREAM_SQL: &str = r#"
 SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
-       version, causation_id, correlation_id, source, position
+       version, causation_id, correlation_id, source, position, schema_version
   FROM events_v2
  WHERE user_id = $1
    AND "timestamp" >= $2
@@ -35,7 +35,7 @@ SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data,
 
 pub(super) const CORRELATED_SQL: &str = r#"
 SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
-       version, causation_id, correlation_id, source, position
+       version, causation_id, correlation_id, source, position, schema_version
   FROM events_v2
  WHERE correlation_id = $1
  ORDER BY "timestamp", position
@@ -43,7 +43,7 @@ SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data,
 
 pub(super) const BY_TYPE_SQL: &str = r#"
 SELECT id, "timestamp", aggregate_id, aggregate_type, event_type, user_id, data, metadata,
-       version, causation_id, correlation_id, source, position
+       version, causation_id, correlation_id, source, position, schema_version
   FROM events_v2
  WHERE event_type = $1
  ORDER BY "timestamp" DESC, position DESC
@@ -118,7 +118,7 @@ impl EventRepository {
                     ],
                 )
                 .await?;
-            rows.iter().map(record_from_row).collect::<Result<Vec<_>>>()
+            rows.iter().map(|r| self.delivered(r)).collect::<Result<Vec<_>>>()
         })
     }
 
@@ -190,7 +190,7 @@ impl EventRepository {
                     ],
                 )
                 .await?;
-            rows.iter().map(record_from_row).collect::<Result<Vec<_>>>()
+            rows.iter().map(|r| self.delivered(r)).collect::<Result<Vec<_>>>()
         })
     }
 
@@ -223,7 +223,7 @@ impl EventRepository {
         in_session!(self, |client| {
             let stmt = client.prepare_cached(CORRELATED_SQL).await?;
             let rows = client.query(&stmt, &[&correlation_id]).await?;
-            rows.iter().map(record_from_row).collect::<Result<Vec<_>>>()
+            rows.iter().map(|r| self.delivered(r)).collect::<Result<Vec<_>>>()
         })
     }
 
@@ -238,7 +238,7 @@ impl EventRepository {
         in_session!(self, |client| {
             let stmt = client.prepare_cached(BY_TYPE_SQL).await?;
             let rows = client.query(&stmt, &[&event_type, &limit]).await?;
-            rows.iter().map(record_from_row).collect::<Result<Vec<_>>>()
+            rows.iter().map(|r| self.delivered(r)).collect::<Result<Vec<_>>>()
         })
     }
 
