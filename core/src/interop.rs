@@ -47,6 +47,23 @@ pub fn fold_events_json_text(events: &str, options: &Value) -> Result<Value> {
     fold_events_json(&events, options)
 }
 
+/// Brings a JSON array of events (the record shape) to their types' latest shapes under a JSON
+/// upcaster definition (see [`crate::upcast`]), and returns them. Each upcast event gets
+/// `storedSchemaVersion` (and `storedEventType` when renamed), as the repository's records have.
+///
+/// Fails with [`Error::InvalidUpcasters`] for a refused definition, and [`Error::Validation`]
+/// when `events` is not an array.
+pub fn upcast_events_json(events: Value, upcasters: &Value) -> Result<Value> {
+    let upcasters = crate::upcast::Upcasters::parse(upcasters)?;
+    let Value::Array(mut events) = events else {
+        return Err(Error::invalid_input("events must be an array"));
+    };
+    for event in &mut events {
+        upcasters.upcast_json(event);
+    }
+    Ok(Value::Array(events))
+}
+
 /// Applies `delta` to `state` as a JSON Merge Patch (RFC 7396) and returns the new state.
 pub fn apply_delta_json(state: &Value, delta: &Value) -> Value {
     crate::fold::apply_delta(state, delta)

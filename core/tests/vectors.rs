@@ -147,3 +147,54 @@ fn validate_vectors() {
         failures.join("\n")
     );
 }
+
+/// `vectors/upcast.json`: each definition is refused with its code, step and reason, or brings
+/// the events to the expected ones; and folding the events under the definition gives what
+/// folding the expected events does.
+#[test]
+fn upcast_vectors() {
+    use synap_events::interop::upcast_events_json;
+    let cases = load(
+        "upcast.json",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../vectors/upcast.json")),
+    );
+    assert!(cases.len() >= 25, "upcast.json has {} cases, want at least 25", cases.len());
+    let mut failures = Vec::new();
+    for case in &cases {
+        let name = name(case);
+        let upcasters = case.get("upcasters").cloned().unwrap_or(Value::Null);
+        if let Some(expected) = case.get("expectError") {
+            let got = match upcast_events_json(json!([]), &upcasters) {
+                Err(e @ Error::InvalidUpcasters { .. }) => {
+                    let mut d = e.details();
+                    d.remove("retryable");
+                    d.insert("code".into(), json!(e.code()));
+                    Value::Object(d)
+                }
+                other => json!(format!("{other:?}")),
+            };
+            if &got != expected {
+                failures.push(format!("{name}: expected {expected}, got {got}"));
+            }
+            continue;
+        }
+        let events = case["events"].clone();
+        let expected = &case["expect"];
+        match upcast_events_json(events.clone(), &upcasters) {
+            Ok(got) if &got == expected => {}
+            other => failures.push(format!("{name}: expected {expected}, got {other:?}")),
+        }
+        let under = parse_fold_options(&json!({ "upcasters": upcasters })).expect("a valid definition");
+        let folded = outcome(fold_events(events.as_array().unwrap(), &under));
+        let direct = outcome(fold_events(expected.as_array().unwrap(), &Default::default()));
+        if folded != direct {
+            failures.push(format!("{name} (fold): under upcasters {folded:?}, of the expected events {direct:?}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failing upcast vectors:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

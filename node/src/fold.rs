@@ -89,6 +89,8 @@ pub struct FoldOptions {
     pub bookkeeping: Option<BookkeepingRule>,
     /// Start from a snapshot instead of from nothing.
     pub from: Option<FoldSnapshot>,
+    /// Bring each event to its type's latest shape before it is applied (docs/upcasting.md).
+    pub upcasters: Option<Vec<crate::records::UpcasterStep>>,
 }
 
 /// Options of `replay`: the time travel and bookkeeping options of `foldEvents`.

@@ -113,6 +113,9 @@ pub struct AppendEventData {
     pub correlation_id: Option<String>,
     /// Where it came from; `api` when absent.
     pub source: Option<EventSource>,
+    /// The version of this event type's shape that `data` and `metadata` follow
+    /// (docs/upcasting.md); 1 when absent.
+    pub schema_version: Option<u32>,
 }
 
 /// A stored event.
@@ -152,16 +155,24 @@ pub struct EventRecord {
     /// such row never fails a read or stops a feed; skip it or park it.
     #[napi(ts_type = "{ column: string; reason: string; raw: string }")]
     pub unreadable: Option<Json>,
+    /// The version of this event type's shape that `data` and `metadata` follow, as delivered:
+    /// the repository's upcasters bring each event to its type's latest (docs/upcasting.md).
+    pub schema_version: u32,
+    /// The schema version the event was stored at.
+    pub stored_schema_version: u32,
+    /// The event type the event was stored as; present only when an upcaster renamed it.
+    pub stored_event_type: Option<String>,
 }
 
 impl From<core::EventRecord> for EventRecord {
     fn from(r: core::EventRecord) -> Self {
+        let stored_schema_version = r.stored_schema_version() as u32;
+        let stored_event_type = r.upcast_from.as_ref().map(|s| s.event_type.clone()).filter(|t| *t != r.event_type);
         EventRecord {
             id: r.id.to_string(),
             timestamp: r.timestamp,
             aggregate_id: r.aggregate_id.to_string(),
             aggregate_type: r.aggregate_type.into(),
-            event_type: r.event_type,
             user_id: r.user_id,
             data: Json(r.data),
             metadata: r.metadata.map(Json),
@@ -170,6 +181,10 @@ impl From<core::EventRecord> for EventRecord {
             correlation_id: r.correlation_id.map(|u| u.to_string()),
             source: r.source.into(),
             position: r.position,
+            stored_schema_version,
+            stored_event_type,
+            schema_version: r.schema_version as u32,
+            event_type: r.event_type,
             unreadable: r.unreadable.and_then(|u| serde_json::to_value(u).ok()).map(Json),
         }
     }
@@ -265,7 +280,18 @@ fn write_record(out: &mut Vec<u8>, r: &core::EventRecord) -> serde_json::Result<
     if let Some(id) = &r.correlation_id {
         uuid(out, "correlationId", id);
     }
-    let _ = write!(out, ",\"source\":\"{}\",\"position\":{}", r.source.as_str(), r.position);
+    let _ = write!(
+        out,
+        ",\"source\":\"{}\",\"position\":{},\"schemaVersion\":{},\"storedSchemaVersion\":{}",
+        r.source.as_str(),
+        r.position,
+        r.schema_version,
+        r.stored_schema_version()
+    );
+    if let Some(stored) = r.upcast_from.as_ref().filter(|s| s.event_type != r.event_type) {
+        out.extend_from_slice(b",\"storedEventType\":");
+        serde_json::to_writer(&mut *out, &stored.event_type)?;
+    }
     if let Some(unreadable) = &r.unreadable {
         out.extend_from_slice(b",\"unreadable\":");
         serde_json::to_writer(&mut *out, unreadable)?;
@@ -355,6 +381,51 @@ pub struct RepositoryOptions {
     /// Through a transaction-mode pooler: a direct URL for `subscribe`'s LISTEN (Neon's
     /// unpooled URL). Without it, subscribers there poll (`pollIntervalMs`).
     pub listen_url: Option<String>,
+    /// Upcasters applied to every event this repository reads (docs/upcasting.md). A refused
+    /// definition throws `INVALID_UPCASTERS`, naming the step.
+    pub upcasters: Option<Vec<UpcasterStep>>,
+}
+
+/// One step of an upcaster definition: how `eventType` events stored at `fromVersion` become
+/// `fromVersion + 1` (docs/upcasting.md).
+#[napi(object)]
+pub struct UpcasterStep {
+    /// The event type the step applies to.
+    pub event_type: String,
+    /// The schema version it starts from.
+    pub from_version: u32,
+    /// What it does, in order.
+    pub operations: Vec<UpcasterOperation>,
+}
+
+/// One operation of an upcaster step. A path is `'data.a.b'`, `'metadata.x'`, or an array of
+/// keys (`['data', 'a.b']`).
+#[napi(object)]
+pub struct UpcasterOperation {
+    /// `rename` { from, to }, `remove` { path }, `default` { path, value }, `map` { path, values },
+    /// `renameType` { to, version?, when? }.
+    #[napi(ts_type = "'rename' | 'remove' | 'default' | 'map' | 'renameType'")]
+    pub op: String,
+    /// `rename`: the key's path now.
+    #[napi(ts_type = "string | string[]")]
+    pub from: Option<Value>,
+    /// `rename`: the key's new path; `renameType`: the new event type.
+    #[napi(ts_type = "string | string[]")]
+    pub to: Option<Value>,
+    /// `remove`, `default`, `map`: the key's path.
+    #[napi(ts_type = "string | string[]")]
+    pub path: Option<Value>,
+    /// `default`: the value when the key is missing.
+    #[napi(ts_type = "unknown")]
+    pub value: Option<Value>,
+    /// `map`: old string values to new values.
+    #[napi(ts_type = "Record<string, unknown>")]
+    pub values: Option<Value>,
+    /// `renameType`: the version the event continues at; default the new type's latest.
+    pub version: Option<u32>,
+    /// `renameType`: only events whose value at `path` equals `equals`.
+    #[napi(ts_type = "{ path: string | string[]; equals: unknown }")]
+    pub when: Option<Value>,
 }
 
 /// Options of `migrateLegacyEvents`.

@@ -572,6 +572,7 @@ fn source_of(env: &Env, options: Option<Unknown>) -> core::Result<Source> {
         "snapshotEvery",
         "pooler",
         "listenUrl",
+        "upcasters",
     ];
     let as_config = |e: core::Error| match e {
         core::Error::Validation { message, .. } => core::Error::InvalidConfig { message },
@@ -633,6 +634,9 @@ fn source_of(env: &Env, options: Option<Unknown>) -> core::Result<Source> {
         config.pooler = core::Pooler::parse(&pooler)?;
     }
     config.listen_url = string("listenUrl")?;
+    if let Some(definition) = o.get("upcasters") {
+        config.upcasters = std::sync::Arc::new(core::Upcasters::parse(definition)?);
+    }
     Ok(Source::Config(Box::new(config)))
 }
 

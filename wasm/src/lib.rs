@@ -43,6 +43,34 @@ export interface FoldOptions {
   bookkeeping?: BookkeepingRule;
   /** Start from a snapshot instead of from nothing. */
   from?: { state: Json; version: number; deleted?: boolean };
+  /** Bring each event to its type's latest shape first (docs/upcasting.md). */
+  upcasters?: UpcasterStep[];
+}
+
+/** A path into an event: `'data.a.b'`, `'metadata.x'`, or keys (`['data', 'a.b']`). */
+export type UpcastPath = string | string[];
+
+/** One operation of an upcaster step (docs/upcasting.md). */
+export type UpcasterOperation =
+  | { op: 'rename'; from: UpcastPath; to: UpcastPath }
+  | { op: 'remove'; path: UpcastPath }
+  | { op: 'default'; path: UpcastPath; value: Json }
+  | { op: 'map'; path: UpcastPath; values: { [from: string]: Json } }
+  | { op: 'renameType'; to: string; version?: number; when?: { path: UpcastPath; equals: Json } };
+
+/** How `eventType` events stored at `fromVersion` become `fromVersion + 1`. */
+export interface UpcasterStep {
+  eventType: string;
+  fromVersion: number;
+  operations: UpcasterOperation[];
+}
+
+/** Thrown for a refused upcaster definition. */
+export interface UpcasterError extends Error {
+  code: 'INVALID_UPCASTERS';
+  /** The step, as `eventType@fromVersion`. */
+  step: string;
+  reason: 'invalidDefinition' | 'unknownOperation' | 'invalidOperation' | 'duplicateStep' | 'gap' | 'cycle';
 }
 
 /** The state after one event (history mode). */
@@ -155,6 +183,21 @@ fn utf8(value: &JsValue) -> Option<String> {
         return None;
     }
     String::from_utf8(TextEncoder::new().encode(value).to_vec()).ok()
+}
+
+/// Brings events (the record shape) to their types' latest shapes under an upcaster definition:
+/// the repository's upcasting, in the browser. Upcast events get `schemaVersion`,
+/// `storedSchemaVersion` and, when renamed, `storedEventType`.
+///
+/// Throws an `UpcasterError` (`INVALID_UPCASTERS`) for a refused definition.
+#[wasm_bindgen(js_name = upcastEvents, unchecked_return_type = "FoldEvent[]")]
+pub fn upcast_events(
+    #[wasm_bindgen(unchecked_param_type = "FoldEvent[]")] events: JsValue,
+    #[wasm_bindgen(unchecked_param_type = "UpcasterStep[]")] upcasters: JsValue,
+) -> Result<JsValue, JsValue> {
+    let events = to_json(&events)?;
+    let upcasters = to_json(&upcasters)?;
+    from_json(&interop::upcast_events_json(events, &upcasters).map_err(|e| js_error(&e))?)
 }
 
 /// Applies `delta` to `state` as a JSON Merge Patch (RFC 7396): `null` removes a key, objects
