@@ -279,6 +279,11 @@ export interface AppendEventData {
   correlationId?: string
   /** Where it came from; `api` when absent. */
   source?: EventSource
+  /**
+   * The version of this event type's shape that `data` and `metadata` follow
+   * (docs/upcasting.md); 1 when absent.
+   */
+  schemaVersion?: number
 }
 
 /** Applies `delta` to `state` as a JSON Merge Patch (RFC 7396). */
@@ -380,6 +385,15 @@ export interface EventRecord {
    * such row never fails a read or stops a feed; skip it or park it.
    */
   unreadable?: { column: string; reason: string; raw: string }
+  /**
+   * The version of this event type's shape that `data` and `metadata` follow, as delivered:
+   * the repository's upcasters bring each event to its type's latest (docs/upcasting.md).
+   */
+  schemaVersion: number
+  /** The schema version the event was stored at. */
+  storedSchemaVersion: number
+  /** The event type the event was stored as; present only when an upcaster renamed it. */
+  storedEventType?: string
 }
 
 /** Where an event came from. */
@@ -454,6 +468,8 @@ export interface FoldOptions {
   bookkeeping?: BookkeepingRule
   /** Start from a snapshot instead of from nothing. */
   from?: FoldSnapshot
+  /** Bring each event to its type's latest shape before it is applied (docs/upcasting.md). */
+  upcasters?: Array<UpcasterStep>
 }
 
 /** The folded aggregate. */
@@ -617,6 +633,11 @@ export interface RepositoryOptions {
    * unpooled URL). Without it, subscribers there poll (`pollIntervalMs`).
    */
   listenUrl?: string
+  /**
+   * Upcasters applied to every event this repository reads (docs/upcasting.md). A refused
+   * definition throws `INVALID_UPCASTERS`, naming the step.
+   */
+  upcasters?: Array<UpcasterStep>
 }
 
 /** Options of `applyRetention`. */
@@ -650,6 +671,45 @@ export interface SubscribeOptions {
   batchSize?: number
   /** How often to poll when no notification arrives, in ms; default 1000. */
   pollIntervalMs?: number
+}
+
+/**
+ * One operation of an upcaster step. A path is `'data.a.b'`, `'metadata.x'`, or an array of
+ * keys (`['data', 'a.b']`).
+ */
+export interface UpcasterOperation {
+  /**
+   * `rename` { from, to }, `remove` { path }, `default` { path, value }, `map` { path, values },
+   * `renameType` { to, version?, when? }.
+   */
+  op: 'rename' | 'remove' | 'default' | 'map' | 'renameType'
+  /** `rename`: the key's path now. */
+  from?: string | string[]
+  /** `rename`: the key's new path; `renameType`: the new event type. */
+  to?: string | string[]
+  /** `remove`, `default`, `map`: the key's path. */
+  path?: string | string[]
+  /** `default`: the value when the key is missing. */
+  value?: unknown
+  /** `map`: old string values to new values. */
+  values?: Record<string, unknown>
+  /** `renameType`: the version the event continues at; default the new type's latest. */
+  version?: number
+  /** `renameType`: only events whose value at `path` equals `equals`. */
+  when?: { path: string | string[]; equals: unknown }
+}
+
+/**
+ * One step of an upcaster definition: how `eventType` events stored at `fromVersion` become
+ * `fromVersion + 1` (docs/upcasting.md).
+ */
+export interface UpcasterStep {
+  /** The event type the step applies to. */
+  eventType: string
+  /** The schema version it starts from. */
+  fromVersion: number
+  /** What it does, in order. */
+  operations: Array<UpcasterOperation>
 }
 
 /** Options of `getUserStream`. */

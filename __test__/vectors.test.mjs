@@ -66,6 +66,30 @@ for (const [buildName, impl] of Object.entries(builds)) {
     assert.throws(() => impl.applyDelta({}, deep), { code: 'VALIDATION_FAILED' })
   })
 
+  test(`${buildName}: upcast vectors`, () => {
+    const cases = load('upcast')
+    assert.ok(cases.length >= 25)
+    for (const c of cases) {
+      if (c.expectError) {
+        // A refused definition throws the same code, step and reason from every entry point.
+        const calls = [() => impl.foldEvents([], { upcasters: c.upcasters })]
+        if (impl.upcastEvents) calls.push(() => impl.upcastEvents([], c.upcasters))
+        for (const call of calls) {
+          assert.throws(call, (err) => {
+            assert.deepEqual({ code: err.code, step: err.step, reason: err.reason }, c.expectError, c.name)
+            return true
+          })
+        }
+        continue
+      }
+      if (impl.upcastEvents) assert.deepEqual(impl.upcastEvents(c.events, c.upcasters), c.expect, c.name)
+      // Folding under the definition is folding the expected events.
+      const under = JSON.parse(JSON.stringify(impl.foldEvents(c.events, { upcasters: c.upcasters })))
+      const direct = JSON.parse(JSON.stringify(impl.foldEvents(c.expect)))
+      assert.deepEqual(under, direct, `${c.name} (fold)`)
+    }
+  })
+
   test(`${buildName}: merge patch vectors`, () => {
     const cases = load('merge_patch')
     assert.ok(cases.length >= 10)

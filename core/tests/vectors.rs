@@ -158,7 +158,11 @@ fn upcast_vectors() {
         "upcast.json",
         include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../vectors/upcast.json")),
     );
-    assert!(cases.len() >= 25, "upcast.json has {} cases, want at least 25", cases.len());
+    assert!(
+        cases.len() >= 25,
+        "upcast.json has {} cases, want at least 25",
+        cases.len()
+    );
     let mut failures = Vec::new();
     for case in &cases {
         let name = name(case);
@@ -188,7 +192,9 @@ fn upcast_vectors() {
         let folded = outcome(fold_events(events.as_array().unwrap(), &under));
         let direct = outcome(fold_events(expected.as_array().unwrap(), &Default::default()));
         if folded != direct {
-            failures.push(format!("{name} (fold): under upcasters {folded:?}, of the expected events {direct:?}"));
+            failures.push(format!(
+                "{name} (fold): under upcasters {folded:?}, of the expected events {direct:?}"
+            ));
         }
     }
     assert!(

@@ -167,7 +167,11 @@ pub struct EventRecord {
 impl From<core::EventRecord> for EventRecord {
     fn from(r: core::EventRecord) -> Self {
         let stored_schema_version = r.stored_schema_version() as u32;
-        let stored_event_type = r.upcast_from.as_ref().map(|s| s.event_type.clone()).filter(|t| *t != r.event_type);
+        let stored_event_type = r
+            .upcast_from
+            .as_ref()
+            .map(|s| s.event_type.clone())
+            .filter(|t| *t != r.event_type);
         EventRecord {
             id: r.id.to_string(),
             timestamp: r.timestamp,
