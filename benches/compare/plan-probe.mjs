@@ -19,8 +19,8 @@ const { rows } = await client.query("SELECT prosrc FROM pg_proc WHERE proname = 
 if (rows.length !== 1) throw new Error('synap_append not found: migrate the database first')
 const src = rows[0].prosrc
 const statement = src.slice(src.indexOf('RETURN QUERY') + 'RETURN QUERY'.length, src.lastIndexOf(';'))
-const call = 'SELECT out_timestamp, out_position FROM synap_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)'
-const params = () => [randomUUID(), null, randomUUID(), 'entity', 'entity.created', 'plan-probe', '{}', null, 1, null, null, 'api']
+const call = 'SELECT out_timestamp, out_position FROM synap_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)'
+const params = () => [randomUUID(), null, randomUUID(), 'entity', 'entity.created', 'plan-probe', '{}', null, 1, null, null, 'api', 1]
 const ways = {
   'statement, unnamed': () => client.query({ text: statement, values: params() }),
   'statement, prepared': () => client.query({ name: 'probe_statement', text: statement, values: params() }),

@@ -286,6 +286,7 @@ impl Upcasters {
         if !self.applies_to(event_type, version) {
             return false;
         }
+        let had_metadata = obj.contains_key("metadata");
         let mut shape = EventShape {
             event_type: event_type.to_owned(),
             schema_version: version,
@@ -303,8 +304,15 @@ impl Upcasters {
         obj.insert("eventType".into(), Value::String(shape.event_type));
         obj.insert("schemaVersion".into(), Value::from(shape.schema_version));
         obj.insert("data".into(), shape.data);
-        if let Some(m) = shape.metadata {
-            obj.insert("metadata".into(), m);
+        match shape.metadata {
+            Some(m) => {
+                obj.insert("metadata".into(), m);
+            }
+            // A `metadata: null` stays.
+            None if had_metadata => {
+                obj.insert("metadata".into(), Value::Null);
+            }
+            None => {}
         }
         true
     }

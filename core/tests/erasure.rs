@@ -356,7 +356,7 @@ async fn appends_during_an_erasure_are_erased_or_refused() {
     let appended = open
         .query(
             &format!(
-                "SELECT * FROM {function}(gen_random_uuid(), NULL, $1, 'entity', 'entity.updated', 'alice', '{{}}', NULL, 2, NULL, NULL, 'api')"
+                "SELECT * FROM {function}(gen_random_uuid(), NULL, $1, 'entity', 'entity.updated', 'alice', '{{}}', NULL, 2, NULL, NULL, 'api', 1)"
             ),
             &[&a],
         )

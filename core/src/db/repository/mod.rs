@@ -468,8 +468,20 @@ impl EventRepository {
     /// brought to its latest shape by the repository's upcasters.
     pub(crate) fn delivered(&self, row: &Row) -> Result<EventRecord> {
         let mut record = record_from_row(row)?;
-        self.config.upcasters.upcast_record(&mut record);
+        upcast(&self.config.upcasters, &mut record);
         Ok(record)
+    }
+}
+
+/// Upcasts a stored record; an upcast one's `data` and `metadata` keys are put back in the order
+/// every read path gives (jsonb's), which a moved key would otherwise leave.
+pub(crate) fn upcast(upcasters: &crate::upcast::Upcasters, record: &mut EventRecord) {
+    upcasters.upcast_record(record);
+    if record.upcast_from.is_some() {
+        crate::db::json::in_jsonb_order(&mut record.data);
+        if let Some(metadata) = record.metadata.as_mut() {
+            crate::db::json::in_jsonb_order(metadata);
+        }
     }
 }
 
