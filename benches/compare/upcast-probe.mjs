@@ -100,7 +100,9 @@ if (process.env.DATABASE_URL) {
     }
     await plain.appendBatch(batch)
   }
-  console.log(`\n${n} events appended in ${((performance.now() - t0) / 1000).toFixed(1)} s (storage mode ${await plain.storageMode()})`)
+  const mode = (await client.query(`SELECT value FROM ${schema}.synap_settings WHERE key = 'storage_mode'`)).rows[0].value
+  const fsync = (await client.query('SHOW fsync')).rows[0].fsync
+  console.log(`\n${n} events appended in ${((performance.now() - t0) / 1000).toFixed(1)} s (storage mode ${mode}, fsync ${fsync})`)
   const upcasting = new EventRepository({ connectionString: process.env.DATABASE_URL, schema, upcasters })
   const readAll = async (repo) => {
     let after

@@ -576,9 +576,13 @@ impl<'de> serde::de::Visitor<'de> for &mut StreamingFold<'_> {
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
         while !self.failed && !self.folder.is_done() {
-            let Some(value) = seq.next_element::<Value>()? else {
+            let Some(mut value) = seq.next_element::<Value>()? else {
                 return Ok(());
             };
+            // The event is this fold's own: upcast it in place (no copy of its data).
+            if !self.folder.options.upcasters.is_empty() {
+                self.folder.options.upcasters.upcast_json(&mut value);
+            }
             let index = self.index;
             self.index += 1;
             match self.folder.apply(index, || {
