@@ -214,7 +214,15 @@ impl Upcasters {
     }
 
     /// Runs the steps that apply to `event` until none does. Returns whether anything ran.
+    /// A key an operation adds goes at the end of its object.
     pub fn upcast(&self, event: &mut EventShape) -> bool {
+        self.upcast_in(event, false)
+    }
+
+    /// [`Upcasters::upcast`]; with `jsonb`, a key an operation adds goes where jsonb orders it
+    /// (shorter keys first, then by bytes), so an object read back from the store stays in the
+    /// order every read gives.
+    fn upcast_in(&self, event: &mut EventShape, jsonb: bool) -> bool {
         let mut ran = false;
         // Validation rules out cycles; the bound keeps a read finite whatever happens.
         let mut budget: usize = self.chains.values().map(Vec::len).sum();
@@ -226,7 +234,7 @@ impl Upcasters {
             ran = true;
             let mut next = None;
             for operation in &step.operations {
-                if let Some(to) = operation.apply(event) {
+                if let Some(to) = operation.apply(event, jsonb) {
                     next = Some(to);
                 }
             }
@@ -243,7 +251,8 @@ impl Upcasters {
 
     /// Upcasts a stored record in place: its type, schema version, data and metadata become the
     /// delivered ones, and [`EventRecord::upcast_from`] keeps what was stored. A record whose
-    /// row could not be read back is left alone.
+    /// row could not be read back is left alone. Keys an operation adds take their place in
+    /// jsonb's order, the order of every record the store reads back.
     pub fn upcast_record(&self, record: &mut EventRecord) {
         if record.unreadable.is_some() || !self.applies_to(&record.event_type, record.schema_version) {
             return;
@@ -258,7 +267,7 @@ impl Upcasters {
             event_type: shape.event_type.clone(),
             schema_version: shape.schema_version,
         };
-        self.upcast(&mut shape);
+        self.upcast_in(&mut shape, true);
         record.event_type = shape.event_type;
         record.schema_version = shape.schema_version;
         record.data = shape.data;
@@ -744,7 +753,7 @@ impl Path {
 
     /// Puts a value here, creating the objects on the way; false (and nothing changed) when a
     /// value on the way is not an object.
-    fn put(&self, event: &mut EventShape, value: Value) -> bool {
+    fn put(&self, event: &mut EventShape, value: Value, jsonb: bool) -> bool {
         if !self.placeable(event) {
             return false;
         }
@@ -755,10 +764,13 @@ impl Path {
         };
         for key in &self.keys[..self.keys.len() - 1] {
             let Value::Object(m) = at else { return false };
-            at = m.entry(key.clone()).or_insert_with(|| Value::Object(Map::new()));
+            if !m.contains_key(key) {
+                insert(m, key, Value::Object(Map::new()), jsonb);
+            }
+            at = m.get_mut(key).expect("just inserted");
         }
         let Value::Object(m) = at else { return false };
-        m.insert(self.keys[self.keys.len() - 1].clone(), value);
+        insert(m, self.last(), value, jsonb);
         true
     }
 
@@ -767,16 +779,31 @@ impl Path {
     }
 }
 
+/// Inserts or replaces `key`; a new key goes at the end, or with `jsonb` where jsonb orders it.
+fn insert(map: &mut Map<String, Value>, key: &str, value: Value, jsonb: bool) {
+    if let Some(slot) = map.get_mut(key) {
+        *slot = value;
+    } else if jsonb {
+        let at = map
+            .keys()
+            .position(|k| (k.len(), k.as_str()) > (key.len(), key))
+            .unwrap_or(map.len());
+        map.shift_insert(at, key.to_owned(), value);
+    } else {
+        map.insert(key.to_owned(), value);
+    }
+}
+
 impl Operation {
     /// Applies the operation; a `renameType` that fires returns the type and version the event
     /// continues as.
-    fn apply(&self, event: &mut EventShape) -> Option<(String, i32)> {
+    fn apply(&self, event: &mut EventShape, jsonb: bool) -> Option<(String, i32)> {
         match self {
             Operation::Rename { from, to } => {
                 if from.get(event).is_some() && to.placeable(event) {
                     let value = from.parent_mut(event).and_then(|m| m.shift_remove(from.last()));
                     if let Some(value) = value {
-                        to.put(event, value);
+                        to.put(event, value, jsonb);
                     }
                 }
             }
@@ -787,7 +814,7 @@ impl Operation {
             }
             Operation::Default { path, value } => {
                 if path.get(event).is_none() {
-                    path.put(event, value.clone());
+                    path.put(event, value.clone(), jsonb);
                 }
             }
             Operation::Map { path, values } => {
@@ -967,6 +994,25 @@ mod tests {
             reason(json!({ "a.b": [] })),
             (UpcasterErrorKind::InvalidDefinition, String::new())
         );
+    }
+
+    #[test]
+    fn keys_added_to_a_stored_record_take_their_jsonb_place() {
+        let u = Upcasters::parse(&json!([
+            { "eventType": "a.b", "fromVersion": 1, "operations": [
+                { "op": "rename", "from": "data.title", "to": "data.name" },
+                { "op": "default", "path": "data.z", "value": 0 },
+                { "op": "default", "path": "data.abcdefgh", "value": 0 } ] },
+        ]))
+        .unwrap();
+        let mut stored = shape("a.b", 1, json!({ "n": 1, "title": "b", "status": "todo" }));
+        u.upcast_in(&mut stored, true);
+        let keys: Vec<&String> = stored.data.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["n", "z", "name", "status", "abcdefgh"]);
+        let mut given = shape("a.b", 1, json!({ "n": 1, "title": "b", "status": "todo" }));
+        u.upcast(&mut given);
+        let keys: Vec<&String> = given.data.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["n", "status", "name", "z", "abcdefgh"]);
     }
 
     #[test]

@@ -473,16 +473,9 @@ impl EventRepository {
     }
 }
 
-/// Upcasts a stored record; an upcast one's `data` and `metadata` keys are put back in the order
-/// every read path gives (jsonb's), which a moved key would otherwise leave.
+/// Upcasts a stored record (its keys stay in jsonb's order, as every read path gives them).
 pub(crate) fn upcast(upcasters: &crate::upcast::Upcasters, record: &mut EventRecord) {
     upcasters.upcast_record(record);
-    if record.upcast_from.is_some() {
-        crate::db::json::in_jsonb_order(&mut record.data);
-        if let Some(metadata) = record.metadata.as_mut() {
-            crate::db::json::in_jsonb_order(metadata);
-        }
-    }
 }
 
 /// A stored event from a row of [`EVENT_COLUMNS`]. A column that cannot be read (see
