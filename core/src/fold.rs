@@ -580,8 +580,8 @@ impl<'de> serde::de::Visitor<'de> for &mut StreamingFold<'_> {
                 return Ok(());
             };
             // The event is this fold's own: upcast it in place (no copy of its data).
-            if !self.folder.options.upcasters.is_empty() {
-                self.folder.options.upcasters.upcast_json(&mut value);
+            if let (false, Value::Object(obj)) = (self.folder.options.upcasters.is_empty(), &mut value) {
+                self.folder.options.upcasters.upcast_for_fold(obj);
             }
             let index = self.index;
             self.index += 1;

@@ -326,6 +326,41 @@ impl Upcasters {
         true
     }
 
+    /// [`Upcasters::upcast_json`] for a fold: the event's own slots take the delivered type,
+    /// version, data and metadata, and nothing is added (no `stored...` keys).
+    pub(crate) fn upcast_for_fold(&self, obj: &mut Map<String, Value>) {
+        let Some(version) = json_schema_version(obj.get("schemaVersion")) else {
+            return;
+        };
+        let Some(Value::String(slot)) = obj.get_mut("eventType") else {
+            return;
+        };
+        if !self.applies_to(slot, version) {
+            return;
+        }
+        let event_type = std::mem::take(slot);
+        let take = |obj: &mut Map<String, Value>, key: &str| obj.get_mut(key).map(std::mem::take);
+        let mut shape = EventShape {
+            event_type,
+            schema_version: version,
+            data: take(obj, "data").unwrap_or(Value::Null),
+            metadata: take(obj, "metadata").filter(|m| !m.is_null()),
+        };
+        self.upcast(&mut shape);
+        let mut put = |key: &str, value: Value| match obj.get_mut(key) {
+            Some(slot) => *slot = value,
+            None => {
+                obj.insert(key.to_owned(), value);
+            }
+        };
+        put("eventType", Value::String(shape.event_type));
+        put("schemaVersion", Value::from(shape.schema_version));
+        put("data", shape.data);
+        if let Some(m) = shape.metadata {
+            put("metadata", m);
+        }
+    }
+
     /// Fills in each `renameType`'s default version and checks explicit ones.
     fn resolve_renames(&mut self) -> Result<()> {
         let latest: HashMap<String, i32> = self
