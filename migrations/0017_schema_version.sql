@@ -2,6 +2,13 @@
 -- and metadata follow, as its writer gave it. Existing events are version 1. A constant default
 -- adds the column without rewriting the table (PostgreSQL 11 and later), on plain partitions,
 -- TimescaleDB chunks and Citus shards alike; the check reads the rows once.
+
+-- The append functions take the schema version; the repeatable migrations create them again
+-- with it. The earlier forms go, so that no caller reaches an append that drops it. (First: on
+-- Citus a function command cannot follow the parallel DDL below in one transaction.)
+DROP FUNCTION IF EXISTS synap_append(uuid, timestamptz, uuid, text, text, text, jsonb, jsonb, integer, uuid, uuid, text);
+DROP FUNCTION IF EXISTS synap_append_routed(uuid, timestamptz, uuid, text, text, text, jsonb, jsonb, integer, uuid, uuid, text);
+
 ALTER TABLE events_v2 ADD COLUMN IF NOT EXISTS schema_version integer NOT NULL DEFAULT 1;
 
 DO $$
@@ -12,8 +19,3 @@ BEGIN
     END IF;
 END
 $$;
-
--- The append functions take the schema version; the repeatable migrations create them again
--- with it. The earlier forms go, so that no caller reaches an append that drops it.
-DROP FUNCTION IF EXISTS synap_append(uuid, timestamptz, uuid, text, text, text, jsonb, jsonb, integer, uuid, uuid, text);
-DROP FUNCTION IF EXISTS synap_append_routed(uuid, timestamptz, uuid, text, text, text, jsonb, jsonb, integer, uuid, uuid, text);
