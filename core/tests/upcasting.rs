@@ -430,8 +430,10 @@ fn replay_snapshot_and_tail_and_the_latest_shape_agree() {
                 plain.append_batch(new_events).await.unwrap();
                 let replay = repo.replay(old_id, &FoldOptions::default()).await.unwrap();
                 let tail = repo.get_snapshot_and_tail(old_id).await.unwrap();
-                let mut options = FoldOptions::default();
-                options.from = tail.snapshot.clone();
+                let options = FoldOptions {
+                    from: tail.snapshot.clone(),
+                    ..Default::default()
+                };
                 let browser = fold_records(&tail.events, &options).unwrap();
                 let direct = plain.replay(new_id, &FoldOptions::default()).await.unwrap();
                 prop_assert_eq!(&replay.result.state, &browser.state, "replay and the fold of the tail");
@@ -443,8 +445,10 @@ fn replay_snapshot_and_tail_and_the_latest_shape_agree() {
                 // The fold of the stored events under the definition, as a browser given them as
                 // stored would run it.
                 let stored = plain.get_aggregate_stream(old_id, &Default::default()).await.unwrap();
-                let mut options = FoldOptions::default();
-                options.upcasters = (*repo.config().upcasters).clone();
+                let options = FoldOptions {
+                    upcasters: (*repo.config().upcasters).clone(),
+                    ..Default::default()
+                };
                 let folded = fold_records(&stored, &options).unwrap();
                 prop_assert_eq!(&folded.state, &direct.result.state, "fold_records under upcasters");
                 Ok(())
