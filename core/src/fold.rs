@@ -59,7 +59,7 @@ pub use crate::error::FoldErrorKind;
 use crate::error::{Error, Result};
 use crate::model::EventRecord;
 use crate::upcast::{json_schema_version, EventShape, Upcasters};
-use crate::validate::parse_timestamp;
+use crate::validate::{json_kind, parse_timestamp};
 
 /// Which top-level keys of an event's `data` are bookkeeping, removed before the data is applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -865,17 +865,6 @@ fn json_integer(n: &Number) -> Option<i64> {
             .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
             .map(|f| f as i64)
     })
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// The kind of a value, with the value itself when it is a short scalar.

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::validate::{parse_timestamp, IssueCode};
+use crate::validate::{json_kind as kind, parse_timestamp, IssueCode};
 
 /// Options of `get_aggregate_stream`, with the design's meaning: the versions after
 /// `from_version` up to and including `to_version`.
@@ -286,17 +286,6 @@ fn date(obj: &Map<String, Value>, key: &str) -> Result<Option<DateTime<Utc>>> {
                 format!("{key} must be a valid date, an RFC 3339 date-time or milliseconds since 1970"),
             )
         }),
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -59,7 +59,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result, UpcasterErrorKind};
 use crate::model::EventRecord;
-use crate::validate::{check_event_type, check_not_reserved, Limits};
+use crate::validate::{check_event_type, check_not_reserved, json_kind as kind, Limits};
 
 /// A validated upcaster definition; see the [module documentation](self).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -889,17 +889,6 @@ impl Operation {
                 }),
             },
         }
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

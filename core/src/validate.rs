@@ -798,7 +798,8 @@ fn parse_expanded_year(s: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
-fn json_kind(v: &Value) -> &'static str {
+/// What kind of JSON value `v` is, as a message names it ("a string", "null").
+pub(crate) fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
