@@ -69,7 +69,7 @@ pooler_pass() {
     pooled="$(scripts/db.sh start --pooler)"
     echo "== pooler pass against $pooled (PgBouncer in transaction mode)"
     export DATABASE_URL="$pooled" SYNAP_TEST_DIRECT_URL="$direct" SYNAP_TEST_STORAGE_MODE=native
-    echo "== pooler: Rust (repository, isolation, replay, feed, groups, injection, retention, erasure)"
+    echo "== pooler: Rust (${POOLER_TESTS// /, })"
     local bins
     bins="$(cargo test --workspace --no-run --message-format=json 2>/dev/null | POOLER_TESTS="$POOLER_TESTS" node -e '
         const want = new Set(process.env.POOLER_TESTS.split(" "))
