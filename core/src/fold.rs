@@ -53,13 +53,13 @@ use std::fmt;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use serde_json::{Map, Number, Value};
+use serde_json::{Map, Value};
 
 pub use crate::error::FoldErrorKind;
 use crate::error::{Error, Result};
 use crate::model::EventRecord;
 use crate::upcast::{json_schema_version, EventShape, Upcasters};
-use crate::validate::{json_kind, parse_timestamp};
+use crate::validate::{json_integer, json_kind, parse_timestamp};
 
 /// Which top-level keys of an event's `data` are bookkeeping, removed before the data is applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -581,7 +581,7 @@ impl<'de> serde::de::Visitor<'de> for &mut StreamingFold<'_> {
             };
             // The event is this fold's own: upcast it in place (no copy of its data).
             if let (false, Value::Object(obj)) = (self.folder.options.upcasters.is_empty(), &mut value) {
-                self.folder.options.upcasters.upcast_for_fold(obj);
+                self.folder.options.upcasters.upcast_fields(obj);
             }
             let index = self.index;
             self.index += 1;
@@ -859,14 +859,6 @@ fn invalid_event(index: usize, message: String) -> Error {
 }
 
 /// An integer JSON number; a float with no fraction counts (JavaScript has only floats).
-fn json_integer(n: &Number) -> Option<i64> {
-    n.as_i64().or_else(|| {
-        n.as_f64()
-            .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
-            .map(|f| f as i64)
-    })
-}
-
 /// The kind of a value, with the value itself when it is a short scalar.
 fn describe(v: &Value) -> String {
     match v {

@@ -235,6 +235,12 @@ impl EventRecord {
     pub fn stored_event_type(&self) -> &str {
         self.upcast_from.as_ref().map_or(&self.event_type, |s| &s.event_type)
     }
+
+    /// The event type it was stored as, only when an upcaster renamed it (the record's
+    /// `storedEventType` in JavaScript).
+    pub fn renamed_from(&self) -> Option<&str> {
+        Some(self.stored_event_type()).filter(|t| *t != self.event_type)
+    }
 }
 
 /// What an upcast event was stored as (see [`EventRecord::upcast_from`]).

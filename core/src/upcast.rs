@@ -59,7 +59,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result, UpcasterErrorKind};
 use crate::model::EventRecord;
-use crate::validate::{check_event_type, check_not_reserved, json_kind as kind, Limits};
+use crate::validate::{check_event_type, check_not_reserved, json_integer, json_kind as kind, Limits};
 
 /// A validated upcaster definition; see the [module documentation](self).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -286,49 +286,33 @@ impl Upcasters {
         let Value::Object(obj) = event else {
             return false;
         };
-        let Some(event_type) = obj.get("eventType").and_then(Value::as_str) else {
+        let (Some(stored_type), Some(stored_version)) = (
+            obj.get("eventType").and_then(Value::as_str),
+            json_schema_version(obj.get("schemaVersion")),
+        ) else {
             return false;
         };
-        let Some(version) = json_schema_version(obj.get("schemaVersion")) else {
-            return false;
-        };
-        if !self.applies_to(event_type, version) {
+        if !self.applies_to(stored_type, stored_version) {
             return false;
         }
-        let had_metadata = obj.contains_key("metadata");
-        let mut shape = EventShape {
-            event_type: event_type.to_owned(),
-            schema_version: version,
-            data: obj.remove("data").unwrap_or(Value::Null),
-            metadata: obj.remove("metadata").filter(|m| !m.is_null()),
-        };
+        let stored_type = stored_type.to_owned();
+        self.upcast_fields(obj);
         if !obj.contains_key("storedSchemaVersion") {
-            obj.insert("storedSchemaVersion".into(), Value::from(version));
+            obj.insert("storedSchemaVersion".into(), Value::from(stored_version));
         }
-        let stored_type = shape.event_type.clone();
-        self.upcast(&mut shape);
-        if shape.event_type != stored_type && !obj.contains_key("storedEventType") {
+        if obj.get("eventType").and_then(Value::as_str) != Some(stored_type.as_str())
+            && !obj.contains_key("storedEventType")
+        {
             obj.insert("storedEventType".into(), Value::String(stored_type));
-        }
-        obj.insert("eventType".into(), Value::String(shape.event_type));
-        obj.insert("schemaVersion".into(), Value::from(shape.schema_version));
-        obj.insert("data".into(), shape.data);
-        match shape.metadata {
-            Some(m) => {
-                obj.insert("metadata".into(), m);
-            }
-            // A `metadata: null` stays.
-            None if had_metadata => {
-                obj.insert("metadata".into(), Value::Null);
-            }
-            None => {}
         }
         true
     }
 
-    /// [`Upcasters::upcast_json`] for a fold: the event's own slots take the delivered type,
-    /// version, data and metadata, and nothing is added (no `stored...` keys).
-    pub(crate) fn upcast_for_fold(&self, obj: &mut Map<String, Value>) {
+    /// Upcasts an event given as JSON in the record shape in place, adding nothing: its own
+    /// slots take the delivered type, version, data and metadata (a missing `metadata` is added
+    /// only when an operation writes to it). What a fold needs, and the core of
+    /// [`Upcasters::upcast_json`].
+    pub(crate) fn upcast_fields(&self, obj: &mut Map<String, Value>) {
         let Some(version) = json_schema_version(obj.get("schemaVersion")) else {
             return;
         };
@@ -501,7 +485,7 @@ fn invalid(step: &str, reason: UpcasterErrorKind, message: String) -> Error {
 pub fn json_schema_version(value: Option<&Value>) -> Option<i32> {
     match value {
         None | Some(Value::Null) => Some(1),
-        Some(Value::Number(n)) => n.as_i64().and_then(|v| i32::try_from(v).ok()).filter(|v| *v >= 1),
+        Some(Value::Number(n)) => json_integer(n).and_then(|v| i32::try_from(v).ok()).filter(|v| *v >= 1),
         Some(_) => None,
     }
 }

@@ -178,11 +178,7 @@ fn parse_fields(
     };
     let schema_version = match obj.get("schemaVersion") {
         None | Some(Value::Null) => 1,
-        Some(Value::Number(n)) => match n.as_i64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.fract() == 0.0 && f.abs() < 1e18)
-                .map(|f| f as i64)
-        }) {
+        Some(Value::Number(n)) => match json_integer(n) {
             Some(v) if (1..=i64::from(i32::MAX)).contains(&v) => v as i32,
             _ => {
                 issues.push(Issue::new(
@@ -796,6 +792,16 @@ fn parse_expanded_year(s: &str) -> Option<DateTime<Utc>> {
         .and_local_timezone(*stand_in.offset())
         .single()
         .map(|t| t.with_timezone(&Utc))
+}
+
+/// A JSON number as a whole number: an integer, or a float without a fraction that a double
+/// holds exactly (`2.0`); `None` otherwise.
+pub(crate) fn json_integer(n: &serde_json::Number) -> Option<i64> {
+    n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+            .map(|f| f as i64)
+    })
 }
 
 /// What kind of JSON value `v` is, as a message names it ("a string", "null").

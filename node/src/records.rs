@@ -167,11 +167,7 @@ pub struct EventRecord {
 impl From<core::EventRecord> for EventRecord {
     fn from(r: core::EventRecord) -> Self {
         let stored_schema_version = r.stored_schema_version() as u32;
-        let stored_event_type = r
-            .upcast_from
-            .as_ref()
-            .map(|s| s.event_type.clone())
-            .filter(|t| *t != r.event_type);
+        let stored_event_type = r.renamed_from().map(str::to_owned);
         EventRecord {
             id: r.id.to_string(),
             timestamp: r.timestamp,
@@ -292,9 +288,9 @@ fn write_record(out: &mut Vec<u8>, r: &core::EventRecord) -> serde_json::Result<
         r.schema_version,
         r.stored_schema_version()
     );
-    if let Some(stored) = r.upcast_from.as_ref().filter(|s| s.event_type != r.event_type) {
+    if let Some(stored) = r.renamed_from() {
         out.extend_from_slice(b",\"storedEventType\":");
-        serde_json::to_writer(&mut *out, &stored.event_type)?;
+        serde_json::to_writer(&mut *out, stored)?;
     }
     if let Some(unreadable) = &r.unreadable {
         out.extend_from_slice(b",\"unreadable\":");

@@ -299,7 +299,7 @@ impl EventRepository {
                     let to = from.saturating_add(PAGE).min(stream.version);
                     for row in page(tx, aggregate_id, &stream, from, to).await? {
                         let mut record = record_from_row(&row)?;
-                        crate::db::repository::upcast(&upcasters, &mut record);
+                        upcasters.upcast_record(&mut record);
                         events.push(record);
                     }
                     from = to;

@@ -9,8 +9,8 @@ use super::*;
 /// columns, $13..$20 one entry per aggregate, sorted by aggregate id (so that every batch locks
 /// the guard rows it shares with another in the same order): its type, user, first and last
 /// version in the batch, its earliest and latest given timestamps, and whether any of its events
-/// takes the database's `now()`; $21 is the events' schema versions. Inserts happen only if every aggregate's guard passed; the caller
-/// rolls back otherwise.
+/// takes the database's `now()`; $21 is the events' schema versions. Inserts happen only if every
+/// aggregate's guard passed; the caller rolls back otherwise.
 pub(super) const APPEND_BATCH_SQL: &str = concat!(
     r#"
 WITH ev AS (

@@ -468,14 +468,9 @@ impl EventRepository {
     /// brought to its latest shape by the repository's upcasters.
     pub(crate) fn delivered(&self, row: &Row) -> Result<EventRecord> {
         let mut record = record_from_row(row)?;
-        upcast(&self.config.upcasters, &mut record);
+        self.config.upcasters.upcast_record(&mut record);
         Ok(record)
     }
-}
-
-/// Upcasts a stored record (its keys stay in jsonb's order, as every read path gives them).
-pub(crate) fn upcast(upcasters: &crate::upcast::Upcasters, record: &mut EventRecord) {
-    upcasters.upcast_record(record);
 }
 
 /// A stored event from a row of [`EVENT_COLUMNS`]. A column that cannot be read (see
