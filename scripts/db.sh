@@ -188,7 +188,8 @@ start() {
         opts="$opts -c shared_preload_libraries=citus -c citus.shard_count=${SYNAP_CITUS_SHARDS:-4}"
     fi
     if [ "${SYNAP_PG_FAST:-0}" = 1 ]; then
-        opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        # And a small WAL: a test run's clusters then hold a few hundred MB of it, not gigabytes.
+        opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_wal_size=256MB -c min_wal_size=32MB"
     fi
     if ! as_pg "$BINDIR/pg_ctl" -D "$DATA" -l "$LOG" -w -t 60 -o "$opts" start >/dev/null; then
         tail -n 30 "$LOG" >&2 || true

@@ -38,7 +38,38 @@ fi
 # The suite owns these clusters: the restart test may stop and start them. They are stopped at
 # the end, also when a test fails.
 export SYNAP_PG_CONTROL=1
-trap 'scripts/db.sh stop --pooler >/dev/null 2>&1 || true; scripts/db.sh stop >/dev/null 2>&1 || true; scripts/db.sh stop --timescaledb >/dev/null 2>&1 || true; scripts/db.sh stop --citus >/dev/null 2>&1 || true' EXIT
+
+# Every 5 seconds the run notes the memory and disk left. At the end it prints the lowest of each,
+# and a failed run prints what the servers' logs say of a crash (a server killed by a signal, a
+# PANIC, a full disk): a run that fails on another machine then says whether a server died and why.
+mkdir -p .local
+RESOURCES=.local/test-resources.log
+(
+    while :; do
+        echo "$(date +%T) $(awk '/MemAvailable/ { print int($2 / 1024) }' /proc/meminfo) $(df -Pm . | awk 'NR == 2 { print $4 }')"
+        sleep 5
+    done
+) >"$RESOURCES" 2>/dev/null &
+WATCH_PID=$!
+finish() {
+    local status=$?
+    kill "$WATCH_PID" 2>/dev/null || true
+    scripts/db.sh stop --pooler >/dev/null 2>&1 || true
+    scripts/db.sh stop >/dev/null 2>&1 || true
+    scripts/db.sh stop --timescaledb >/dev/null 2>&1 || true
+    scripts/db.sh stop --citus >/dev/null 2>&1 || true
+    sort -k2,2n "$RESOURCES" | awk 'NR == 1 { print "test.sh: lowest memory available " $2 " MB (at " $1 ")" }' >&2
+    sort -k3,3n "$RESOURCES" | awk 'NR == 1 { print "test.sh: lowest disk space available " $3 " MB (at " $1 ")" }' >&2
+    if [ "$status" != 0 ]; then
+        echo "test.sh: what the servers logged of a crash, if anything:" >&2
+        find .local -name server.log -newer "$RESOURCES.start" -print0 2>/dev/null |
+            xargs -0 -r grep -HE "PANIC|terminated by signal|No space left|out of memory|could not (write|extend)" 2>/dev/null |
+            tail -n 40 >&2 || true
+    fi
+    exit "$status"
+}
+touch "$RESOURCES.start"
+trap finish EXIT
 
 DATABASE_URL="$(scripts/db.sh start)"
 export DATABASE_URL
@@ -49,6 +80,8 @@ if DATABASE_URL="$(scripts/db.sh start --timescaledb)"; then
     export DATABASE_URL
     run_pass timescaledb
     scripts/db.sh stop --timescaledb >/dev/null
+    # CI's clusters are its own: the disk a passed pass's data takes is given back.
+    if [ "${CI:-}" = true ]; then rm -rf .local/pg-timescaledb/data; fi
 elif [ "${CI:-}" = true ]; then
     echo "test.sh: the TimescaleDB pass cannot run here (see above); CI requires it" >&2
     exit 1
