@@ -48,7 +48,8 @@ pub use db::{
         STREAM_DELETED, TABLES_WITHOUT_USER_DATA, USER_DATA_TABLES, USER_ERASED,
     },
     feed::{
-        read_all_options, Checkpoint, ConsumerRepair, ConsumerStatus, FeedRebase, Page, SubscribeOptions, Subscription,
+        read_all_options, Checkpoint, ConsumerRepair, ConsumerStatus, FeedFilter, FeedRebase, Page, SubscribeOptions,
+        Subscription, SCAN_ROWS,
     },
     groups::{
         GroupMember, GroupOptions, GroupPartitionStatus, GroupStatus, Handler, HandlerError, HandlerFuture,

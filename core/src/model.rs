@@ -7,7 +7,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 /// What kind of thing an aggregate is. Stored as lowercase text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AggregateType {
     /// `entity`: notes, tasks, documents.

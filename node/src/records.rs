@@ -548,6 +548,12 @@ pub struct ReadAllOptions {
     pub after: Option<Checkpoint>,
     /// Most events returned; default 1000.
     pub limit: Option<f64>,
+    /// Only events of these types (and of `eventTypePrefixes`).
+    pub event_types: Option<Vec<String>>,
+    /// Only events whose type starts with one of these (`entity.`).
+    pub event_type_prefixes: Option<Vec<String>>,
+    /// Only events of these aggregate types.
+    pub aggregate_types: Option<Vec<AggregateType>>,
 }
 
 /// A page of `readAll`.
@@ -556,9 +562,13 @@ pub struct ReadAllPage {
     /// Events in global order.
     #[napi(ts_type = "Array<EventRecord>")]
     pub events: Records,
-    /// Where the next read continues: after the last event of a full page, or the horizon after
-    /// a shorter one (every event before it has been read).
+    /// Where the next read continues: after the last event of a full page, the horizon after
+    /// a shorter one (every event before it has been read), or the last row a filtered page
+    /// scanned.
     pub checkpoint: Checkpoint,
+    /// Every event before the horizon has been read. A filtered read scans a bounded number of
+    /// rows a page, so a page short of `limit` (even empty) that is not caught up means: read on.
+    pub caught_up: bool,
 }
 
 impl IntoJs<ReadAllPage> for core::Page {
@@ -566,6 +576,7 @@ impl IntoJs<ReadAllPage> for core::Page {
         ReadAllPage {
             events: Records(self.events),
             checkpoint: self.checkpoint.into(),
+            caught_up: self.caught_up,
         }
     }
 }
@@ -581,6 +592,12 @@ pub struct SubscribeOptions {
     pub batch_size: Option<f64>,
     /// How often to poll when no notification arrives, in ms; default 1000.
     pub poll_interval_ms: Option<f64>,
+    /// Only events of these types (and of `eventTypePrefixes`).
+    pub event_types: Option<Vec<String>>,
+    /// Only events whose type starts with one of these (`entity.`).
+    pub event_type_prefixes: Option<Vec<String>>,
+    /// Only events of these aggregate types.
+    pub aggregate_types: Option<Vec<AggregateType>>,
 }
 
 /// What `replay` and `snapshot` resolve to: the fold's result, as `foldEvents` gives it, and how

@@ -250,8 +250,8 @@ impl EventRepository {
     ) -> Result<PromiseRaw<'env, ReadAllPage>> {
         let args = options_json(env, options).and_then(|o| core::read_all_options(&o));
         self.run(env, move |repo| async move {
-            let (after, limit) = args?;
-            repo.read_all(after.as_ref(), limit).await
+            let (after, limit, filter) = args?;
+            repo.read_all_filtered(after.as_ref(), limit, &filter).await
         })
     }
 

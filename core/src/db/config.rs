@@ -126,6 +126,9 @@ pub struct RepositoryConfig {
     /// consumer groups, replay and `get_snapshot_and_tail`. Snapshots are made and used under
     /// this definition only. Default none.
     pub upcasters: std::sync::Arc<crate::upcast::Upcasters>,
+    /// Rows a filtered page of the feed scans at most, matching or not (`read_all_filtered`,
+    /// filtered subscriptions): the bound on one page's work. Default [`crate::SCAN_ROWS`].
+    pub feed_scan_rows: i64,
 }
 
 impl RepositoryConfig {
@@ -145,6 +148,7 @@ impl RepositoryConfig {
             pooler: Pooler::Auto,
             listen_url: None,
             upcasters: Default::default(),
+            feed_scan_rows: crate::db::feed::SCAN_ROWS,
         }
     }
 

@@ -28,9 +28,11 @@ use crate::model::EventRecord;
 use crate::validate::{self, IssueCode};
 
 mod consumers;
+mod filter;
 mod subscribe;
 
 pub use consumers::{ConsumerRepair, ConsumerStatus, FeedRebase};
+pub use filter::{is_notice, FeedFilter, FILTER_OPTIONS, SCAN_ROWS};
 pub use subscribe::{SubscribeOptions, Subscription};
 
 /// A place in the global order: the position after the last event read.
@@ -149,14 +151,18 @@ impl Checkpoint {
     }
 }
 
-/// The options of `readAll` as JavaScript passes them: `{ after, limit }` (limit 1000 when
-/// absent).
+/// The options of `readAll` as JavaScript passes them: `{ after, limit, eventTypes,
+/// eventTypePrefixes, aggregateTypes }` (limit 1000 when absent).
 ///
 /// Fails with [`Error::Validation`] for a value of the wrong type or a key that is not an option.
-pub fn read_all_options(value: &serde_json::Value) -> Result<(Option<Checkpoint>, i64)> {
-    let o = crate::query::Options::of(value, &["after", "limit"])?;
+pub fn read_all_options(value: &serde_json::Value) -> Result<(Option<Checkpoint>, i64, FeedFilter)> {
+    let mut known = vec!["after", "limit"];
+    known.extend(FILTER_OPTIONS);
+    let o = crate::query::Options::of(value, &known)?;
     let after = Checkpoint::from_json("after", o.get("after").unwrap_or(&serde_json::Value::Null))?;
-    Ok((after, o.whole("limit")?.unwrap_or(1000)))
+    let limit = o.whole("limit")?.unwrap_or(1000);
+    // Entries are checked against the repository's limits when it reads.
+    Ok((after, limit, FeedFilter::from_options(&o)?))
 }
 
 /// One page of [`EventRepository::read_all`].
@@ -166,8 +172,13 @@ pub struct Page {
     pub events: Vec<EventRecord>,
     /// Where the next read starts. After a full page: its last event. After a shorter page
     /// (every event below the horizon was read): the horizon itself, `(horizon, 0)`, so that the
-    /// next read starts where new events can appear. Never before the last event of the page.
+    /// next read starts where new events can appear. After a filtered page that ended its scan
+    /// ([`SCAN_ROWS`]): the last row scanned. Never before the last event of the page.
     pub checkpoint: Checkpoint,
+    /// Every event below the horizon has been read: the checkpoint is the horizon. A shorter page
+    /// that is not caught up (a filtered read, which scans at most [`SCAN_ROWS`] rows a page,
+    /// even none matching) means: read on.
+    pub caught_up: bool,
 }
 
 /// Day-index rows read per plan; a reader far behind plans again when it has read them.
@@ -200,30 +211,98 @@ const FEED_PLAN_SQL: &str = "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_
 /// (txid, position) starts at the checkpoint, and the scans are merged in order, with no sort.
 /// Parameters: $1 the checkpoint's txid (text), $2 its position, $3 the window's end (text), then
 /// each run's first and next-after-last midnight, then the limit.
-fn read_window_sql(runs: usize, filter: bool) -> String {
+fn read_window_sql(runs: usize, filter: bool, types: Option<&FeedFilter>) -> String {
     let limit = 4 + 2 * runs;
     let (part, only) = partition_sql(limit, filter);
+    let typed = TypedSql::new(types, limit, filter);
+    let rows = typed.rows(limit);
     let branches: Vec<String> = (0..runs)
         .map(|i| {
             format!(
-                "(SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, metadata, \
-                         version, causation_id, correlation_id, source, position, schema_version, txid, txid::text AS txid_text{part} \
+                "(SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, {}, \
+                         version, causation_id, correlation_id, source, position, schema_version, txid, txid::text AS txid_text{part}{} \
                     FROM events_v2 e \
                    WHERE (e.txid, e.position) > ($1::text::xid8, $2) AND e.txid < $3::text::xid8 \
                      AND e.\"timestamp\" >= ${} AND e.\"timestamp\" < ${}{only} \
-                   ORDER BY e.txid, e.position LIMIT ${limit})",
+                   ORDER BY e.txid, e.position LIMIT ${rows})",
+                typed.payload(),
+                typed.hit_column(),
                 4 + 2 * i,
                 5 + 2 * i
             )
         })
         .collect();
     let outer_part = if filter { ", part" } else { "" };
-    format!(
+    let outer_typed = if types.is_some() { ", hit, txid" } else { "" };
+    typed.wrap(format!(
         "SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, metadata, version, \
-                causation_id, correlation_id, source, position, schema_version, txid_text{outer_part} \
-           FROM ({}) w ORDER BY w.txid, w.position LIMIT ${limit}",
+                causation_id, correlation_id, source, position, schema_version, txid_text{outer_part}{outer_typed} \
+           FROM ({}) w ORDER BY w.txid, w.position LIMIT ${rows}",
         branches.join(" UNION ALL ")
-    )
+    ))
+}
+
+/// The parts of a window's query that a type filter ([`FeedFilter`]) adds. A filtered window
+/// scans at most `$scan` rows in order and marks the matching ones (`hit`), with the payload of
+/// the others left out; it returns up to `$limit + 1` of the matching rows and, last, the last
+/// row scanned with the number of rows scanned (`scanned`, NULL on the matching rows), so that
+/// the reader's checkpoint can move past rows that did not match.
+struct TypedSql<'a> {
+    filter: Option<&'a FeedFilter>,
+    /// The parameter number of the page's limit.
+    limit: usize,
+    /// The parameter number of the scan limit; the filter's lists follow it.
+    scan: usize,
+}
+
+impl<'a> TypedSql<'a> {
+    fn new(filter: Option<&'a FeedFilter>, limit: usize, partitions: bool) -> TypedSql<'a> {
+        let scan = if partitions { limit + 3 } else { limit + 1 };
+        TypedSql { filter, limit, scan }
+    }
+
+    /// The parameter that limits the rows each branch reads.
+    fn rows(&self, limit: usize) -> usize {
+        if self.filter.is_some() {
+            self.scan
+        } else {
+            limit
+        }
+    }
+
+    fn hit(&self) -> String {
+        self.filter.map(|f| f.sql(self.scan + 1)).unwrap_or_default()
+    }
+
+    fn payload(&self) -> String {
+        if self.filter.is_some() {
+            let hit = self.hit();
+            format!("CASE WHEN {hit} THEN e.data END AS data, CASE WHEN {hit} THEN e.metadata END AS metadata")
+        } else {
+            "data, metadata".to_owned()
+        }
+    }
+
+    fn hit_column(&self) -> String {
+        if self.filter.is_some() {
+            format!(", {} AS hit", self.hit())
+        } else {
+            String::new()
+        }
+    }
+
+    fn wrap(&self, scan: String) -> String {
+        if self.filter.is_none() {
+            return scan;
+        }
+        let limit = self.limit;
+        format!(
+            "WITH s AS MATERIALIZED ({scan}) \
+             (SELECT s.*, NULL::bigint AS scanned FROM s WHERE s.hit ORDER BY s.txid, s.position LIMIT ${limit} + 1) \
+             UNION ALL \
+             (SELECT s.*, (SELECT count(*) FROM s) AS scanned FROM s ORDER BY s.txid DESC, s.position DESC LIMIT 1)"
+        )
+    }
 }
 
 /// For a read of some partitions of a consumer group (parameters `$limit + 1`, the group's
@@ -248,17 +327,22 @@ fn partition_sql(limit: usize, filter: bool) -> (String, String) {
 }
 
 /// [`read_window_sql`] for a window whose days are unknown: every partition or chunk.
-fn read_window_any_day_sql(filter: bool) -> String {
+fn read_window_any_day_sql(filter: bool, types: Option<&FeedFilter>) -> String {
     let (part, only) = partition_sql(4, filter);
-    format!(
+    let typed = TypedSql::new(types, 4, filter);
+    let txid = if types.is_some() { ", txid" } else { "" };
+    typed.wrap(format!(
         "SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, \
-                data, metadata, version, causation_id, correlation_id, source, position, schema_version, txid::text AS txid_text{part} \
+                {}, version, causation_id, correlation_id, source, position, schema_version, txid::text AS txid_text{part}{}{txid} \
            FROM events_v2 e \
           WHERE (e.txid, e.position) > ($1::text::xid8, $2) \
             AND e.txid < $3::text::xid8{only} \
           ORDER BY e.txid, e.position \
-          LIMIT $4"
-    )
+          LIMIT ${}",
+        typed.payload(),
+        typed.hit_column(),
+        typed.rows(4)
+    ))
 }
 
 /// Some partitions of a consumer group: `owned` of `partitions`.
@@ -278,23 +362,39 @@ impl EventRepository {
     ///
     /// Fails with [`Error::Validation`] for a limit outside 1..=10,000.
     pub async fn read_all(&self, after: Option<&Checkpoint>, limit: i64) -> Result<Page> {
+        self.read_all_filtered(after, limit, &FeedFilter::default()).await
+    }
+
+    /// [`EventRepository::read_all`] of the events `filter` passes (every event when it is
+    /// empty). The server scans at most [`SCAN_ROWS`] rows a page: a page can hold fewer events
+    /// than `limit`, even none, before the reader is caught up ([`Page::caught_up`]); its
+    /// checkpoint is then the last row scanned, so no row is scanned twice.
+    ///
+    /// Fails like [`EventRepository::read_all`].
+    pub async fn read_all_filtered(&self, after: Option<&Checkpoint>, limit: i64, filter: &FeedFilter) -> Result<Page> {
         let limit = validate::check_limit("limit", limit, &self.config().limits)?;
-        Ok(self.read_feed(after, limit, None).await?.0)
+        filter.check(&self.config().limits)?;
+        let types = (!filter.is_empty()).then_some(filter);
+        Ok(self.read_feed(after, limit, None, types).await?.0)
     }
 
     /// [`EventRepository::read_all`], of only some partitions of a consumer group when `filter`
-    /// is given; with each event's partition and place in the order then (empty otherwise).
+    /// is given; with each event's partition and place in the order then (empty otherwise); of
+    /// only the events `types` passes when given.
     pub(crate) async fn read_feed(
         &self,
         after: Option<&Checkpoint>,
         limit: i64,
         filter: Option<&PartitionFilter>,
+        types: Option<&FeedFilter>,
     ) -> Result<(Page, Vec<(i32, Checkpoint)>)> {
         let after = after.copied().unwrap_or(Checkpoint::START);
         in_session!(self, |client| {
             let mut parts = Vec::new();
             let mut checkpoint = after;
             let mut events = Vec::new();
+            // Rows a filtered page may still scan.
+            let mut scan_left = self.config().feed_scan_rows.max(1);
             // Where the next window's query starts: the checkpoint, or the end of a window read
             // to its end (positions start at 1, so position 0 is before every event of a
             // transaction).
@@ -314,17 +414,58 @@ impl EventRepository {
                     }
                     if !window.days.is_empty() {
                         let want = limit - events.len() as i64;
-                        let rows = read_window(&client, &scan_from, window, want, filter, false).await?;
-                        let got = rows.len() as i64;
+                        let read = Read {
+                            limit: want,
+                            partitions: filter,
+                            types,
+                            scan: scan_left,
+                        };
+                        let rows = read_window(&client, &scan_from, window, &read, false).await?;
+                        let mut got = 0;
+                        let mut scanned = None;
                         for row in &rows {
-                            checkpoint = parse_checkpoint(row.get(14), row.get(12), store)?;
+                            let place = parse_checkpoint(row.get(14), row.get(12), store)?;
+                            if types.is_some() {
+                                if let Some(n) = row.get::<_, Option<i64>>("scanned") {
+                                    // The last row scanned: the checkpoint moves past it when
+                                    // every match before it is on this page.
+                                    scanned = Some((n, place));
+                                    continue;
+                                }
+                                if got == want {
+                                    continue;
+                                }
+                            }
+                            got += 1;
+                            checkpoint = place;
                             events.push(self.delivered(row)?);
                             if filter.is_some() {
                                 parts.push((row.get(15), checkpoint));
                             }
                         }
                         if got == want {
-                            return Ok((Page { events, checkpoint }, parts));
+                            return Ok((
+                                Page {
+                                    events,
+                                    checkpoint,
+                                    caught_up: false,
+                                },
+                                parts,
+                            ));
+                        }
+                        if let Some((n, last)) = scanned {
+                            checkpoint = checkpoint.max(last);
+                            scan_left -= n;
+                            if scan_left <= 0 {
+                                return Ok((
+                                    Page {
+                                        events,
+                                        checkpoint,
+                                        caught_up: false,
+                                    },
+                                    parts,
+                                ));
+                            }
                         }
                     }
                     scan_from = scan_from.max(Checkpoint::at(window.end, 0));
@@ -342,6 +483,7 @@ impl EventRepository {
                             Page {
                                 events,
                                 checkpoint: checkpoint.max(horizon),
+                                caught_up: true,
                             },
                             parts,
                         ));
@@ -361,7 +503,13 @@ impl EventRepository {
             let Some(window) = windows.iter().find(|w| w.end > after.txid && !w.days.is_empty()) else {
                 return Ok(String::new());
             };
-            let rows = read_window(&session, &after, window, limit, None, true).await?;
+            let read = Read {
+                limit,
+                partitions: None,
+                types: None,
+                scan: SCAN_ROWS,
+            };
+            let rows = read_window(&session, &after, window, &read, true).await?;
             Ok(rows
                 .iter()
                 .map(|r| r.get::<_, String>(0))
@@ -457,16 +605,26 @@ fn beyond_the_horizon(after: &Checkpoint) -> Error {
     )
 }
 
-/// Up to `limit` events of `window` after `from`; `explain` runs EXPLAIN ANALYZE instead and
-/// returns the plan's lines.
+/// What a window's query reads: up to `limit` events, of only some partitions of a group, of
+/// only the events a filter passes, scanning at most `scan` rows (with a filter).
+struct Read<'a> {
+    limit: i64,
+    partitions: Option<&'a PartitionFilter>,
+    types: Option<&'a FeedFilter>,
+    scan: i64,
+}
+
+/// Up to `read.limit` events of `window` after `from`; `explain` runs EXPLAIN ANALYZE instead
+/// and returns the plan's lines.
 async fn read_window(
     client: &Session<'_, '_>,
     from: &Checkpoint,
     window: &Window,
-    limit: i64,
-    filter: Option<&PartitionFilter>,
+    read: &Read<'_>,
     explain: bool,
 ) -> Result<Vec<tokio_postgres::Row>> {
+    let (limit, filter, types) = (read.limit, read.partitions, read.types);
+    let lists = types.map(|t| t.params()).unwrap_or_default();
     use tokio_postgres::types::Type;
     let txid = from.txid.to_string();
     let end = window.end.to_string();
@@ -476,7 +634,7 @@ async fn read_window(
         ""
     };
     let Some(runs) = window.days.runs() else {
-        let sql = format!("{prefix}{}", read_window_any_day_sql(filter.is_some()));
+        let sql = format!("{prefix}{}", read_window_any_day_sql(filter.is_some(), types));
         let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
             (&txid, Type::TEXT),
             (&from.position, Type::INT8),
@@ -486,6 +644,10 @@ async fn read_window(
         if let Some(f) = filter {
             params.push((&f.partitions, Type::INT4));
             params.push((&f.owned, Type::INT4_ARRAY));
+        }
+        if types.is_some() {
+            params.push((&read.scan, Type::INT8));
+            params.extend(lists.iter().map(|l| (l as &(dyn ToSql + Sync), Type::TEXT_ARRAY)));
         }
         return Ok(client.query_typed(&sql, &params).await?);
     };
@@ -499,7 +661,7 @@ async fn read_window(
             [midnight(*first), end]
         })
         .collect();
-    let sql = format!("{prefix}{}", read_window_sql(runs.len(), filter.is_some()));
+    let sql = format!("{prefix}{}", read_window_sql(runs.len(), filter.is_some(), types));
     let mut params: Vec<(&(dyn ToSql + Sync), Type)> =
         vec![(&txid, Type::TEXT), (&from.position, Type::INT8), (&end, Type::TEXT)];
     params.extend(bounds.iter().map(|b| (b as &(dyn ToSql + Sync), Type::TIMESTAMPTZ)));
@@ -507,6 +669,10 @@ async fn read_window(
     if let Some(f) = filter {
         params.push((&f.partitions, Type::INT4));
         params.push((&f.owned, Type::INT4_ARRAY));
+    }
+    if types.is_some() {
+        params.push((&read.scan, Type::INT8));
+        params.extend(lists.iter().map(|l| (l as &(dyn ToSql + Sync), Type::TEXT_ARRAY)));
     }
     Ok(client.query_typed(&sql, &params).await?)
 }

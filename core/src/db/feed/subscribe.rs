@@ -18,6 +18,8 @@ pub struct SubscribeOptions {
     pub batch_size: i64,
     /// How often to look for new events when no notification arrives. Default 1 s.
     pub poll_interval: Duration,
+    /// Only the events this passes (every event when empty); see [`FeedFilter`].
+    pub filter: FeedFilter,
 }
 
 impl Default for SubscribeOptions {
@@ -27,20 +29,25 @@ impl Default for SubscribeOptions {
             from: None,
             batch_size: 100,
             poll_interval: Duration::from_secs(1),
+            filter: FeedFilter::default(),
         }
     }
 }
 
 impl SubscribeOptions {
-    /// The options as JavaScript passes them: `{ consumer, from, batchSize, pollIntervalMs }`.
+    /// The options as JavaScript passes them: `{ consumer, from, batchSize, pollIntervalMs,
+    /// eventTypes, eventTypePrefixes, aggregateTypes }`.
     ///
     /// Fails with [`Error::Validation`] for a value of the wrong type or a key that is not an
     /// option.
     pub fn from_json(value: &serde_json::Value) -> Result<SubscribeOptions> {
-        let o = crate::query::Options::of(value, &["consumer", "from", "batchSize", "pollIntervalMs"])?;
+        let mut known = vec!["consumer", "from", "batchSize", "pollIntervalMs"];
+        known.extend(FILTER_OPTIONS);
+        let o = crate::query::Options::of(value, &known)?;
         let mut options = SubscribeOptions {
             consumer: o.string("consumer")?,
             from: Checkpoint::from_json("from", o.get("from").unwrap_or(&serde_json::Value::Null))?,
+            filter: FeedFilter::from_options(&o)?,
             ..Default::default()
         };
         if let Some(n) = o.whole("batchSize")? {
@@ -60,10 +67,13 @@ impl EventRepository {
     ///
     /// Delivery is at-least-once: a named consumer's checkpoint advances past a batch when the
     /// next batch is asked for (or on [`Subscription::commit`]), so a consumer that stops
-    /// mid-batch gets that batch again. Fails like [`EventRepository::read_all`]; a failed LISTEN
-    /// connection only means polling.
+    /// mid-batch gets that batch again. With a filter, the server skips what it does not pass,
+    /// and the checkpoint of a named consumer also moves past scanned rows that matched nothing
+    /// (stored at most once a second while nothing is delivered). Fails like
+    /// [`EventRepository::read_all_filtered`]; a failed LISTEN connection only means polling.
     pub async fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
         validate::check_limit("batchSize", options.batch_size, &self.config().limits)?;
+        options.filter.check(&self.config().limits)?;
         if options.poll_interval.is_zero() {
             return Err(Error::invalid(
                 "pollInterval",
@@ -86,6 +96,8 @@ impl EventRepository {
             committed: start,
             batch_size: options.batch_size,
             poll_interval: options.poll_interval,
+            filter: options.filter,
+            last_commit: std::time::Instant::now(),
             notify,
             _listener: listener,
         })
@@ -128,6 +140,9 @@ pub struct Subscription {
     committed: Checkpoint,
     batch_size: i64,
     poll_interval: Duration,
+    filter: FeedFilter,
+    /// When the checkpoint was last stored.
+    last_commit: std::time::Instant,
     notify: Arc<Notify>,
     /// Dropping it closes the LISTEN connection, which ends its task.
     _listener: Option<tokio_postgres::Client>,
@@ -149,13 +164,28 @@ impl Subscription {
     pub async fn next_batch(&mut self) -> Result<Vec<EventRecord>> {
         loop {
             self.commit().await?;
-            let page = self.repo.read_all(Some(&self.read_from), self.batch_size).await?;
+            let page = self
+                .repo
+                .read_all_filtered(Some(&self.read_from), self.batch_size, &self.filter)
+                .await?;
             // An empty page still moves the reading position up to the horizon, so that polling
             // does not scan the same stretch again; it is stored with the next batch.
             self.read_from = page.checkpoint;
             if !page.events.is_empty() {
                 self.delivered = page.checkpoint;
                 return Ok(page.events);
+            }
+            if !self.filter.is_empty() {
+                // A filtered read passes over rows it does not deliver: a named consumer stores
+                // that progress too (at most once a second), so that after a restart it does not
+                // scan them again.
+                self.delivered = page.checkpoint;
+                if self.last_commit.elapsed() >= Duration::from_secs(1) {
+                    self.commit().await?;
+                }
+            }
+            if !page.caught_up {
+                continue;
             }
             // Either wakes us; a timeout is the polling fallback.
             let _ = tokio::time::timeout(self.poll_interval, self.notify.notified()).await;
@@ -168,6 +198,7 @@ impl Subscription {
             if self.committed != self.delivered {
                 self.repo.save_consumer_checkpoint(name, &self.delivered).await?;
                 self.committed = self.delivered;
+                self.last_commit = std::time::Instant::now();
             }
         }
         Ok(())

@@ -10,9 +10,7 @@ use super::*;
 /// Whether the event is one of the store's notices ([`crate::db::erasure::USER_ERASED`],
 /// [`crate::db::erasure::STREAM_DELETED`]).
 fn is_notice(event: &EventRecord) -> bool {
-    event.aggregate_type == crate::model::AggregateType::System
-        && (event.event_type == crate::db::erasure::USER_ERASED
-            || event.event_type == crate::db::erasure::STREAM_DELETED)
+    crate::db::feed::is_notice(&event.event_type, event.aggregate_type.as_str())
 }
 
 impl GroupMember {
@@ -43,7 +41,7 @@ impl GroupMember {
                 partitions: self.partitions,
                 owned: self.held.keys().copied().collect(),
             };
-            let (page, meta) = self.repo.read_feed(Some(&from), limit, Some(&filter)).await?;
+            let (page, meta) = self.repo.read_feed(Some(&from), limit, Some(&filter), None).await?;
             let full = page.events.len() as i64 == limit;
             for (event, (part, place)) in page.events.into_iter().zip(meta) {
                 // A notice of the store's is read by every member: handed out once, in the held
