@@ -540,6 +540,12 @@ export interface ReadAllOptions {
   after?: Checkpoint
   /** Most events returned; default 1000. */
   limit?: number
+  /** Only events of these types (and of `eventTypePrefixes`). */
+  eventTypes?: Array<string>
+  /** Only events whose type starts with one of these (`entity.`). */
+  eventTypePrefixes?: Array<string>
+  /** Only events of these aggregate types. */
+  aggregateTypes?: Array<AggregateType>
 }
 
 /** A page of `readAll`. */
@@ -547,10 +553,16 @@ export interface ReadAllPage {
   /** Events in global order. */
   events: Array<EventRecord>
   /**
-   * Where the next read continues: after the last event of a full page, or the horizon after
-   * a shorter one (every event before it has been read).
+   * Where the next read continues: after the last event of a full page, the horizon after
+   * a shorter one (every event before it has been read), or the last row a filtered page
+   * scanned.
    */
   checkpoint: Checkpoint
+  /**
+   * Every event before the horizon has been read. A filtered read scans a bounded number of
+   * rows a page, so a page short of `limit` (even empty) that is not caught up means: read on.
+   */
+  caughtUp: boolean
 }
 
 /** Options of `repairConsumer`. */
@@ -671,6 +683,12 @@ export interface SubscribeOptions {
   batchSize?: number
   /** How often to poll when no notification arrives, in ms; default 1000. */
   pollIntervalMs?: number
+  /** Only events of these types (and of `eventTypePrefixes`). */
+  eventTypes?: Array<string>
+  /** Only events whose type starts with one of these (`entity.`). */
+  eventTypePrefixes?: Array<string>
+  /** Only events of these aggregate types. */
+  aggregateTypes?: Array<AggregateType>
 }
 
 /**

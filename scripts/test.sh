@@ -95,7 +95,7 @@ fi
 # tests' own statements (session settings, LISTEN) go to the server (SYNAP_TEST_DIRECT_URL).
 # The Rust tests run as the other passes built them (`cargo test --workspace`): naming them with
 # `--test` would build them again, with the features of one package instead of the workspace's.
-POOLER_TESTS="repository isolation replay feed groups injection retention erasure upcasting"
+POOLER_TESTS="repository isolation replay feed filtered_feed groups injection retention erasure upcasting"
 pooler_pass() {
     local direct pooled
     direct="$(scripts/db.sh start)"
