@@ -48,7 +48,7 @@ for (let from = 0; from < n && !reuse; from += 1000) {
 }
 const mode = (await client.query(`SELECT value FROM ${schema}.synap_settings WHERE key = 'storage_mode'`)).rows[0].value
 const fsync = (await client.query('SHOW fsync')).rows[0].fsync
-console.log(`${n} events (${rare} task.completed) appended in ${((performance.now() - t0) / 1000).toFixed(1)} s (storage mode ${mode}, fsync ${fsync})`)
+console.log(`schema ${schema}: ${n} events (${rare} task.completed) appended in ${((performance.now() - t0) / 1000).toFixed(1)} s (storage mode ${mode}, fsync ${fsync})`)
 
 async function catchUp(options) {
   let after

@@ -219,13 +219,12 @@ fn read_window_sql(runs: usize, filter: bool, types: Option<&FeedFilter>) -> Str
     let branches: Vec<String> = (0..runs)
         .map(|i| {
             format!(
-                "(SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, {}, \
+                "(SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, data, metadata, \
                          version, causation_id, correlation_id, source, position, schema_version, txid, txid::text AS txid_text{part}{} \
                     FROM events_v2 e \
                    WHERE (e.txid, e.position) > ($1::text::xid8, $2) AND e.txid < $3::text::xid8 \
                      AND e.\"timestamp\" >= ${} AND e.\"timestamp\" < ${}{only} \
                    ORDER BY e.txid, e.position LIMIT ${rows})",
-                typed.payload(),
                 typed.hit_column(),
                 4 + 2 * i,
                 5 + 2 * i
@@ -243,8 +242,8 @@ fn read_window_sql(runs: usize, filter: bool, types: Option<&FeedFilter>) -> Str
 }
 
 /// The parts of a window's query that a type filter ([`FeedFilter`]) adds. A filtered window
-/// scans at most `$scan` rows in order and marks the matching ones (`hit`), with the payload of
-/// the others left out; it returns up to `$limit + 1` of the matching rows and, last, the last
+/// scans at most `$scan` rows in order and marks the matching ones (`hit`), keeping only the
+/// place of the others; it returns up to `$limit + 1` of the matching rows and, last, the last
 /// row scanned with the number of rows scanned (`scanned`, NULL on the matching rows), so that
 /// the reader's checkpoint can move past rows that did not match.
 struct TypedSql<'a> {
@@ -274,15 +273,6 @@ impl<'a> TypedSql<'a> {
         self.filter.map(|f| f.sql(self.scan + 1)).unwrap_or_default()
     }
 
-    fn payload(&self) -> String {
-        if self.filter.is_some() {
-            let hit = self.hit();
-            format!("CASE WHEN {hit} THEN e.data END AS data, CASE WHEN {hit} THEN e.metadata END AS metadata")
-        } else {
-            "data, metadata".to_owned()
-        }
-    }
-
     fn hit_column(&self) -> String {
         if self.filter.is_some() {
             format!(", {} AS hit", self.hit())
@@ -296,8 +286,27 @@ impl<'a> TypedSql<'a> {
             return scan;
         }
         let limit = self.limit;
+        // Only the matching rows keep their columns: the others are held as their place.
+        let kept = [
+            "id",
+            "\"timestamp\"",
+            "aggregate_id",
+            "aggregate_type",
+            "event_type",
+            "user_id",
+            "data",
+            "metadata",
+            "version",
+            "causation_id",
+            "correlation_id",
+            "source",
+        ]
+        .map(|c| format!("CASE WHEN q.hit THEN q.{c} END AS {c}"))
+        .join(", ");
+        let part = if self.limit + 3 == self.scan { ", q.part" } else { "" };
         format!(
-            "WITH s AS MATERIALIZED ({scan}) \
+            "WITH s AS MATERIALIZED (SELECT {kept}, q.position, q.schema_version, q.txid_text{part}, q.hit, q.txid \
+                                       FROM ({scan}) q) \
              (SELECT s.*, NULL::bigint AS scanned FROM s WHERE s.hit ORDER BY s.txid, s.position LIMIT ${limit} + 1) \
              UNION ALL \
              (SELECT s.*, (SELECT count(*) FROM s) AS scanned FROM s ORDER BY s.txid DESC, s.position DESC LIMIT 1)"
@@ -333,13 +342,12 @@ fn read_window_any_day_sql(filter: bool, types: Option<&FeedFilter>) -> String {
     let txid = if types.is_some() { ", txid" } else { "" };
     typed.wrap(format!(
         "SELECT id, \"timestamp\", aggregate_id, aggregate_type, event_type, user_id, \
-                {}, version, causation_id, correlation_id, source, position, schema_version, txid::text AS txid_text{part}{}{txid} \
+                data, metadata, version, causation_id, correlation_id, source, position, schema_version, txid::text AS txid_text{part}{}{txid} \
            FROM events_v2 e \
           WHERE (e.txid, e.position) > ($1::text::xid8, $2) \
             AND e.txid < $3::text::xid8{only} \
           ORDER BY e.txid, e.position \
           LIMIT ${}",
-        typed.payload(),
         typed.hit_column(),
         typed.rows(4)
     ))
