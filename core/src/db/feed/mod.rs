@@ -451,7 +451,15 @@ impl EventRepository {
                                 parts.push((row.get(15), checkpoint));
                             }
                         }
-                        if got == want {
+                        // A full page ends at its last event; a filtered one whose budget ran
+                        // out, at the last row it scanned.
+                        let mut done = got == want;
+                        if let Some((n, last)) = scanned.filter(|_| !done) {
+                            checkpoint = checkpoint.max(last);
+                            scan_left -= n;
+                            done = scan_left <= 0;
+                        }
+                        if done {
                             return Ok((
                                 Page {
                                     events,
@@ -460,20 +468,6 @@ impl EventRepository {
                                 },
                                 parts,
                             ));
-                        }
-                        if let Some((n, last)) = scanned {
-                            checkpoint = checkpoint.max(last);
-                            scan_left -= n;
-                            if scan_left <= 0 {
-                                return Ok((
-                                    Page {
-                                        events,
-                                        checkpoint,
-                                        caught_up: false,
-                                    },
-                                    parts,
-                                ));
-                            }
                         }
                     }
                     scan_from = scan_from.max(Checkpoint::at(window.end, 0));
