@@ -24,6 +24,15 @@ export interface GroupOptions {
   maxAttempts?: number
   /** Wait before the second try, doubled for each further one (default 100). */
   retryBackoffMs?: number
+  /**
+   * Only events of these types (and of `eventTypePrefixes`). A group keeps the filter it was
+   * made with: joining with another is refused with GROUP_FILTER_MISMATCH.
+   */
+  eventTypes?: string[]
+  /** Only events whose type starts with one of these (`'entity.'`). */
+  eventTypePrefixes?: string[]
+  /** Only events of these aggregate types. */
+  aggregateTypes?: Array<'entity' | 'relation' | 'user' | 'system'>
 }
 
 declare module './index' {

@@ -131,3 +131,40 @@ test('a misspelt, empty or impossible filter is refused naming it', async () => 
     }
   }
 })
+
+test('a filtered consumer group hands out what passes and keeps its filter', async () => {
+  const { repo } = store
+  const group = `filtered-${process.pid}`
+  const wanted = []
+  for (let i = 0; i < 6; i++) {
+    await repo.append({ aggregateId: randomUUID(), aggregateType: 'entity', eventType: 'entity.created', userId: 'u-g', data: {}, version: 1 })
+    const e = await repo.append({ aggregateId: randomUUID(), aggregateType: 'user', eventType: 'user.renamed', userId: 'u-g', data: { i }, version: 1 })
+    wanted.push(e.id)
+  }
+  const seen = []
+  const run = await repo.consume({
+    group,
+    partitions: 2,
+    pollIntervalMs: 50,
+    aggregateTypes: ['user'],
+    handler: async (events) => {
+      seen.push(...events)
+    },
+  })
+  try {
+    const deadline = Date.now() + 60_000
+    while (!wanted.every((id) => seen.some((e) => e.id === id))) {
+      assert.ok(Date.now() < deadline, `saw ${seen.length}`)
+      await new Promise((r) => setTimeout(r, 50))
+    }
+    assert.ok(seen.every((e) => e.aggregateType === 'user' || e.eventType.startsWith('synap.')), seen.map((e) => e.eventType).join())
+    await assert.rejects(repo.consume({ group, handler: async () => {} }), (e) => {
+      assert.equal(e.code, 'GROUP_FILTER_MISMATCH', e.message)
+      assert.deepEqual(e.stored, { aggregateTypes: ['user'] })
+      assert.deepEqual(e.given, {})
+      return true
+    })
+  } finally {
+    await run.stop()
+  }
+})

@@ -276,6 +276,19 @@ pub enum Error {
         group: String,
     },
 
+    /// A member joined a consumer group with another filter than the group's own
+    /// (`eventTypes`, `eventTypePrefixes`, `aggregateTypes`): a group's members share its
+    /// checkpoints, so they read with one filter. Nothing was stored.
+    #[error("consumer group \"{group}\" reads with the filter {stored}, not {given}; a new filter needs a new group")]
+    GroupFilterMismatch {
+        /// The group.
+        group: String,
+        /// The group's filter, as the options name it (`{}` for every event).
+        stored: Box<serde_json::Value>,
+        /// The filter the member joined with.
+        given: Box<serde_json::Value>,
+    },
+
     /// A named consumer's checkpoint would move backwards: another instance of the same consumer
     /// has stored a later one. Nothing was stored.
     #[error(
@@ -452,6 +465,7 @@ impl Error {
             Error::ConsumerNeedsRepair { .. } => "CONSUMER_NEEDS_REPAIR",
             Error::CheckpointConflict { .. } => "CHECKPOINT_CONFLICT",
             Error::LeaseLost { .. } => "LEASE_LOST",
+            Error::GroupFilterMismatch { .. } => "GROUP_FILTER_MISMATCH",
             Error::FeedRebaseRequired { .. } => "FEED_REBASE_REQUIRED",
             Error::CheckpointFromAnotherStore => "CHECKPOINT_FROM_ANOTHER_STORE",
             Error::UserBeingErased { .. } => "USER_BEING_ERASED",
@@ -538,6 +552,9 @@ impl Error {
             Error::StorageModeUnavailable { requested, .. } => json!({ "storageMode": requested }),
             Error::ConsumerNeedsRepair { consumer } => json!({ "consumer": consumer }),
             Error::LeaseLost { group } => json!({ "group": group }),
+            Error::GroupFilterMismatch { group, stored, given } => {
+                json!({ "group": group, "stored": stored, "given": given })
+            }
             Error::StreamDeleted { aggregate_id } => json!({ "aggregateId": aggregate_id.to_string() }),
             Error::InvalidUpcasters { step, reason, .. } => json!({ "step": step, "reason": reason.as_str() }),
             Error::ErasureBlocked {

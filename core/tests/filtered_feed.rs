@@ -4,13 +4,14 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{repo, sql};
 use proptest::prelude::*;
 use synap_events::{
-    AggregateType, Checkpoint, DeleteStreamOptions, EventRecord, EventRepository, FeedFilter, NewEvent, Page,
-    SubscribeOptions, SCAN_ROWS,
+    AggregateType, Checkpoint, DeleteStreamOptions, EventRecord, EventRepository, FeedFilter, GroupOptions, NewEvent,
+    Page, SubscribeOptions, SCAN_ROWS,
 };
 use uuid::Uuid;
 
@@ -369,4 +370,132 @@ async fn bad_filters_are_refused_before_anything_is_read() {
         let err = SubscribeOptions::from_json(&options).unwrap_err();
         assert_eq!(err.details()["field"], serde_json::json!(field), "{options}");
     }
+}
+
+fn group_options(group: &str, filter: &FeedFilter) -> GroupOptions {
+    let mut o = GroupOptions::new(group);
+    o.partitions = Some(4);
+    o.batch_size = 7;
+    o.poll_interval = Duration::from_millis(100);
+    o.filter = filter.clone();
+    o
+}
+
+// A filtered group: two members hand out each rare event once and nothing else, under a small
+// scan budget; members joining with another filter (or none) are refused, the same filter in
+// another order is not; and while nothing matches, the stored checkpoints move past the rows
+// the members passed over, so a member taking a partition over does not scan them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_filtered_group_hands_out_what_passes_once_keeps_its_filter_and_moves_past_the_rest() {
+    let plain = repo("filtered_group").await;
+    let repo = with_scan_rows(&plain, 300);
+    let client = sql(&repo).await;
+    let others = |n: i64| {
+        format!(
+            "INSERT INTO events_v2 (aggregate_id, aggregate_type, event_type, user_id, data, version)
+             SELECT gen_random_uuid(), 'entity', 'entity.updated', 'user-1', '{{}}', 1 FROM generate_series(1, {n}) g"
+        )
+    };
+    let mut rare = Vec::new();
+    for _ in 0..20 {
+        client.batch_execute(&others(150)).await.unwrap();
+        let mut e = common::event(Uuid::now_v7(), 1);
+        e.event_type = "rare.happened".into();
+        rare.push(repo.append(e).await.unwrap().id);
+    }
+    let filter = FeedFilter {
+        event_types: vec!["rare.happened".into(), "rare.other".into()],
+        ..Default::default()
+    };
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut members = Vec::new();
+    for name in ["a", "b"] {
+        let mut o = group_options("rare", &filter);
+        o.member = Some(name.into());
+        let mut m = repo.join_group(o).await.unwrap();
+        let (seen, stop) = (seen.clone(), stop.clone());
+        members.push(tokio::spawn(async move {
+            m.consume(
+                move |events: Vec<EventRecord>| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock()
+                            .unwrap()
+                            .extend(events.iter().map(|e| (e.id, e.event_type.clone())));
+                        Ok(())
+                    }
+                },
+                async move { stop.notified().await },
+            )
+            .await
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while seen.lock().unwrap().len() < rare.len() {
+        assert!(Instant::now() < deadline, "handed out {:?}", seen.lock().unwrap().len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The filter is the group's.
+    let mut reordered = filter.clone();
+    reordered.event_types.reverse();
+    reordered.event_types.push("rare.happened".into());
+    repo.join_group(group_options("rare", &reordered)).await.unwrap();
+    for other in [
+        FeedFilter::default(),
+        FeedFilter {
+            event_types: vec!["rare.happened".into()],
+            ..Default::default()
+        },
+        FeedFilter {
+            aggregate_types: vec![AggregateType::Entity],
+            ..filter.clone()
+        },
+    ] {
+        let err = repo.join_group(group_options("rare", &other)).await.unwrap_err();
+        assert_eq!(err.code(), "GROUP_FILTER_MISMATCH", "{other:?}");
+        assert_eq!(err.details()["stored"], filter.normalized().to_json());
+    }
+
+    // Rows that do not match: the stored checkpoints move past them.
+    client.batch_execute(&others(2000)).await.unwrap();
+    let last = client
+        .query_one(
+            "SELECT txid::text, position FROM events_v2 ORDER BY txid DESC, position DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let last = (last.get::<_, String>(0).parse::<u64>().unwrap(), last.get::<_, i64>(1));
+    loop {
+        let behind: i64 = client
+            .query_one(
+                "SELECT count(*) FROM consumer_group_partitions
+                  WHERE group_name = 'rare' AND (txid, position) < ($1::text::xid8, $2)",
+                &[&last.0.to_string(), &last.1],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if behind == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{behind} partitions' checkpoints behind the rows passed over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.notify_waiters();
+    for m in members {
+        let _ = m.await;
+    }
+    let seen = seen.lock().unwrap().clone();
+    let mut ids: Vec<Uuid> = seen.iter().map(|(id, _)| *id).collect();
+    ids.sort();
+    let mut want = rare.clone();
+    want.sort();
+    assert_eq!(ids, want, "each rare event once, and nothing else");
 }

@@ -146,6 +146,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0017_schema_version.sql"),
         earlier_checksums: &[],
     },
+    Migration {
+        version: 18,
+        name: "group_filter",
+        sql: include_str!("../../../migrations/0018_group_filter.sql"),
+        earlier_checksums: &[],
+    },
 ];
 
 /// A repeatable migration file: the current definitions of one concern's functions, policies

@@ -41,8 +41,11 @@ impl GroupMember {
                 partitions: self.partitions,
                 owned: self.held.keys().copied().collect(),
             };
-            let (page, meta) = self.repo.read_feed(Some(&from), limit, Some(&filter), None).await?;
-            let full = page.events.len() as i64 == limit;
+            let (page, meta) = self
+                .repo
+                .read_feed(Some(&from), limit, Some(&filter), self.filter.as_ref())
+                .await?;
+            let caught_up = page.caught_up;
             for (event, (part, place)) in page.events.into_iter().zip(meta) {
                 // A notice of the store's is read by every member: handed out once, in the held
                 // partition furthest behind that has not passed it (every held partition's
@@ -87,7 +90,20 @@ impl GroupMember {
                 held.read = true;
                 held.cursor = held.cursor.max(through);
             }
-            if self.buffer.is_empty() && !full {
+            if self.buffer.is_empty() && self.filter.is_some() && self.last_progress.elapsed() >= Duration::from_secs(1)
+            {
+                // A filtered read hands out nothing of the rows it passed over: the checkpoints
+                // move past them anyway (at most once a second), so that the next holder of a
+                // partition does not scan them again.
+                let advance = Settlement {
+                    advance: self.held.iter().map(|(p, h)| (*p, h.epoch, h.cursor)).collect(),
+                    ..Default::default()
+                };
+                let settlement = self.merged_with_pending(&advance);
+                self.settle_or_lose(&settlement).await?;
+                self.last_progress = Instant::now();
+            }
+            if self.buffer.is_empty() && caught_up {
                 self.wait().await;
             }
         }

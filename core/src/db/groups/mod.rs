@@ -57,7 +57,7 @@ use projection::TxInner;
 pub use status::{GroupPartitionStatus, GroupStatus, ParkedEvent};
 
 use crate::db::conn::query_on;
-use crate::db::feed::{check_name, parse_checkpoint, Checkpoint, PartitionFilter};
+use crate::db::feed::{check_name, parse_checkpoint, Checkpoint, FeedFilter, PartitionFilter};
 use crate::db::repository::{EventRepository, EVENT_COLUMNS};
 use crate::error::{Error, Result};
 use crate::model::EventRecord;
@@ -101,6 +101,9 @@ pub struct GroupOptions {
     /// The wait before the second try, doubled for each further one (at most 30 s). Default
     /// 100 ms.
     pub retry_backoff: Duration,
+    /// The events the group's members are handed (every event when empty); see [`FeedFilter`].
+    /// A group keeps the filter it was made with: a member joining with another is refused.
+    pub filter: FeedFilter,
 }
 
 impl GroupOptions {
@@ -116,6 +119,7 @@ impl GroupOptions {
             poll_interval: Duration::from_secs(1),
             max_attempts: 5,
             retry_backoff: Duration::from_millis(100),
+            filter: FeedFilter::default(),
         }
     }
 }
@@ -138,6 +142,9 @@ impl GroupOptions {
             "pollIntervalMs",
             "maxAttempts",
             "retryBackoffMs",
+            "eventTypes",
+            "eventTypePrefixes",
+            "aggregateTypes",
         ];
         let o = value.as_object().ok_or_else(|| {
             Error::invalid(
@@ -146,7 +153,7 @@ impl GroupOptions {
                 "options must be an object with a group",
             )
         })?;
-        crate::query::Options::of(value, KEYS)?;
+        let filter = FeedFilter::from_options(&crate::query::Options::of(value, KEYS)?)?;
         let get = |k: &str| crate::query::present(o, k);
         let string = |k: &str| -> Result<Option<String>> {
             get(k)
@@ -171,6 +178,7 @@ impl GroupOptions {
         let group = string("group")?
             .ok_or_else(|| Error::invalid("group", IssueCode::Required, "a consumer group needs a group name"))?;
         let mut out = GroupOptions::new(group);
+        out.filter = filter;
         out.member = string("member")?;
         if let Some(n) = number("partitions")? {
             out.partitions = Some(i32::try_from(n).unwrap_or(if n < 0 { 0 } else { i32::MAX }));
@@ -281,6 +289,10 @@ pub struct GroupMember {
     buffer_through: Checkpoint,
     /// A `consume` batch's checkpoints not yet stored: stored with the read-ahead's last batch.
     pending: Option<Settlement>,
+    /// The group's filter, when it has one.
+    filter: Option<FeedFilter>,
+    /// When the checkpoints last moved past rows a filtered read passed over.
+    last_progress: Instant,
     /// The partitions of the events of the batch being handled: kept through its tries, while
     /// the others may be given back.
     in_hand: HashSet<i32>,
@@ -379,6 +391,7 @@ impl EventRepository {
                 "retryBackoff is at most 30 s",
             ));
         }
+        options.filter.check(limits)?;
         let member = match &options.member {
             Some(m) => {
                 check_name("member", m)?;
@@ -390,28 +403,44 @@ impl EventRepository {
         // A member that joins a new group while another makes it waits for the other's insert to
         // commit and then finds no row: its statement's snapshot is older than that commit. The
         // next statement sees the row.
-        let mut partitions = None;
+        let mut made = None;
+        let filter = options.filter.normalized().to_json();
         for _ in 0..3 {
-            partitions = client
+            made = client
                 .query_opt(
-                    "WITH made AS (INSERT INTO consumer_groups (name, partitions) VALUES ($1, $2) \
-                                    ON CONFLICT (name) DO NOTHING RETURNING partitions) \
-                     SELECT partitions FROM made UNION ALL SELECT partitions FROM consumer_groups WHERE name = $1",
-                    &[&options.group, &options.partitions.unwrap_or(DEFAULT_PARTITIONS)],
+                    "WITH made AS (INSERT INTO consumer_groups (name, partitions, filter) VALUES ($1, $2, $3) \
+                                    ON CONFLICT (name) DO NOTHING RETURNING partitions, filter) \
+                     SELECT partitions, filter FROM made \
+                     UNION ALL SELECT partitions, filter FROM consumer_groups WHERE name = $1",
+                    &[
+                        &options.group,
+                        &options.partitions.unwrap_or(DEFAULT_PARTITIONS),
+                        &filter,
+                    ],
                 )
                 .await?
-                .map(|row| row.get::<_, i32>(0));
-            if partitions.is_some() {
+                .map(|row| (row.get::<_, i32>(0), row.get::<_, serde_json::Value>(1)));
+            if made.is_some() {
                 break;
             }
         }
-        let partitions = partitions.ok_or_else(|| {
+        let (partitions, stored) = made.ok_or_else(|| {
             Error::invalid(
                 "group",
                 IssueCode::OutOfRange,
                 format!("group \"{}\" was made and removed while joining", options.group),
             )
         })?;
+        let same = crate::query::Options::of(&stored, &crate::db::feed::FILTER_OPTIONS)
+            .and_then(|o| FeedFilter::from_options(&o))
+            .is_ok_and(|f| f.normalized() == options.filter.normalized());
+        if !same {
+            return Err(Error::GroupFilterMismatch {
+                group: options.group.clone(),
+                stored: Box::new(stored),
+                given: Box::new(filter),
+            });
+        }
         if let Some(given) = options.partitions {
             if given != partitions {
                 return Err(Error::invalid(
@@ -433,6 +462,8 @@ impl EventRepository {
         let listener = self.listen(notify.clone()).await.ok();
         Ok(GroupMember {
             repo: self.clone(),
+            filter: (!options.filter.is_empty()).then(|| options.filter.clone()),
+            last_progress: Instant::now(),
             options,
             member,
             partitions,
