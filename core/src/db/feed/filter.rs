@@ -164,11 +164,7 @@ impl FeedFilter {
         } else {
             all.join(" AND ")
         };
-        format!(
-            "(({wanted}) OR (e.aggregate_type = 'system' AND e.event_type IN ('{}', '{}')))",
-            crate::db::erasure::USER_ERASED,
-            crate::db::erasure::STREAM_DELETED
-        )
+        format!("(({wanted}) OR {})", notice_sql())
     }
 
     /// The lists [`FeedFilter::sql`] numbers, in its order; prefixes as LIKE patterns.
@@ -190,6 +186,15 @@ impl FeedFilter {
         }
         params
     }
+}
+
+/// The condition in SQL on `e` that a row is one of the store's notices ([`is_notice`]).
+pub(crate) fn notice_sql() -> String {
+    format!(
+        "(e.aggregate_type = 'system' AND e.event_type IN ('{}', '{}'))",
+        crate::db::erasure::USER_ERASED,
+        crate::db::erasure::STREAM_DELETED
+    )
 }
 
 /// Whether an event is one of the store's notices, which every filter passes.

@@ -328,9 +328,8 @@ fn partition_sql(limit: usize, filter: bool) -> (String, String) {
         format!(", synap_group_partition(e.aggregate_id, ${count}::integer) AS part"),
         format!(
             " AND (synap_group_partition(e.aggregate_id, ${count}::integer) = ANY (${owned}::integer[]) \
-               OR (e.aggregate_type = 'system' AND e.event_type IN ('{}', '{}')))",
-            crate::db::erasure::USER_ERASED,
-            crate::db::erasure::STREAM_DELETED
+               OR {})",
+            filter::notice_sql()
         ),
     )
 }
